@@ -1,0 +1,78 @@
+"""What "sparsity" can mean: a fraction of zeros per layer, or an N:M pattern."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class Sparsity:
+    """Either ``fraction`` zeros per layer (unstructured) or N non-zeros in every M consecutive inputs."""
+
+    fraction: float
+    n: Optional[int] = None
+    m: Optional[int] = None
+
+    @property
+    def is_nm(self) -> bool:
+        return self.n is not None
+
+    def zeros_in(self, numel: int) -> int:
+        return int(round(self.fraction * numel))
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else f"{self.fraction:.0%}"
+
+
+def parse_sparsity(value: float | str) -> Sparsity:
+    """0.5, "0.5", "50%" or "2:4"; a fraction must lie in [0, 1)."""
+    if isinstance(value, str):
+        text = value.strip()
+        nm = re.fullmatch(r"(\d+)\s*:\s*(\d+)", text)
+        if nm:
+            n, m = int(nm.group(1)), int(nm.group(2))
+            if not 0 < n < m:
+                raise ValueError(f"N:M pattern {text!r} needs 0 < N < M (N non-zeros kept in every M weights)")
+            return Sparsity(1 - n / m, n, m)
+        try:
+            value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            raise ValueError(f"sparsity {text!r} is neither a fraction like 0.5 nor a pattern like 2:4") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"sparsity must be a number in [0, 1) or an N:M pattern, got {value!r}")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"sparsity must lie in [0, 1), got {value} (1 would delete the layer)")
+    return Sparsity(float(value))
+
+
+def check_nm_shape(sparsity: Sparsity, in_features: int, name: str) -> None:
+    if sparsity.is_nm and in_features % sparsity.m != 0:
+        raise ValueError(
+            f"layer {name!r} has in_features={in_features}, not a multiple of {sparsity.m}, so it "
+            f"cannot hold the {sparsity} pattern; exclude it with filter_fn"
+        )
+
+
+def lowest_score_mask(score: torch.Tensor, sparsity: Sparsity, per_row: bool) -> torch.Tensor:
+    """Bool mask of the weights to zero: the lowest scores, per layer, per row, or per N:M group.
+
+    Ties break by position (a stable sort), so the count is exact and the result deterministic.
+    """
+    rows, cols = score.shape
+    if sparsity.is_nm:
+        groups = score.reshape(rows, cols // sparsity.m, sparsity.m)
+        drop = groups.argsort(dim=-1, stable=True)[..., : sparsity.m - sparsity.n]
+        mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, drop, True)
+        return mask.reshape(rows, cols)
+    if per_row:
+        k = sparsity.zeros_in(cols)
+        drop = score.argsort(dim=1, stable=True)[:, :k]
+        return torch.zeros_like(score, dtype=torch.bool).scatter_(1, drop, True)
+    k = sparsity.zeros_in(score.numel())
+    drop = score.flatten().argsort(stable=True)[:k]
+    return torch.zeros(score.numel(), dtype=torch.bool, device=score.device).index_fill_(0, drop, True).view(rows, cols)

@@ -1,0 +1,28 @@
+import pytest
+import torch
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+SPARSITIES = [0.0, 0.5, 0.9, 0.999, 1.0]
+
+
+def random_sparse(rows: int, cols: int, sparsity: float, dtype=torch.float32, device="cpu", generator=None):
+    """Fresh random weight with about `sparsity` zeros; never all-zero by accident below 1."""
+    w = torch.randn(rows, cols, generator=generator, device=device).to(dtype)
+    if sparsity > 0:
+        drop = torch.rand(rows, cols, generator=generator, device=device) < sparsity
+        w = w.masked_fill(drop, 0)
+    return w
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    int_type = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(int_type), b.contiguous().view(int_type))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    # Fresh data every run (no fixed seed), but print it so a failure can be reproduced.
+    seed = torch.seed()
+    yield seed

@@ -1,0 +1,256 @@
+import io
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load, save
+
+from conftest import DTYPES, SPARSITIES, random_sparse, same_bits
+from flashllm.formats import FORMATS, BitmapWeight, FormatError, TiledCSLWeight, bitmap, tiled_csl
+
+FORMAT_CLASSES = list(FORMATS.values())
+ODD_SHAPES = [(1, 1), (1, 300), (300, 1), (59, 97), (129, 65), (257, 1025), (64, 64), (128, 64)]
+
+
+@pytest.mark.parametrize("cls", FORMAT_CLASSES, ids=lambda c: c.name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("shape", ODD_SHAPES)
+def test_round_trip_bit_exact(cls, dtype, sparsity, shape):
+    w = random_sparse(*shape, sparsity, dtype)
+    packed = cls.from_dense(w)
+    assert same_bits(packed.to_dense(), w)
+    assert packed.nnz == int((w != 0).sum())
+    assert packed.dtype == dtype and packed.shape == shape
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 300),
+    cols=st.integers(1, 300),
+    sparsity=st.floats(0.0, 1.0),
+    dtype=st.sampled_from(DTYPES),
+    cls=st.sampled_from(FORMAT_CLASSES),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_round_trip_hypothesis(rows, cols, sparsity, dtype, cls, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = random_sparse(rows, cols, sparsity, dtype, generator=gen)
+    packed = cls.from_dense(w)
+    assert same_bits(packed.to_dense(), w)
+    assert same_bits(cls.from_state_dict(packed.state_dict()).to_dense(), w)
+
+
+@pytest.mark.parametrize("cls", FORMAT_CLASSES, ids=lambda c: c.name)
+def test_tiles_all_dense_all_zero_and_mixed(cls):
+    """Whole tiles at 100% density next to empty tiles: the published kernel's blind spot."""
+    tile_m, tile_k = (bitmap.GROUP_M, bitmap.GROUP_K) if cls is BitmapWeight else (tiled_csl.TILE_M, tiled_csl.TILE_K)
+    w = torch.zeros(3 * tile_m + 5, 3 * tile_k + 7, dtype=torch.float16)
+    w[:tile_m, :tile_k] = torch.rand(tile_m, tile_k).half() + 1  # 100% dense, no zero at all
+    w[tile_m : 2 * tile_m, tile_k : 2 * tile_k] = random_sparse(tile_m, tile_k, 0.3, torch.float16)
+    w[-5:, -7:] = torch.rand(5, 7).half() + 1  # a dense corner in the padded edge tile
+    assert int((w[:tile_m, :tile_k] != 0).sum()) == tile_m * tile_k
+    packed = cls.from_dense(w)
+    assert same_bits(packed.to_dense(), w)
+    assert packed.nnz == int((w != 0).sum())
+
+
+@pytest.mark.parametrize("cls", FORMAT_CLASSES, ids=lambda c: c.name)
+def test_negative_zero_is_stored_as_zero(cls):
+    w = torch.tensor([[1.0, -0.0], [0.0, -2.0]], dtype=torch.float16)
+    out = cls.from_dense(w).to_dense()
+    assert torch.equal(out, w)  # -0.0 == 0.0 numerically; it is not a stored non-zero
+    assert cls.from_dense(w).nnz == 2
+
+
+def bitmap_nbytes_formula(w: torch.Tensor) -> int:
+    m_pad = -(-w.shape[0] // 64) * 64
+    k_pad = -(-w.shape[1] // 64) * 64
+    tiles = torch.zeros(m_pad, k_pad, dtype=w.dtype)
+    tiles[: w.shape[0], : w.shape[1]] = w
+    nnz_t = (tiles.reshape(m_pad // 64, 64, k_pad // 64, 64) != 0).sum(dim=(1, 3)).flatten()
+    values = int(((nnz_t + 7) // 8 * 8).sum())
+    return m_pad * k_pad // 8 + w.element_size() * values + 4 * (nnz_t.numel() + 1) + 40
+
+
+def csl_nbytes_formula(w: torch.Tensor) -> int:
+    m_pad = -(-w.shape[0] // 128) * 128
+    k_pad = -(-w.shape[1] // 64) * 64
+    tiles = torch.zeros(m_pad, k_pad, dtype=w.dtype)
+    tiles[: w.shape[0], : w.shape[1]] = w
+    nnz_t = (tiles.reshape(m_pad // 128, 128, k_pad // 64, 64) != 0).sum(dim=(1, 3)).flatten()
+    word = 8 if w.dtype == torch.float32 else 4
+    return word * int(((nnz_t + 3) // 4 * 4).sum()) + 4 * (nnz_t.numel() + 1) + 40
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (100, 300), (576, 1536)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7, 0.9, 1.0])
+def test_nbytes_matches_docstring_formula(dtype, shape, sparsity):
+    w = random_sparse(*shape, sparsity, dtype)
+    for cls, formula in ((BitmapWeight, bitmap_nbytes_formula), (TiledCSLWeight, csl_nbytes_formula)):
+        packed = cls.from_dense(w)
+        assert packed.nbytes == formula(w)
+        stored = sum(t.numel() * t.element_size() for t in packed.state_dict().values())
+        assert packed.nbytes == stored
+
+
+@pytest.mark.parametrize("sparsity,bitmap_ratio,csl_ratio", [(0.5, 0.5625, 1.0), (0.7, 0.3625, 0.6), (0.9, 0.1625, 0.2)])
+def test_bytes_per_weight_match_readme(sparsity, bitmap_ratio, csl_ratio):
+    """The README's bytes-per-weight table, checked on a large fp16 layer (padding amortized)."""
+    w = torch.randn(4096, 4096).half()
+    flat = w.view(-1)
+    flat[torch.randperm(flat.numel())[: int(sparsity * flat.numel())]] = 0
+    dense = w.numel() * 2
+    assert BitmapWeight.from_dense(w).nbytes / dense == pytest.approx(bitmap_ratio, abs=0.003)
+    assert TiledCSLWeight.from_dense(w).nbytes / dense == pytest.approx(csl_ratio, abs=0.003)
+
+
+@pytest.mark.parametrize("cls", FORMAT_CLASSES, ids=lambda c: c.name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_safetensors_and_torch_save_round_trip(cls, dtype):
+    w = random_sparse(130, 70, 0.6, dtype)
+    packed = cls.from_dense(w)
+    restored = cls.from_state_dict(load(save(packed.state_dict())))
+    assert same_bits(restored.to_dense(), w)
+    buf = io.BytesIO()
+    torch.save(packed.state_dict(), buf)
+    buf.seek(0)
+    assert same_bits(cls.from_state_dict(torch.load(buf)).to_dense(), w)
+
+
+@pytest.mark.parametrize("cls", FORMAT_CLASSES, ids=lambda c: c.name)
+@pytest.mark.parametrize("src,dst", [(torch.float32, torch.float16), (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_cast_matches_dense_cast(cls, src, dst):
+    w = random_sparse(70, 90, 0.5, src)
+    cast = cls.from_dense(w).to(dtype=dst)
+    assert cast.dtype == dst
+    assert torch.equal(cast.to_dense(), w.to(dst))
+    assert same_bits(cls.from_state_dict(cast.state_dict()).to_dense(), cast.to_dense())
+
+
+@pytest.mark.parametrize("cls", FORMAT_CLASSES, ids=lambda c: c.name)
+def test_cast_overflow_is_refused(cls):
+    w = torch.tensor([[1e6, 0.0], [1.0, 2.0]])
+    with pytest.raises(ValueError, match="overflow"):
+        cls.from_dense(w).to(dtype=torch.float16)
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls", FORMAT_CLASSES, ids=lambda c: c.name)
+def test_bad_dense_input(cls):
+    with pytest.raises(ValueError, match="2-D"):
+        cls.from_dense(torch.randn(4, 4, 4))
+    with pytest.raises(ValueError, match="2-D"):
+        cls.from_dense(torch.randn(4))
+    with pytest.raises(TypeError, match="dtype"):
+        cls.from_dense(torch.randn(4, 4).double())
+    with pytest.raises(TypeError, match="dtype"):
+        cls.from_dense(torch.ones(4, 4, dtype=torch.int32))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        cls.from_dense([[1.0, 2.0]])
+    with pytest.raises(ValueError, match="empty"):
+        cls.from_dense(torch.randn(0, 4))
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        w = torch.randn(8, 8)
+        w[3, 5] = bad
+        with pytest.raises(ValueError, match="non-finite"):
+            cls.from_dense(w)
+
+
+def _corruptions(cls, state):
+    """(description, corrupted state dict, expected message fragment)."""
+    out = []
+    for key in cls.tensor_names:
+        out.append((f"missing {key}", {k: v for k, v in state.items() if k != key}, "missing"))
+        out.append((f"truncated {key}", {**state, key: state[key][:-4]}, None))
+    out.append(("no header", {k: v for k, v in state.items() if k != "header"}, "header"))
+    for i, value, msg in ((0, 99, "format code"), (1, 99, "version 99"), (4, 42, "dtype"), (2, 0, "shape")):
+        header = state["header"].clone()
+        header[i] = value
+        out.append((f"header[{i}]={value}", {**state, "header": header}, msg))
+    out.append(("short header", {**state, "header": state["header"][:3]}, "header"))
+    wrong_type = {**state, "offsets": state["offsets"].to(torch.int64)}
+    out.append(("offsets int64", wrong_type, "int32"))
+    bad_offsets = state["offsets"].clone()
+    bad_offsets[1] += 4
+    out.append(("shifted offset", {**state, "offsets": bad_offsets}, None))
+    return out
+
+
+@pytest.mark.parametrize("cls", FORMAT_CLASSES, ids=lambda c: c.name)
+def test_corrupted_serialized_data_is_refused(cls):
+    w = random_sparse(200, 150, 0.5, torch.float16)
+    state = cls.from_dense(w).state_dict()
+    for what, corrupt, msg in _corruptions(cls, state):
+        with pytest.raises(FormatError, match=msg):
+            cls.from_state_dict(corrupt)
+            pytest.fail(f"{what} was accepted")
+
+
+def test_bitmap_corrupted_mask_is_refused():
+    state = BitmapWeight.from_dense(random_sparse(64, 64, 0.5, torch.float16)).state_dict()
+    masks = state["masks"].clone()
+    masks[:8] = 0xFF  # a whole 8x8 block marked dense: the tile's count no longer fits its run
+    with pytest.raises(FormatError, match="disagree"):
+        BitmapWeight.from_state_dict({**state, "masks": masks})
+
+
+def test_bitmap_mask_in_padding_is_refused():
+    w = random_sparse(60, 60, 0.0, torch.float16)
+    state = BitmapWeight.from_dense(w).state_dict()
+    dense = BitmapWeight.from_state_dict(state).to_dense()
+    assert torch.equal(dense, w)
+    # Set a bit in the last block (rows 56-63 x cols 56-63, outside 60x60) and fix the counts.
+    padded = torch.zeros(64, 64, dtype=torch.float16)
+    padded[:60, :60] = w
+    padded[63, 63] = 1.0
+    full = BitmapWeight.from_dense(padded).state_dict()
+    with pytest.raises(FormatError, match="padding"):
+        BitmapWeight.from_state_dict({**full, "header": state["header"]})
+
+
+def test_csl_corrupted_locations_are_refused():
+    w = random_sparse(128, 64, 0.5, torch.float16)
+    state = TiledCSLWeight.from_dense(w).state_dict()
+    values, locations = tiled_csl.split_words(state["words"], torch.float16)
+    dup = locations.clone()
+    dup[1] = dup[0]
+    with pytest.raises(FormatError, match="repeated or out of order"):
+        TiledCSLWeight.from_state_dict({**state, "words": tiled_csl.make_words(values, dup)})
+    far = locations.clone()
+    far[0] = 9000
+    with pytest.raises(FormatError, match="outside"):
+        TiledCSLWeight.from_state_dict({**state, "words": tiled_csl.make_words(values, far)})
+
+
+def test_csl_values_in_padding_are_refused():
+    w = random_sparse(100, 50, 0.0, torch.float16)
+    padded = torch.zeros(128, 64, dtype=torch.float16)
+    padded[:100, :50] = w
+    padded[120, 60] = 3.0
+    state = TiledCSLWeight.from_dense(padded).state_dict()
+    header = TiledCSLWeight.from_dense(w).state_dict()["header"]
+    with pytest.raises(FormatError, match="padding"):
+        TiledCSLWeight.from_state_dict({**state, "header": header})
+
+
+def test_wrong_format_header_is_refused():
+    state = BitmapWeight.from_dense(random_sparse(10, 10, 0.5)).state_dict()
+    with pytest.raises(FormatError, match="format code"):
+        TiledCSLWeight.from_state_dict(state)
+
+
+@pytest.mark.parametrize("cls", FORMAT_CLASSES, ids=lambda c: c.name)
+def test_layout_module_is_used_by_the_format(cls):
+    """The storage order lives in one place: decoding storage order must invert encoding."""
+    module = bitmap if cls is BitmapWeight else tiled_csl
+    m, k = (module.GROUP_M, module.GROUP_K) if cls is BitmapWeight else (module.TILE_M, module.TILE_K)
+    x = torch.arange(2 * m * 3 * k, dtype=torch.float32).reshape(2 * m, 3 * k)
+    tiles = module.to_storage_order(x)
+    assert tiles.shape == (6, m * k)
+    assert torch.equal(module.from_storage_order(tiles, (2, 3)), x)
+    # Tiles of one strip are consecutive along K.
+    assert tiles[1].min() == k and tiles[3].min() == m * 3 * k
