@@ -26,3 +26,15 @@ def _fresh_seed():
     # Fresh data every run (no fixed seed), but print it so a failure can be reproduced.
     seed = torch.seed()
     yield seed
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A dense Hugging Face folder: a tiny Llama with random weights and a trained BPE tokenizer."""
+    from models import build, train_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    build("llama").save_pretrained(folder)
+    train_tokenizer().save_pretrained(folder)
+    return folder

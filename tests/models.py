@@ -45,3 +45,19 @@ MODELS = {"llama": tiny_llama, "opt": tiny_opt, "qwen2": tiny_qwen2, "gpt2": tin
 
 def build(name: str, dtype=torch.float32):
     return MODELS[name]().to(dtype).eval()
+
+
+def train_tokenizer(vocab_size: int = VOCAB):
+    """A byte-level BPE tokenizer trained in a few seconds on the pydoc text (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from flashllm.data import default_text
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([default_text("calibration")[:100_000]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")

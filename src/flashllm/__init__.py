@@ -8,6 +8,7 @@
 
 __version__ = "0.1.0"
 
+from .checkpoint import convert_checkpoint, from_pretrained, save_pretrained
 from .formats import FORMATS, BitmapWeight, FormatError, SparseWeight, TiledCSLWeight, get_format
 from .kernels import spmm
 from .nn import SparseLinear, SparsifySummary, sparsify_
@@ -23,8 +24,11 @@ __all__ = [
     "SparsifySummary",
     "TiledCSLWeight",
     "__version__",
+    "convert_checkpoint",
+    "from_pretrained",
     "get_format",
     "prune_",
+    "save_pretrained",
     "sparsify_",
     "spmm",
 ]

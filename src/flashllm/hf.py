@@ -101,3 +101,30 @@ def load_dense_model(
         model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    # fp16 is what the GPU kernels target; CPUs lack fast half-precision matmuls.
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    device: Optional[str | torch.device] = None,
+    dtype: Optional[torch.dtype] = None,
+    progress: bool = True,
+):
+    """(model, tokenizer) from a flashllm checkpoint, a Hugging Face folder, a .gguf file or 'smollm2'."""
+    from .checkpoint import from_pretrained, is_flashllm_checkpoint
+
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    if is_flashllm_checkpoint(name_or_path):
+        model = from_pretrained(name_or_path, device=device, dtype=dtype, progress=progress)
+        return model, load_tokenizer(ModelSource(Path(name_or_path)))
+    return load_dense_model(name_or_path, dtype=dtype, device=device)
+

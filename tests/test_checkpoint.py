@@ -1,0 +1,123 @@
+import json
+
+import pytest
+import torch
+
+from flashllm import prune_, sparsify_
+from flashllm.checkpoint import (
+    INDEX,
+    MANIFEST,
+    SINGLE,
+    convert_checkpoint,
+    from_pretrained,
+    read_manifest,
+    save_pretrained,
+)
+from flashllm.nn import SparseLinear
+from models import VOCAB, build
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2", "qwen2"])
+@pytest.mark.parametrize("fmt", ["bitmap", "tiled_csl"])
+def test_save_and_load_compressed_checkpoint(tmp_path, arch, fmt):
+    model = build(arch)
+    prune_(model, 0.7, progress=False)
+    sparsify_(model, fmt, progress=False)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    save_pretrained(model, tmp_path, info={"method": "magnitude"})
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    assert manifest["format_versions"] == {fmt: 1}
+    assert manifest["info"] == {"method": "magnitude"}
+    assert (tmp_path / SINGLE).is_file()
+    loaded = from_pretrained(tmp_path, device="cpu", progress=False)
+    assert sum(isinstance(m, SparseLinear) for m in loaded.modules()) == len(manifest["sparse_layers"])
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
+
+
+def test_checkpoint_is_about_the_compressed_size(tmp_path):
+    model = build("llama")
+    prune_(model, 0.8, progress=False)
+    summary = sparsify_(model, "bitmap", progress=False)
+    save_pretrained(model, tmp_path)
+    other = sum(p.numel() * p.element_size() for n, p in model.named_parameters())
+    on_disk = (tmp_path / SINGLE).stat().st_size
+    expected = summary.compressed_bytes + other
+    assert expected <= on_disk <= expected * 1.05 + 20_000  # + the safetensors JSON header
+
+
+def test_sharded_checkpoint_with_tied_embeddings_and_dtype(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    )).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    prune_(model, 0.5, progress=False)
+    sparsify_(model, progress=False)
+    save_pretrained(model, tmp_path, max_shard_bytes=20_000)
+    assert (tmp_path / INDEX).is_file() and len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    ids = torch.randint(0, VOCAB, (1, 7))
+    loaded = from_pretrained(tmp_path, device="cpu", progress=False)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
+    half = from_pretrained(tmp_path, device="cpu", dtype=torch.bfloat16, progress=False)
+    assert half.model.layers[0].mlp.up_proj.dtype == torch.bfloat16
+    assert half.model.embed_tokens.weight.dtype == torch.bfloat16
+    # Not bit-equal: a loaded model keeps its rotary frequencies in fp32, model.to() casts them.
+    assert torch.allclose(logits(half, ids).float(), logits(model, ids), atol=3e-2)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("sparsity", [0.6, "2:4"])
+def test_convert_dense_checkpoint_streaming(tmp_path, arch, sparsity):
+    dense = build(arch)
+    dense.save_pretrained(tmp_path / "dense")
+    out = convert_checkpoint(tmp_path / "dense", tmp_path / "sparse", sparsity, "bitmap", device="cpu",
+                             max_shard_bytes=50_000, progress=False)
+    loaded = from_pretrained(out, device="cpu", progress=False)
+    prune_(dense, sparsity, progress=False)
+    ids = torch.randint(0, VOCAB, (2, 8))
+    assert torch.allclose(logits(loaded, ids), logits(dense, ids), atol=1e-5)
+    manifest = read_manifest(out)
+    assert manifest["compressed_linear_bytes"] < 0.62 * manifest["dense_linear_bytes"]
+
+
+def test_bad_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        from_pretrained(tmp_path / "nope")
+    with pytest.raises(ValueError, match="not a flashllm checkpoint"):
+        from_pretrained(tmp_path)
+    model = build("llama")
+    with pytest.raises(ValueError, match="no SparseLinear"):
+        save_pretrained(model, tmp_path / "x")
+    prune_(model, 0.5, progress=False)
+    sparsify_(model, progress=False)
+    save_pretrained(model, tmp_path / "ok")
+    manifest = json.loads((tmp_path / "ok" / MANIFEST).read_text())
+
+    (tmp_path / "ok" / MANIFEST).write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        from_pretrained(tmp_path / "ok")
+    (tmp_path / "ok" / MANIFEST).write_text(json.dumps({**manifest, "format_versions": {"bitmap": 7}}))
+    with pytest.raises(ValueError, match="layout version 7"):
+        from_pretrained(tmp_path / "ok")
+    (tmp_path / "ok" / MANIFEST).write_text(json.dumps({**manifest, "format_versions": {"coo": 1}}))
+    with pytest.raises(ValueError, match="unknown sparse format"):
+        from_pretrained(tmp_path / "ok")
+    (tmp_path / "ok" / MANIFEST).write_text(json.dumps(manifest))
+    weights = tmp_path / "ok" / SINGLE
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(Exception):
+        from_pretrained(tmp_path / "ok")
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        from_pretrained(tmp_path / "ok")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        convert_checkpoint(tmp_path / "ok2", tmp_path / "out", 0.5)

@@ -1,0 +1,42 @@
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from flashllm import prune_, sparsify_
+from flashllm.generate import build_prompt, generate_text, weight_bytes
+
+
+def test_generate_text_reports_speed_and_memory(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prune_(model, 0.5, progress=False)
+    dense = generate_text(model, tokenizer, "def f(x):", max_new_tokens=6)
+    dense_bytes = weight_bytes(model)
+    sparsify_(model, progress=False)
+    sparse = generate_text(model, tokenizer, "def f(x):", max_new_tokens=6)
+    assert sparse.text == dense.text and sparse.new_tokens == 6
+    assert sparse.weight_bytes < dense_bytes
+    assert sparse.tokens_per_second > 0 and 0 < sparse.first_token_seconds <= sparse.seconds
+    assert sparse.peak_memory_bytes > 0 and sparse.memory_kind == "process RSS"
+    sampled = [generate_text(model, tokenizer, "x", 5, do_sample=True, seed=s).text for s in (1, 1)]
+    assert sampled[0] == sampled[1]
+
+
+def test_weight_bytes_counts_tied_weights_once():
+    from models import VOCAB
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True))
+    unique = {p.data_ptr(): p.numel() * 4 for p in model.parameters()}
+    assert weight_bytes(model) == sum(unique.values())
+
+
+def test_build_prompt_without_template(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert build_prompt(tokenizer, "hello") == ("hello", False)
+    try:
+        build_prompt(tokenizer, "hello", chat=True)
+    except ValueError as err:
+        assert "chat template" in str(err)
+    else:
+        raise AssertionError("chat=True without a template was accepted")
