@@ -56,7 +56,7 @@ def _have(module: str) -> str:
 
     try:
         return version(module)
-    except PackageNotFoundError:  # e.g. cupy ships as cupy-cuda12x
+    except PackageNotFoundError:
         return "installed"
 
 
@@ -73,8 +73,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"CUDA available: {props.name} (sm_{props.major}{props.minor}), torch CUDA {torch.version.cuda}")
     else:
         print("CUDA available: no")
-    for module in ("triton", "cupy", "transformers", "safetensors", "matplotlib"):
+    for module in ("triton", "transformers", "safetensors", "matplotlib"):
         print(f"{module}: {_have(module)}")
+    if torch.cuda.is_available():
+        from .kernels.launch import availability
+
+        print(f"CUDA kernels: {availability()[1]}")
     print("kernel paths:")
     for name in FORMATS:
         for device in ("cuda", "cpu"):

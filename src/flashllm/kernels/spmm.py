@@ -23,8 +23,6 @@ from ..formats import FORMATS_BY_CODE, SparseWeight
 # when the kernel declines this input (the reference path then runs).
 FastKernel = Callable[..., Optional[torch.Tensor]]
 FAST_KERNELS: dict[tuple[int, str], FastKernel] = {}
-# format code -> why its fast CUDA kernel is not registered, for `flashllm info`.
-UNAVAILABLE_REASON: dict[int, str] = {}
 _warned: set[tuple[int, str]] = set()
 
 
@@ -96,7 +94,7 @@ def kernel_path(format_name: str, device_type: str) -> str:
     if (code, device_type) in FAST_KERNELS:
         return f"fast {device_type.upper()} kernel"
     if device_type == "cuda":
-        return "reference (decode + dense GEMM): " + UNAVAILABLE_REASON.get(code, "no fast CUDA kernel registered")
+        return "reference (decode + dense GEMM): the experimental CUDA kernels are off (FLASHLLM_CUDA_KERNELS=1)"
     return "reference (decode + dense GEMM)"
 
 

@@ -1,0 +1,537 @@
+"""`flashllm bench kernels`: the sparse kernels against dense cuBLAS, cuSPARSE CSR and torch's 2:4
+path, on real layer shapes, in one process, with the byte-count ideal next to every speedup.
+
+    python -m flashllm.bench.kernels --quick                      # a few minutes of GPU time
+    python -m flashllm.bench.kernels --shapes opt-66b --n 1,16 --sparsity 0.5,0.8
+    python -m flashllm.bench.kernels --tune --shapes llama-2-7b --write-configs tuned.json
+    python -m flashllm.bench.kernels --dry-run                    # CPU: exercises the plumbing only
+
+Method (docs/kernels.md): times are medians of CUDA-event timings (triton.testing.do_bench, L2
+flushed before every run). cuBLAS and flashllm are timed as CUDA-graph replays, so Python launch
+overhead is out of the numbers (as in graph-captured decoding); cuSPARSE and 2:4, far slower, are
+timed eagerly, as is anything whose capture fails (marked "eager"). Weights are random normals with random zeros at the target sparsity
+(never all-zero data); activations are random normals. "ideal" is dense bytes / stored bytes;
+"GB/s" counts the stored weight plus activations and output once; "copy" is that rate as a
+fraction of a device-to-device copy measured in the same run. Every sparse result is checked
+against cuBLAS's before it is timed ("err" column).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+# (name, out_features M, in_features K), grouped by model.
+SHAPES: dict[str, list[tuple[str, int, int]]] = {
+    "opt-30b": [("opt-30b.qkv", 21504, 7168), ("opt-30b.out", 7168, 7168),
+                ("opt-30b.fc1", 28672, 7168), ("opt-30b.fc2", 7168, 28672)],
+    "opt-66b": [("opt-66b.qkv", 27648, 9216), ("opt-66b.out", 9216, 9216),
+                ("opt-66b.fc1", 36864, 9216), ("opt-66b.fc2", 9216, 36864)],
+    "opt-175b": [("opt-175b.qkv", 36864, 12288), ("opt-175b.out", 12288, 12288),
+                 ("opt-175b.fc1", 49152, 12288), ("opt-175b.fc2", 12288, 49152)],
+    "llama-2-7b": [("llama-2-7b.attn", 4096, 4096), ("llama-2-7b.up", 11008, 4096),
+                   ("llama-2-7b.down", 4096, 11008)],
+    "llama-3-70b": [("llama-3-70b.qkv", 10240, 8192), ("llama-3-70b.gate_up", 57344, 8192),
+                    ("llama-3-70b.down", 8192, 28672)],
+}
+ALL_SHAPES = {name: (m, k) for group in SHAPES.values() for name, m, k in group}
+DEFAULT_N = (1, 8, 16, 32, 64, 128)
+DEFAULT_SPARSITY = (0.5, 0.6, 0.7, 0.8, 0.9)
+FORMATS = ("bitmap", "tiled_csl")
+BASELINES = ("cublas", "csr", "2:4")
+QUICK = {
+    "shapes": ["opt-66b.qkv", "opt-66b.out", "llama-3-70b.down", "llama-2-7b.up"],
+    "n": [1, 16, 64],
+    "sparsity": [0.5, 0.7, 0.8, 0.9],
+}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DRY_RUN = {"shapes": ["tiny-a"], "n": [1, 8], "sparsity": [0.5, 0.9]}
+_TINY = {"tiny-a": (192, 256), "tiny-b": (256, 320)}
+
+
+@dataclass
+class Row:
+    shape: str
+    out_features: int
+    in_features: int
+    n: int
+    sparsity: float
+    method: str
+    time_us: float
+    speedup: float  # over cuBLAS in the same run
+    ideal: float  # dense bytes / stored bytes
+    gbps: float  # (stored weight + x + y) bytes / time
+    frac_copy: float  # gbps / measured copy bandwidth
+    err: float  # relative error against cuBLAS's result (0 for cuBLAS itself)
+    timing: str  # "graph" or "eager"
+    config: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+def _timer(device: torch.device, warmup_ms: int, rep_ms: int) -> Callable[[Callable[[], object]], float]:
+    """A function returning the median milliseconds of a callable on `device`."""
+    if device.type != "cuda":
+        def cpu_time(fn):
+            fn()
+            times = []
+            deadline = time.perf_counter() + rep_ms / 1000
+            while not times or (time.perf_counter() < deadline and len(times) < 1000):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1000)
+            return statistics.median(times)
+        return cpu_time
+    try:
+        from triton.testing import do_bench
+
+        return lambda fn: float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    except ImportError:
+        flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
+
+        def event_time(fn):
+            fn()
+            torch.cuda.synchronize()
+            times = []
+            deadline = time.perf_counter() + rep_ms / 1000
+            while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 1000):
+                flush.zero_()  # L2 flush, as do_bench does
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            return statistics.median(times)
+        return event_time
+
+
+def _graphed(fn: Callable[[], object], device: torch.device) -> tuple[Callable[[], object], str]:
+    """`fn` captured in a CUDA graph (after warm-up), or `fn` itself if it cannot be captured."""
+    if device.type != "cuda":
+        return fn, "eager"
+    try:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            fn()
+            fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay, "graph"
+    except Exception:  # noqa: BLE001 - any capture failure just means eager timing
+        torch.cuda.synchronize(device)
+        return fn, "eager"
+
+
+def copy_bandwidth(device: torch.device, timer) -> float:
+    """GB/s of a large device-to-device copy, bytes read plus bytes written."""
+    nbytes = (1 << 30) if device.type == "cuda" else (64 << 20)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = timer(lambda: dst.copy_(src))
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods
+# ---------------------------------------------------------------------------------------------
+def random_pruned(m: int, k: int, sparsity: float, dtype: torch.dtype, device: torch.device,
+                  gen: torch.Generator) -> torch.Tensor:
+    w = torch.randn(m, k, device=device, dtype=torch.float32, generator=gen)
+    w[torch.rand(m, k, device=device, generator=gen) < sparsity] = 0
+    return w.to(dtype)
+
+
+def prune_2_4(w: torch.Tensor) -> torch.Tensor:
+    """Keep the 2 largest of every 4 consecutive weights in a row (torch's semi-structured pattern)."""
+    groups = w.reshape(-1, 4)
+    keep = groups.abs().argsort(dim=1, descending=True)[:, :2]
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, keep, True)
+    return (groups * mask).reshape(w.shape)
+
+
+@dataclass
+class Method:
+    name: str
+    run: Callable[[], torch.Tensor]
+    stored_bytes: int
+    config: str = ""
+    capture: bool = True  # time graph replays; library baselines that may not capture run eagerly
+
+
+def sparse_methods(w: torch.Tensor, x: torch.Tensor, formats: list[str], fast: bool) -> list[Method]:
+    """flashllm's formats: the CUDA kernels when `fast`, otherwise the reference path (`spmm`)."""
+    from ..formats import get_format
+    from ..kernels import spmm
+
+    out = []
+    for fmt in formats:
+        weight = get_format(fmt).from_dense(w)
+        if fast:
+            from ..kernels import bitmap_cuda, configs, tiled_csl_cuda
+
+            module = bitmap_cuda if fmt == "bitmap" else tiled_csl_cuda
+            arch = configs.arch_key(torch.cuda.get_device_capability(x.device))
+            stored = weight.values if fmt == "bitmap" else weight.words
+            cfg = configs.get_config(arch, fmt, *weight.shape, x.shape[0],
+                                     module.sparsity_of(stored, *weight.shape))
+            out.append(Method(fmt, lambda m=module, wt=weight, c=cfg: m.linear(x, wt, None, c), weight.nbytes, str(cfg)))
+        else:
+            out.append(Method(f"{fmt} (reference)", lambda wt=weight: spmm(x, wt), weight.nbytes))
+    return out
+
+
+def baseline_methods(w: torch.Tensor, x: torch.Tensor, baselines: list[str], sparsity: float) -> list[Method]:
+    out = []
+    if "csr" in baselines:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            csr = w.to_sparse_csr()
+        nbytes = sum(t.numel() * t.element_size() for t in (csr.values(), csr.col_indices(), csr.crow_indices()))
+        xt = x.t().contiguous()
+        out.append(Method("cusparse-csr" if w.is_cuda else "csr", lambda: torch.mm(csr, xt).t(), nbytes,
+                          capture=False))
+    if "2:4" in baselines and w.is_cuda and abs(sparsity - 0.5) < 1e-9:
+        try:
+            from torch.sparse import to_sparse_semi_structured
+
+            semi = to_sparse_semi_structured(prune_2_4(w))
+            nbytes = w.numel() * w.element_size() // 2 + w.numel() // 8
+            out.append(Method("torch-2:4", lambda: F.linear(x, semi), nbytes, capture=False))
+        except Exception as exc:  # noqa: BLE001 - unavailable on this GPU / torch: say so, go on
+            print(f"  (2:4 baseline unavailable: {type(exc).__name__}: {exc})", file=sys.stderr)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+def _parse_list(text: str, kind=float) -> list:
+    return [kind(v) for v in text.split(",") if v.strip()]
+
+
+def resolve_shapes(spec: list[str]) -> list[tuple[str, int, int]]:
+    out = []
+    for item in spec:
+        if item == "all":
+            out += [(n, m, k) for n, (m, k) in ALL_SHAPES.items()]
+        elif item in SHAPES:
+            out += SHAPES[item]
+        elif item in ALL_SHAPES:
+            out.append((item, *ALL_SHAPES[item]))
+        elif item in _TINY:
+            out.append((item, *_TINY[item]))
+        elif "x" in item:
+            m, k = (int(v) for v in item.lower().split("x"))
+            out.append((item, m, k))
+        else:
+            raise ValueError(f"unknown shape {item!r}: use a model ({', '.join(SHAPES)}), a layer "
+                             f"({', '.join(ALL_SHAPES)}), 'all' or MxK")
+    return out
+
+
+def environment(device: torch.device) -> dict:
+    from .. import __version__
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {
+        "gpu": gpu,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "none",
+        "flashllm": __version__,
+    }
+
+
+def run(args) -> tuple[list[Row], dict]:
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    fast = device.type == "cuda" and not args.reference and dtype != torch.float32
+    timer = _timer(device, args.warmup, args.rep)
+    env = environment(device)
+    env["copy_gbps"] = copy_bandwidth(device, timer)
+    print(f"# {env['gpu']} | torch {env['torch']} | CUDA {env['cuda']} | copy {env['copy_gbps']:.0f} GB/s "
+          f"| {env['date']}", flush=True)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    rows: list[Row] = []
+    for name, m, k in resolve_shapes(args.shapes):
+        for n in args.n:
+            x = torch.randn(n, k, device=device, dtype=dtype, generator=gen)
+            dense_w = random_pruned(m, k, 0.0, dtype, device, gen)
+            dense_bytes = m * k * dtype.itemsize
+            io_bytes = (n * k + n * m) * dtype.itemsize
+            ref_fn, ref_mode = _graphed(lambda x=x, w=dense_w: F.linear(x, w), device)
+            dense_ms = timer(ref_fn)
+            del ref_fn
+            base = dict(shape=name, out_features=m, in_features=k, n=n)
+            if "cublas" in args.baselines:
+                gbps = (dense_bytes + io_bytes) / (dense_ms * 1e-3) / 1e9
+                rows.append(Row(**base, sparsity=0.0, method="cublas" if device.type == "cuda" else "dense",
+                                time_us=dense_ms * 1e3, speedup=1.0, ideal=1.0, gbps=gbps,
+                                frac_copy=gbps / env["copy_gbps"], err=0.0, timing=ref_mode))
+            del dense_w
+            for s in args.sparsity:
+                w = random_pruned(m, k, s, dtype, device, gen)
+                expected = F.linear(x, w).float()
+                methods = sparse_methods(w, x, args.formats, fast) + baseline_methods(w, x, args.baselines, s)
+                for method in methods:
+                    try:
+                        got = method.run().float()
+                        err = ((got - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+                        fn, mode = _graphed(method.run, device) if method.capture else (method.run, "eager")
+                        ms = timer(fn)
+                    except Exception as exc:  # noqa: BLE001 - report and continue the sweep
+                        print(f"  {name} N={n} s={s} {method.name}: FAILED {type(exc).__name__}: {exc}",
+                              file=sys.stderr, flush=True)
+                        continue
+                    gbps = (method.stored_bytes + io_bytes) / (ms * 1e-3) / 1e9
+                    rows.append(Row(**base, sparsity=s, method=method.name, time_us=ms * 1e3,
+                                    speedup=dense_ms / ms, ideal=dense_bytes / method.stored_bytes, gbps=gbps,
+                                    frac_copy=gbps / env["copy_gbps"], err=err, timing=mode, config=method.config))
+                    print(f"  {name:20s} N={n:<4d} s={s:.2f} {method.name:16s} {ms * 1e3:9.1f} us "
+                          f"{dense_ms / ms:5.2f}x (ideal {dense_bytes / method.stored_bytes:4.2f}) err {err:.1e}",
+                          flush=True)
+                del w, expected, methods
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    return rows, env
+
+
+# ---------------------------------------------------------------------------------------------
+# Output: table, CSV, plot
+# ---------------------------------------------------------------------------------------------
+def format_table(rows: list[Row]) -> str:
+    head = f"{'layer':20s} {'M':>6s} {'K':>6s} {'N':>4s} {'spars':>5s} {'method':16s} {'time us':>9s} " \
+           f"{'x cuBLAS':>8s} {'ideal':>5s} {'GB/s':>6s} {'copy':>5s} {'err':>7s}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r.shape:20s} {r.out_features:6d} {r.in_features:6d} {r.n:4d} {r.sparsity:5.2f} {r.method:16s} "
+            f"{r.time_us:9.1f} {r.speedup:8.2f} {r.ideal:5.2f} {r.gbps:6.0f} {r.frac_copy:5.0%} {r.err:7.1e}"
+            + ("" if r.timing == "graph" else " (eager)")
+        )
+    return "\n".join(lines)
+
+
+def summary(rows: list[Row]) -> str:
+    """Geometric-mean speedup over cuBLAS per method, sparsity and N: the numbers the targets name."""
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r.method in ("cublas", "dense"):
+            continue
+        groups.setdefault((r.method, r.sparsity, r.n), []).append(r.speedup)
+    lines = ["geomean speedup over cuBLAS (all layers):"]
+    for (method, s, n), vals in sorted(groups.items()):
+        g = math.exp(sum(math.log(v) for v in vals) / len(vals))
+        lines.append(f"  {method:16s} s={s:.2f} N={n:<4d} {g:5.2f}x  ({len(vals)} layers)")
+    return "\n".join(lines)
+
+
+CSV_FIELDS = ["gpu", "date", "torch", "cuda", "flashllm", "dtype", "shape", "out_features", "in_features", "n",
+              "sparsity", "method", "time_us", "speedup", "ideal", "gbps", "frac_copy", "copy_gbps", "err",
+              "timing", "config"]
+
+
+def write_csv(rows: list[Row], env: dict, dtype: str, path: str) -> None:
+    """Long format, appended (with a header when the file is new), one line per measurement."""
+    new = not os.path.exists(path)
+    with open(path, "a", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+        if new:
+            writer.writeheader()
+        for r in rows:
+            d = {k: v for k, v in asdict(r).items() if k in CSV_FIELDS}
+            writer.writerow({**d, **{k: env[k] for k in ("gpu", "date", "torch", "cuda", "flashllm", "copy_gbps")},
+                             "dtype": dtype})
+
+
+def plot(rows: list[Row], env: dict, path: str) -> bool:
+    """Speedup over cuBLAS vs sparsity, one panel per N, geomean over layers; dashed: the ideal."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return False
+    ns = sorted({r.n for r in rows})
+    methods = sorted({r.method for r in rows if r.method not in ("cublas", "dense")})
+    fig, axes = plt.subplots(1, len(ns), figsize=(4 * len(ns), 3.6), squeeze=False, sharey=True)
+    for ax, n in zip(axes[0], ns):
+        for method in methods:
+            pts = {}
+            for r in rows:
+                if r.n == n and r.method == method:
+                    pts.setdefault(r.sparsity, []).append((r.speedup, r.ideal))
+            if not pts:
+                continue
+            xs = sorted(pts)
+            geo = [math.exp(sum(math.log(p[0]) for p in pts[s]) / len(pts[s])) for s in xs]
+            ideal = [math.exp(sum(math.log(p[1]) for p in pts[s]) / len(pts[s])) for s in xs]
+            line, = ax.plot(xs, geo, marker="o", label=method)
+            if len(xs) > 1:
+                ax.plot(xs, ideal, linestyle="--", color=line.get_color(), alpha=0.5)
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_title(f"N = {n}")
+        ax.set_xlabel("sparsity")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("speedup over cuBLAS (dashed: ideal)")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(f"{env['gpu']}, torch {env['torch']}, {env['date'][:10]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Tuning
+# ---------------------------------------------------------------------------------------------
+def tune(args) -> int:
+    from ..formats import get_format
+    from ..kernels import bitmap_cuda, configs, launch, tiled_csl_cuda
+
+    device = torch.device(args.device)
+    if device.type != "cuda":
+        print("--tune needs a CUDA device", file=sys.stderr)
+        return 2
+    dtype = DTYPES[args.dtype]
+    arch = configs.arch_key(torch.cuda.get_device_capability(device))
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    table: dict[tuple, configs.LaunchConfig] = {}
+    for name, m, k in resolve_shapes(args.shapes):
+        for n in args.n:
+            x = torch.randn(n, k, device=device, dtype=dtype, generator=gen)
+            for s in args.sparsity:
+                w = random_pruned(m, k, s, dtype, device, gen)
+                for fmt in args.formats:
+                    module = bitmap_cuda if fmt == "bitmap" else tiled_csl_cuda
+                    weight = get_format(fmt).from_dense(w)
+                    kt = -(-k // 64)
+                    best, best_ms, timings = launch.tune(
+                        lambda c, module=module, x=x, weight=weight: module.linear(x, weight, None, c),
+                        configs.tuning_candidates(fmt, n, s, kt), reps=args.tune_reps,
+                    )
+                    default = next((ms for ms, c in timings if c == configs.default_config(fmt, n, s)), float("nan"))
+                    key = configs.key_for(arch, fmt, m, k, n, s)
+                    table[key] = best
+                    print(f"{name:20s} N={n:<4d} s={s:.2f} {fmt:9s} best {best_ms * 1e3:8.1f} us "
+                          f"(default {default * 1e3:8.1f} us) {best}", flush=True)
+                del w
+    print("\n# paste into flashllm/kernels/configs.py TUNED (measured on "
+          f"{torch.cuda.get_device_name(device)}):\n{configs.python_literal(table)}")
+    if args.write_configs:
+        existing = configs.read_table(args.write_configs) if os.path.exists(args.write_configs) else {}
+        existing.update(table)
+        configs.write_table(args.write_configs, existing)
+        print(f"wrote {len(existing)} entries to {args.write_configs} (use with FLASHLLM_KERNEL_CONFIGS)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shapes", default="all",
+                        help=f"comma list of models ({', '.join(SHAPES)}), layers (e.g. opt-66b.qkv), 'all' or MxK")
+    parser.add_argument("--n", default=",".join(map(str, DEFAULT_N)), help="batch sizes (activation rows)")
+    parser.add_argument("--sparsity", default=",".join(map(str, DEFAULT_SPARSITY)), help="weight sparsities")
+    parser.add_argument("--formats", default=",".join(FORMATS), help="flashllm formats to time")
+    parser.add_argument("--baselines", default=",".join(BASELINES), help="cublas, csr (cuSPARSE), 2:4 (at 0.5 only)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp16",
+                        help="fp32 times only the baselines and the reference path (the kernels take fp16/bf16)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"preset for a few minutes of GPU time: {QUICK['shapes']}, N {QUICK['n']}, "
+                             f"sparsity {QUICK['sparsity']}")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny shapes on the CPU through the reference path: checks table, CSV and plot")
+    parser.add_argument("--reference", action="store_true", help="time flashllm's reference path, not the kernels")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
+    parser.add_argument("--rep", type=int, default=100, help="do_bench measuring time, ms")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="folder for the CSV and PNG (default: $OUT or ./bench_out)")
+    parser.add_argument("--csv", default=None, help="CSV to append to (default: <out>/kernels.csv)")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--tune", action="store_true", help="time candidate launch configs instead of benchmarking")
+    parser.add_argument("--tune-reps", type=int, default=20)
+    parser.add_argument("--write-configs", default=None, help="with --tune: JSON table to merge the winners into")
+
+
+def _finish_args(args) -> argparse.Namespace:
+    if args.dry_run:
+        args.shapes, args.n, args.sparsity = DRY_RUN["shapes"], DRY_RUN["n"], DRY_RUN["sparsity"]
+        args.device = "cpu"
+        args.baselines = "cublas,csr"
+        args.dtype = "fp32"  # CPU half matmuls are slow and CPU CSR has no half kernel
+    elif args.quick:
+        args.shapes, args.n, args.sparsity = QUICK["shapes"], QUICK["n"], QUICK["sparsity"]
+    if isinstance(args.shapes, str):
+        args.shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    if isinstance(args.n, str):
+        args.n = _parse_list(args.n, int)
+    if isinstance(args.sparsity, str):
+        args.sparsity = _parse_list(args.sparsity, float)
+    args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    args.baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    for f in args.formats:
+        if f not in FORMATS:
+            raise ValueError(f"unknown format {f!r}; choose from {FORMATS}")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+def main(args: argparse.Namespace) -> int:
+    args = _finish_args(args)
+    if args.tune:
+        return tune(args)
+    if args.device == "cpu" and not args.dry_run:
+        print("no CUDA device: timing the CPU reference path (use --dry-run for a quick plumbing check)",
+              file=sys.stderr)
+    rows, env = run(args)
+    if not rows:
+        print("nothing was measured", file=sys.stderr)
+        return 1
+    out_dir = args.out or os.environ.get("OUT") or "bench_out"
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path = args.csv or os.path.join(out_dir, "kernels.csv")
+    write_csv(rows, env, args.dtype, csv_path)
+    print()
+    print(format_table(rows))
+    print()
+    print(summary(rows))
+    print(f"\nCSV: {csv_path}")
+    if not args.no_plot:
+        png = os.path.join(out_dir, "kernels_speedup.png")
+        if plot(rows, env, png):
+            print(f"plot: {png}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flashllm bench kernels", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main(build_parser().parse_args()))

@@ -1,0 +1,317 @@
+"""Launch configurations of the CUDA kernels: a table keyed by GPU architecture, format, layer shape
+class, batch bucket and sparsity band, and the rules used where the table has no entry.
+
+STATUS: every value below is a guess made without a GPU (from the roofline arithmetic in
+docs/kernels.md and the compiler's register/shared-memory report). None has been measured. A GPU
+session replaces them with measured winners:
+
+    flashllm bench kernels --tune --shapes opt-66b,llama-70b --n 1,8,16,32,64 \\
+        --sparsity 0.5,0.7,0.8,0.9 --write-configs tuned.json
+
+prints the winners as Python literals to paste into `TUNED` (and writes them to ``tuned.json``).
+Setting ``FLASHLLM_KERNEL_CONFIGS=tuned.json`` makes the kernels use such a file without editing
+the code; with ``FLASHLLM_RETUNE=1`` as well, a shape with no entry is timed on its first call (a
+stall of about a second, opt-in) and its winner appended to the file. A user's first call never
+autotunes otherwise: a missing key falls back to `default_config`.
+
+Lookup order: ``TUNED[(arch, format, shape_class, n_bucket, band)]``, the same with shape class
+``"*"``, then `default_config`. ``split_k == 0`` means "choose at launch from the occupancy" (see
+`auto_split_k`), so a wildcard entry serves every layer shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
+
+THREADS = 128  # both kernels are written for 4 warps; not a tuning knob
+NROWS = (8, 16, 32, 64, 128)
+N_BUCKETS = (1, 8, 16, 32, 64, 128, 256)
+M_BOUNDS = (4096, 8192, 16384, 32768)
+K_BOUNDS = (8192, 16384)
+BANDS = ((0.6, "50"), (0.75, "70"), (0.85, "80"), (1.01, "90"))
+# Above this many activation rows the reference path (decode once, one dense GEMM) is used: the
+# product is no longer memory-bound and the fast kernels would re-decode the weight per 128 rows.
+MAX_FAST_N = int(os.environ.get("FLASHLLM_KERNEL_MAX_N", "256"))
+
+# Shared-memory layout constants, mirrored from the .cu files (the kernels trap if the launch
+# provides less shared memory than they lay out, so a drift shows as an error, not as corruption).
+_XS_STRIDE_BYTES = 144
+_BITMAP_MASK_BYTES = 512
+_BITMAP_VAL_BYTES = (4096 + 8) * 2
+_CSL_DENSE_BYTES = (8192 + 8) * 2
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    nrows: int  # activation rows per block; N is padded up to it, larger N runs blocks along N
+    strips: int = 1  # bitmap: 64-row strips per block (1 or 2); Tiled-CSL: 1 (its strip is 128 rows)
+    stages: int = 3  # cp.async pipeline depth
+    split_k: int = 0  # blocks along K per strip; 0 = from the occupancy at launch (auto_split_k)
+    words_per_stage: int = 0  # Tiled-CSL: words per stage buffer; denser tiles load the rest in pieces
+
+    def validate(self, fmt: str) -> "LaunchConfig":
+        if self.nrows not in NROWS:
+            raise ValueError(f"nrows must be one of {NROWS}, got {self.nrows}")
+        if self.split_k < 0:
+            raise ValueError(f"split_k must be >= 0 (0 = automatic), got {self.split_k}")
+        if fmt == "bitmap":
+            if self.strips not in (1, 2) or (self.strips == 2 and self.nrows > 64):
+                raise ValueError(f"bitmap strips must be 1, or 2 with nrows <= 64; got {self}")
+            if not 2 <= self.stages <= 6:
+                raise ValueError(f"bitmap stages must be 2..6, got {self.stages}")
+        elif fmt == "tiled_csl":
+            if self.nrows > 64 or self.strips != 1:
+                raise ValueError(f"Tiled-CSL needs nrows <= 64 and strips == 1, got {self}")
+            if not 3 <= self.stages <= 6:
+                raise ValueError(f"Tiled-CSL stages must be 3..6, got {self.stages}")
+            w = self.words_per_stage
+            if w % 4 or not 256 <= w <= 8192:
+                raise ValueError(f"Tiled-CSL words_per_stage must be a multiple of 4 in 256..8192, got {w}")
+        else:
+            raise ValueError(f"no CUDA kernel for format {fmt!r}")
+        return self
+
+    def defines(self, fmt: str) -> dict[str, int]:
+        """The kernel's compile-time parameters; FLASHLLM_SMEM_BYTES makes the compiler check that
+        the shared memory the launch will provide is exactly what the kernel lays out."""
+        d = {"FLASHLLM_NROWS": self.nrows, "FLASHLLM_STAGES": self.stages,
+             "FLASHLLM_SMEM_BYTES": self.smem_bytes(fmt)}
+        if fmt == "bitmap":
+            d["FLASHLLM_STRIPS"] = self.strips
+        else:
+            d["FLASHLLM_CAPW"] = self.words_per_stage
+        return d
+
+    def smem_bytes(self, fmt: str) -> int:
+        x_stage = self.nrows * _XS_STRIDE_BYTES
+        if fmt == "bitmap":
+            stage = self.strips * (_BITMAP_MASK_BYTES + _BITMAP_VAL_BYTES) + x_stage
+            return self.stages * stage + 4 * self.strips * 32 * 8
+        stage = self.words_per_stage * 4 + x_stage
+        return 2 * _CSL_DENSE_BYTES + self.stages * stage + self.stages * 8
+
+    def rows_per_block(self, fmt: str) -> int:
+        return 64 * self.strips if fmt == "bitmap" else 128
+
+
+# (arch, format, shape class or "*", n bucket, sparsity band) -> config. GUESSES, see the module
+# docstring; a tune run replaces them with measured values.
+_B, _C = "bitmap", "tiled_csl"
+TUNED: dict[tuple[str, str, str, int, str], LaunchConfig] = {
+    # bitmap: one strip per block while a strip's A fragments are cheap to share (N <= 16), two
+    # when the activations' staging and ldmatrix traffic is worth halving; deeper pipelines at high
+    # sparsity, where a stage carries fewer bytes.
+    **{("sm90", _B, "*", n, band): LaunchConfig(nrows=max(8, min(n, 128)), strips=1, stages=3)
+       for n in (1, 8, 16) for band in ("50", "70")},
+    **{("sm90", _B, "*", n, band): LaunchConfig(nrows=max(8, min(n, 128)), strips=1, stages=4)
+       for n in (1, 8, 16) for band in ("80", "90")},
+    **{("sm90", _B, "*", n, band): LaunchConfig(nrows=n, strips=2, stages=3)
+       for n in (32, 64) for band in ("50", "70", "80", "90")},
+    **{("sm90", _B, "*", n, band): LaunchConfig(nrows=128, strips=1, stages=3)
+       for n in (128, 256) for band in ("50", "70", "80", "90")},
+    # Tiled-CSL: a stage holds a typical tile of the band (8192 * density words, rounded up with
+    # margin) so only the densest tiles take the slow reload path.
+    **{("sm90", _C, "*", n, "50"): LaunchConfig(nrows=max(8, min(n, 64)), stages=3, words_per_stage=6144)
+       for n in N_BUCKETS},
+    **{("sm90", _C, "*", n, "70"): LaunchConfig(nrows=max(8, min(n, 64)), stages=4, words_per_stage=3072)
+       for n in N_BUCKETS},
+    **{("sm90", _C, "*", n, "80"): LaunchConfig(nrows=max(8, min(n, 64)), stages=4, words_per_stage=2048)
+       for n in N_BUCKETS},
+    **{("sm90", _C, "*", n, "90"): LaunchConfig(nrows=max(8, min(n, 64)), stages=4, words_per_stage=1536)
+       for n in N_BUCKETS},
+}
+
+
+def arch_key(capability: tuple[int, int]) -> str:
+    return f"sm{capability[0]}{capability[1]}"
+
+
+def shape_class(out_features: int, in_features: int) -> str:
+    """Layers grouped by what changes the best launch: rows (parallelism along M) and depth (K)."""
+    m = next((f"{b // 1024}k" for b in M_BOUNDS if out_features <= b), "big")
+    k = next((f"{b // 1024}k" for b in K_BOUNDS if in_features <= b), "big")
+    return f"m{m}-k{k}"
+
+
+def n_bucket(n: int) -> int:
+    return next((b for b in N_BUCKETS if n <= b), N_BUCKETS[-1])
+
+
+def sparsity_band(sparsity: float) -> str:
+    return next(name for bound, name in BANDS if sparsity < bound)
+
+
+def nrows_for(n: int, fmt: str) -> int:
+    cap = 128 if fmt == "bitmap" else 64
+    return next((r for r in NROWS if n <= r and r <= cap), cap)
+
+
+def default_config(fmt: str, n: int, sparsity: float) -> LaunchConfig:
+    """The rule for keys missing from the table (a guess as well, see the module docstring)."""
+    nrows = nrows_for(n, fmt)
+    if fmt == "bitmap":
+        strips = 2 if nrows in (32, 64) else 1
+        return LaunchConfig(nrows=nrows, strips=strips, stages=4 if sparsity >= 0.75 else 3)
+    words = 6144 if sparsity < 0.6 else 3072 if sparsity < 0.75 else 2048 if sparsity < 0.85 else 1536
+    return LaunchConfig(nrows=nrows, stages=3 if words > 4096 else 4, words_per_stage=words)
+
+
+_overlay: Optional[dict[tuple, LaunchConfig]] = None
+_warned_missing: set[tuple[str, str]] = set()
+
+
+def _overlay_path() -> Optional[str]:
+    return os.environ.get("FLASHLLM_KERNEL_CONFIGS") or None
+
+
+def _load_overlay() -> dict[tuple, LaunchConfig]:
+    global _overlay
+    if _overlay is None:
+        _overlay = {}
+        path = _overlay_path()
+        if path and os.path.isfile(path):
+            _overlay = {key: cfg for key, cfg in read_table(path).items()}
+    return _overlay
+
+
+def lookup(arch: str, fmt: str, out_features: int, in_features: int, n: int,
+           sparsity: float) -> Optional[LaunchConfig]:
+    """The tuned entry for this call, or None."""
+    nb, band, sc = n_bucket(n), sparsity_band(sparsity), shape_class(out_features, in_features)
+    for table in (_load_overlay(), TUNED):
+        for key in ((arch, fmt, sc, nb, band), (arch, fmt, "*", nb, band)):
+            if key in table:
+                return table[key]
+    return None
+
+
+def get_config(arch: str, fmt: str, out_features: int, in_features: int, n: int,
+               sparsity: float) -> LaunchConfig:
+    cfg = lookup(arch, fmt, out_features, in_features, n, sparsity)
+    if cfg is None:
+        if (arch, fmt) not in _warned_missing:
+            _warned_missing.add((arch, fmt))
+            warnings.warn(
+                f"flashllm: no tuned {fmt} launch configuration for {arch}; using the default rule. "
+                "Tune with `flashllm bench kernels --tune` (see flashllm/kernels/configs.py)",
+                stacklevel=3,
+            )
+        cfg = default_config(fmt, n, sparsity)
+    # Entries are per bucket; a batch smaller than the bucket's nrows still fits, a larger one
+    # (only possible for the last bucket) runs several blocks along N.
+    return cfg.validate(fmt)
+
+
+def auto_split_k(k_tiles: int, blocks_mn: int, slots: int, n: int, in_features: int,
+                 bytes_per_element: float) -> int:
+    """Blocks along K so that the grid fills every resident-block slot at least once.
+
+    Capped so that each split keeps at least 4 tiles (256 columns) of work, and so that the fp32
+    reductions the splits add (N x M x 4 bytes each, in L2) stay under a quarter of the weight's
+    bytes (M x K x bytes_per_element)."""
+    want = -(-slots // max(blocks_mn, 1))
+    by_work = max(1, k_tiles // 4)
+    by_bytes = max(1, int(0.25 * in_features * bytes_per_element / (4 * max(n, 1))))
+    return max(1, min(want, by_work, by_bytes))
+
+
+def candidates(fmt: str, n: int, sparsity: float) -> list[LaunchConfig]:
+    """What `--tune` and FLASHLLM_RETUNE time: the default and its neighbours. split_k is left at
+    0 here; the tuner crosses each with splits around the automatic choice."""
+    base = default_config(fmt, n, sparsity)
+    out = [base]
+    if fmt == "bitmap":
+        for strips in (1, 2):
+            for stages in (3, 4):
+                cfg = replace(base, strips=strips, stages=stages)
+                if cfg not in out and (strips == 1 or cfg.nrows <= 64):
+                    out.append(cfg)
+    else:
+        for words in (1024, 2048, 3072, 4096, 6144):
+            for stages in (3, 4):
+                cfg = replace(base, stages=stages, words_per_stage=words)
+                if cfg not in out and cfg.smem_bytes(fmt) <= 200 * 1024:
+                    out.append(cfg)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The JSON form written by a tune run and read through FLASHLLM_KERNEL_CONFIGS
+# ---------------------------------------------------------------------------------------------
+def read_table(path: str) -> dict[tuple, LaunchConfig]:
+    with open(path, encoding="utf-8") as fh:
+        rows = json.load(fh)
+    table = {}
+    for row in rows:
+        key = (row["arch"], row["format"], row["shape_class"], int(row["n_bucket"]), str(row["band"]))
+        table[key] = LaunchConfig(**row["config"]).validate(row["format"])
+    return table
+
+
+def write_table(path: str, table: dict[tuple, LaunchConfig]) -> None:
+    rows = [
+        {"arch": k[0], "format": k[1], "shape_class": k[2], "n_bucket": k[3], "band": k[4], "config": asdict(v)}
+        for k, v in sorted(table.items())
+    ]
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(rows, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def remember(key: tuple, cfg: LaunchConfig) -> None:
+    """Add a tuned entry for this process and, when FLASHLLM_KERNEL_CONFIGS names a file, to it."""
+    table = _load_overlay()
+    table[key] = cfg
+    path = _overlay_path()
+    if path:
+        existing = read_table(path) if os.path.isfile(path) else {}
+        existing[key] = cfg
+        write_table(path, existing)
+
+
+def python_literal(table: dict[tuple, LaunchConfig]) -> str:
+    """Entries formatted for pasting into `TUNED`."""
+    lines = []
+    for key, cfg in sorted(table.items()):
+        fields = ", ".join(f"{k}={v}" for k, v in asdict(cfg).items())
+        lines.append(f"    {key!r}: LaunchConfig({fields}),")
+    return "\n".join(lines)
+
+
+def key_for(arch: str, fmt: str, out_features: int, in_features: int, n: int, sparsity: float) -> tuple:
+    return (arch, fmt, shape_class(out_features, in_features), n_bucket(n), sparsity_band(sparsity))
+
+
+def tuning_candidates(fmt: str, n: int, sparsity: float, k_tiles: int) -> list[LaunchConfig]:
+    """`candidates` crossed with explicit split-K choices (0 = the automatic one)."""
+    splits = [0] + [s for s in (1, 2, 4, 8, 16) if s <= k_tiles]
+    return [replace(c, split_k=s) for c in candidates(fmt, n, sparsity) for s in splits]
+
+
+def retune_requested() -> bool:
+    return os.environ.get("FLASHLLM_RETUNE") == "1"
+
+
+def shipped_variants() -> list[tuple[str, LaunchConfig]]:
+    """Every (format, config) the table or the default rule can launch, split_k aside (a run-time
+    argument): what scripts/compile_check.sh compiles."""
+    seen: list[tuple[str, LaunchConfig]] = []
+    defaults = [(fmt, default_config(fmt, n, s)) for fmt in ("bitmap", "tiled_csl")
+                for n in N_BUCKETS for s in (0.5, 0.7, 0.8, 0.9)]
+    for fmt, cfg in [(k[1], v) for k, v in TUNED.items()] + defaults:
+        item = (fmt, replace(cfg, split_k=0))
+        if item not in seen:
+            seen.append(item)
+    return seen
+
+
+if __name__ == "__main__":
+    # `python -m flashllm.kernels.configs`: one line per shipped variant, "<source> <-D flags>".
+    for fmt, cfg in shipped_variants():
+        source = "bitmap_spmm.cu" if fmt == "bitmap" else "tiled_csl_spmm.cu"
+        print(source, " ".join(f"-D{k}={v}" for k, v in sorted(cfg.defines(fmt).items())))

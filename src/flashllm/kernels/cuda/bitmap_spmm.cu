@@ -1,0 +1,249 @@
+// y = x @ W.T for W in the bitmap format (layout version 1, see formats/bitmap.py), SpInfer style.
+//
+// Design. A block of 4 warps owns STRIPS strips of 64 weight rows (one group-tile row each) and a
+// range of group tiles along K (split-K: blockIdx.y). The compressed bytes stream through a
+// STAGES-deep cp.async pipeline: per stage, each strip's 512 mask bytes and its tile's run of
+// values (16-byte aligned, exact length from `offsets`), plus the activations' 64-column slice. No
+// dense tile is ever built: each warp owns one 16-row mma row of every strip, and each lane builds
+// its tensor-core B fragments straight from the bitmap, where lane l holds elements 2l and 2l+1 of
+// every 8x8 block:
+//   rank  = (start of the block's half-word in the tile's run) + popc(word & bits below 2l)
+//   pair  = values[rank], values[rank + 1], selected by the lane's 2 mask bits with one PRMT
+// The per-block starts come from a per-warp prefix sum over the 32 mask words of its row (one
+// popcount and a 5-step shuffle scan per stage), stored in shared memory as {word, start} pairs so
+// a lane reads both with one 8-byte load. Per 8x8 block and lane that is ~11 instructions and 3
+// shared-memory wavefronts for 64 elements, independent of N; the activations' A fragments
+// (ldmatrix) are shared by every strip and both 8-row halves of the warp's rows, and every
+// decoded fragment feeds 2 * NT mma instructions.
+//
+// Extra compile-time parameter: FLASHLLM_STRIPS (1 or 2) strips of 64 rows per block.
+#include "common.cuh"
+
+#ifndef FLASHLLM_STRIPS
+#error "FLASHLLM_STRIPS must be defined (1 or 2)"
+#endif
+
+namespace flashllm {
+namespace bitmap {
+
+constexpr int STRIPS = FLASHLLM_STRIPS;
+static_assert(STRIPS == 1 || STRIPS == 2, "STRIPS");
+constexpr int GROUP = 64;                    // group tile: 64 x 64
+constexpr int MASK_BYTES = GROUP * GROUP / 8;  // 512
+constexpr int MAX_VALUE_CHUNKS = GROUP * GROUP / 8;  // 16-byte chunks of a full tile's run
+// A full tile's run plus slack: a lane reads values[rank + 1] with rank <= nnz <= 4096.
+constexpr int VAL_BYTES = (GROUP * GROUP + 8) * 2;
+constexpr int MASKS_OFF = 0;
+constexpr int VALS_OFF = STRIPS * MASK_BYTES;
+constexpr int X_OFF = VALS_OFF + STRIPS * VAL_BYTES;
+constexpr int STAGE_BYTES = X_OFF + X_STAGE_BYTES;
+constexpr int TABLE_OFF = STAGES * STAGE_BYTES;
+constexpr int SMEM_BYTES = TABLE_OFF + WARPS * STRIPS * 32 * 8;
+static_assert(VAL_BYTES % 16 == 0 && STAGE_BYTES % 16 == 0, "16-byte aligned stage buffers");
+#ifdef FLASHLLM_SMEM_BYTES  // the launcher's size (kernels/configs.py) must match this layout
+static_assert(SMEM_BYTES == FLASHLLM_SMEM_BYTES, "configs.LaunchConfig.smem_bytes disagrees with the kernel");
+#endif
+
+// The 4 PRMT selectors that place (values[rank], values[rank + 1]) by the lane's 2 mask bits,
+// 16 bits each, indexed by the bits: none -> 0; low only -> (v0, 0); high only -> (0, v0);
+// both -> (v0, v1). Byte 2 of a zero-extended 16-bit load is the zero byte.
+constexpr u32 SEL_LO = 0x22102222u;  // bits 0, 1
+constexpr u32 SEL_HI = 0x54101022u;  // bits 2, 3
+
+struct alignas(8) Entry {
+  u32 word;  // the mask half-word (rows 0-3 or 4-7 of the block) a lane of that half-warp decodes
+  u32 addr;  // byte offset in shared memory of the value of its first set bit
+};
+
+}  // namespace bitmap
+}  // namespace flashllm
+
+extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_spmm(
+    // pointers
+    const u16* __restrict__ x,               // (N, ldx) activations, row-major
+    const unsigned char* __restrict__ masks,  // tiles * 512 bytes
+    const u16* __restrict__ values,           // packed non-zeros
+    const int* __restrict__ offsets,          // tiles + 1 run starts, in values
+    const u16* __restrict__ bias,             // (M,) or null
+    u16* __restrict__ y,                      // (N, M) output when ws is null
+    float* __restrict__ ws,                   // (N, M) zeroed fp32 split-K workspace, or null
+    // sizes
+    int M, int N, int ldx, int kx,  // kx: valid activation columns, a multiple of 8
+    int KT, int MT,                 // group tiles along K and along M
+    int kt_per_split) {
+  using namespace flashllm;
+  using namespace flashllm::bitmap;
+  extern __shared__ __align__(16) unsigned char smem[];
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int strip0 = blockIdx.x * STRIPS;
+  const int kt0 = blockIdx.y * kt_per_split;
+  const int nk = min(KT - kt0, kt_per_split);
+  const int n0 = blockIdx.z * NROWS;
+  if (nk <= 0) return;  // block-uniform, before any barrier
+
+  if (tid == 0) {
+    u32 dyn;
+    asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(dyn));
+    if (dyn < static_cast<u32>(SMEM_BYTES)) __trap();  // launcher and kernel disagree on the layout
+  }
+
+  const u32 sbase = smem_u32(smem);
+  const u64 stream_policy = evict_first_policy();
+  bool valid[STRIPS];
+#pragma unroll
+  for (int s = 0; s < STRIPS; ++s) valid[s] = strip0 + s < MT;
+
+  // Run bounds of the next tile to issue, loaded one iteration before their use so the load's
+  // latency hides behind a stage of work instead of stalling the copy loop.
+  int nlo[STRIPS], nhi[STRIPS];
+  auto load_offsets = [&](int j, int (&lo)[STRIPS], int (&hi)[STRIPS]) {
+#pragma unroll
+    for (int s = 0; s < STRIPS; ++s) {
+      const int t = (strip0 + s) * KT + kt0 + j;
+      lo[s] = valid[s] ? offsets[t] : 0;
+      hi[s] = valid[s] ? offsets[t + 1] : 0;
+    }
+  };
+  auto issue = [&](int j, int st, const int (&lo)[STRIPS], const int (&hi)[STRIPS]) {
+    const u32 stage = sbase + st * STAGE_BYTES;
+#pragma unroll
+    for (int s = 0; s < STRIPS; ++s) {
+      if (!valid[s]) continue;
+      const int t = (strip0 + s) * KT + kt0 + j;
+      if (tid < MASK_BYTES / 16) {
+        cp_async16_stream(stage + MASKS_OFF + s * MASK_BYTES + tid * 16,
+                          masks + static_cast<size_t>(t) * MASK_BYTES + tid * 16, stream_policy);
+      }
+      // Clamped so that corrupt offsets cannot write past the stage buffer.
+      const int chunks = min(max((hi[s] - lo[s]) >> 3, 0), MAX_VALUE_CHUNKS);
+      const u16* src = values + lo[s];
+      const u32 dst = stage + VALS_OFF + s * VAL_BYTES;
+      for (int c = tid; c < chunks; c += THREADS) cp_async16_stream(dst + c * 16, src + c * 8, stream_policy);
+    }
+    stage_x(stage + X_OFF, x, ldx, n0, N, (kt0 + j) * GROUP, kx, tid);
+  };
+
+  // Prologue: STAGES - 1 stages in flight, their offsets loaded together first. One commit per
+  // stage, empty or not, keeps the wait_group arithmetic uniform.
+  {
+    int plo[STAGES][STRIPS] = {}, phi[STAGES][STRIPS] = {};
+#pragma unroll
+    for (int p = 0; p < STAGES; ++p) {
+      if (p < nk) load_offsets(p, plo[p], phi[p]);
+    }
+#pragma unroll
+    for (int p = 0; p < STAGES - 1; ++p) {
+      if (p < nk) issue(p, p, plo[p], phi[p]);
+      cp_async_commit();
+    }
+#pragma unroll
+    for (int s = 0; s < STRIPS; ++s) {
+      nlo[s] = plo[STAGES - 1][s];
+      nhi[s] = phi[STAGES - 1][s];
+    }
+  }
+
+  // Lane constants: which mask half-word it decodes, where its 2 bits sit, the bits below them.
+  const int half = lane >> 4;
+  const u32 sh = (2u * lane) & 31u;
+  const u32 below_mask = (1u << sh) - 1u;
+
+  float acc[STRIPS][2][NT][4];
+#pragma unroll
+  for (int s = 0; s < STRIPS; ++s)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[s][j][nt][e] = 0.f;
+
+  Entry* table = reinterpret_cast<Entry*>(smem + TABLE_OFF) + warp * STRIPS * 32;
+  int st = 0;                 // stage holding tile i
+  int st_issue = STAGES - 1;  // stage receiving tile i + STAGES - 1 (the one tile i - 1 freed)
+
+  for (int i = 0; i < nk; ++i) {
+    cp_async_wait<STAGES - 2>();
+    // Tile i has landed for every thread, and every warp is done with tile i - 1's stage.
+    __syncthreads();
+    const int j = i + STAGES - 1;
+    if (j < nk) {
+      issue(j, st_issue, nlo, nhi);
+      if (j + 1 < nk) load_offsets(j + 1, nlo, nhi);
+    }
+    cp_async_commit();
+
+    const unsigned char* stage = smem + st * STAGE_BYTES;
+    // Per-warp prefix sum: lane l takes word l of the warp's row (block l/2, half l%2); its
+    // exclusive scan plus the popcount of the rows above is where that half-block's values start.
+#pragma unroll
+    for (int s = 0; s < STRIPS; ++s) {
+      if (!valid[s]) continue;
+      const u32* words = reinterpret_cast<const u32*>(stage + MASKS_OFF + s * MASK_BYTES);
+      const u32 word = words[warp * 32 + lane];
+      const u32 count = __popc(word);
+      u32 above = 0;
+#pragma unroll
+      for (int r = 0; r < WARPS - 1; ++r) {
+        if (r < warp) above += __popc(words[r * 32 + lane]);
+      }
+      const u32 row_base = __reduce_add_sync(FULL, above);
+      u32 inclusive = count;
+#pragma unroll
+      for (int d = 1; d < 32; d <<= 1) {
+        const u32 v = __shfl_up_sync(FULL, inclusive, d);
+        if (lane >= d) inclusive += v;
+      }
+      const u32 run = st * STAGE_BYTES + VALS_OFF + s * VAL_BYTES;
+      table[s * 32 + lane] = Entry{word, run + 2u * (row_base + inclusive - count)};
+    }
+    __syncwarp();
+
+    const u32 xs = sbase + st * STAGE_BYTES + X_OFF;
+#pragma unroll
+    for (int kc = 0; kc < 4; ++kc) {
+      u32 a[NT][4];
+      load_a_frags(xs, kc, lane, a);
+#pragma unroll
+      for (int s = 0; s < STRIPS; ++s) {
+        if (!valid[s]) continue;
+        // B fragments of the two 8-row halves j of this 16 x 16 piece: b0 from block (cols 0-7,
+        // rows 8j..), b1 from block (cols 8-15, rows 8j..); local block index kc*4 + bc*2 + j.
+        u32 b[2][2];
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj) {
+#pragma unroll
+          for (int bc = 0; bc < 2; ++bc) {
+            const Entry e = table[s * 32 + 2 * (kc * 4 + bc * 2 + jj) + half];
+            const u16* v = reinterpret_cast<const u16*>(smem + e.addr + 2u * __popc(e.word & below_mask));
+            const u32 v0 = v[0];
+            const u32 v1 = v[1];
+            const u32 sel = prmt(SEL_LO, SEL_HI, ((e.word >> sh) & 3u) * 0x22u + 0x10u);
+            b[jj][bc] = prmt(v0, v1, sel);
+          }
+        }
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) mma16816(acc[s][jj][nt], a[nt], b[jj][0], b[jj][1]);
+      }
+    }
+    st = st + 1 == STAGES ? 0 : st + 1;
+    st_issue = st_issue + 1 == STAGES ? 0 : st_issue + 1;
+  }
+  cp_async_wait<0>();  // nothing may be left writing shared memory when the block exits
+
+#pragma unroll
+  for (int s = 0; s < STRIPS; ++s) {
+    if (!valid[s]) continue;
+#pragma unroll
+    for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+        store_acc(acc[s][jj][nt], (strip0 + s) * GROUP + warp * 16 + jj * 8, n0 + nt * 16, lane, M,
+                  N, bias, y, ws);
+  }
+}

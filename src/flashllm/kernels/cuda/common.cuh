@@ -1,0 +1,250 @@
+// Shared device code of the flashllm kernels.
+//
+// Self-contained on purpose: no CUDA header is included (fp16/bf16 values travel as raw 16-bit
+// words and every conversion is one PTX instruction), so NVRTC compiles these files with no include
+// path and a user needs neither the CUDA toolkit nor CuPy, only the NVRTC library that PyTorch's
+// CUDA wheels already ship. nvcc compiles them unchanged (scripts/compile_check.sh).
+//
+// Compile-time parameters (NVRTC -D options, chosen by kernels/configs.py):
+//   FLASHLLM_DTYPE  1 = float16, 2 = bfloat16 (weights, activations and output share it)
+//   FLASHLLM_NROWS  activation rows per block: 8, 16, 32, 64 or 128 (N is padded up to it)
+//   FLASHLLM_STAGES cp.async pipeline depth
+// plus kernel-specific ones documented in each .cu file.
+//
+// Conventions shared by both kernels. The product is y = x @ W.T with x (N x K) and W (M x K).
+// The tensor-core instruction is mma.m16n8k16 with the *activations as the A operand* (16 rows of
+// x) and the *weight as the B operand* (8 rows of W, i.e. B[k][n'] = W[m0 + n'][k]); then the
+// accumulator element (row, col) is y[n][m] with consecutive m in consecutive registers, so the
+// output is written as aligned pairs along M (coalesced) instead of scattered single elements.
+// A B fragment of W holds, in lane l, row l/4 and columns 2(l%4), 2(l%4)+1 of an 8x8 block: the
+// elements 2l and 2l+1 of the block in row-major order (what the bitmap layout is built around).
+#pragma once
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned long long u64;
+
+#ifndef FLASHLLM_DTYPE
+#error "FLASHLLM_DTYPE must be defined (1 = float16, 2 = bfloat16)"
+#endif
+#ifndef FLASHLLM_NROWS
+#error "FLASHLLM_NROWS must be defined (8, 16, 32, 64 or 128)"
+#endif
+#ifndef FLASHLLM_STAGES
+#error "FLASHLLM_STAGES must be defined"
+#endif
+
+namespace flashllm {
+
+constexpr int THREADS = 128;  // 4 warps: every block of both kernels
+constexpr int WARPS = THREADS / 32;
+constexpr u32 FULL = 0xffffffffu;
+
+constexpr int NROWS = FLASHLLM_NROWS;
+constexpr int STAGES = FLASHLLM_STAGES;
+static_assert(NROWS == 8 || NROWS == 16 || NROWS == 32 || NROWS == 64 || NROWS == 128, "NROWS");
+static_assert(STAGES >= 2 && STAGES <= 6, "STAGES");
+// n16 tiles of activations per block; NROWS == 8 uses only the upper half of one A fragment.
+constexpr int NT = NROWS >= 16 ? NROWS / 16 : 1;
+constexpr bool HALF_A = NROWS == 8;
+
+// Staged activations: NROWS rows of 64 k-values. A row is 144 bytes (64 + 8 halves), an odd
+// multiple of 16 bytes, so the 8 row addresses of one ldmatrix phase fall in 8 different 16-byte
+// bank groups (conflict-free) while every row stays 16-byte aligned for cp.async.
+constexpr int XS_STRIDE = 72;  // halves
+constexpr int X_STAGE_BYTES = NROWS * XS_STRIDE * 2;
+
+// ---------------------------------------------------------------------------------------------
+// PTX wrappers
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+  return static_cast<u32>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte asynchronous copy global -> shared; src_bytes < 16 zero-fills the rest (0 = all zeros,
+// nothing read). .cg: bypass L1, the streamed weight is read exactly once.
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, u32 src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
+               : "memory");
+}
+// The same for the compressed weight, which every block streams exactly once: an L2 evict-first
+// policy keeps it from displacing the activations, which every strip of the layer re-reads.
+__device__ __forceinline__ u64 evict_first_policy() {
+  u64 policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+__device__ __forceinline__ void cp_async16_stream(u32 dst, const void* src, u64 policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "l"(policy)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr)
+               : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x2(u32 addr, u32& r0, u32& r1) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r0), "=r"(r1)
+               : "r"(addr)
+               : "memory");
+}
+
+// PRMT in its default mode. CUDA's __byte_perm masks every selector nibble to 3 bits first (one
+// extra LOP3 per call); the selectors here never set a nibble's mode bit.
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+  u32 r;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+  return r;
+}
+
+// d += A * B, fp32 accumulation; a: 4 registers of A (16 x 16), b: 2 registers of B (16 x 8).
+__device__ __forceinline__ void mma16816(float* d, const u32* a, u32 b0, u32 b1) {
+#if FLASHLLM_DTYPE == 1
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+__device__ __forceinline__ float to_float(u16 h) {
+#if FLASHLLM_DTYPE == 1
+  float f;
+  asm("cvt.f32.f16 %0, %1;\n" : "=f"(f) : "h"(h));
+  return f;
+#else
+  return __uint_as_float(static_cast<u32>(h) << 16);
+#endif
+}
+
+__device__ __forceinline__ u16 from_float(float f) {
+  u16 h;
+#if FLASHLLM_DTYPE == 1
+  asm("cvt.rn.f16.f32 %0, %1;\n" : "=h"(h) : "f"(f));
+#else
+  asm("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(h) : "f"(f));
+#endif
+  return h;
+}
+
+// (lo, hi) -> one 32-bit word holding two rounded 16-bit values, lo in the low half.
+__device__ __forceinline__ u32 pack_float2(float lo, float hi) {
+  u32 r;
+#if FLASHLLM_DTYPE == 1
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+#else
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
+  return r;
+}
+
+__device__ __forceinline__ void red_add_f32x2(float* p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
+#else
+  atomicAdd(p, a);
+  atomicAdd(p + 1, b);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activations: staging and A fragments
+// ---------------------------------------------------------------------------------------------
+// Stage x[n0 : n0 + NROWS, k0 : k0 + 64] into xs (row stride XS_STRIDE halves). Rows at or past N
+// and columns at or past kx are zero-filled by the copy itself (no global read), so padding rows
+// and the K tail multiply as exact zeros. Needs ldx % 8 == 0, kx % 8 == 0 and a 16-byte aligned x.
+__device__ __forceinline__ void stage_x(u32 xs, const u16* __restrict__ x, int ldx, int n0, int N,
+                                        int k0, int kx, int tid) {
+#pragma unroll
+  for (int c = tid; c < NROWS * 8; c += THREADS) {
+    const int r = c >> 3;
+    const int ch = c & 7;
+    const int n = n0 + r;
+    const int k = k0 + ch * 8;
+    const bool ok = n < N && k < kx;
+    const u16* src = ok ? x + static_cast<size_t>(n) * ldx + k : x;
+    cp_async16(xs + static_cast<u32>(r * XS_STRIDE + ch * 8) * 2u, src, ok ? 16u : 0u);
+  }
+}
+
+// A fragments (16 activation rows x 16 k) of k16 step kc for every n16 tile, from staged x.
+// ldmatrix.x4: lanes 0-7 address rows 0-7/k 0-7 (a0), 8-15 rows 8-15/k 0-7 (a1), 16-23 rows
+// 0-7/k 8-15 (a2), 24-31 rows 8-15/k 8-15 (a3). With NROWS == 8 rows 8-15 do not exist: x2 loads
+// a0 and a2 and a1 = a3 = 0.
+__device__ __forceinline__ void load_a_frags(u32 xs, int kc, int lane, u32 (&a)[NT][4]) {
+  if constexpr (HALF_A) {
+    const int r = lane & 7;
+    const int k = kc * 16 + ((lane >> 3) & 1) * 8;
+    ldmatrix_x2(xs + static_cast<u32>(r * XS_STRIDE + k) * 2u, a[0][0], a[0][2]);
+    a[0][1] = 0u;
+    a[0][3] = 0u;
+  } else {
+    const int q = lane >> 3;
+    const int r = (q & 1) * 8 + (lane & 7);
+    const int k = kc * 16 + (q >> 1) * 8;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      ldmatrix_x4(xs + static_cast<u32>((nt * 16 + r) * XS_STRIDE + k) * 2u, a[nt][0], a[nt][1],
+                  a[nt][2], a[nt][3]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Epilogue
+// ---------------------------------------------------------------------------------------------
+// One accumulator of an (n16, m8) tile: acc[0], acc[1] are y[n][m], y[n][m + 1]; acc[2], acc[3]
+// the same for n + 8; m = m8 + 2 * (lane % 4), n = n16 + lane / 4. Without split-K (ws == null)
+// the result is rounded once, bias included, into y; with split-K it is added into the fp32
+// workspace and flashllm_splitk_finalize rounds it.
+__device__ __forceinline__ void store_acc(const float* acc, int m8, int n16, int lane, int M, int N,
+                                          const u16* __restrict__ bias, u16* __restrict__ y,
+                                          float* __restrict__ ws) {
+  const int m = m8 + 2 * (lane & 3);
+  if (m >= M) return;
+  const bool pair = m + 1 < M;
+  float b0 = 0.f, b1 = 0.f;
+  if (ws == nullptr && bias != nullptr) {
+    b0 = to_float(bias[m]);
+    if (pair) b1 = to_float(bias[m + 1]);
+  }
+  // With NROWS == 8 the rows n16 + 8.. belong to the next block along N (their A rows were 0).
+#pragma unroll
+  for (int h = 0; h < (HALF_A ? 1 : 2); ++h) {
+    const int n = n16 + (lane >> 2) + 8 * h;
+    if (n >= N) continue;
+    const size_t i = static_cast<size_t>(n) * M + m;
+    const float v0 = acc[2 * h], v1 = acc[2 * h + 1];
+    if (ws == nullptr) {
+      if (pair && (M & 1) == 0) {
+        *reinterpret_cast<u32*>(y + i) = pack_float2(v0 + b0, v1 + b1);
+      } else {
+        y[i] = from_float(v0 + b0);
+        if (pair) y[i + 1] = from_float(v1 + b1);
+      }
+    } else {
+      if (pair && (M & 1) == 0) {
+        red_add_f32x2(ws + i, v0, v1);
+      } else {
+        atomicAdd(ws + i, v0);
+        if (pair) atomicAdd(ws + i + 1, v1);
+      }
+    }
+  }
+}
+
+}  // namespace flashllm

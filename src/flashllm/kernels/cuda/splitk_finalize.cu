@@ -1,0 +1,27 @@
+// Split-K epilogue: y = round(ws + bias) for the fp32 workspace the split blocks added into.
+// A separate launch (instead of a last-block fixup inside the main kernels) keeps the main kernels
+// free of inter-block synchronization; its cost is one read of N x M floats and one write of the
+// output, small next to the weight for the decode batch sizes split-K is chosen for.
+// The tile parameters of common.cuh do not apply here; fixed values keep it compiling.
+#ifndef FLASHLLM_NROWS
+#define FLASHLLM_NROWS 16
+#endif
+#ifndef FLASHLLM_STAGES
+#define FLASHLLM_STAGES 2
+#endif
+#include "common.cuh"
+
+extern "C" __global__ void __launch_bounds__(256) flashllm_splitk_finalize(
+    const float* __restrict__ ws,  // (N, M)
+    const u16* __restrict__ bias,  // (M,) or null
+    u16* __restrict__ y,           // (N, M)
+    int M, long long total) {
+  using namespace flashllm;
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += stride) {
+    float v = ws[i];
+    if (bias != nullptr) v += to_float(bias[i % M]);
+    y[i] = from_float(v);
+  }
+}

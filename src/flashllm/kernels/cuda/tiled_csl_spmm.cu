@@ -1,0 +1,235 @@
+// y = x @ W.T for W in the Tiled-CSL format (layout version 1, see formats/tiled_csl.py), the
+// Flash-LLM design without its density cap.
+//
+// Design. A block of 4 warps owns one strip of 128 weight rows and a range of 128 x 64 tiles along
+// K (split-K: blockIdx.y). Each tile's words (value | location << 16) stream into shared memory
+// with cp.async, STAGES deep, CAPW words per stage; a tile with more words than CAPW (denser than
+// CAPW / 8192) loads the rest synchronously in CAPW pieces, so every density from 0 to 100% is
+// exact. The block scatters tile i + 1's words into a zeroed 128 x 64 shared-memory tile while the
+// warps run the tensor cores on tile i from the other one (double buffer, one barrier per tile):
+// the work per tile is one 2-byte store per non-zero, not per element. Each warp then reads its 32
+// rows with ldmatrix and zeroes them again right after, so no block-wide clearing pass is needed.
+// The tile is XOR-swizzled by 16-byte chunk (chunk ^= row % 8) so ldmatrix is conflict-free; the
+// sentinel location 8192 maps to itself, a spare slot past the tile that is never read.
+//
+// Extra compile-time parameter: FLASHLLM_CAPW, words per stage buffer (a multiple of 4).
+#include "common.cuh"
+
+#ifndef FLASHLLM_CAPW
+#error "FLASHLLM_CAPW must be defined (words per stage, a multiple of 4)"
+#endif
+
+namespace flashllm {
+namespace csl {
+
+constexpr int TILE_M = 128;
+constexpr int TILE_K = 64;
+constexpr int TILE_ELEMS = TILE_M * TILE_K;
+constexpr u32 SENTINEL = TILE_ELEMS;
+constexpr int CAPW = FLASHLLM_CAPW;
+static_assert(CAPW % 4 == 0 && CAPW >= 256 && CAPW <= TILE_ELEMS, "CAPW");
+static_assert(STAGES >= 3, "the scatter-ahead pipeline needs 3 stages or more");
+constexpr int DENSE_BYTES = (TILE_ELEMS + 8) * 2;  // the tile plus the sentinel's slot
+constexpr int STAGE0_OFF = 2 * DENSE_BYTES;
+constexpr int WORDS_BYTES = CAPW * 4;
+constexpr int STAGE_BYTES = WORDS_BYTES + X_STAGE_BYTES;
+constexpr int INFO_OFF = STAGE0_OFF + STAGES * STAGE_BYTES;
+constexpr int SMEM_BYTES = INFO_OFF + STAGES * 8;
+static_assert(DENSE_BYTES % 16 == 0 && STAGE_BYTES % 16 == 0, "16-byte aligned buffers");
+#ifdef FLASHLLM_SMEM_BYTES  // the launcher's size (kernels/configs.py) must match this layout
+static_assert(SMEM_BYTES == FLASHLLM_SMEM_BYTES, "configs.LaunchConfig.smem_bytes disagrees with the kernel");
+#endif
+
+struct alignas(16) U4 {
+  u32 x, y, z, w;
+};
+struct alignas(8) RunInfo {
+  int start;  // first word of the tile
+  int count;  // words of the tile, padding included
+};
+
+// Shared-memory half index of a location r * 64 + c: 16-byte chunk c / 8 XOR r % 8. Clamped so
+// that corrupt data lands in the spare slot instead of outside the buffer.
+__device__ __forceinline__ u32 swizzle(u32 loc) {
+  loc = min(loc, SENTINEL);
+  return loc ^ ((loc >> 3) & 0x38u);
+}
+
+__device__ __forceinline__ void scatter_words(const unsigned char* words, int n, u16* dense, int tid) {
+  const U4* w4 = reinterpret_cast<const U4*>(words);
+  for (int q = tid; q < (n >> 2); q += THREADS) {
+    const U4 v = w4[q];
+    dense[swizzle(v.x >> 16)] = static_cast<u16>(v.x);
+    dense[swizzle(v.y >> 16)] = static_cast<u16>(v.y);
+    dense[swizzle(v.z >> 16)] = static_cast<u16>(v.z);
+    dense[swizzle(v.w >> 16)] = static_cast<u16>(v.w);
+  }
+}
+
+}  // namespace csl
+}  // namespace flashllm
+
+extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_tiled_csl_spmm(
+    // pointers
+    const u16* __restrict__ x,       // (N, ldx) activations, row-major
+    const u32* __restrict__ words,   // packed value | location << 16
+    const int* __restrict__ offsets,  // tiles + 1 run starts, in words
+    const u16* __restrict__ bias,    // (M,) or null
+    u16* __restrict__ y,             // (N, M) output when ws is null
+    float* __restrict__ ws,          // (N, M) zeroed fp32 split-K workspace, or null
+    // sizes
+    int M, int N, int ldx, int kx,  // kx: valid activation columns, a multiple of 8
+    int KT, int MT,                 // tiles along K and along M
+    int kt_per_split) {
+  using namespace flashllm;
+  using namespace flashllm::csl;
+  extern __shared__ __align__(16) unsigned char smem[];
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int strip = blockIdx.x;
+  const int kt0 = blockIdx.y * kt_per_split;
+  const int nk = min(KT - kt0, kt_per_split);
+  const int n0 = blockIdx.z * NROWS;
+  if (nk <= 0 || strip >= MT) return;  // block-uniform, before any barrier
+
+  if (tid == 0) {
+    u32 dyn;
+    asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(dyn));
+    if (dyn < static_cast<u32>(SMEM_BYTES)) __trap();  // launcher and kernel disagree on the layout
+  }
+
+  const u32 sbase = smem_u32(smem);
+  const u64 stream_policy = evict_first_policy();
+  RunInfo* info = reinterpret_cast<RunInfo*>(smem + INFO_OFF);
+  auto stage_words = [&](int st) { return smem + STAGE0_OFF + st * STAGE_BYTES; };
+  auto dense = [&](int b) { return reinterpret_cast<u16*>(smem + b * DENSE_BYTES); };
+
+  // Both dense tiles start zeroed; afterwards each warp re-zeroes the rows it consumed.
+  for (int c = tid; c < 2 * DENSE_BYTES / 16; c += THREADS) {
+    reinterpret_cast<U4*>(smem)[c] = U4{0u, 0u, 0u, 0u};
+  }
+
+  auto load_offsets = [&](int j, int& lo, int& hi) {
+    const int t = strip * KT + kt0 + j;
+    lo = offsets[t];
+    hi = offsets[t + 1];
+  };
+  auto issue = [&](int j, int st, int lo, int hi) {
+    const int count = min(max(hi - lo, 0), TILE_ELEMS);
+    const int first = min(count, CAPW);
+    const u32 dst = smem_u32(stage_words(st));
+    for (int c = tid; c < (first >> 2); c += THREADS) {
+      cp_async16_stream(dst + c * 16, words + lo + c * 4, stream_policy);
+    }
+    stage_x(dst + WORDS_BYTES, x, ldx, n0, N, (kt0 + j) * TILE_K, kx, tid);
+    if (tid == 0) info[st] = RunInfo{lo, count};  // read after at least one barrier
+  };
+  // Scatter the tile held by stage st into a dense buffer; a tile over CAPW words reloads the
+  // stage's word buffer in pieces (block-uniform branch: every thread sees the same count).
+  auto scatter = [&](int st, u16* d) {
+    const RunInfo run = info[st];
+    unsigned char* buf = stage_words(st);
+    const int first = min(run.count, CAPW);
+    scatter_words(buf, first, d, tid);
+    for (int done = first; done < run.count; done += CAPW) {
+      __syncthreads();  // everyone is done reading the previous piece
+      const int piece = min(CAPW, run.count - done);
+      const u32 dst = smem_u32(buf);
+      for (int c = tid; c < (piece >> 2); c += THREADS) {
+        cp_async16_stream(dst + c * 16, words + run.start + done + c * 4, stream_policy);
+      }
+      cp_async_commit();
+      cp_async_wait<0>();
+      __syncthreads();
+      scatter_words(buf, piece, d, tid);
+    }
+  };
+
+  int nlo = 0, nhi = 0;  // run of the next tile to issue
+  {
+    int plo[STAGES] = {}, phi[STAGES] = {};
+#pragma unroll
+    for (int p = 0; p < STAGES; ++p) {
+      if (p < nk) load_offsets(p, plo[p], phi[p]);
+    }
+#pragma unroll
+    for (int p = 0; p < STAGES - 1; ++p) {
+      if (p < nk) issue(p, p, plo[p], phi[p]);
+      cp_async_commit();
+    }
+    nlo = plo[STAGES - 1];
+    nhi = phi[STAGES - 1];
+  }
+  cp_async_wait<STAGES - 2>();
+  __syncthreads();  // tile 0 landed, both dense tiles zeroed, info[0] visible
+  scatter(0, dense(0));
+
+  float acc[4][NT][4];
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+
+  int st = 0;                 // stage of tile i (its activations)
+  int st_next = 1;            // stage of tile i + 1 (its words)
+  int st_issue = STAGES - 1;  // stage receiving tile i + STAGES - 1 (the one tile i - 1 freed)
+  for (int i = 0; i < nk; ++i) {
+    // Tile i + 1 has landed; tile i is scattered; tile i - 1's stage and dense rows are free.
+    cp_async_wait<STAGES - 3>();
+    __syncthreads();
+    const int j = i + STAGES - 1;
+    if (j < nk) {
+      issue(j, st_issue, nlo, nhi);
+      if (j + 1 < nk) load_offsets(j + 1, nlo, nhi);
+    }
+    cp_async_commit();
+
+    // Tensor cores on tile i: warp w owns rows 32w..32w+31 as two 16-row halves; one ldmatrix.x4
+    // gives the B fragments (k 0-7 and 8-15) of both 8-row groups of a half.
+    const u32 d_addr = sbase + (i & 1) * DENSE_BYTES;
+    const u32 xs = sbase + STAGE0_OFF + st * STAGE_BYTES + WORDS_BYTES;
+#pragma unroll
+    for (int kc = 0; kc < 4; ++kc) {
+      u32 a[NT][4];
+      load_a_frags(xs, kc, lane, a);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int q = lane >> 3;
+        const int row = warp * 32 + h * 16 + (q >> 1) * 8 + (lane & 7);
+        const int chunk = kc * 2 + (q & 1);
+        u32 b00, b01, b10, b11;
+        ldmatrix_x4(d_addr + static_cast<u32>(row * TILE_K + ((chunk ^ (lane & 7)) << 3)) * 2u, b00,
+                    b01, b10, b11);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          mma16816(acc[2 * h][nt], a[nt], b00, b01);
+          mma16816(acc[2 * h + 1][nt], a[nt], b10, b11);
+        }
+      }
+    }
+    __syncwarp();
+    {
+      U4* rows = reinterpret_cast<U4*>(smem + (i & 1) * DENSE_BYTES + warp * 32 * TILE_K * 2);
+#pragma unroll
+      for (int c = lane; c < 32 * TILE_K * 2 / 16; c += 32) rows[c] = U4{0u, 0u, 0u, 0u};
+    }
+
+    if (i + 1 < nk) scatter(st_next, dense((i + 1) & 1));
+
+    st = st_next;
+    st_next = st_next + 1 == STAGES ? 0 : st_next + 1;
+    st_issue = st_issue + 1 == STAGES ? 0 : st_issue + 1;
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+      store_acc(acc[mt][nt], strip * TILE_M + warp * 32 + mt * 8, n0 + nt * 16, lane, M, N, bias, y,
+                ws);
+}

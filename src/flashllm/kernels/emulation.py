@@ -1,0 +1,446 @@
+"""Pure-PyTorch emulation of the CUDA kernels, lane by lane, register by register.
+
+The CUDA kernels cannot run in CI (no GPU), but every decision that could make them silently wrong
+is index arithmetic: which bits a lane reads, where its values come from in shared memory, which
+bytes a PRMT selects, which rows ldmatrix returns to which lane, where an accumulator lands in y.
+This module repeats that arithmetic exactly as ``cuda/*.cu`` write it, on CPU tensors, so the tests
+can compare the result with `to_dense` bit for bit and with a float64 product:
+
+* `bitmap_b_fragments`: the per-warp table (popcounts, 32-lane scan, row base), each lane's rank,
+  the two 16-bit loads from the stage buffer *including the stale bytes that follow the run*, and
+  the PRMT selection, giving every B-fragment register of every tile.
+* `tiled_csl_b_fragments`: the scatter of every word, sentinels and the CAPW piece reloads
+  included, into the swizzled shared tile, and the ldmatrix.x4 reads of each warp.
+* `a_fragments`: the staged activations (zero fill past N and the valid columns) and the
+  ldmatrix addressing of `load_a_frags`.
+* `mma_m16n8k16`: the tensor-core instruction at register level, with the fragment layouts the PTX
+  ISA documents; `bitmap_kernel` / `tiled_csl_kernel` chain everything with the kernels' split-K
+  partition, blocks along N and the epilogue's (n, m) mapping.
+
+A register here is an int64 tensor holding the 32-bit pattern (low half = lower k index).
+When the .cu files change, this file must change with them: it is their executable specification.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..formats.bitmap import GROUP_K, GROUP_M, BitmapWeight
+from ..formats.tiled_csl import TILE_ELEMS, TILE_K, TILE_M, TiledCSLWeight
+
+LANES = 32
+WARPS = 4
+XS_STRIDE = 72  # halves per staged activation row (common.cuh)
+BITMAP_VALUE_SLOTS = 4096 + 8  # halves in a bitmap stage's value buffer (bitmap_spmm.cu)
+CSL_DENSE_SLOTS = TILE_ELEMS + 8  # halves in a Tiled-CSL dense tile buffer (tiled_csl_spmm.cu)
+SEL_LO, SEL_HI = 0x22102222, 0x54101022  # bitmap_spmm.cu
+_LANE = torch.arange(LANES)
+_G, _T = _LANE >> 2, _LANE & 3  # mma groupID and thread-in-group
+
+_POPC8 = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Instructions
+# ---------------------------------------------------------------------------------------------
+def popc(v: torch.Tensor) -> torch.Tensor:
+    """__popc of 32-bit patterns held in int64."""
+    v = v & 0xFFFFFFFF
+    return sum(_POPC8[(v >> s) & 0xFF] for s in (0, 8, 16, 24))
+
+
+def prmt(a: torch.Tensor | int, b: torch.Tensor | int, c: torch.Tensor | int) -> torch.Tensor:
+    """PTX ``prmt.b32`` in its default mode (selector nibble: byte index, bit 3 = sign replicate)."""
+    a, b, c = (torch.as_tensor(v, dtype=torch.int64) for v in (a, b, c))
+    src = (b << 32) | (a & 0xFFFFFFFF)
+    out = torch.zeros(torch.broadcast_shapes(a.shape, b.shape, c.shape), dtype=torch.int64)
+    for i in range(4):
+        nib = (c >> (4 * i)) & 0xF
+        byte = (src >> (8 * (nib & 7))) & 0xFF
+        byte = torch.where((nib & 8) != 0, torch.where((byte & 0x80) != 0, 0xFF, 0), byte)
+        out |= byte << (8 * i)
+    return out
+
+
+def halves_to_float(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """16-bit patterns (int64 in 0..65535) -> float64 values of `dtype`."""
+    return bits.to(torch.int32).to(torch.int16).view(dtype).to(torch.float64)
+
+
+def float_bits(t: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 tensor -> its 16-bit patterns as int64 in 0..65535."""
+    return t.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+def ldmatrix(buf: torch.Tensor, row_addr: torch.Tensor) -> torch.Tensor:
+    """``ldmatrix.m8n8.b16`` with as many matrices as `row_addr` has groups of 8 lanes.
+
+    buf: (..., slots) 16-bit patterns of a shared-memory buffer; row_addr: (..., 8 * matrices) half
+    index of each row, lane 8q + r addressing row r of matrix q. Returns (..., 32, matrices)
+    registers: lane l gets row l / 4, halves 2 (l % 4) and 2 (l % 4) + 1 of each matrix."""
+    mats = row_addr.shape[-1] // 8
+    q = torch.arange(mats)
+    src_lane = 8 * q[None, :] + _G[:, None]  # (32, mats)
+    start = row_addr[..., src_lane] + 2 * _T[:, None]  # (..., 32, mats)
+    flat = start.reshape(*start.shape[:-2], -1)
+    lo = torch.gather(buf, -1, flat)
+    hi = torch.gather(buf, -1, flat + 1)
+    return (lo | (hi << 16)).reshape(start.shape)
+
+
+# Fragment layouts of mma.m16n8k16 for 16-bit inputs (PTX ISA, "Matrix Fragments for mma.m16n8k16"):
+# A (16 x 16): a0 = (g, 2t..2t+1), a1 = (g + 8, 2t..), a2 = (g, 2t + 8..), a3 = (g + 8, 2t + 8..)
+# B (16 x 8):  b0 = (k = 2t..2t+1, n = g), b1 = (k = 2t + 8.., n = g)
+# C (16 x 8):  c0 = (g, 2t), c1 = (g, 2t + 1), c2 = (g + 8, 2t), c3 = (g + 8, 2t + 1)
+_A_ROW = torch.stack([_G, _G + 8, _G, _G + 8], 1)  # (32, 4)
+_A_COL = torch.stack([2 * _T, 2 * _T, 2 * _T + 8, 2 * _T + 8], 1)
+_B_K = torch.stack([2 * _T, 2 * _T + 8], 1)  # (32, 2)
+_C_ROW = torch.stack([_G, _G, _G + 8, _G + 8], 1)
+_C_COL = torch.stack([2 * _T, 2 * _T + 1, 2 * _T, 2 * _T + 1], 1)
+
+
+def a_matrix(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(..., 32, 4) A registers -> (..., 16, 16) float64 matrix."""
+    out = torch.zeros(*a.shape[:-2], 16, 16, dtype=torch.float64)
+    lo, hi = halves_to_float(a & 0xFFFF, dtype), halves_to_float((a >> 16) & 0xFFFF, dtype)
+    out[..., _A_ROW, _A_COL] = lo
+    out[..., _A_ROW, _A_COL + 1] = hi
+    return out
+
+
+def b_matrix(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(..., 32, 2) B registers -> (..., 16, 8) float64 matrix."""
+    out = torch.zeros(*b.shape[:-2], 16, 8, dtype=torch.float64)
+    lo, hi = halves_to_float(b & 0xFFFF, dtype), halves_to_float((b >> 16) & 0xFFFF, dtype)
+    g = _G[:, None].expand(LANES, 2)
+    out[..., _B_K, g] = lo
+    out[..., _B_K + 1, g] = hi
+    return out
+
+
+def c_registers(c: torch.Tensor) -> torch.Tensor:
+    """(..., 16, 8) accumulator matrix -> (..., 32, 4) per-lane registers."""
+    return c[..., _C_ROW, _C_COL]
+
+
+def mma_m16n8k16(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """D = A B for register fragments (float64 result; the hardware accumulates in fp32)."""
+    return c_registers(a_matrix(a, dtype) @ b_matrix(b, dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+# ---------------------------------------------------------------------------------------------
+def stage_x(x: torch.Tensor, nrows: int, n0: int, k0: int, kx: int, stale: int = 0x7E00) -> torch.Tensor:
+    """The staged activation tile of `stage_x` (common.cuh): (nrows, XS_STRIDE) 16-bit patterns,
+    zero past N and past the kx valid columns, the 8 pad halves of each row left stale."""
+    n = x.shape[0]
+    xs = torch.full((nrows, XS_STRIDE), stale, dtype=torch.int64)
+    xs[:, :64] = 0
+    rows = min(nrows, n - n0)
+    cols = min(64, kx - k0)
+    if rows > 0 and cols > 0:
+        xs[:rows, :cols] = float_bits(x[n0 : n0 + rows, k0 : k0 + cols])
+    return xs
+
+
+def a_fragments(xs: torch.Tensor, nrows: int) -> torch.Tensor:
+    """`load_a_frags` for the 4 k16 steps: (4, NT, 32, 4) registers from a staged tile."""
+    nt = max(1, nrows // 16)
+    lane = _LANE
+    out = torch.zeros(4, nt, LANES, 4, dtype=torch.int64)
+    flat = xs.reshape(-1)
+    for kc in range(4):
+        if nrows == 8:
+            # x2: lanes 0-7 rows 0-7 / k 0-7 (a0), lanes 8-15 rows 0-7 / k 8-15 (a2); a1 = a3 = 0.
+            r = lane & 7
+            k = kc * 16 + ((lane >> 3) & 1) * 8
+            regs = ldmatrix(flat, (r * XS_STRIDE + k)[:16])
+            out[kc, 0, :, 0] = regs[:, 0]
+            out[kc, 0, :, 2] = regs[:, 1]
+        else:
+            q = lane >> 3
+            r = (q & 1) * 8 + (lane & 7)
+            k = kc * 16 + (q >> 1) * 8
+            for t in range(nt):
+                out[kc, t] = ldmatrix(flat, (t * 16 + r) * XS_STRIDE + k)
+    return out
+
+
+def padded_activations(x2d: torch.Tensor, in_features: int) -> tuple[torch.Tensor, int]:
+    """What `launch.prepare_activations` hands the kernel: columns up to a multiple of 8, zeros
+    past `in_features`; returns (activations, kx)."""
+    k8 = -(-in_features // 8) * 8
+    if k8 == in_features:
+        return x2d, k8
+    padded = x2d.new_zeros((x2d.shape[0], k8))
+    padded[:, :in_features] = x2d
+    return padded, k8
+
+
+# ---------------------------------------------------------------------------------------------
+# Bitmap
+# ---------------------------------------------------------------------------------------------
+def _bitmap_stage_values(w: BitmapWeight, stale: Optional[int]) -> torch.Tensor:
+    """(tiles, BITMAP_VALUE_SLOTS) stage buffers: each tile's run, then stale bytes (`stale`, or a
+    random pattern per slot when None) standing for whatever an earlier stage left there."""
+    tiles = w.offsets.numel() - 1
+    if stale is None:
+        buf = torch.randint(0, 1 << 16, (tiles, BITMAP_VALUE_SLOTS), dtype=torch.int64)
+    else:
+        buf = torch.full((tiles, BITMAP_VALUE_SLOTS), stale, dtype=torch.int64)
+    off = w.offsets.to(torch.int64)
+    lengths = off.diff()
+    vals = float_bits(w.values)
+    if vals.numel():
+        tile_of = torch.repeat_interleave(torch.arange(tiles), lengths)
+        pos = torch.arange(vals.numel()) - torch.repeat_interleave(off[:-1], lengths)
+        buf[tile_of, pos] = vals
+    return buf
+
+
+def bitmap_table(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-warp {word, base} table of every tile: words (tiles, 128) -> (tiles, 4, 32) each.
+
+    Lane j of warp w holds word 32w + j (block 16w + j / 2, half j % 2); base = popcount of the rows
+    above (__reduce_add_sync) + exclusive scan of the row's word popcounts (__shfl_up_sync)."""
+    count = popc(words).reshape(-1, WARPS, LANES)
+    row_total = count.sum(-1)
+    row_base = torch.cumsum(row_total, 1) - row_total
+    inclusive = torch.cumsum(count, -1)
+    return words.reshape(-1, WARPS, LANES), row_base[..., None] + inclusive - count
+
+
+def bitmap_b_fragments(w: BitmapWeight, stale: Optional[int] = 0x7E00) -> torch.Tensor:
+    """Every B-fragment register the bitmap kernel's lanes build: (tiles, warp, kc, jj, bc, 32).
+
+    Register (w, kc, jj, bc) of lane l holds W[16w + 8jj + l / 4][16kc + 8bc + 2 (l % 4) + {0, 1}]
+    of its group tile (low half first), decoded the kernel's way."""
+    masks = w.masks.to(torch.int64).reshape(-1, 128, 4)
+    words = masks[..., 0] | (masks[..., 1] << 8) | (masks[..., 2] << 16) | (masks[..., 3] << 24)
+    entry_word, entry_base = bitmap_table(words)
+    buf = _bitmap_stage_values(w, stale)
+    tiles = words.shape[0]
+    half = _LANE >> 4
+    sh = (2 * _LANE) & 31
+    below = (1 << sh) - 1
+    out = torch.zeros(tiles, WARPS, 4, 2, 2, LANES, dtype=torch.int64)
+    for kc in range(4):
+        for jj in range(2):
+            for bc in range(2):
+                j = 2 * (kc * 4 + bc * 2 + jj) + half  # (32,) table entry per lane
+                word = entry_word[:, :, j]  # (tiles, 4, 32)
+                rank = entry_base[:, :, j] + popc(word & below)
+                v0 = torch.gather(buf, 1, rank.reshape(tiles, -1)).reshape(rank.shape)
+                v1 = torch.gather(buf, 1, (rank + 1).reshape(tiles, -1)).reshape(rank.shape)
+                sel = prmt(SEL_LO, SEL_HI, ((word >> sh) & 3) * 0x22 + 0x10)
+                out[:, :, kc, jj, bc] = prmt(v0, v1, sel)
+    return out
+
+
+def bitmap_decoded(w: BitmapWeight, stale: Optional[int] = 0x7E00) -> torch.Tensor:
+    """The dense weight as the bitmap kernel's registers hold it (same dtype; compare bitwise)."""
+    frags = bitmap_b_fragments(w, stale)
+    tm, tk = -(-w.shape[0] // GROUP_M), -(-w.shape[1] // GROUP_K)
+    tile = torch.zeros(tm * tk, GROUP_M, GROUP_K, dtype=torch.int64)
+    for wp in range(WARPS):
+        for kc in range(4):
+            for jj in range(2):
+                for bc in range(2):
+                    reg = frags[:, wp, kc, jj, bc]
+                    rows = 16 * wp + 8 * jj + _G
+                    cols = 16 * kc + 8 * bc + 2 * _T
+                    tile[:, rows, cols] = reg & 0xFFFF
+                    tile[:, rows, cols + 1] = (reg >> 16) & 0xFFFF
+    dense = tile.reshape(tm, tk, GROUP_M, GROUP_K).transpose(1, 2).reshape(tm * GROUP_M, tk * GROUP_K)
+    bits = dense[: w.shape[0], : w.shape[1]]
+    return bits.to(torch.int32).to(torch.int16).view(w.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiled-CSL
+# ---------------------------------------------------------------------------------------------
+def swizzle(loc: torch.Tensor) -> torch.Tensor:
+    """`csl::swizzle`: clamp to the sentinel slot, then 16-byte chunk ^= row % 8."""
+    loc = loc.clamp(max=TILE_ELEMS)
+    return loc ^ ((loc >> 3) & 0x38)
+
+
+def tiled_csl_shared_tiles(w: TiledCSLWeight, words_per_stage: int) -> torch.Tensor:
+    """(tiles, CSL_DENSE_SLOTS) shared dense tiles after the kernel's scatter: the first
+    `words_per_stage` words from the prefetched stage, the rest in reloaded pieces of that size."""
+    tiles = w.offsets.numel() - 1
+    out = torch.zeros(tiles, CSL_DENSE_SLOTS, dtype=torch.int64)
+    words = w.words.to(torch.int64) & 0xFFFFFFFF
+    off = w.offsets.to(torch.int64)
+    for t in range(tiles):
+        start, count = int(off[t]), min(max(int(off[t + 1] - off[t]), 0), TILE_ELEMS)
+        for done in range(0, count, words_per_stage):
+            piece = words[start + done : start + min(count, done + words_per_stage)]
+            out[t, swizzle(piece >> 16)] = piece & 0xFFFF
+    return out
+
+
+def tiled_csl_b_fragments(w: TiledCSLWeight, words_per_stage: int = 2048) -> torch.Tensor:
+    """Every B-fragment register the Tiled-CSL kernel's ldmatrix.x4 reads: (tiles, warp, kc, h, 4, 32)
+    with registers (b00, b01, b10, b11) = (rows 0-7 k 0-7, rows 0-7 k 8-15, rows 8-15 k 0-7,
+    rows 8-15 k 8-15) of rows 32 warp + 16 h.."""
+    shared = tiled_csl_shared_tiles(w, words_per_stage)
+    tiles = shared.shape[0]
+    out = torch.zeros(tiles, WARPS, 4, 2, 4, LANES, dtype=torch.int64)
+    q = _LANE >> 3
+    for wp in range(WARPS):
+        for kc in range(4):
+            for h in range(2):
+                row = wp * 32 + h * 16 + (q >> 1) * 8 + (_LANE & 7)
+                chunk = kc * 2 + (q & 1)
+                addr = row * TILE_K + ((chunk ^ (_LANE & 7)) << 3)
+                out[:, wp, kc, h] = ldmatrix(shared, addr.expand(tiles, LANES)).permute(0, 2, 1)
+    return out
+
+
+def tiled_csl_decoded(w: TiledCSLWeight, words_per_stage: int = 2048) -> torch.Tensor:
+    """The dense weight as the Tiled-CSL kernel's B registers hold it (compare bitwise)."""
+    frags = tiled_csl_b_fragments(w, words_per_stage)
+    tm, tk = -(-w.shape[0] // TILE_M), -(-w.shape[1] // TILE_K)
+    tile = torch.zeros(tm * tk, TILE_M, TILE_K, dtype=torch.int64)
+    for wp in range(WARPS):
+        for kc in range(4):
+            for h in range(2):
+                for r, (dr, dk) in enumerate(((0, 0), (0, 8), (8, 0), (8, 8))):
+                    reg = frags[:, wp, kc, h, r]
+                    rows = wp * 32 + h * 16 + dr + _G
+                    cols = kc * 16 + dk + 2 * _T
+                    tile[:, rows, cols] = reg & 0xFFFF
+                    tile[:, rows, cols + 1] = (reg >> 16) & 0xFFFF
+    dense = tile.reshape(tm, tk, TILE_M, TILE_K).transpose(1, 2).reshape(tm * TILE_M, tk * TILE_K)
+    return dense[: w.shape[0], : w.shape[1]].to(torch.int32).to(torch.int16).view(w.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole kernels: partition, tensor cores, epilogue
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    """The launch geometry the emulated kernel runs with (what launch.py would compute)."""
+
+    nrows: int
+    split_k: int = 1
+    strips: int = 1  # bitmap only
+    words_per_stage: int = 2048  # Tiled-CSL only
+
+
+def split_ranges(k_tiles: int, split_k: int) -> list[range]:
+    """The tiles of each block along K, as `launch.split_plan` and the kernels' kt0 / nk give them."""
+    split_k = max(1, min(split_k, k_tiles))
+    per = -(-k_tiles // split_k)
+    blocks = -(-k_tiles // per)
+    return [range(b * per, min(k_tiles, (b + 1) * per)) for b in range(blocks)]
+
+
+def store_acc_targets(m8: int, n16: int, out_features: int, n: int, nrows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`store_acc` (common.cuh): for accumulator registers (32, 4) of the (n16, m8) tile, the
+    (n, m) each one is written to and whether it is written at all."""
+    m = m8 + 2 * _T[:, None] + torch.tensor([0, 1, 0, 1])[None, :]
+    nn = n16 + _G[:, None] + torch.tensor([0, 0, 8, 8])[None, :]
+    h_ok = torch.tensor([True, True, nrows != 8, nrows != 8])[None, :]
+    ok = (m < out_features) & (nn < n) & h_ok
+    return nn, m, ok
+
+
+def _run_blocks(a_regs_for, b_regs_for, k_tiles: int, blocks_m: list[list[int]], m8_of, n_acc: int,
+                x: torch.Tensor, out_features: int, bias: Optional[torch.Tensor], plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared driver: every block (strip group, split, n chunk) accumulates its tiles with mma and
+    stores through the epilogue. Returns (y, write count per element).
+
+    Register fragments are turned into matrices once per (rows, tile) and the 4 k16 steps x NT
+    mma of a tile are one einsum: the same products as the per-instruction chain, accumulated in
+    fp32 per tile instead of per instruction (a rounding difference far below the tests' tolerance)."""
+    n = x.shape[0]
+    dtype = x.dtype
+    nt_count = max(1, plan.nrows // 16)
+    splits = split_ranges(k_tiles, plan.split_k)
+    ws = torch.zeros(n, out_features, dtype=torch.float32)
+    y = torch.zeros(n, out_features, dtype=dtype)
+    writes = torch.zeros(n, out_features, dtype=torch.int64)
+    bias_f = None if bias is None else bias.to(torch.float32)
+    a_cache: dict[tuple[int, int], torch.Tensor] = {}
+    b_cache: dict[tuple[int, int], torch.Tensor] = {}
+    for z in range(-(-n // plan.nrows)):
+        n0 = z * plan.nrows
+        for kts in splits:
+            for strips in blocks_m:
+                for strip in strips:
+                    acc = torch.zeros(n_acc, nt_count, LANES, 4, dtype=torch.float32)
+                    for kt in kts:
+                        if (n0, kt) not in a_cache:
+                            a_cache[(n0, kt)] = a_matrix(a_regs_for(n0, kt), dtype)  # (4, NT, 16, 16)
+                        if (strip, kt) not in b_cache:
+                            b_cache[(strip, kt)] = b_matrix(b_regs_for(strip, kt), dtype)  # (acc, 4, 16, 8)
+                        c = torch.einsum("knab,ikbc->inac", a_cache[(n0, kt)], b_cache[(strip, kt)])
+                        acc = (acc.to(torch.float64) + c_registers(c)).to(torch.float32)
+                    for i in range(n_acc):
+                        for nt in range(nt_count):
+                            nn, m, ok = store_acc_targets(m8_of(strip, i), n0 + nt * 16, out_features, n, plan.nrows)
+                            vals = acc[i, nt][ok]
+                            if len(splits) == 1:
+                                b = 0.0 if bias_f is None else bias_f[m[ok]]
+                                y[nn[ok], m[ok]] = (vals + b).to(dtype)
+                                writes[nn[ok], m[ok]] += 1
+                            else:
+                                ws.index_put_((nn[ok], m[ok]), vals, accumulate=True)
+                                writes[nn[ok], m[ok]] += 1
+    if len(splits) > 1:
+        # flashllm_splitk_finalize: round once, bias added in fp32; writes counts the red.adds.
+        y = (ws + (0.0 if bias_f is None else bias_f)).to(dtype)
+    return y, writes
+
+
+def bitmap_kernel(x: torch.Tensor, w: BitmapWeight, bias: Optional[torch.Tensor], plan: Plan,
+                  stale: Optional[int] = 0x7E00) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bitmap kernel's output (and per-element write counts) for x (N, K), emulated."""
+    out_features, in_features = w.shape
+    tm, tk = -(-out_features // GROUP_M), -(-in_features // GROUP_K)
+    frags = bitmap_b_fragments(w, stale).reshape(tm, tk, WARPS, 4, 2, 2, LANES)
+    xp, kx = padded_activations(x, in_features)
+    groups = [[s for s in range(g * plan.strips, (g + 1) * plan.strips) if s < tm]
+              for g in range(-(-tm // plan.strips))]
+
+    def a_regs(n0, kt):
+        return a_fragments(stage_x(xp, plan.nrows, n0, kt * GROUP_K, kx), plan.nrows)
+
+    def b_regs(strip, kt):
+        # accumulator i = (warp, jj): B registers (b0, b1) = blocks (bc 0, bc 1) of rows 8jj..
+        f = frags[strip, kt]  # (warp, kc, jj, bc, 32)
+        return f.permute(0, 2, 1, 4, 3).reshape(WARPS * 2, 4, LANES, 2)
+
+    def m8_of(strip, i):
+        return strip * GROUP_M + (i // 2) * 16 + (i % 2) * 8
+
+    return _run_blocks(a_regs, b_regs, tk, groups, m8_of, WARPS * 2, x, out_features, bias, plan)
+
+
+def tiled_csl_kernel(x: torch.Tensor, w: TiledCSLWeight, bias: Optional[torch.Tensor],
+                     plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Tiled-CSL kernel's output (and per-element write counts) for x (N, K), emulated."""
+    out_features, in_features = w.shape
+    tm, tk = -(-out_features // TILE_M), -(-in_features // TILE_K)
+    frags = tiled_csl_b_fragments(w, plan.words_per_stage).reshape(tm, tk, WARPS, 4, 2, 4, LANES)
+    xp, kx = padded_activations(x, in_features)
+
+    def a_regs(n0, kt):
+        return a_fragments(stage_x(xp, plan.nrows, n0, kt * TILE_K, kx), plan.nrows)
+
+    def b_regs(strip, kt):
+        # accumulator mt = 2h + j: (b0, b1) = registers (b00, b01) for j = 0, (b10, b11) for j = 1
+        f = frags[strip, kt]  # (warp, kc, h, 4, 32)
+        f = f.reshape(WARPS, 4, 2, 2, 2, LANES)  # (warp, kc, h, j, reg, 32)
+        return f.permute(0, 2, 3, 1, 5, 4).reshape(WARPS * 4, 4, LANES, 2)
+
+    def m8_of(strip, i):
+        return strip * TILE_M + (i // 4) * 32 + (i % 4) * 8
+
+    return _run_blocks(a_regs, b_regs, tk, [[s] for s in range(tm)], m8_of, WARPS * 4, x, out_features, bias, plan)

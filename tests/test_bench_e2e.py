@@ -1,0 +1,38 @@
+import csv
+
+import pytest
+import torch
+
+from flashllm.bench import e2e
+from flashllm.cli import main
+from flashllm.nn import SparseLinear
+
+
+def test_build_model_packs_every_linear_layer_at_the_sparsity():
+    config = e2e.make_config("tiny")
+    model = e2e.build_model(config, 0.7, "bitmap", torch.float32, torch.device("cpu"))
+    sparse = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    assert len(sparse) == 7 * config.num_hidden_layers
+    for module in sparse:
+        assert module.weight_format.sparsity == pytest.approx(0.7, abs=1e-3)
+    assert not any(p.is_meta for p in model.parameters())
+    dense = e2e.build_model(config, None, "bitmap", torch.float32, torch.device("cpu"))
+    assert not any(isinstance(m, SparseLinear) for m in dense.modules())
+    assert e2e.linear_weight_bytes(model) < 0.4 * e2e.linear_weight_bytes(dense)
+
+
+def test_tiny_e2e_run_writes_rows_and_plot(tmp_path, capsys):
+    csv_path, png = tmp_path / "e2e.csv", tmp_path / "e2e.png"
+    assert main(["bench", "e2e", "--tiny", "--batch", "1", "--sparsities", "0.5", "--new-tokens", "4",
+                 "--dtype", "float32", "--predict", "--csv", str(csv_path), "--plot", str(png)]) == 0
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["variant"] for r in rows] == ["dense", "flashllm"]
+    assert all(float(r["decode_tokens_per_s"]) > 0 for r in rows)
+    assert float(rows[1]["linear_weight_gib"]) < float(rows[0]["linear_weight_gib"])
+    assert png.stat().st_size > 1000
+    assert "| tiny | flashllm | 50% | 1 |" in capsys.readouterr().out
+
+
+def test_unknown_model_is_refused():
+    with pytest.raises(ValueError, match="unknown model"):
+        e2e.make_config("gpt-5")

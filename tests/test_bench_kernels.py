@@ -1,0 +1,80 @@
+"""`flashllm bench kernels` plumbing on the CPU: shapes, table, CSV, plot (the timings are the
+reference path's and mean nothing; the GPU run is scripts/device_check.sh)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+
+import pytest
+
+from flashllm.bench import kernels as bench
+
+
+def parse(*argv: str):
+    parser = bench.build_parser()
+    return parser.parse_args(list(argv))
+
+
+def test_issue_shapes_are_all_there():
+    want = {(21504, 7168), (7168, 7168), (28672, 7168), (7168, 28672), (27648, 9216), (9216, 9216),
+            (36864, 9216), (9216, 36864), (36864, 12288), (12288, 12288), (49152, 12288), (12288, 49152),
+            (4096, 4096), (11008, 4096), (4096, 11008), (10240, 8192), (57344, 8192), (8192, 28672)}
+    assert set(bench.ALL_SHAPES.values()) == want
+    assert bench.DEFAULT_N == (1, 8, 16, 32, 64, 128)
+
+
+def test_resolve_shapes():
+    assert bench.resolve_shapes(["opt-66b.qkv"]) == [("opt-66b.qkv", 27648, 9216)]
+    assert len(bench.resolve_shapes(["llama-2-7b"])) == 3
+    assert len(bench.resolve_shapes(["all"])) == len(bench.ALL_SHAPES)
+    assert bench.resolve_shapes(["100x200"]) == [("100x200", 100, 200)]
+    with pytest.raises(ValueError, match="unknown shape"):
+        bench.resolve_shapes(["gpt-5"])
+
+
+def test_quick_preset_is_small():
+    args = bench._finish_args(parse("--quick"))
+    points = len(args.shapes) * len(args.n) * len(args.sparsity) * len(args.formats)
+    assert points <= 100  # each a ~0.2 s do_bench: the preset must fit a few minutes of device time
+    assert set(args.n) >= {1, 16} and 0.5 in args.sparsity and 0.8 in args.sparsity
+
+
+def test_dry_run_writes_table_csv_and_plot(tmp_path, capsys):
+    assert bench.main(parse("--dry-run", "--rep", "2", "--out", str(tmp_path))) == 0
+    out = capsys.readouterr().out
+    assert "x cuBLAS" in out and "geomean speedup" in out
+    with open(tmp_path / "kernels.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and set(bench.CSV_FIELDS) == set(rows[0])
+    methods = {r["method"] for r in rows}
+    assert {"dense", "bitmap (reference)", "tiled_csl (reference)", "csr"} <= methods
+    for r in rows:
+        assert r["gpu"] == "cpu" and r["date"] and r["torch"]
+        assert float(r["time_us"]) > 0 and float(r["ideal"]) > 0
+        assert float(r["err"]) < 1e-3  # every product agrees with the dense one
+    bitmap = [r for r in rows if r["method"] == "bitmap (reference)"]
+    assert {float(r["sparsity"]) for r in bitmap} == {0.5, 0.9}
+    # the ideal is the byte ratio: more sparsity, more ideal speedup
+    by_s = {float(r["sparsity"]): float(r["ideal"]) for r in bitmap if r["shape"] == "tiny-a" and r["n"] == "1"}
+    assert by_s[0.9] > by_s[0.5] > 1
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "kernels_speedup.png").stat().st_size > 1000
+    # a second run appends without repeating the header
+    assert bench.main(parse("--dry-run", "--rep", "1", "--out", str(tmp_path), "--no-plot")) == 0
+    with open(tmp_path / "kernels.csv", newline="") as fh:
+        lines = fh.read().splitlines()
+    assert sum(line.startswith("gpu,") for line in lines) == 1 and len(lines) == 2 * len(rows) + 1
+
+
+def test_table_and_summary_format():
+    rows = [bench.Row("l", 64, 64, 8, 0.0, "cublas", 10.0, 1.0, 1.0, 1000, 0.25, 0.0, "graph"),
+            bench.Row("l", 64, 64, 8, 0.8, "bitmap", 5.0, 2.0, 3.8, 900, 0.2, 1e-4, "eager")]
+    table = bench.format_table(rows)
+    assert "bitmap" in table and "(eager)" in table and "2.00" in table
+    assert "bitmap           s=0.80 N=8     2.00x  (1 layers)" in bench.summary(rows)
+
+
+def test_tune_needs_a_gpu(capsys):
+    assert bench.main(parse("--tune", "--device", "cpu", "--shapes", "64x64")) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err

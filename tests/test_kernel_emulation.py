@@ -1,0 +1,396 @@
+"""CPU checks of the CUDA kernels' design, through their lane-level emulation (kernels/emulation.py).
+
+No GPU: what is checked is the index arithmetic the kernels are built from. Decoding each layout
+the kernels' way must give `to_dense` bit for bit (stale shared memory included), the activation
+fragments must be the PTX layout, every output element must be written exactly once, and the whole
+emulated kernel must match a float64 product. Also: launch configurations, registration switch,
+launcher input checks, and (where NVRTC or nvcc exists) that the kernel sources compile with the
+shared-memory sizes configs.py computes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flashllm.formats import BitmapWeight, TiledCSLWeight
+from flashllm.kernels import bitmap_cuda, configs, emulation as E, launch, tiled_csl_cuda
+from flashllm.kernels.configs import LaunchConfig
+
+DTYPES = (torch.float16, torch.bfloat16)
+SPARSITIES = (0.0, 0.5, 0.8, 0.95, 1.0)
+SHAPES = ((1, 1), (63, 65), (64, 64), (130, 70), (129, 200))
+
+
+def pruned(m: int, k: int, sparsity: float, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    w = torch.randn(m, k, generator=gen)
+    w[torch.rand(m, k, generator=gen) < sparsity] = 0
+    if sparsity >= 1:
+        w.zero_()
+    return w.to(dtype)
+
+
+@pytest.fixture
+def gen():
+    # Fresh inputs every run; failure messages print gen.initial_seed() to reproduce one.
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+
+
+# --- instruction semantics ------------------------------------------------------------------------
+def test_prmt_matches_ptx_examples():
+    a, b = 0x33221100, 0x77665544
+    assert int(E.prmt(a, b, 0x3210)) == 0x33221100
+    assert int(E.prmt(a, b, 0x7654)) == 0x77665544
+    assert int(E.prmt(a, b, 0x0123)) == 0x00112233
+    assert int(E.prmt(a, b, 0x4444)) == 0x44444444
+    # bit 3 of a nibble replicates the sign bit of the selected byte
+    assert int(E.prmt(0x000080FF, 0, 0x4489)) == 0x0000FFFF
+    assert int(E.prmt(0x0000807F, 0, 0x4448)) == 0x00000000
+
+
+def test_bitmap_selector_table_places_pairs():
+    # The 4 selectors of bitmap_spmm.cu, for every combination of a lane's 2 mask bits.
+    v0, v1 = 0xABCD, 0x1234  # zero-extended 16-bit loads
+    expected = {0: 0, 1: 0xABCD, 2: 0xABCD << 16, 3: 0xABCD | (0x1234 << 16)}
+    for bits, want in expected.items():
+        sel = E.prmt(E.SEL_LO, E.SEL_HI, bits * 0x22 + 0x10)
+        assert int(E.prmt(v0, v1, sel)) == want, bits
+        # no selector nibble uses the sign-replicate bit, so prmt needs no masking (see common.cuh)
+        assert all(((int(sel) >> (4 * i)) & 8) == 0 for i in range(4))
+
+
+def test_popc():
+    v = torch.tensor([0, 1, 0xFFFFFFFF, 0x80000000, 0x0F0F0F0F, 12345678])
+    assert E.popc(v).tolist() == [bin(int(x)).count("1") for x in v]
+
+
+def test_ldmatrix_rows_to_lanes():
+    buf = torch.arange(256, dtype=torch.int64)[None]  # value = half index
+    rows = torch.arange(8) * 16  # matrix rows at 0, 16, 32, ...
+    regs = E.ldmatrix(buf, rows[None].expand(1, 8))[0, :, 0]
+    for lane in range(32):
+        start = (lane // 4) * 16 + 2 * (lane % 4)
+        assert int(regs[lane]) == start | ((start + 1) << 16)
+
+
+def test_mma_fragments_compute_a_product(gen):
+    a = torch.randint(0, 1 << 16, (32, 4), generator=gen) & 0x3BFF3BFF  # finite fp16 patterns
+    b = torch.randint(0, 1 << 16, (32, 2), generator=gen) & 0x3BFF3BFF
+    a |= torch.randint(0, 1 << 16, (32, 4), generator=gen) << 16 & 0x3BFF0000
+    b |= torch.randint(0, 1 << 16, (32, 2), generator=gen) << 16 & 0x3BFF0000
+    am, bm = E.a_matrix(a, torch.float16), E.b_matrix(b, torch.float16)
+    c = E.mma_m16n8k16(a, b, torch.float16)
+    full = am @ bm
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        assert c[lane].tolist() == [full[g, 2 * t], full[g, 2 * t + 1], full[g + 8, 2 * t], full[g + 8, 2 * t + 1]]
+
+
+# --- decoding each layout the kernels' way is exact -------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bitmap_lanes_decode_exactly(dtype, sparsity, shape, gen):
+    w = BitmapWeight.from_dense(pruned(*shape, sparsity, dtype, gen))
+    # stale=None: whatever follows a tile's run in shared memory is random bits (NaN, inf, ...)
+    decoded = E.bitmap_decoded(w, stale=None)
+    assert torch.equal(decoded.view(torch.int16), w.to_dense().view(torch.int16)), f"seed {gen.initial_seed()}"
+
+
+def test_bitmap_table_is_a_prefix_count(gen):
+    w = BitmapWeight.from_dense(pruned(128, 128, 0.6, torch.float16, gen))
+    masks = w.masks.to(torch.int64).reshape(-1, 128, 4)
+    words = masks[..., 0] | masks[..., 1] << 8 | masks[..., 2] << 16 | masks[..., 3] << 24
+    entry_word, entry_base = E.bitmap_table(words)
+    counts = E.popc(words)
+    naive = torch.cumsum(counts, 1) - counts  # set bits in all earlier words of the tile
+    assert torch.equal(entry_base.reshape(-1, 128), naive)
+    assert torch.equal(entry_word.reshape(-1, 128), words)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("shape", ((1, 1), (127, 63), (129, 130), (300, 70)))
+@pytest.mark.parametrize("words_per_stage", (256, 2048, 8192))
+def test_tiled_csl_lanes_decode_exactly(dtype, sparsity, shape, words_per_stage, gen):
+    # 256 words per stage makes every tile denser than 3% take the piecewise reload path.
+    w = TiledCSLWeight.from_dense(pruned(*shape, sparsity, dtype, gen))
+    decoded = E.tiled_csl_decoded(w, words_per_stage)
+    assert torch.equal(decoded.view(torch.int16), w.to_dense().view(torch.int16)), f"seed {gen.initial_seed()}"
+
+
+def test_tiled_csl_swizzle_is_a_permutation_within_rows():
+    loc = torch.arange(8192)
+    addr = E.swizzle(loc)
+    assert torch.equal(addr.sort().values, loc)
+    assert torch.equal(addr // 64, loc // 64)  # stays in its row
+    assert int(E.swizzle(torch.tensor(8192))) == 8192  # sentinel -> spare slot
+    assert int(E.swizzle(torch.tensor(65535))) == 8192  # corrupt location clamped
+    # the 8 rows one ldmatrix phase reads hit 8 different 16-byte bank groups
+    for chunk in range(8):
+        starts = E.swizzle(torch.arange(8) * 64 + chunk * 8)
+        assert len({int(s) % 64 // 8 for s in starts}) == 8
+
+
+# --- activations ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("nrows", configs.NROWS)
+def test_activation_fragments_are_the_ptx_layout(nrows, gen):
+    n, k = nrows + 3, 150
+    x = torch.randn(n, k, generator=gen).to(torch.float16)
+    xp, kx = E.padded_activations(x, k)
+    assert kx == 152 and torch.equal(xp[:, k:], torch.zeros(n, 2, dtype=torch.float16))
+    for n0 in (0, nrows):
+        for k0 in (0, 128):
+            frags = E.a_fragments(E.stage_x(xp, nrows, n0, k0, kx), nrows)
+            want = torch.zeros(max(16, nrows), 64, dtype=torch.float64)
+            rows, cols = min(nrows, n - n0), min(64, kx - k0)
+            want[:rows, :cols] = xp[n0 : n0 + rows, k0 : k0 + cols].double()
+            for kc in range(4):
+                for nt in range(max(1, nrows // 16)):
+                    got = E.a_matrix(frags[kc, nt], torch.float16)
+                    expect = want[nt * 16 : nt * 16 + 16, kc * 16 : kc * 16 + 16].clone()
+                    if nrows == 8:
+                        expect[8:] = 0  # x2 load: rows 8-15 are zero registers
+                    assert torch.equal(got, expect), (nrows, n0, k0, kc, nt)
+
+
+# --- the whole kernels, emulated ---------------------------------------------------------------------
+def _reference_check(y, writes, x, w, bias, splits):
+    ref = x.double() @ w.double().T + (0 if bias is None else bias.double())
+    same_dtype = F.linear(x.float(), w.float(), None if bias is None else bias.float()).to(x.dtype).double()
+    assert bool(torch.isfinite(y).all())
+    err = (y.double() - ref).norm().item()
+    bound = 2 * (same_dtype - ref).norm().item() + 1e-5 * ref.norm().item() + 1e-6
+    assert err <= bound, f"err {err:.3e} > {bound:.3e}"
+    # every output element gets exactly one store, or one reduction per split
+    assert torch.equal(writes, torch.full_like(writes, splits))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,n,sparsity,plan", [
+    (200, 300, 19, 0.8, E.Plan(nrows=32, split_k=1, strips=1)),
+    (200, 300, 19, 0.5, E.Plan(nrows=8, split_k=3, strips=2)),
+    (130, 70, 1, 0.95, E.Plan(nrows=8, split_k=1, strips=2)),
+    (65, 129, 40, 0.0, E.Plan(nrows=16, split_k=2, strips=1)),
+    (64, 64, 5, 1.0, E.Plan(nrows=8, split_k=1)),
+    (100, 200, 70, 0.8, E.Plan(nrows=64, split_k=1, strips=2)),
+    (70, 130, 129, 0.8, E.Plan(nrows=128, split_k=2, strips=1)),
+])
+def test_bitmap_kernel_emulated(dtype, m, k, n, sparsity, plan, gen):
+    w = pruned(m, k, sparsity, dtype, gen)
+    x = torch.randn(n, k, generator=gen).to(dtype)
+    bias = torch.randn(m, generator=gen).to(dtype) if n % 2 else None
+    y, writes = E.bitmap_kernel(x, BitmapWeight.from_dense(w), bias, plan, stale=None)
+    _reference_check(y, writes, x, w, bias, len(E.split_ranges(-(-k // 64), plan.split_k)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,n,sparsity,plan", [
+    (200, 300, 19, 0.8, E.Plan(nrows=32, split_k=1, words_per_stage=2048)),
+    (200, 300, 19, 0.5, E.Plan(nrows=8, split_k=3, words_per_stage=256)),
+    (130, 70, 1, 0.95, E.Plan(nrows=8, split_k=1, words_per_stage=1536)),
+    (129, 129, 40, 0.0, E.Plan(nrows=16, split_k=2, words_per_stage=256)),
+    (64, 64, 5, 1.0, E.Plan(nrows=8, split_k=1)),
+    (257, 100, 70, 0.8, E.Plan(nrows=64, split_k=1, words_per_stage=3072)),
+])
+def test_tiled_csl_kernel_emulated(dtype, m, k, n, sparsity, plan, gen):
+    w = pruned(m, k, sparsity, dtype, gen)
+    x = torch.randn(n, k, generator=gen).to(dtype)
+    bias = torch.randn(m, generator=gen).to(dtype) if n % 2 else None
+    y, writes = E.tiled_csl_kernel(x, TiledCSLWeight.from_dense(w), bias, plan)
+    _reference_check(y, writes, x, w, bias, len(E.split_ranges(-(-k // 64), plan.split_k)))
+
+
+def test_bitmap_emulation_catches_a_layout_bug(gen, monkeypatch):
+    # A lane mapping off by one (the bits of lane l+1) must be detected: the emulation is a test.
+    w = BitmapWeight.from_dense(pruned(64, 64, 0.5, torch.float16, gen))
+    monkeypatch.setattr(E, "_LANE", (torch.arange(32) + 1) % 32)
+    assert not torch.equal(E.bitmap_decoded(w).view(torch.int16), w.to_dense().view(torch.int16))
+
+
+@pytest.mark.parametrize("k_tiles,split", [(1, 1), (1, 5), (7, 3), (10, 4), (64, 16), (5, 0)])
+def test_split_partition_covers_every_tile_once(k_tiles, split):
+    ranges = E.split_ranges(k_tiles, split)
+    assert sorted(t for r in ranges for t in r) == list(range(k_tiles))
+    assert all(len(r) > 0 for r in ranges)
+    blocks, per = launch.split_plan(k_tiles, split)
+    assert blocks == len(ranges) and all(r.start == i * per for i, r in enumerate(ranges))
+
+
+# --- launch configurations ---------------------------------------------------------------------------
+def test_every_table_entry_is_valid_and_fits_hopper():
+    for (_, fmt, _, nb, _), cfg in configs.TUNED.items():
+        cfg.validate(fmt)
+        assert cfg.smem_bytes(fmt) <= 227 * 1024, (fmt, cfg)
+        assert cfg.nrows >= min(nb, 64 if fmt == "tiled_csl" else 128) or cfg.nrows == 8
+    for fmt, cfg in configs.shipped_variants():
+        assert cfg.smem_bytes(fmt) <= 227 * 1024
+
+
+@pytest.mark.parametrize("fmt", ("bitmap", "tiled_csl"))
+def test_get_config_covers_every_bucket(fmt, monkeypatch):
+    monkeypatch.setattr(configs, "_warned_missing", set())
+    for arch in ("sm90", "sm80"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for n in (1, 2, 7, 8, 9, 16, 31, 33, 64, 100, 128, 200, 256, 1000):
+                for s in (0.0, 0.5, 0.65, 0.8, 0.9, 0.99):
+                    cfg = configs.get_config(arch, fmt, 4096, 4096, n, s)
+                    cfg.validate(fmt)
+                    assert cfg.nrows >= min(n, 64 if fmt == "tiled_csl" else 128)
+        # the table covers Hopper; elsewhere one warning (not one per call) points at retuning
+        assert len(caught) == (0 if arch == "sm90" else 1), [str(w.message) for w in caught]
+
+
+def test_buckets_and_classes():
+    assert [configs.n_bucket(n) for n in (1, 2, 8, 9, 64, 65, 300)] == [1, 8, 8, 16, 64, 128, 256]
+    assert [configs.sparsity_band(s) for s in (0.0, 0.59, 0.6, 0.74, 0.8, 0.85, 1.0)] == ["50", "50", "70", "70", "80", "90", "90"]
+    assert configs.shape_class(4096, 4096) == "m4k-k8k"
+    assert configs.shape_class(57344, 8192) == "mbig-k8k"
+    assert configs.shape_class(8192, 28672) == "m8k-kbig"
+
+
+def test_invalid_configs_are_refused():
+    with pytest.raises(ValueError, match="nrows"):
+        LaunchConfig(nrows=12).validate("bitmap")
+    with pytest.raises(ValueError, match="strips"):
+        LaunchConfig(nrows=128, strips=2).validate("bitmap")
+    with pytest.raises(ValueError, match="words_per_stage"):
+        LaunchConfig(nrows=16, stages=3, words_per_stage=1000 + 2).validate("tiled_csl")
+    with pytest.raises(ValueError, match="nrows <= 64"):
+        LaunchConfig(nrows=128, stages=3, words_per_stage=2048).validate("tiled_csl")
+
+
+def test_auto_split_k():
+    # few row blocks: split until the SM slots are full, but keep 4 tiles per split
+    assert configs.auto_split_k(k_tiles=112, blocks_mn=112, slots=132 * 4, n=16, in_features=7168,
+                                bytes_per_element=0.5) == 5
+    assert configs.auto_split_k(k_tiles=8, blocks_mn=4, slots=1000, n=1, in_features=512, bytes_per_element=1) == 2
+    # plenty of blocks: no split
+    assert configs.auto_split_k(k_tiles=144, blocks_mn=576, slots=528, n=16, in_features=9216, bytes_per_element=1) == 1
+    # large N: the fp32 reductions would cost more than a quarter of the weight bytes
+    assert configs.auto_split_k(k_tiles=112, blocks_mn=10, slots=528, n=128, in_features=7168, bytes_per_element=0.3) == 1
+
+
+def test_config_table_round_trip(tmp_path, monkeypatch):
+    table = {("sm90", "bitmap", "m8k-k8k", 16, "80"): LaunchConfig(nrows=16, strips=1, stages=4, split_k=6),
+             ("sm90", "tiled_csl", "*", 1, "90"): LaunchConfig(nrows=8, stages=4, words_per_stage=1536)}
+    path = tmp_path / "tuned.json"
+    configs.write_table(str(path), table)
+    assert configs.read_table(str(path)) == table
+    ns = {"LaunchConfig": LaunchConfig}
+    literal = eval("{" + configs.python_literal(table) + "}", ns)  # noqa: S307 - our own output
+    assert literal == table
+    # the overlay named by FLASHLLM_KERNEL_CONFIGS wins over the built-in table
+    monkeypatch.setenv("FLASHLLM_KERNEL_CONFIGS", str(path))
+    monkeypatch.setattr(configs, "_overlay", None)
+    assert configs.lookup("sm90", "bitmap", 7168, 7168, 16, 0.8) == table[("sm90", "bitmap", "m8k-k8k", 16, "80")]
+    assert configs.lookup("sm90", "bitmap", 7168, 7168, 16, 0.5) == configs.TUNED[("sm90", "bitmap", "*", 16, "50")]
+    monkeypatch.setattr(configs, "_overlay", None)
+
+
+def test_tuning_candidates_are_valid():
+    for fmt in ("bitmap", "tiled_csl"):
+        for n in (1, 16, 64, 128):
+            for s in (0.5, 0.8, 0.9):
+                cands = configs.tuning_candidates(fmt, n, s, k_tiles=112)
+                assert len(cands) == len(set(cands)) >= 6
+                for c in cands:
+                    c.validate(fmt)
+
+
+# --- launchers on a CPU-only machine ------------------------------------------------------------------
+def test_importing_and_registration_touch_no_gpu_library():
+    code = (
+        "import sys, torch, flashllm\n"
+        "from flashllm.kernels import FAST_KERNELS\n"
+        "print(sorted(FAST_KERNELS), torch.cuda.is_initialized(), 'cupy' in sys.modules)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "FLASHLLM_CUDA_KERNELS"}
+    off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert off.stdout.strip() == "[] False False"
+    on = subprocess.run([sys.executable, "-c", code], env={**env, "FLASHLLM_CUDA_KERNELS": "1"},
+                        capture_output=True, text=True, check=True)
+    assert on.stdout.strip() == "[(1, 'cuda'), (2, 'cuda')] False False"
+
+
+def test_fast_kernels_decline_float32_without_touching_cuda():
+    w = BitmapWeight.from_dense(torch.randn(8, 8))
+    assert bitmap_cuda.fast_kernel(torch.randn(2, 8), list(w.tensors().values()), 8, 8, None) is None
+    c = TiledCSLWeight.from_dense(torch.randn(8, 8))
+    assert tiled_csl_cuda.fast_kernel(torch.randn(2, 8), list(c.tensors().values()), 8, 8, None) is None
+    assert not torch.cuda.is_initialized()
+
+
+def test_launcher_checks_name_the_problem():
+    w = BitmapWeight.from_dense(torch.randn(64, 128).half())
+    x = torch.randn(4, 128).half()
+    with pytest.raises(ValueError, match=r"x must be \(N, 128\)"):
+        bitmap_cuda.check_inputs(x[:, :100], w.masks, w.values, w.offsets, 64, 128, None)
+    with pytest.raises(ValueError, match="masks has 0 entries"):
+        bitmap_cuda.check_inputs(x, w.masks[:0], w.values, w.offsets, 64, 128, None)
+    with pytest.raises(TypeError, match="values must be a contiguous 1-D torch.float16"):
+        bitmap_cuda.check_inputs(x, w.masks, w.values.bfloat16(), w.offsets, 64, 128, None)
+    with pytest.raises(ValueError, match="bias must be"):
+        bitmap_cuda.check_inputs(x, w.masks, w.values, w.offsets, 64, 128, torch.zeros(63).half())
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        bitmap_cuda.check_inputs(x, w.masks, w.values, w.offsets, 64, 128, None)
+    c = TiledCSLWeight.from_dense(torch.randn(64, 128).half())
+    with pytest.raises(ValueError, match="offsets has"):
+        tiled_csl_cuda.check_inputs(x, c.words, c.offsets[:-1], 64, 128, None)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        tiled_csl_cuda.check_inputs(x.float(), c.words, c.offsets, 64, 128, None)
+
+
+def test_prepare_activations_pads_to_eight_columns():
+    x = torch.randn(3, 13)
+    xk, ldx, kx = launch.prepare_activations(x, 13)
+    assert (ldx, kx) == (16, 16) and torch.equal(xk[:, :13], x) and not xk[:, 13:].any()
+    y = torch.randn(3, 16)
+    assert launch.prepare_activations(y, 16)[0] is y
+
+
+def test_kernel_sources_ship_with_the_package():
+    for name in ("common.cuh", "bitmap_spmm.cu", "tiled_csl_spmm.cu", "splitk_finalize.cu"):
+        text = launch.kernel_source(name)
+        assert "flashllm" in text and "#include <" not in text  # self-contained: no CUDA headers
+
+
+# --- the sources compile with the sizes configs.py computes (NVRTC here, else nvcc, else skip) ------
+def _compiler():
+    try:
+        return "nvrtc", launch.nvrtc()
+    except launch.KernelUnavailable:
+        pass
+    if shutil.which("nvcc"):
+        return "nvcc", None
+    pytest.skip("neither NVRTC nor nvcc is available (set FLASHLLM_NVRTC to libnvrtc.so to run this)")
+
+
+def test_kernels_compile_with_the_launchers_sizes(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASHLLM_CACHE_DIR", "")
+    kind, nvrtc = _compiler()
+    variants = {}
+    for fmt, cfg in configs.shipped_variants():  # one per code shape keeps this quick
+        variants.setdefault((fmt, cfg.nrows, cfg.strips), cfg)
+    for (fmt, _, _), cfg in variants.items():
+        src = "bitmap_spmm.cu" if fmt == "bitmap" else "tiled_csl_spmm.cu"
+        name = "flashllm_bitmap_spmm" if fmt == "bitmap" else "flashllm_tiled_csl_spmm"
+        opts = launch.compile_options("sm_90", cfg.defines(fmt), torch.float16)
+        if kind == "nvrtc":
+            assert len(launch.compile_image(src, name, opts, True, nvrtc)) > 1000
+            bad = {**cfg.defines(fmt), "FLASHLLM_SMEM_BYTES": cfg.smem_bytes(fmt) + 16}
+            with pytest.raises(RuntimeError, match="smem_bytes disagrees"):
+                launch.compile_image(src, name, launch.compile_options("sm_90", bad, torch.float16), True, nvrtc)
+        else:
+            cuda_dir = os.path.join(os.path.dirname(launch.__file__), "cuda")
+            defs = [f"-D{k}={v}" for k, v in cfg.defines(fmt).items()]
+            subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-std=c++17", f"-I{cuda_dir}", "-DFLASHLLM_DTYPE=1",
+                            *defs, os.path.join(cuda_dir, src), "-o", str(tmp_path / "k.cubin")], check=True)
