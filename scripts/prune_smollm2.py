@@ -16,7 +16,6 @@ import csv
 import datetime
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -100,7 +99,7 @@ def targets(rows: list[dict]) -> list[str]:
     return out
 
 
-def write_outputs(rows, args, env, eval_tokens, command) -> None:
+def write_outputs(rows, args, env, eval_tokens, command, layers) -> None:
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows)
@@ -116,7 +115,7 @@ def write_outputs(rows, args, env, eval_tokens, command) -> None:
         doc.write_text(DOC.format(
             table=table, targets="\n".join(targets(rows)) or "- (not all runs were made)", command=command,
             eval_tokens=f"{eval_tokens:,}", window=args.window, nsamples=args.nsamples, seqlen=args.seqlen,
-            percdamp=args.percdamp, blocksize=args.blocksize, **env,
+            percdamp=args.percdamp, blocksize=args.blocksize, layers=layers, **env,
         ))
 
 
@@ -136,7 +135,7 @@ flashllm.prune_(model, 0.5, "sparsegpt", calibration=calibration)
 
 ## Results
 
-SmolLM2-135M (fp32, 30 layers, 210 linear layers pruned, LM head and embeddings dense).
+SmolLM2-135M (fp32, 30 decoder blocks, {layers} linear layers pruned, LM head and embeddings dense).
 Perplexity on the held-out 10% of the Python documentation topics (`pydoc_data.topics`, whole
 topics never seen in calibration; {eval_tokens} tokens), in non-overlapping windows of {window}
 tokens. Calibration: {nsamples} windows of {seqlen} tokens from the other 90%, seed 0, the same
@@ -163,12 +162,13 @@ The machine was shared with other jobs while this ran, so times are upper bounds
 ## Notes
 
 - Damping. SparseGPT adds a damping term to the Hessian before inverting it. The paper adds 1% of
-  the mean diagonal to every entry; LLM activations have a few features hundreds of times larger
-  than the rest, which inflate that mean until the damping swamps the Hessian of every ordinary
-  feature, and SparseGPT then does worse than Wanda on such layers. flashllm's default damps each
-  diagonal entry by 1% of itself instead (`damping="relative"`), which is the paper's damping
-  applied after normalising every input feature to unit scale, so the result no longer depends on
-  the features' scales; `damping="mean"` restores the paper's form.
+  the mean diagonal to every entry. When a few input features are hundreds of times larger than
+  the rest, as in LLM activations, they dominate that mean and the damping swamps the Hessian of
+  every ordinary feature; on synthetic layers with such outliers SparseGPT then reconstructs worse
+  than Wanda. flashllm's default damps each diagonal entry by 1% of itself (`damping="relative"`):
+  the paper's damping applied after scaling every input feature to unit norm, so the result no
+  longer depends on the features' scales. `damping="mean"` restores the paper's form; compare the
+  rows marked "mean damping" above.
 - Small models suffer more from pruning than the 7B+ models of the papers, and 2:4 costs much more
   than 50% unstructured for every method, as in the papers.
 """
@@ -223,7 +223,7 @@ def main(argv=None) -> None:
             prune_s=round(summary.seconds, 1), ppl=ppl, ratio=ppl / dense, achieved=round(summary.achieved, 4),
         ))
         print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
-        write_outputs(rows, args, env, eval_tokens, command)
+        write_outputs(rows, args, env, eval_tokens, command, len(summary.layers))
     print(markdown_table(rows))
     print("\n".join(targets(rows)))
 

@@ -1,18 +1,32 @@
-"""Pruning: write zeros into a dense model's linear layers. Packing them is `sparsify_`'s job."""
+"""Pruning: write zeros into a dense model's linear layers. Packing them is `sparsify_`'s job.
+
+Three methods, as in the papers: ``magnitude`` (no data), ``wanda`` (|W| times the input-feature
+norm, per output row) and ``sparsegpt`` (OBS weight updates from the calibration Hessian). The last
+two run calibration token ids through the model block by block (see `sequential`).
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..layers import FilterFn, dense_weight, is_linear, linear_layers
 from .magnitude import magnitude_prune_
 from .patterns import Sparsity, check_nm_shape, parse_sparsity
+from .sequential import prune_sequentially
+from .sparsegpt import Hessian, check_options, sparsegpt_prune_
+from .wanda import FeatureNorms, wanda_prune_
 
-METHODS = ("magnitude",)
+METHODS = ("magnitude", "wanda", "sparsegpt")
+CALIBRATION_HINT = (
+    "token ids, a LongTensor of shape (nsamples, seqlen); build one with "
+    "flashllm.data.calibration_data(tokenizer, nsamples=128, seqlen=512)"
+)
 
 
 @dataclass
@@ -23,15 +37,25 @@ class PruneSummary:
     zeros: int = 0
     weights: int = 0
     seconds: float = 0.0
+    calibration_samples: int = 0
+    calibration_seqlen: int = 0
 
     @property
     def achieved(self) -> float:
         return self.zeros / self.weights if self.weights else 0.0
 
+    @property
+    def calibration_tokens(self) -> int:
+        return self.calibration_samples * self.calibration_seqlen
+
     def __str__(self) -> str:
+        calibrated = (
+            f", calibrated on {self.calibration_samples} x {self.calibration_seqlen} tokens"
+            if self.calibration_tokens else ""
+        )
         return (
             f"{self.method} {self.sparsity}: {len(self.layers)} layers, "
-            f"{self.achieved:.2%} of {self.weights:,} weights are zero ({self.seconds:.1f} s)"
+            f"{self.achieved:.2%} of {self.weights:,} weights are zero ({self.seconds:.1f} s{calibrated})"
         )
 
 
@@ -39,28 +63,76 @@ def prune_(
     model: nn.Module,
     sparsity: float | str,
     method: str = "magnitude",
+    *,
+    calibration: Optional[torch.Tensor] = None,
     filter_fn: Optional[FilterFn] = None,
     progress: bool = True,
+    batch_size: int = 8,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    damping: str = "relative",
 ) -> PruneSummary:
     """Zero weights of every linear layer except the LM head, in place, layer by layer.
 
     ``sparsity`` is a fraction in [0, 1) of each layer's weights, or an N:M pattern such as "2:4"
-    (N non-zeros kept in every M consecutive input weights of a row).
+    (N non-zeros kept in every M consecutive input weights of a row). ``wanda`` and ``sparsegpt``
+    need ``calibration``, token ids of shape (nsamples, seqlen) (`flashllm.data.calibration_data`),
+    run through the model ``batch_size`` sequences at a time on the model's device; ``magnitude``
+    ignores it. ``blocksize`` is SparseGPT's lazy-update block width; its Hessian is damped by
+    ``percdamp`` of each diagonal entry (``damping="relative"``) or of the mean diagonal (``"mean"``,
+    as in the paper, which outlier input features can swamp).
     """
-    import time
-
     if method not in METHODS:
         raise ValueError(f"unknown pruning method {method!r}; choose one of {list(METHODS)}")
     target = parse_sparsity(sparsity)
     layers = _prunable_layers(model, filter_fn, target)
     summary = PruneSummary(method, str(target))
     start = time.perf_counter()
-    for name, module in tqdm(layers, desc=f"pruning ({method})", disable=not progress):
-        weight = dense_weight(module)
-        magnitude_prune_(weight.data, target)
-        _record(summary, name, weight)
+    if method == "magnitude":
+        for name, module in tqdm(layers, desc=f"pruning ({method})", disable=not progress):
+            magnitude_prune_(dense_weight(module).data, target)
+            _record(summary, name, module)
+    else:
+        _check_calibration(model, method, calibration, batch_size)
+        if method == "sparsegpt":
+            check_options(target, blocksize, percdamp, damping)
+
+        def prune_layer(name: str, module: nn.Module, statistic) -> None:
+            weight = dense_weight(module).data
+            if method == "wanda":
+                wanda_prune_(weight, target, statistic.norms())
+            else:
+                sparsegpt_prune_(weight, target, statistic.matrix(), blocksize, percdamp, damping)
+            _record(summary, name, module)
+
+        make_statistic = FeatureNorms if method == "wanda" else Hessian
+        was_training = model.training
+        model.eval()
+        try:
+            prune_sequentially(model, layers, calibration, make_statistic, prune_layer, batch_size,
+                               progress, f"pruning ({method} {target})")
+        finally:
+            model.train(was_training)
+        summary.calibration_samples, summary.calibration_seqlen = calibration.shape
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _check_calibration(model: nn.Module, method: str, calibration, batch_size: int) -> None:
+    if calibration is None:
+        raise ValueError(f"method {method!r} needs calibration data: {CALIBRATION_HINT}")
+    if not isinstance(calibration, torch.Tensor) or calibration.dtype not in (torch.int64, torch.int32):
+        kind = calibration.dtype if isinstance(calibration, torch.Tensor) else type(calibration).__name__
+        raise TypeError(f"calibration must be {CALIBRATION_HINT}; got {kind}")
+    if calibration.dim() != 2 or calibration.numel() == 0:
+        raise ValueError(f"calibration must be {CALIBRATION_HINT}; got shape {tuple(calibration.shape)}")
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if context is not None and calibration.shape[1] > context:
+        raise ValueError(
+            f"calibration sequences of {calibration.shape[1]} tokens exceed the model's context of {context} tokens"
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
 def _prunable_layers(model: nn.Module, filter_fn: Optional[FilterFn], target: Sparsity):
@@ -74,7 +146,8 @@ def _prunable_layers(model: nn.Module, filter_fn: Optional[FilterFn], target: Sp
     return layers
 
 
-def _record(summary: PruneSummary, name: str, weight) -> None:
+def _record(summary: PruneSummary, name: str, module: nn.Module) -> None:
+    weight = dense_weight(module)
     summary.layers.append(name)
     summary.zeros += int((weight == 0).sum())
     summary.weights += weight.numel()

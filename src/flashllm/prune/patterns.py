@@ -61,7 +61,9 @@ def check_nm_shape(sparsity: Sparsity, in_features: int, name: str) -> None:
 def lowest_score_mask(score: torch.Tensor, sparsity: Sparsity, per_row: bool) -> torch.Tensor:
     """Bool mask of the weights to zero: the lowest scores, per layer, per row, or per N:M group.
 
-    Ties break by position (a stable sort), so the count is exact and the result deterministic.
+    Per row, each row loses ``round(s * numel) // rows`` weights and some rows one more, so the
+    layer's count is exact as well. Ties break by position (a stable sort), so the counts are exact
+    and the result deterministic.
     """
     rows, cols = score.shape
     if sparsity.is_nm:
@@ -70,9 +72,21 @@ def lowest_score_mask(score: torch.Tensor, sparsity: Sparsity, per_row: bool) ->
         mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, drop, True)
         return mask.reshape(rows, cols)
     if per_row:
-        k = sparsity.zeros_in(cols)
-        drop = score.argsort(dim=1, stable=True)[:, :k]
-        return torch.zeros_like(score, dtype=torch.bool).scatter_(1, drop, True)
-    k = sparsity.zeros_in(score.numel())
+        # Every row loses k weights and the `extra` rows whose next-lowest score is lowest lose one
+        # more, so the layer total is exact too (rows * round(s * cols) would drift from it).
+        total = sparsity.zeros_in(score.numel())
+        k, extra = divmod(total, rows)
+        order = score.argsort(dim=1, stable=True)
+        mask = torch.zeros_like(score, dtype=torch.bool).scatter_(1, order[:, :k], True)
+        if extra:
+            candidates = order[:, k]
+            chosen = score.gather(1, candidates[:, None]).squeeze(1).argsort(stable=True)[:extra]
+            mask[chosen, candidates[chosen]] = True
+        return mask
+    return lowest_k_mask(score, sparsity.zeros_in(score.numel()))
+
+
+def lowest_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask, shaped like ``score``, of its ``k`` lowest entries; ties break by position."""
     drop = score.flatten().argsort(stable=True)[:k]
-    return torch.zeros(score.numel(), dtype=torch.bool, device=score.device).index_fill_(0, drop, True).view(rows, cols)
+    return torch.zeros(score.numel(), dtype=torch.bool, device=score.device).index_fill_(0, drop, True).view(score.shape)

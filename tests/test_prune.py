@@ -1,0 +1,298 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import flashllm
+from flashllm.layers import dense_weight, linear_layers
+from flashllm.prune import METHODS, prune_
+from flashllm.prune.magnitude import magnitude_prune_
+from flashllm.prune.patterns import parse_sparsity
+from flashllm.prune.sequential import decoder_blocks, prune_sequentially
+from flashllm.prune.sparsegpt import Hessian, sparsegpt_prune_
+from flashllm.prune.wanda import FeatureNorms, wanda_prune_
+
+VOCAB = 96
+ARCHS = ["llama", "qwen2", "opt", "gpt2"]
+
+
+def tiny_model(arch: str = "llama", layers: int = 2) -> nn.Module:
+    """A randomly initialised decoder, small enough to prune in a fraction of a second."""
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    if arch == "gpt2":
+        config = tf.GPT2Config(n_embd=64, n_layer=layers, n_head=4, n_positions=128, **common)
+        model = tf.GPT2LMHeadModel(config)
+    elif arch == "opt":
+        config = tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=layers, num_attention_heads=4,
+                              max_position_embeddings=128, word_embed_proj_dim=64, **common)
+        model = tf.OPTForCausalLM(config)
+    else:
+        kind = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}
+        config_cls, model_cls = kind[arch]
+        config = config_cls(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                            num_key_value_heads=2, max_position_embeddings=128, **common)
+        model = model_cls(config)
+    with torch.no_grad():
+        for _, module in linear_layers(model):
+            # torch's normal_ draws an exact 0 now and then; zero counts must come from pruning alone.
+            weight = dense_weight(module)
+            weight.masked_fill_(weight == 0, 1e-3)
+    return model.eval()
+
+
+def calibration(nsamples: int = 8, seqlen: int = 32) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (nsamples, seqlen))
+
+
+def prune_kwargs(method: str) -> dict:
+    return {} if method == "magnitude" else {"calibration": calibration()}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.8, "2:4", "4:8"])
+def test_exact_sparsity_in_every_layer(arch, method, sparsity):
+    model = tiny_model(arch)
+    summary = prune_(model, sparsity, method, progress=False, **prune_kwargs(method))
+    target = parse_sparsity(sparsity)
+    layers = list(linear_layers(model))
+    assert sorted(summary.layers) == sorted(name for name, _ in layers)
+    for name, module in layers:
+        w = dense_weight(module)
+        assert torch.isfinite(w).all(), name
+        zeros = w == 0
+        assert int(zeros.sum()) == target.zeros_in(w.numel()), name
+        if target.is_nm:
+            per_group = zeros.reshape(w.shape[0], -1, target.m).sum(-1)
+            assert (per_group == target.m - target.n).all(), name
+        elif method == "wanda":  # compared per row: rows lose the same count, give or take one
+            per_row = target.zeros_in(w.numel()) // w.shape[0]
+            assert ((zeros.sum(1) == per_row) | (zeros.sum(1) == per_row + 1)).all(), name
+    assert summary.zeros == sum(target.zeros_in(dense_weight(m).numel()) for _, m in layers)
+
+
+def test_summary_records_method_sparsity_calibration_and_time():
+    model = tiny_model()
+    summary = prune_(model, "60%", "sparsegpt", calibration=calibration(6, 20), progress=False)
+    assert (summary.method, summary.sparsity) == ("sparsegpt", "60%")
+    assert (summary.calibration_samples, summary.calibration_seqlen, summary.calibration_tokens) == (6, 20, 120)
+    assert summary.seconds > 0 and abs(summary.achieved - 0.6) < 1e-3
+    assert "6 x 20 tokens" in str(summary)
+
+
+def test_magnitude_needs_no_calibration():
+    summary = prune_(tiny_model(), 0.5, progress=False)
+    assert summary.method == "magnitude" and summary.calibration_tokens == 0
+
+
+def _uneven_layer(out_features=48, in_features=96, tokens=1024):
+    """A weight and calibration inputs like an LLM's: correlated features of uneven scales."""
+    w = torch.randn(out_features, in_features)
+    scales = torch.exp(0.5 * torch.randn(in_features))
+    scales[torch.randperm(in_features)[:4]] *= 20  # a few outlier features
+    shared = torch.randn(tokens, 8) @ torch.randn(8, in_features)  # a few directions all features follow
+    x = (shared + torch.randn(tokens, in_features)) * scales
+    return w, x
+
+
+@pytest.mark.parametrize("damping", ["relative", "mean"])
+@pytest.mark.parametrize("sparsity", [0.5, 0.7, "2:4"])
+def test_reconstruction_error_orders_sparsegpt_wanda_magnitude(sparsity, damping):
+    w, x = _uneven_layer()
+    target = parse_sparsity(sparsity)
+    norms, hessian = FeatureNorms(w.shape[1], w.device), Hessian(w.shape[1], w.device)
+    for chunk in x.split(300):  # statistics accumulate over batches
+        norms.add(chunk)
+        hessian.add(chunk)
+    pruned = {name: w.clone() for name in METHODS}
+    magnitude_prune_(pruned["magnitude"], target)
+    wanda_prune_(pruned["wanda"], target, norms.norms())
+    sparsegpt_prune_(pruned["sparsegpt"], target, hessian.matrix(), damping=damping)
+    error = {name: float(torch.linalg.norm(x @ w.t() - x @ p.t())) for name, p in pruned.items()}
+    assert error["sparsegpt"] < error["wanda"] < error["magnitude"], error
+
+
+def test_statistics_match_their_definitions():
+    x = torch.randn(3, 50, 16) * torch.rand(16)
+    norms, hessian = FeatureNorms(16, x.device), Hessian(16, x.device)
+    norms.add(x[:1])
+    norms.add(x[1:])
+    hessian.add(x)
+    flat = x.reshape(-1, 16).double()
+    torch.testing.assert_close(norms.norms().double(), flat.norm(dim=0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hessian.matrix().double(), 2 * flat.t() @ flat / 150, rtol=1e-5, atol=1e-5)
+    assert norms.tokens == hessian.tokens == 150
+
+
+def test_sparsegpt_prunes_dead_inputs_first():
+    w, x = _uneven_layer(16, 32, 256)
+    x[:, :8] = 0  # inputs that never fire: their weights are free to drop
+    hessian = Hessian(32, x.device)
+    hessian.add(x)
+    mask = sparsegpt_prune_(w, parse_sparsity(0.25), hessian.matrix(), blocksize=32)
+    assert mask[:, :8].all() and int(mask.sum()) == 128
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_deterministic_for_the_same_calibration(method):
+    model = tiny_model("llama")
+    twin = copy.deepcopy(model)
+    calib = calibration()
+    prune_(model, 0.5, method, calibration=calib, progress=False)
+    prune_(twin, 0.5, method, calibration=calib.clone(), progress=False)
+    for (name, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_q_k_v_and_gate_up_share_one_statistic(arch):
+    model = tiny_model(arch)
+    made, seen = [], []
+
+    def make_statistic(in_features, device):
+        made.append(FeatureNorms(in_features, device))
+        return made[-1]
+
+    def prune_layer(name, module, statistic):
+        seen.append((name.split(".")[-2:], made.index(statistic)))
+
+    prune_sequentially(model, list(linear_layers(model)), calibration(), make_statistic, prune_layer,
+                       batch_size=3, progress=False, desc="")
+    stages = {}
+    for name, stage in seen:
+        stages.setdefault(stage, []).append(".".join(name))
+    if arch == "llama":
+        expected = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                    ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    else:
+        expected = [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj"]]
+    assert list(stages.values()) == expected * 2
+    assert all(statistic.tokens == 8 * 32 for statistic in made)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_each_layer_is_calibrated_on_its_inputs_in_the_pruned_model(arch):
+    # Layers are pruned in forward order, each from inputs that already pass through every pruned
+    # layer before it, so the statistics each layer saw are those of the final pruned model.
+    model = tiny_model(arch, layers=3)
+    calib = calibration()
+    used = {}
+
+    def prune_layer(name, module, statistic):
+        used[name] = statistic.norms().clone()
+        wanda_prune_(dense_weight(module).data, parse_sparsity(0.5), statistic.norms())
+
+    prune_sequentially(model, list(linear_layers(model)), calib, FeatureNorms, prune_layer,
+                       batch_size=4, progress=False, desc="")
+    after = {name: FeatureNorms(dense_weight(m).shape[1], calib.device) for name, m in linear_layers(model)}
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=name: after[n].add(args[0]))
+               for name, m in linear_layers(model)]
+    with torch.no_grad():
+        model(calib, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    assert used.keys() == after.keys()
+    for name, statistic in after.items():
+        torch.testing.assert_close(used[name], statistic.norms(), rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pruned_model_packs_without_loss(method):
+    model = tiny_model("llama")
+    prune_(model, 0.5, method, progress=False, **prune_kwargs(method))
+    ids = calibration(2, 24)
+    with torch.no_grad():
+        expected = model(ids).logits
+        flashllm.sparsify_(model, "bitmap", progress=False)
+        got = model(ids).logits
+    assert all(not isinstance(m, nn.Linear) for _, m in linear_layers(model))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sparsegpt_best_reconstructs_the_model_outputs():
+    # A random-init model's activations have no outlier features, so Wanda and magnitude tie here;
+    # SparseGPT's weight updates still pay off through the whole model, block after block.
+    dense = tiny_model("llama")
+    ids = calibration(16, 32)
+    with torch.no_grad():
+        reference = dense(ids).logits
+    error = {}
+    for method in METHODS:
+        model = copy.deepcopy(dense)
+        prune_(model, 0.6, method, progress=False, **({} if method == "magnitude" else {"calibration": ids}))
+        with torch.no_grad():
+            error[method] = float(torch.linalg.norm(model(ids).logits - reference))
+    assert error["sparsegpt"] < min(error["wanda"], error["magnitude"]), error
+
+
+# Errors
+
+
+@pytest.mark.parametrize("sparsity", [1.0, 1.5, -0.1, "100%", float("nan"), "3:2", "0:4"])
+def test_sparsity_outside_range_is_rejected(sparsity):
+    with pytest.raises(ValueError, match="sparsity|N:M"):
+        prune_(tiny_model(), sparsity, progress=False)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_nm_pattern_the_layer_cannot_hold(method):
+    model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="in_features=12.*4:8"):
+        prune_(model, "4:8", method, calibration=calibration(), progress=False)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_model_without_linear_layers(method):
+    with pytest.raises(ValueError, match="no linear layers"):
+        prune_(nn.Sequential(nn.Embedding(4, 4), nn.ReLU()), 0.5, method, calibration=calibration(), progress=False)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_calibrated_methods_need_calibration(method):
+    model = tiny_model()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="calibration_data"):
+        prune_(model, 0.5, method, progress=False)
+    with pytest.raises(TypeError, match="float32"):
+        prune_(model, 0.5, method, calibration=torch.rand(4, 8), progress=False)
+    with pytest.raises(ValueError, match=r"shape \(32,\)"):
+        prune_(model, 0.5, method, calibration=torch.randint(0, VOCAB, (32,)), progress=False)
+    with pytest.raises(ValueError, match="context of 128"):
+        prune_(model, 0.5, method, calibration=calibration(2, 200), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_calibrated_methods_need_decoder_blocks():
+    model = nn.Sequential(nn.Embedding(VOCAB, 16), nn.Linear(16, 16))
+    with pytest.raises(ValueError, match="no stack of decoder blocks"):
+        prune_(model, 0.5, "wanda", calibration=calibration(), progress=False)
+
+
+def test_layers_outside_the_blocks_are_rejected():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="lm_head.*outside the decoder blocks"):
+        prune_(model, 0.5, "sparsegpt", calibration=calibration(), filter_fn=lambda m, n: isinstance(m, nn.Linear),
+               progress=False)
+
+
+def test_bad_options_are_rejected():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="unknown pruning method 'obs'"):
+        prune_(model, 0.5, "obs", progress=False)
+    with pytest.raises(ValueError, match="blocksize=6 must be a multiple of M=4"):
+        prune_(model, "2:4", "sparsegpt", calibration=calibration(), blocksize=6, progress=False)
+    with pytest.raises(ValueError, match="percdamp"):
+        prune_(model, 0.5, "sparsegpt", calibration=calibration(), percdamp=0, progress=False)
+    with pytest.raises(ValueError, match="damping.*'max'"):
+        prune_(model, 0.5, "sparsegpt", calibration=calibration(), damping="max", progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        prune_(model, 0.5, "wanda", calibration=calibration(), batch_size=0, progress=False)
+
+
+def test_decoder_blocks_are_found_generically():
+    for arch, expected in [("llama", "model.layers"), ("opt", "model.decoder.layers"), ("gpt2", "transformer.h")]:
+        name, blocks = decoder_blocks(tiny_model(arch, layers=3))
+        assert name == expected and len(blocks) == 3
