@@ -121,3 +121,32 @@ def test_bad_checkpoints(tmp_path):
         from_pretrained(tmp_path / "ok")
     with pytest.raises(FileNotFoundError, match="config.json"):
         convert_checkpoint(tmp_path / "ok2", tmp_path / "out", 0.5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_blockwise_calibrated_conversion_matches_in_memory_pruning(tmp_path, arch, method):
+    """Converting one block at a time gives the same weights as pruning the loaded model."""
+    import copy
+
+    dense = build(arch)
+    dense.save_pretrained(tmp_path / "dense")
+    calibration = torch.randint(0, VOCAB, (6, 24))
+    out = convert_checkpoint(tmp_path / "dense", tmp_path / "sparse", 0.5, "bitmap", method, calibration,
+                             device="cpu", max_shard_bytes=40_000, progress=False)
+    loaded = from_pretrained(out, device="cpu", progress=False)
+    reference = copy.deepcopy(dense)
+    prune_(reference, 0.5, method, calibration=calibration, progress=False)
+    ids = torch.randint(0, VOCAB, (2, 8))
+    assert torch.allclose(logits(loaded, ids), logits(reference, ids), atol=1e-4)
+    manifest = read_manifest(out)
+    assert manifest["info"]["calibration"] == "6 x 24 tokens"
+    assert len(manifest["sparse_layers"]) == sum(1 for m in loaded.modules() if isinstance(m, SparseLinear))
+
+
+def test_blockwise_conversion_errors(tmp_path):
+    build("llama").save_pretrained(tmp_path / "dense")
+    with pytest.raises(ValueError, match="needs calibration"):
+        convert_checkpoint(tmp_path / "dense", tmp_path / "out", 0.5, method="wanda", device="cpu", progress=False)
+    with pytest.raises(ValueError, match="unknown pruning method"):
+        convert_checkpoint(tmp_path / "dense", tmp_path / "out", 0.5, method="obc", device="cpu", progress=False)

@@ -9,6 +9,8 @@
 __version__ = "0.1.0"
 
 from .checkpoint import convert_checkpoint, from_pretrained, save_pretrained
+from .data import calibration_data, default_text
+from .evaluate import perplexity
 from .formats import FORMATS, BitmapWeight, FormatError, SparseWeight, TiledCSLWeight, get_format
 from .kernels import spmm
 from .nn import SparseLinear, SparsifySummary, sparsify_
@@ -24,9 +26,12 @@ __all__ = [
     "SparsifySummary",
     "TiledCSLWeight",
     "__version__",
+    "calibration_data",
     "convert_checkpoint",
+    "default_text",
     "from_pretrained",
     "get_format",
+    "perplexity",
     "prune_",
     "save_pretrained",
     "sparsify_",

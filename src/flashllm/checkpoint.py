@@ -18,9 +18,10 @@ import copy
 import json
 import os
 import shutil
+import warnings
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 from safetensors import safe_open
@@ -29,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .formats import FORMATS, get_format
+from .formats import FORMATS, SparseWeight, get_format
 from .formats.base import HEADER_KEY
 from .layers import dense_weight, is_conv1d, linear_layers, set_submodule
 from .nn import SparseLinear, format_of_header
@@ -313,21 +314,24 @@ def _restore_aliases(model: nn.Module, aliases: dict[str, str]) -> None:
             setattr(module, attr, getattr(model.get_submodule(src_module_name), src_attr))
 
 
-# --- converting a dense checkpoint, streaming ----------------------------------------------------
+# --- converting a dense checkpoint without loading it whole ---------------------------------------
 
-def _dense_tensor_files(folder: Path, stack: ExitStack) -> Iterator[tuple[str, callable]]:
+LazyTensors = dict[str, Callable[[], torch.Tensor]]
+
+
+def _dense_tensors(folder: Path, stack: ExitStack) -> LazyTensors:
+    """Every tensor of a dense checkpoint folder, each read only when its loader is called."""
     if (folder / INDEX).is_file() or (folder / SINGLE).is_file():
         files = _TensorFiles(folder, torch.device("cpu"), stack)
-        for key in files.keys():
-            yield key, (lambda k=key: files.get(k))
-        return
+        return {key: (lambda k=key: files.get(k)) for key in files.keys()}
     bins = sorted(folder.glob("pytorch_model*.bin"))
     if not bins:
         raise FileNotFoundError(f"{folder} holds no safetensors or pytorch_model*.bin weights")
+    tensors: LazyTensors = {}
     for file in bins:
         state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-        for key in list(state):
-            yield key, (lambda k=key, s=state: s[k])
+        tensors.update({key: (lambda k=key, s=state: s[k]) for key in state})
+    return tensors
 
 
 def convert_checkpoint(
@@ -335,69 +339,180 @@ def convert_checkpoint(
     dst: str | os.PathLike,
     sparsity: float | str,
     format: str = "bitmap",
+    method: str = "magnitude",
+    calibration: Optional[torch.Tensor] = None,
+    *,
     dtype: Optional[torch.dtype] = None,
     device: Optional[str | torch.device] = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = True,
+    **prune_options,
 ) -> Path:
-    """Magnitude-prune and pack a dense Hugging Face checkpoint folder, one tensor at a time.
+    """Prune and pack a dense Hugging Face checkpoint folder without ever holding the whole model.
 
-    Peak memory is about one dense layer plus one output shard, whatever the model's size; the
-    pruning runs on `device` (CUDA when available). Calibrated methods (wanda, sparsegpt) need the
-    model's activations: use `flashllm prune`, which loads the model and prunes block by block.
+    ``magnitude`` streams the checkpoint tensor by tensor: peak memory is about one dense layer plus
+    one output shard. ``wanda`` and ``sparsegpt`` need activations: the embeddings and one decoder
+    block at a time are loaded onto `device` (CUDA when available), calibrated on `calibration`
+    token ids, pruned, packed, written and freed before the next block is read. `prune_options`
+    (batch_size, blocksize, percdamp, damping) go to `flashllm.prune_`. Either way a model whose
+    dense weights exceed host or GPU memory can be converted.
     """
     from transformers import AutoConfig
 
-    from .prune.magnitude import magnitude_prune_
+    from .prune import METHODS, PruneSummary
     from .prune.patterns import check_nm_shape, parse_sparsity
 
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src} is not a Hugging Face model folder (no config.json)")
+    if method not in METHODS:
+        raise ValueError(f"unknown pruning method {method!r}; choose one of {list(METHODS)}")
     target = parse_sparsity(sparsity)
     format_cls = get_format(format)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = AutoConfig.from_pretrained(str(src))
     skeleton = _empty_model(config, dtype)
-    linears = {f"{name}.weight": (name, is_conv1d(m)) for name, m in linear_layers(skeleton)}
-    for key, (name, _) in linears.items():
-        check_nm_shape(target, dense_weight(skeleton.get_submodule(name)).shape[1], name)
+    linears = {name: module for name, module in linear_layers(skeleton)}
+    for name, module in linears.items():
+        check_nm_shape(target, dense_weight(module).shape[1], name)
+    known = set(skeleton.state_dict())
     dst.mkdir(parents=True, exist_ok=True)
     _clean_config(config).save_pretrained(dst)
     for file in _TOKENIZER_FILES:
         if (src / file).is_file() and src.resolve() != dst.resolve():
             shutil.copy2(src / file, dst / file)
     writer = _ShardWriter(dst, max_shard_bytes)
-    sparse_layers, dense_bytes, compressed_bytes, seen = {}, 0, 0, {}
+    summary = PruneSummary(method, str(target))
+    packed = _Packed(format_cls)
     with ExitStack() as stack:
-        entries = list(_dense_tensor_files(src, stack))
-        for key, load in tqdm(entries, desc=f"converting to {format_cls.name}", disable=not progress):
-            tensor = load()
-            if dtype is not None and tensor.is_floating_point():
-                tensor = tensor.to(dtype)
-            if key not in linears:
-                writer.add(key, tensor)
-                continue
-            name, transposed = linears[key]
-            weight = tensor.to(device)
-            weight = weight.t().contiguous() if transposed else weight.clone()
-            magnitude_prune_(weight, target)
-            packed = format_cls.from_dense(weight)
-            for part, value in packed.state_dict().items():
-                writer.add(f"{name}.{part}", value)
-            sparse_layers[name] = format_cls.name
-            dense_bytes += packed.dense_nbytes
-            compressed_bytes += packed.nbytes
-            seen[key] = True
-            del weight, packed, tensor
-    missing = sorted(set(linears) - set(seen))
-    if missing:
-        raise ValueError(f"{src} lacks weights for linear layers such as {missing[:3]}")
+        tensors = _dense_tensors(src, stack)
+        unknown = sorted(set(tensors) - known)
+        if unknown:
+            warnings.warn(f"{src} holds tensors the model does not use, left out: {unknown[:5]}", stacklevel=2)
+            tensors = {k: v for k, v in tensors.items() if k in known}
+        missing = sorted(f"{name}.weight" for name in linears if f"{name}.weight" not in tensors)
+        if missing:
+            raise ValueError(f"{src} lacks weights for linear layers such as {missing[:3]}")
+        load = _loader(tensors, dtype)
+        if method == "magnitude":
+            _stream_magnitude(tensors, load, linears, target, packed, writer, device, progress, summary)
+        else:
+            _convert_blockwise(skeleton, tensors, load, linears, target, method, calibration, packed,
+                               writer, device, progress, summary, prune_options)
     writer.close()
     stats = {
-        "dense_linear_bytes": dense_bytes,
-        "compressed_linear_bytes": compressed_bytes,
-        "info": {"method": "magnitude", "sparsity": str(target), "source": str(src)},
+        "dense_linear_bytes": packed.dense_bytes,
+        "compressed_linear_bytes": packed.compressed_bytes,
+        "info": {"method": method, "sparsity": str(target), "source": str(src),
+                 "calibration": f"{summary.calibration_samples} x {summary.calibration_seqlen} tokens"
+                 if summary.calibration_tokens else None},
     }
-    _write_manifest(dst, sparse_layers, {}, stats)
+    _write_manifest(dst, packed.layers, {}, stats)
     return dst
+
+
+def _loader(tensors: LazyTensors, dtype: Optional[torch.dtype]):
+    def load(key: str, device: Optional[torch.device] = None) -> torch.Tensor:
+        tensor = tensors[key]()
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        return tensor if device is None else tensor.to(device)
+
+    return load
+
+
+class _Packed:
+    """The layers a conversion packed, and their bytes before and after."""
+
+    def __init__(self, format_cls: type[SparseWeight]):
+        self.format_cls = format_cls
+        self.layers: dict[str, str] = {}
+        self.dense_bytes = self.compressed_bytes = 0
+
+    def pack(self, name: str, weight: torch.Tensor) -> SparseWeight:
+        packed = self.format_cls.from_dense(weight)
+        self.layers[name] = self.format_cls.name
+        self.dense_bytes += packed.dense_nbytes
+        self.compressed_bytes += packed.nbytes
+        return packed
+
+
+def _stream_magnitude(tensors, load, linears, target, packed, writer, device, progress, summary) -> None:
+    from .prune.magnitude import magnitude_prune_
+
+    by_weight = {f"{name}.weight": name for name in linears}
+    for key in tqdm(list(tensors), desc=f"converting to {packed.format_cls.name}", disable=not progress):
+        if key not in by_weight:
+            writer.add(key, load(key))
+            continue
+        name = by_weight[key]
+        weight = load(key, device)
+        # Conv1D (GPT-2) stores the weight transposed; formats take (out_features x in_features).
+        weight = weight.t().contiguous() if is_conv1d(linears[name]) else weight.clone()
+        magnitude_prune_(weight, target)
+        summary.layers.append(name)
+        summary.zeros += int((weight == 0).sum())
+        summary.weights += weight.numel()
+        for part, value in packed.pack(name, weight).state_dict().items():
+            writer.add(f"{name}.{part}", value)
+        del weight
+
+
+def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[attr] = tensor
+
+
+def _convert_blockwise(skeleton, tensors, load, linears, target, method, calibration, packed, writer,
+                       device, progress, summary, prune_options) -> None:
+    from .prune import calibrated_prune_
+    from .prune.sequential import decoder_blocks
+
+    blocks_name, blocks = decoder_blocks(skeleton)
+    prefix = blocks_name + "."
+
+    def block_of(key: str) -> Optional[int]:
+        return int(key[len(prefix):].split(".", 1)[0]) if key.startswith(prefix) else None
+
+    per_block: dict[int, list[str]] = {}
+    outside = []
+    for key in tensors:
+        index = block_of(key)
+        (per_block.setdefault(index, []) if index is not None else outside).append(key)
+    for key in outside:
+        _assign(skeleton, key, load(key, device))
+    skeleton.tie_weights()
+    for module in skeleton.modules():  # computed buffers (rotary frequencies) were built on the CPU
+        for name, buffer in module._buffers.items():
+            if buffer is not None and not buffer.is_meta:
+                module._buffers[name] = buffer.to(device)
+    done: set[int] = set()
+
+    def enter(i: int, block: nn.Module) -> None:
+        for key in per_block.get(i, []):
+            _assign(skeleton, key, load(key, device))
+
+    def leave(i: int, block: nn.Module) -> None:
+        for name, module in linears.items():
+            if block_of(name + ".") == i:
+                weight = dense_weight(module).detach()
+                bias = None if module.bias is None else module.bias.detach()
+                set_submodule(skeleton, name, SparseLinear(packed.pack(name, weight), bias))
+        for key, value in block.state_dict().items():
+            writer.add(f"{prefix}{i}.{key}", value)
+        block.to("meta")  # frees this block's memory before the next one is read
+        done.add(i)
+
+    options = {"batch_size": 8, "blocksize": 128, "percdamp": 0.01, "damping": "relative", **prune_options}
+    calibrated_prune_(skeleton, list(linears.items()), target, method, calibration, summary, progress=progress,
+                      enter_block=enter, leave_block=leave, **options)
+    for i in range(len(blocks)):  # blocks after the last pruned one are copied as they are
+        if i not in done:
+            enter(i, blocks[i])
+            leave(i, blocks[i])
+    for key in outside:
+        writer.add(key, load(key))

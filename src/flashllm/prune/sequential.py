@@ -21,7 +21,7 @@ arguments the model itself passed to the first one (attention mask, position emb
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 from torch import nn
@@ -36,6 +36,9 @@ class Statistic(Protocol):
 
 MakeStatistic = Callable[[int, torch.device], Statistic]
 PruneLayer = Callable[[str, nn.Module, Statistic], None]
+# Called with (index, block) before a block is calibrated and after its outputs are computed: lets
+# a caller keep only one block's weights in memory (see `flashllm.checkpoint.convert_checkpoint`).
+BlockHook = Callable[[int, nn.Module], None]
 
 
 class _Stop(Exception):
@@ -147,6 +150,8 @@ def prune_sequentially(
     batch_size: int,
     progress: bool,
     desc: str,
+    enter_block: Optional[BlockHook] = None,
+    leave_block: Optional[BlockHook] = None,
 ) -> None:
     """Prune ``layers`` block by block, each from statistics of its inputs in the pruned model."""
     blocks_name, blocks = decoder_blocks(model)
@@ -164,6 +169,8 @@ def prune_sequentially(
 
     calls = _capture_inputs(model, blocks[0], calibration, batch_size)
     for i in tqdm(range(last + 1), desc=desc, unit="block", disable=not progress):
+        if enter_block is not None:
+            enter_block(i, blocks[i])
         pending = per_block[i]
         while pending:
             stage, statistic = _calibrate_stage(blocks[i], calls, pending, make_statistic)
@@ -174,3 +181,5 @@ def prune_sequentially(
         if i < last:
             for call in calls:
                 call.hidden = call.run(blocks[i])
+        if leave_block is not None:
+            leave_block(i, blocks[i])

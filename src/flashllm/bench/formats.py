@@ -1,0 +1,64 @@
+"""Format benchmark: encode (`from_dense`), decode (`to_dense`) and load-time validation times.
+
+    flashllm bench formats                       # 4096x4096 and 8192x28672 at 50% and 80%, fp16
+    flashllm bench formats --shapes 576x1536 --dtype float32 --device cpu
+
+Decoding is what the reference path does on every call, so its time bounds how fast a model runs
+where no fast kernel exists. Medians of wall-clock runs (synchronized on the GPU), fresh random data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from ..formats import FORMATS
+
+
+def _median_seconds(fn, device: torch.device, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shapes", default="4096x4096,8192x28672", help="comma-separated MxK")
+    parser.add_argument("--sparsities", default="0.5,0.8")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--device", help="default: cuda when available")
+    parser.add_argument("--reps", type=int, default=5)
+
+
+def main(args: argparse.Namespace) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype)
+    print(f"device {device}, dtype {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print("| shape | sparsity | format | bytes / dense | encode s | decode s | validate s |")
+    print("|---|---|---|---|---|---|---|")
+    for shape in args.shapes.split(","):
+        m, k = (int(v) for v in shape.lower().split("x"))
+        for sparsity in (float(v) for v in args.sparsities.split(",")):
+            weight = torch.randn(m, k, device=device).to(dtype)
+            weight.masked_fill_(torch.rand(m, k, device=device) < sparsity, 0)
+            for name, cls in FORMATS.items():
+                packed = cls.from_dense(weight)
+                state = packed.state_dict()
+                encode = _median_seconds(lambda: cls.from_dense(weight), device, args.reps)
+                decode = _median_seconds(packed.to_dense, device, args.reps)
+                validate = _median_seconds(lambda: cls.from_state_dict(state), device, args.reps)
+                print(f"| {m}x{k} | {sparsity:.0%} | {name} | {packed.nbytes / packed.dense_nbytes:.3f} | "
+                      f"{encode:.3f} | {decode:.4f} | {validate:.3f} |", flush=True)
+                del packed, state
+            del weight
+    return 0
