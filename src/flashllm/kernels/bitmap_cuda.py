@@ -1,167 +1,53 @@
-"""The bitmap format's CUDA kernel (``cuda/bitmap_spmm.cu``): launcher and fast-path entry.
+"""The bitmap format's CUDA kernel (``cuda/bitmap_spmm.cu``, SpInfer style): each lane builds its
+tensor-core fragment from the 64-bit block masks with a popcount. Launching is `cuda_op`'s job.
 
-EXPERIMENTAL: written and compiled without a GPU; until scripts/device_check.sh has passed on one,
-it is registered only when ``FLASHLLM_CUDA_KERNELS=1`` (see `flashllm.kernels.register_cuda_kernels`).
-
-`bitmap_linear` always runs the kernel (tests and the benchmark call it directly) and raises for
-inputs it cannot take; `fast_kernel` is what `flashllm::sparse_linear` calls: it returns None, so
-the reference path runs, for inputs the kernel does not serve (float32, CPU tensors, old GPUs,
-batches above `configs.MAX_FAST_N`, no NVRTC), warning once per reason.
+EXPERIMENTAL: until scripts/device_check.sh has passed on a GPU it is registered only when
+``FLASHLLM_CUDA_KERNELS=1`` (see `flashllm.kernels.register_cuda_kernels`).
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
 
 from ..formats.bitmap import GROUP_K, GROUP_M, MASK_BYTES_PER_TILE, BitmapWeight
-from . import configs, launch
-from .launch import i32, ptr
+from . import configs
+from .cuda_op import DTYPES, CudaKernel, TensorSpec
 
 FORMAT = "bitmap"
-KERNEL = "flashllm_bitmap_spmm"
-SOURCE = "bitmap_spmm.cu"
-DTYPES = (torch.float16, torch.bfloat16)
+KERNEL = CudaKernel(
+    format=FORMAT,
+    label="bitmap",
+    source="bitmap_spmm.cu",
+    kernel="flashllm_bitmap_spmm",
+    tile=(GROUP_M, GROUP_K),
+    tensors=(
+        TensorSpec("masks", torch.uint8, lambda mt, kt: mt * kt * MASK_BYTES_PER_TILE, aligned=True),
+        TensorSpec("values", None, aligned=True),
+        TensorSpec("offsets", torch.int32, lambda mt, kt: mt * kt + 1),
+    ),
+    payload="values",
+)
+fast_kernel = KERNEL.fast_kernel
 
-
-def _grid_shape(out_features: int, in_features: int) -> tuple[int, int]:
-    return -(-out_features // GROUP_M), -(-in_features // GROUP_K)
+__all__ = ["DTYPES", "FORMAT", "KERNEL", "bitmap_linear", "check_inputs", "configs", "fast_kernel", "linear"]
 
 
 def check_inputs(x2d: torch.Tensor, masks: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
                  out_features: int, in_features: int, bias: Optional[torch.Tensor]) -> None:
-    """Raise for inputs no kernel could compute correctly (the messages name what is wrong)."""
-    if x2d.dim() != 2 or x2d.shape[1] != in_features:
-        raise ValueError(f"x must be (N, {in_features}), got {tuple(x2d.shape)}")
-    if x2d.dtype not in DTYPES:
-        raise TypeError(f"the bitmap CUDA kernel takes float16 or bfloat16, got {x2d.dtype}")
-    mt, kt = _grid_shape(out_features, in_features)
-    expected = {"masks": (masks, torch.uint8, mt * kt * MASK_BYTES_PER_TILE),
-                "values": (values, x2d.dtype, None),
-                "offsets": (offsets, torch.int32, mt * kt + 1)}
-    for name, (t, dtype, numel) in expected.items():
-        if t.device != x2d.device:
-            raise ValueError(f"bitmap {name} is on {t.device}, x on {x2d.device}")
-        if t.dtype != dtype or t.dim() != 1 or not t.is_contiguous():
-            raise TypeError(f"bitmap {name} must be a contiguous 1-D {dtype} tensor, got {t.dtype} {tuple(t.shape)}")
-        if numel is not None and t.numel() != numel:
-            raise ValueError(
-                f"bitmap {name} has {t.numel()} entries; a ({out_features} x {in_features}) weight needs {numel}"
-            )
-    launch.check_aligned("bitmap masks", masks)
-    launch.check_aligned("bitmap values", values)
-    launch.check_aligned("bitmap offsets", offsets, 4)
-    if bias is not None and (bias.shape != (out_features,) or bias.dtype != x2d.dtype or bias.device != x2d.device):
-        raise ValueError(f"bias must be ({out_features},) {x2d.dtype} on {x2d.device}, got {tuple(bias.shape)} {bias.dtype}")
-    if not x2d.is_cuda:
-        raise ValueError(f"the bitmap CUDA kernel needs CUDA tensors; x is on {x2d.device}")
-
-
-def sparsity_of(values: torch.Tensor, out_features: int, in_features: int) -> float:
-    """Sparsity estimated from the stored length (metadata only: no device sync)."""
-    return max(0.0, 1.0 - values.numel() / (out_features * in_features))
-
-
-def resolve_config(x2d: torch.Tensor, masks: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
-                   out_features: int, in_features: int, bias: Optional[torch.Tensor],
-                   config: Optional[configs.LaunchConfig]) -> configs.LaunchConfig:
-    if config is not None:
-        return config.validate(FORMAT)
-    arch = configs.arch_key(torch.cuda.get_device_capability(x2d.device))
-    n, sparsity = x2d.shape[0], sparsity_of(values, out_features, in_features)
-    if (configs.retune_requested() and not torch.cuda.is_current_stream_capturing()
-            and configs.lookup(arch, FORMAT, out_features, in_features, n, sparsity) is None):
-        kt = _grid_shape(out_features, in_features)[1]
-        best, _, _ = launch.tune(
-            lambda c: bitmap_linear(x2d, masks, values, offsets, out_features, in_features, bias, c),
-            configs.tuning_candidates(FORMAT, n, sparsity, kt),
-        )
-        configs.remember(configs.key_for(arch, FORMAT, out_features, in_features, n, sparsity), best)
-        return best
-    return configs.get_config(arch, FORMAT, out_features, in_features, n, sparsity)
+    KERNEL.check_inputs(x2d, [masks, values, offsets], out_features, in_features, bias)
 
 
 def bitmap_linear(x2d: torch.Tensor, masks: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
                   out_features: int, in_features: int, bias: Optional[torch.Tensor] = None,
                   config: Optional[configs.LaunchConfig] = None,
                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x2d @ W.T (+ bias)`` for a bitmap weight given by its tensors; x2d is (N, in_features).
-
-    Runs the CUDA kernel unconditionally (raises `launch.KernelUnavailable` where it cannot run).
-    `out`, if given, is the (N, out_features) contiguous result buffer (tests poison it first)."""
-    check_inputs(x2d, masks, values, offsets, out_features, in_features, bias)
-    cfg = resolve_config(x2d, masks, values, offsets, out_features, in_features, bias, config)
-    n = x2d.shape[0]
-    y = launch.output_buffer(out, n, out_features, x2d)
-    if n == 0:
-        return y
-    xk, ldx, kx = launch.prepare_activations(x2d, in_features)
-    bias = None if bias is None else bias.contiguous()
-    mt, kt = _grid_shape(out_features, in_features)
-    kernel = launch.get_kernel(SOURCE, KERNEL, cfg.defines(FORMAT), x2d.dtype, x2d.device, cfg.smem_bytes(FORMAT))
-    blocks_m = -(-mt // cfg.strips)
-    blocks_n = -(-n // cfg.nrows)
-    split = cfg.split_k
-    if split == 0:
-        sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count
-        bpe = values.numel() * values.element_size() / (out_features * in_features) + 1 / 8
-        split = configs.auto_split_k(kt, blocks_m * blocks_n, sms * max(kernel.occupancy, 1),
-                                     min(n, cfg.nrows), in_features, bpe)
-    splits, per_split = launch.split_plan(kt, split)
-    ws = torch.zeros((n, out_features), dtype=torch.float32, device=x2d.device) if splits > 1 else None
-    with torch.cuda.device(x2d.device):
-        stream = launch.current_stream(x2d.device)
-        kernel.launch(
-            (blocks_m, splits, blocks_n),
-            [
-                # pointers
-                ptr(xk), ptr(masks), ptr(values), ptr(offsets), ptr(bias), ptr(y), ptr(ws),
-                # sizes
-                i32(out_features), i32(n), i32(ldx), i32(kx), i32(kt), i32(mt), i32(per_split),
-            ],
-            stream,
-        )
-        if ws is not None:
-            launch.run_splitk_finalize(ws, bias, y, stream)
-    return y
+    """``x2d @ W.T (+ bias)`` for a bitmap weight given by its tensors (see `CudaKernel.run`)."""
+    return KERNEL.run(x2d, [masks, values, offsets], out_features, in_features, bias, config, out)
 
 
 def linear(x2d: torch.Tensor, weight: BitmapWeight, bias: Optional[torch.Tensor] = None,
            config: Optional[configs.LaunchConfig] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`bitmap_linear` on a `BitmapWeight`."""
     return bitmap_linear(x2d, weight.masks, weight.values, weight.offsets, *weight.shape, bias, config, out)
-
-
-_declined: set[str] = set()
-
-
-def _decline(reason: str) -> None:
-    if reason not in _declined:
-        _declined.add(reason)
-        warnings.warn(f"flashllm: bitmap CUDA kernel not used ({reason}); running the reference path",
-                      stacklevel=4)
-    return None
-
-
-def fast_kernel(x: torch.Tensor, tensors: list[torch.Tensor], out_features: int, in_features: int,
-                bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The `FAST_KERNELS` entry: the product, or None to let the reference path run."""
-    if x.dtype not in DTYPES:
-        return None  # float32 weights: served by the reference path by design, no warning
-    if len(tensors) != 3:
-        raise ValueError(f"the bitmap format has 3 tensors (masks, values, offsets), got {len(tensors)}")
-    x2d = x.reshape(-1, in_features)
-    if x2d.shape[0] > configs.MAX_FAST_N:
-        return None  # prefill-sized batches: decode once + dense GEMM is the faster plan
-    masks, values, offsets = tensors
-    if torch.cuda.get_device_capability(x.device) < launch.MIN_CAPABILITY:
-        return _decline(f"compute capability {torch.cuda.get_device_capability(x.device)} < 8.0")
-    if any(t.data_ptr() % 16 for t in (masks, values)) or not all(t.is_contiguous() for t in tensors):
-        return _decline("weight tensors not contiguous or not 16-byte aligned")
-    try:
-        y = bitmap_linear(x2d, masks, values, offsets, out_features, in_features, bias)
-    except launch.KernelUnavailable as exc:
-        return _decline(str(exc))
-    return y.reshape(*x.shape[:-1], out_features)

@@ -1,0 +1,167 @@
+"""What both CUDA kernels share: input checks, launch-config choice, the launch, the fast-path entry.
+
+EXPERIMENTAL: written and compiled without a GPU; until scripts/device_check.sh has passed on one,
+the kernels are registered only when ``FLASHLLM_CUDA_KERNELS=1`` (see `register_cuda_kernels`).
+
+A `CudaKernel` describes one format's kernel (its source, tile grid and tensors); `run` always runs
+it and raises for inputs it cannot take, `fast_kernel` is the `flashllm::sparse_linear` entry,
+returning None (so the reference path runs) for inputs the kernel does not serve: float32, old
+GPUs, batches above `configs.MAX_FAST_N`, misaligned tensors or no NVRTC, warning once per reason.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from . import configs, launch
+from .launch import i32, ptr
+
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: Optional[torch.dtype]  # None: the activations' dtype
+    numel: Optional[Callable[[int, int], int]] = None  # from the tile grid (rows, cols); None: free
+    aligned: bool = False  # must start on 16 bytes (vector loads)
+
+
+@dataclass(frozen=True)
+class CudaKernel:
+    format: str  # the configs key and the format's name
+    label: str  # for messages
+    source: str
+    kernel: str
+    tile: tuple[int, int]  # rows x cols of one tile of the format's grid
+    tensors: tuple[TensorSpec, ...]
+    payload: str  # the tensor whose length grows with the non-zeros
+    _declined: set = field(default_factory=set, compare=False, repr=False)
+
+    def grid(self, out_features: int, in_features: int) -> tuple[int, int]:
+        return -(-out_features // self.tile[0]), -(-in_features // self.tile[1])
+
+    def check_inputs(self, x2d: torch.Tensor, tensors: list[torch.Tensor], out_features: int, in_features: int,
+                     bias: Optional[torch.Tensor]) -> None:
+        """Raise for inputs no kernel could compute correctly (the messages name what is wrong)."""
+        if x2d.dim() != 2 or x2d.shape[1] != in_features:
+            raise ValueError(f"x must be (N, {in_features}), got {tuple(x2d.shape)}")
+        if x2d.dtype not in DTYPES:
+            raise TypeError(f"the {self.label} CUDA kernel takes float16 or bfloat16, got {x2d.dtype}")
+        if len(tensors) != len(self.tensors):
+            names = ", ".join(s.name for s in self.tensors)
+            raise ValueError(f"the {self.format} format has {len(self.tensors)} tensors ({names}), got {len(tensors)}")
+        mt, kt = self.grid(out_features, in_features)
+        for spec, t in zip(self.tensors, tensors):
+            dtype = spec.dtype or x2d.dtype
+            if t.device != x2d.device:
+                raise ValueError(f"{self.format} {spec.name} is on {t.device}, x on {x2d.device}")
+            if t.dtype != dtype or t.dim() != 1 or not t.is_contiguous():
+                raise TypeError(f"{self.format} {spec.name} must be a contiguous 1-D {dtype} tensor, "
+                                f"got {t.dtype} {tuple(t.shape)}")
+            if spec.numel is not None and t.numel() != spec.numel(mt, kt):
+                raise ValueError(f"{self.format} {spec.name} has {t.numel()} entries; a ({out_features} x "
+                                 f"{in_features}) weight needs {spec.numel(mt, kt)}")
+            launch.check_aligned(f"{self.format} {spec.name}", t, 16 if spec.aligned else 4)
+        if bias is not None and (bias.shape != (out_features,) or bias.dtype != x2d.dtype or bias.device != x2d.device):
+            raise ValueError(f"bias must be ({out_features},) {x2d.dtype} on {x2d.device}, "
+                             f"got {tuple(bias.shape)} {bias.dtype}")
+        if not x2d.is_cuda:
+            raise ValueError(f"the {self.label} CUDA kernel needs CUDA tensors; x is on {x2d.device}")
+
+    def sparsity_of(self, tensors: list[torch.Tensor], out_features: int, in_features: int) -> float:
+        """Sparsity estimated from the stored length (metadata only: no device sync)."""
+        payload = tensors[[s.name for s in self.tensors].index(self.payload)]
+        return max(0.0, 1.0 - payload.numel() / (out_features * in_features))
+
+    def resolve_config(self, x2d: torch.Tensor, tensors: list[torch.Tensor], out_features: int, in_features: int,
+                       bias: Optional[torch.Tensor], config: Optional[configs.LaunchConfig]) -> configs.LaunchConfig:
+        if config is not None:
+            return config.validate(self.format)
+        arch = configs.arch_key(torch.cuda.get_device_capability(x2d.device))
+        n, sparsity = x2d.shape[0], self.sparsity_of(tensors, out_features, in_features)
+        if (configs.retune_requested() and not torch.cuda.is_current_stream_capturing()
+                and configs.lookup(arch, self.format, out_features, in_features, n, sparsity) is None):
+            best, _, _ = launch.tune(
+                lambda c: self.run(x2d, tensors, out_features, in_features, bias, c),
+                configs.tuning_candidates(self.format, n, sparsity, self.grid(out_features, in_features)[1]),
+            )
+            configs.remember(configs.key_for(arch, self.format, out_features, in_features, n, sparsity), best)
+            return best
+        return configs.get_config(arch, self.format, out_features, in_features, n, sparsity)
+
+    def run(self, x2d: torch.Tensor, tensors: list[torch.Tensor], out_features: int, in_features: int,
+            bias: Optional[torch.Tensor] = None, config: Optional[configs.LaunchConfig] = None,
+            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x2d @ W.T (+ bias)`` for a weight given by its tensors; x2d is (N, in_features).
+
+        Runs the kernel unconditionally (raises `launch.KernelUnavailable` where it cannot run).
+        `out`, if given, is the (N, out_features) contiguous result buffer (tests poison it first)."""
+        self.check_inputs(x2d, tensors, out_features, in_features, bias)
+        cfg = self.resolve_config(x2d, tensors, out_features, in_features, bias, config)
+        n = x2d.shape[0]
+        y = launch.output_buffer(out, n, out_features, x2d)
+        if n == 0:
+            return y
+        xk, ldx, kx = launch.prepare_activations(x2d, in_features)
+        bias = None if bias is None else bias.contiguous()
+        mt, kt = self.grid(out_features, in_features)
+        kernel = launch.get_kernel(self.source, self.kernel, cfg.defines(self.format), x2d.dtype, x2d.device,
+                                   cfg.smem_bytes(self.format))
+        blocks_m = -(-mt // cfg.strips)
+        blocks_n = -(-n // cfg.nrows)
+        split = cfg.split_k
+        if split == 0:
+            sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count
+            bytes_per_element = sum(t.numel() * t.element_size() for t in tensors) / (out_features * in_features)
+            split = configs.auto_split_k(kt, blocks_m * blocks_n, sms * max(kernel.occupancy, 1),
+                                         min(n, cfg.nrows), in_features, bytes_per_element)
+        splits, per_split = launch.split_plan(kt, split)
+        ws = torch.zeros((n, out_features), dtype=torch.float32, device=x2d.device) if splits > 1 else None
+        with torch.cuda.device(x2d.device):
+            stream = launch.current_stream(x2d.device)
+            kernel.launch(
+                (blocks_m, splits, blocks_n),
+                [
+                    # pointers: activations, the format's tensors, bias, output, split-K workspace
+                    ptr(xk), *(ptr(t) for t in tensors), ptr(bias), ptr(y), ptr(ws),
+                    # sizes
+                    i32(out_features), i32(n), i32(ldx), i32(kx), i32(kt), i32(mt), i32(per_split),
+                ],
+                stream,
+            )
+            if ws is not None:
+                launch.run_splitk_finalize(ws, bias, y, stream)
+        return y
+
+    def _decline(self, reason: str) -> None:
+        if reason not in self._declined:
+            self._declined.add(reason)
+            warnings.warn(f"flashllm: {self.label} CUDA kernel not used ({reason}); running the reference path",
+                          stacklevel=4)
+        return None
+
+    def fast_kernel(self, x: torch.Tensor, tensors: list[torch.Tensor], out_features: int, in_features: int,
+                    bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The `FAST_KERNELS` entry: the product, or None to let the reference path run."""
+        if x.dtype not in DTYPES:
+            return None  # float32 weights: served by the reference path by design, no warning
+        if len(tensors) != len(self.tensors):
+            raise ValueError(f"the {self.format} format has {len(self.tensors)} tensors, got {len(tensors)}")
+        x2d = x.reshape(-1, in_features)
+        if x2d.shape[0] > configs.MAX_FAST_N:
+            return None  # prefill-sized batches: decode once + dense GEMM is the faster plan
+        if torch.cuda.get_device_capability(x.device) < launch.MIN_CAPABILITY:
+            return self._decline(f"compute capability {torch.cuda.get_device_capability(x.device)} < 8.0")
+        misaligned = any(s.aligned and t.data_ptr() % 16 for s, t in zip(self.tensors, tensors))
+        if misaligned or not all(t.is_contiguous() for t in tensors):
+            return self._decline("weight tensors not contiguous or not 16-byte aligned")
+        try:
+            y = self.run(x2d, tensors, out_features, in_features, bias)
+        except launch.KernelUnavailable as exc:
+            return self._decline(str(exc))
+        return y.reshape(*x.shape[:-1], out_features)
