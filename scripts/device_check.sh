@@ -5,16 +5,23 @@
 #   OUT=/tmp/out bash scripts/device_check.sh
 #
 # Steps (each under its own time limit; a failing step is reported and the next one still runs):
-#   1. environment: GPU, driver, torch, NVRTC                                       (~10 s)
-#   2. smoke: one small product per format against float64                         (~15 s)
+#   1. environment: GPU, driver, torch, NVRTC                                       (~5 s)
+#   2. smoke: one small product per format against float64                         (~10 s)
 #   3. pytest -m gpu: the kernels' correctness grid, every config variant, spmm/SparseLinear
-#      dispatch, torch.compile, CUDA graphs; CUDA-graph decoding of a sparse model  (~1-2 min)
-#   4. compute-sanitizer memcheck and racecheck on small shapes                    (~2 min)
-#   5. flashllm bench kernels --quick: CSV + PNG + table                            (~2 min)
-# Writes under $OUT (./out when unset): device_check.log, pytest_gpu.log, sanitizer_*.log,
-# kernels.csv, kernels_speedup.png, bench.log. The last lines printed are the summary.
-# DEVICE_CHECK_TUNE=1 adds a short launch-config tuning run (tune.log, tuned.json).
-# DEVICE_CHECK_E2E=1 adds a short end-to-end decode run, Llama-2-7B dense vs 50%/80% (e2e.csv, ~2 min).
+#      dispatch, torch.compile, CUDA graphs; CUDA-graph decoding of a sparse model  (~1 min)
+#   4. DEVICE_CHECK_TUNE=1: tune the launch configs on the --quick shapes (tuned.json, tune.log);
+#      the steps below then run with them (FLASHLLM_KERNEL_CONFIGS)                (~2 min)
+#   5. flashllm bench kernels --quick: CSV + PNG + table                            (~1 min)
+#      DEVICE_CHECK_BF16=1 repeats it in bf16 against cuBLAS (kernels_bf16.csv)     (~30 s)
+#   6. DEVICE_CHECK_NCU=1: Nsight Compute sections of one launch per format (ncu.log) (~1 min)
+#   7. compute-sanitizer memcheck and racecheck on small shapes                    (~1 min)
+#   8. DEVICE_CHECK_E2E=1: Llama-2-7B decode, dense vs 50%/80% (e2e.csv, e2e.png)   (~1 min)
+# Writes device_check.log under $OUT (./out when unset) and everything else into $OUT/results.tgz
+# (the device tool returns at most 8 files). The last lines printed are the summary.
+# Step limits in seconds: PYTEST_LIMIT (300), TUNE_LIMIT (240), BENCH_LIMIT (300), NCU_LIMIT (150),
+# SANITIZER_LIMIT (150 per tool), E2E_LIMIT (240). SANITIZER_TOOLS="memcheck" skips racecheck,
+# SANITIZER_TOOLS=none both. BENCH_BASELINES (default: all) limits the benchmark's baselines.
+# DEVICE_CHECK_TESTS=0 skips step 3 (a profiling-only run).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -26,7 +33,7 @@ exec > >(tee -a "$LOG") 2>&1
 
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-export FLASHLLM_CUDA_KERNELS=1
+unset FLASHLLM_CUDA_KERNELS  # the kernels are on by default: test that
 export FLASHLLM_CACHE_DIR="${FLASHLLM_CACHE_DIR:-/tmp/flashllm-cubin}"
 export PYTHONUNBUFFERED=1
 declare -A STATUS
@@ -82,14 +89,73 @@ raise SystemExit(0 if ok else 1)
 EOF
 STATUS[smoke]=$?
 
-step "3. GPU tests"
-PYTEST_TIMEOUT=()
-"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_TIMEOUT=(--timeout 120)
-timeout 300 "$PY" -m pytest tests/test_kernels_cuda.py tests/test_decode.py -m gpu -q -rfEs -p no:cacheprovider "${PYTEST_TIMEOUT[@]}" \
-  --maxfail 20 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 40
-STATUS[pytest]=${PIPESTATUS[0]}
+if [ "${DEVICE_CHECK_TESTS:-1}" = "1" ]; then
+  step "3. GPU tests"
+  PYTEST_TIMEOUT=()
+  "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_TIMEOUT=(--timeout 120)
+  timeout "${PYTEST_LIMIT:-300}" "$PY" -m pytest tests/test_kernels_cuda.py tests/test_decode.py -m gpu -q -rfEs \
+    -p no:cacheprovider "${PYTEST_TIMEOUT[@]}" --maxfail 20 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 40
+  STATUS[pytest]=${PIPESTATUS[0]}
+fi
 
-step "4. compute-sanitizer (small shapes)"
+if [ "${DEVICE_CHECK_TUNE:-0}" = "1" ]; then
+  step "4. tuning (DEVICE_CHECK_TUNE=1)"
+  timeout "${TUNE_LIMIT:-240}" "$PY" -m flashllm.bench.kernels --tune \
+    --shapes "${TUNE_SHAPES:-opt-66b.qkv,opt-66b.out,llama-3-70b.down,llama-2-7b.up}" \
+    --n "${TUNE_N:-1,16,64}" --sparsity "${TUNE_SPARSITY:-0.5,0.8}" --warmup 5 --rep 20 \
+    --write-configs "$OUT/tuned.json" 2>&1 | tee "$OUT/tune.log" | grep -v "^#\|^  " | tail -n 60
+  STATUS[tune]=${PIPESTATUS[0]}
+  [ -f "$OUT/tuned.json" ] && export FLASHLLM_KERNEL_CONFIGS="$OUT/tuned.json"
+fi
+
+step "5. benchmark (--quick${FLASHLLM_KERNEL_CONFIGS:+, tuned configs})"
+timeout "${BENCH_LIMIT:-300}" "$PY" -m flashllm.bench.kernels --quick --baselines "${BENCH_BASELINES:-cublas,csr,2:4}" \
+  --out "$OUT" --warmup 10 --rep 60 2>&1 | tee "$OUT/bench.log" | grep -v "^  " | tail -n 90
+STATUS[bench]=${PIPESTATUS[0]}
+
+if [ "${DEVICE_CHECK_BF16:-0}" = "1" ]; then
+  step "5b. benchmark, bf16 (DEVICE_CHECK_BF16=1)"
+  timeout "${BENCH_LIMIT:-300}" "$PY" -m flashllm.bench.kernels --quick --dtype bf16 --baselines cublas --out "$OUT" \
+    --csv "$OUT/kernels_bf16.csv" --no-plot --warmup 10 --rep 60 2>&1 \
+    | tee "$OUT/bench_bf16.log" | grep -v "^  " | tail -n 40
+  STATUS[bench_bf16]=${PIPESTATUS[0]}
+fi
+
+if [ "${DEVICE_CHECK_NCU:-0}" = "1" ]; then
+  step "6. Nsight Compute (DEVICE_CHECK_NCU=1)"
+  NCU_PY=/tmp/flashllm_ncu.py
+  cat > "$NCU_PY" <<'EOF'
+# One warm-up launch per format (compiles), then the profiled ones: Llama-2-7B up_proj, N = 16.
+import torch
+from flashllm.formats import BitmapWeight, TiledCSLWeight
+from flashllm.kernels import bitmap_cuda, tiled_csl_cuda
+torch.manual_seed(0)
+x = torch.randn(16, 4096, device="cuda", dtype=torch.float16)
+work = []
+for cls, mod, s in ((BitmapWeight, bitmap_cuda, 0.5), (TiledCSLWeight, tiled_csl_cuda, 0.8)):
+    w = torch.randn(11008, 4096, device="cuda", dtype=torch.float16)
+    w[torch.rand_like(w, dtype=torch.float32) < s] = 0
+    work.append((mod, cls.from_dense(w)))
+for _ in range(2):
+    for mod, weight in work:
+        mod.linear(x, weight)
+torch.cuda.synchronize()
+EOF
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+  if [ -n "$NCU" ]; then
+    timeout "${NCU_LIMIT:-150}" "$NCU" --kernel-name regex:"flashllm_(bitmap|tiled)" --launch-skip 2 --launch-count 2 \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section SchedulerStats --section MemoryWorkloadAnalysis --section InstructionStats \
+      "$PY" "$NCU_PY" > "$OUT/ncu.log" 2>&1
+    STATUS[ncu]=$?
+    grep -E "^  flashllm|Duration|Throughput|Occupancy|Block Limit|Registers Per|Issued Ipc|No Eligible|Warp Cycles Per Issued|Grid Size|Waves" \
+      "$OUT/ncu.log" | head -n 80
+  else
+    echo "ncu not found"; STATUS[ncu]=127
+  fi
+fi
+
+step "7. compute-sanitizer (small shapes)"
 SAN=/tmp/flashllm_sanitize.py
 cat > "$SAN" <<'EOF'
 import torch
@@ -111,8 +177,9 @@ print("sanitizer workload done")
 EOF
 export FLASHLLM_LINEINFO=1
 if command -v compute-sanitizer >/dev/null; then
-  for tool in memcheck racecheck; do
-    timeout 150 compute-sanitizer --tool "$tool" --error-exitcode 3 --print-limit 20 "$PY" "$SAN" \
+  for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
+    [ "$tool" = none ] && continue
+    timeout "${SANITIZER_LIMIT:-150}" compute-sanitizer --tool "$tool" --error-exitcode 3 --print-limit 20 "$PY" "$SAN" \
       > "$OUT/sanitizer_$tool.log" 2>&1
     STATUS[$tool]=$?
     tail -n 6 "$OUT/sanitizer_$tool.log"
@@ -122,32 +189,22 @@ else
 fi
 unset FLASHLLM_LINEINFO
 
-step "5. benchmark (--quick)"
-timeout 300 "$PY" -m flashllm.bench.kernels --quick --out "$OUT" --warmup 10 --rep 60 2>&1 \
-  | tee "$OUT/bench.log" | grep -v "^  " | tail -n 90
-STATUS[bench]=${PIPESTATUS[0]}
-
-if [ "${DEVICE_CHECK_TUNE:-0}" = "1" ]; then
-  step "6. tuning (DEVICE_CHECK_TUNE=1)"
-  timeout 240 "$PY" -m flashllm.bench.kernels --tune --shapes opt-66b.out,llama-2-7b.up --n 1,16 \
-    --sparsity 0.5,0.8 --tune-reps 10 --write-configs "$OUT/tuned.json" 2>&1 | tee "$OUT/tune.log" | tail -n 30
-  STATUS[tune]=${PIPESTATUS[0]}
-fi
-
 if [ "${DEVICE_CHECK_E2E:-0}" = "1" ]; then
-  step "7. end to end (DEVICE_CHECK_E2E=1)"
-  timeout 240 "$PY" -m flashllm.cli bench e2e --models llama-2-7b --sparsities 0.5,0.8 --batch 1,16 \
+  step "8. end to end (DEVICE_CHECK_E2E=1)"
+  timeout "${E2E_LIMIT:-240}" "$PY" -m flashllm.cli bench e2e --models llama-2-7b --sparsities 0.5,0.8 --batch 1,16 \
     --new-tokens 64 --predict --csv "$OUT/e2e.csv" --plot "$OUT/e2e.png" 2>&1 | tee "$OUT/e2e.log" | tail -n 20
   STATUS[e2e]=${PIPESTATUS[0]}
 fi
 
 step "summary ($(( $(date +%s) - T0 ))s)"
-grep -E "passed|failed|error" "$OUT/pytest_gpu.log" | tail -n 1
-for k in env smoke pytest memcheck racecheck bench tune e2e; do
+[ -f "$OUT/pytest_gpu.log" ] && grep -E "passed|failed|error" "$OUT/pytest_gpu.log" | tail -n 1
+for k in env smoke pytest tune bench bench_bf16 ncu memcheck racecheck e2e; do
   [ -n "${STATUS[$k]+x}" ] && printf '  %-10s %s\n' "$k" "$([ "${STATUS[$k]}" = 0 ] && echo ok || echo "FAILED (exit ${STATUS[$k]})")"
 done
 grep -A 200 "^geomean speedup" "$OUT/bench.log" | head -n 60
-echo "files: $(ls "$OUT" | tr '\n' ' ')"
+(cd "$OUT" && tar czf /tmp/flashllm_results.tgz --exclude device_check.log . && \
+  find . -mindepth 1 ! -name device_check.log -delete && mv /tmp/flashllm_results.tgz results.tgz)
+echo "files: $(ls "$OUT" | tr '\n' ' ')(results.tgz: $(tar tzf "$OUT/results.tgz" | tr '\n' ' '))"
 fail=0
 for k in env smoke pytest bench; do [ "${STATUS[$k]:-1}" = 0 ] || fail=1; done
 exit $fail

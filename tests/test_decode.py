@@ -34,13 +34,36 @@ def test_static_decoder_bad_input():
         decoder.generate(torch.zeros(2, 4, dtype=torch.long), 0)
 
 
+@pytest.fixture
+def cuda_kernels(request):
+    """Register the CUDA kernels for the test (param True) or take them out (False), then restore."""
+    from flashllm.kernels import FAST_KERNELS, register_cuda_kernels, unregister_cuda_kernels
+
+    saved = dict(FAST_KERNELS)
+    (register_cuda_kernels if request.param else unregister_cuda_kernels)()
+    yield request.param
+    FAST_KERNELS.clear()
+    FAST_KERNELS.update(saved)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/device_check.sh runs it)")
-def test_cuda_graph_decode_matches_eager():
+@pytest.mark.parametrize("cuda_kernels", [True, False], ids=["kernels", "reference"], indirect=True)
+@pytest.mark.parametrize("fmt", ["bitmap", "tiled_csl"])
+def test_cuda_graph_decode_matches_eager(fmt, cuda_kernels):
+    from flashllm.kernels import kernel_path
+
     model = build("llama", torch.float16).cuda()
     prune_(model, 0.5, progress=False)
-    sparsify_(model, progress=False)
     ids = torch.randint(0, VOCAB, (2, 7), device="cuda")
+    with torch.no_grad():
+        dense_logits = model(ids).logits.double()
+    sparsify_(model, format=fmt, progress=False)
+    assert kernel_path(fmt, "cuda").startswith("fast") == cuda_kernels
+    with torch.no_grad():
+        sparse_logits = model(ids).logits.double()
+    # Same pruned weights, different fp16 summation order: agree within half precision.
+    assert (sparse_logits - dense_logits).abs().max().item() <= 2e-2 * dense_logits.abs().max().item() + 1e-3
     eager = StaticDecoder(model, 2, 32, cuda_graph=False).generate(ids, 12)
     graphed = StaticDecoder(model, 2, 32, cuda_graph=True)
     result = graphed.generate(ids, 12)

@@ -269,14 +269,19 @@ def test_invalid_configs_are_refused():
 
 
 def test_auto_split_k():
-    # few row blocks: split until the SM slots are full, but keep 4 tiles per split
+    # few row blocks: split until the SM slots are filled four times over, at most 16 ways
     assert configs.auto_split_k(k_tiles=112, blocks_mn=112, slots=132 * 4, n=16, in_features=7168,
-                                bytes_per_element=0.5) == 5
+                                bytes_per_element=0.5) == 16
+    assert configs.auto_split_k(k_tiles=112, blocks_mn=300, slots=132 * 4, n=16, in_features=7168,
+                                bytes_per_element=0.5) == 8
+    # but keep 4 tiles per split
     assert configs.auto_split_k(k_tiles=8, blocks_mn=4, slots=1000, n=1, in_features=512, bytes_per_element=1) == 2
     # plenty of blocks: no split
-    assert configs.auto_split_k(k_tiles=144, blocks_mn=576, slots=528, n=16, in_features=9216, bytes_per_element=1) == 1
-    # large N: the fp32 reductions would cost more than a quarter of the weight bytes
-    assert configs.auto_split_k(k_tiles=112, blocks_mn=10, slots=528, n=128, in_features=7168, bytes_per_element=0.3) == 1
+    assert configs.auto_split_k(k_tiles=144, blocks_mn=2200, slots=528, n=16, in_features=9216,
+                                bytes_per_element=1) == 1
+    # large N: the fp32 partial sums may not outweigh the weight's own bytes
+    assert configs.auto_split_k(k_tiles=112, blocks_mn=10, slots=528, n=128, in_features=7168,
+                                bytes_per_element=0.3) == 4
 
 
 def test_config_table_round_trip(tmp_path, monkeypatch):
@@ -292,7 +297,8 @@ def test_config_table_round_trip(tmp_path, monkeypatch):
     monkeypatch.setenv("FLASHLLM_KERNEL_CONFIGS", str(path))
     monkeypatch.setattr(configs, "_overlay", None)
     assert configs.lookup("sm90", "bitmap", 7168, 7168, 16, 0.8) == table[("sm90", "bitmap", "m8k-k8k", 16, "80")]
-    assert configs.lookup("sm90", "bitmap", 7168, 7168, 16, 0.5) == configs.TUNED[("sm90", "bitmap", "*", 16, "50")]
+    assert configs.lookup("sm90", "bitmap", 7168, 7168, 16, 0.5) is None  # neither there nor measured
+    assert configs.lookup("sm90", "bitmap", 11008, 4096, 16, 0.5) == configs.TUNED[("sm90", "bitmap", "m16k-k8k", 16, "50")]
     monkeypatch.setattr(configs, "_overlay", None)
 
 
@@ -314,11 +320,11 @@ def test_importing_and_registration_touch_no_gpu_library():
         "print(sorted(FAST_KERNELS), torch.cuda.is_initialized(), 'cupy' in sys.modules)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "FLASHLLM_CUDA_KERNELS"}
-    off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert on.stdout.strip() == "[(1, 'cuda'), (2, 'cuda')] False False"  # registered by default
+    off = subprocess.run([sys.executable, "-c", code], env={**env, "FLASHLLM_CUDA_KERNELS": "0"},
+                         capture_output=True, text=True, check=True)
     assert off.stdout.strip() == "[] False False"
-    on = subprocess.run([sys.executable, "-c", code], env={**env, "FLASHLLM_CUDA_KERNELS": "1"},
-                        capture_output=True, text=True, check=True)
-    assert on.stdout.strip() == "[(1, 'cuda'), (2, 'cuda')] False False"
 
 
 def test_fast_kernels_decline_float32_without_touching_cuda():

@@ -8,6 +8,7 @@ and 1; split-K on and off; float16 and bfloat16; every launch configuration the 
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import replace
 
 import pytest
@@ -17,13 +18,16 @@ import torch.nn.functional as F
 import flashllm
 from flashllm.formats import BitmapWeight, TiledCSLWeight
 from flashllm.kernels import FAST_KERNELS, configs, launch, register_cuda_kernels, unregister_cuda_kernels
-from flashllm.kernels import bitmap_cuda, spmm as spmm_module, tiled_csl_cuda
+from flashllm.kernels import bitmap_cuda, tiled_csl_cuda
 from flashllm.kernels.configs import LaunchConfig
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/device_check.sh runs these)"),
 ]
+
+# The package re-exports the function `spmm` under the submodule's name: fetch the module itself.
+spmm_module = importlib.import_module("flashllm.kernels.spmm")
 
 FORMATS = {"bitmap": (BitmapWeight, bitmap_cuda), "tiled_csl": (TiledCSLWeight, tiled_csl_cuda)}
 DTYPES = (torch.float16, torch.bfloat16)
@@ -108,15 +112,19 @@ def test_tiled_csl_dense_tiles_reload(sparsity, words):
 
 
 def test_kernel_reports_no_spills():
+    problems = []
     for fmt, cfgs in (("bitmap", _shipped("bitmap")), ("tiled_csl", _shipped("tiled_csl"))):
         _, module = FORMATS[fmt]
         for cfg in cfgs:
-            kernel = launch.get_kernel(module.SOURCE, module.KERNEL, cfg.defines(fmt), torch.float16,
-                                       torch.device("cuda"), cfg.smem_bytes(fmt))
-            assert kernel.local_bytes == 0, f"{fmt} {cfg}: {kernel.local_bytes} bytes of local memory (spills)"
-            assert kernel.occupancy >= 1, f"{fmt} {cfg} cannot be resident"
-            print(f"{fmt} {cfg}: {kernel.registers} registers, {cfg.smem_bytes(fmt)} B smem, "
-                  f"{kernel.occupancy} blocks/SM")
+            for dtype in DTYPES:
+                kernel = launch.get_kernel(module.KERNEL.source, module.KERNEL.kernel, cfg.defines(fmt), dtype,
+                                           torch.device("cuda"), cfg.smem_bytes(fmt))
+                report = (f"{fmt} {cfg} {dtype}: {kernel.registers} registers, {kernel.local_bytes} B local, "
+                          f"{cfg.smem_bytes(fmt)} B smem, {kernel.occupancy} blocks/SM")
+                print(report)
+                if kernel.local_bytes or kernel.occupancy < 1:
+                    problems.append(report)
+    assert not problems, "local memory (spills) or no resident block:\n" + "\n".join(problems)
 
 
 # --- activations the launcher must copy first ----------------------------------------------------
@@ -142,9 +150,11 @@ def test_repeatable_without_split(fmt):
 # --- through spmm, SparseLinear, torch.compile and CUDA graphs -----------------------------------
 @pytest.fixture
 def registered():
+    saved = dict(FAST_KERNELS)  # restore whatever the import registered
     register_cuda_kernels()
     yield
     unregister_cuda_kernels()
+    FAST_KERNELS.update(saved)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

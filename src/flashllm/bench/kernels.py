@@ -178,7 +178,7 @@ class Method:
 def sparse_methods(w: torch.Tensor, x: torch.Tensor, formats: list[str], fast: bool) -> list[Method]:
     """flashllm's formats: the CUDA kernels when `fast`, otherwise the reference path (`spmm`)."""
     from ..formats import get_format
-    from ..kernels import spmm
+    from ..kernels.spmm import reference_linear
 
     out = []
     for fmt in formats:
@@ -188,12 +188,14 @@ def sparse_methods(w: torch.Tensor, x: torch.Tensor, formats: list[str], fast: b
 
             module = bitmap_cuda if fmt == "bitmap" else tiled_csl_cuda
             arch = configs.arch_key(torch.cuda.get_device_capability(x.device))
-            stored = weight.values if fmt == "bitmap" else weight.words
+            tensors = list(weight.tensors().values())
             cfg = configs.get_config(arch, fmt, *weight.shape, x.shape[0],
-                                     module.sparsity_of(stored, *weight.shape))
+                                     module.KERNEL.sparsity_of(tensors, *weight.shape))
             out.append(Method(fmt, lambda m=module, wt=weight, c=cfg: m.linear(x, wt, None, c), weight.nbytes, str(cfg)))
         else:
-            out.append(Method(f"{fmt} (reference)", lambda wt=weight: spmm(x, wt), weight.nbytes))
+            # The reference path itself, even where `spmm` would pick a registered kernel.
+            out.append(Method(f"{fmt} (reference)", lambda wt=weight: reference_linear(
+                x, list(wt.tensors().values()), wt.format_code, *wt.shape, None), weight.nbytes))
     return out
 
 
@@ -415,6 +417,7 @@ def tune(args) -> int:
     dtype = DTYPES[args.dtype]
     arch = configs.arch_key(torch.cuda.get_device_capability(device))
     gen = torch.Generator(device=device).manual_seed(args.seed)
+    timer = _timer(device, args.warmup, args.rep)
     table: dict[tuple, configs.LaunchConfig] = {}
     for name, m, k in resolve_shapes(args.shapes):
         for n in args.n:
@@ -425,24 +428,34 @@ def tune(args) -> int:
                     module = bitmap_cuda if fmt == "bitmap" else tiled_csl_cuda
                     weight = get_format(fmt).from_dense(w)
                     kt = -(-k // 64)
+                    # The benchmark's own timing (graph replay, L2 flushed), so the winners are
+                    # what `flashllm bench kernels` will measure.
                     best, best_ms, timings = launch.tune(
                         lambda c, module=module, x=x, weight=weight: module.linear(x, weight, None, c),
-                        configs.tuning_candidates(fmt, n, s, kt), reps=args.tune_reps,
+                        configs.tuning_candidates(fmt, n, s, kt),
+                        timer=lambda fn: timer(_graphed(fn, device)[0]),
                     )
                     default = next((ms for ms, c in timings if c == configs.default_config(fmt, n, s)), float("nan"))
                     key = configs.key_for(arch, fmt, m, k, n, s)
                     table[key] = best
                     print(f"{name:20s} N={n:<4d} s={s:.2f} {fmt:9s} best {best_ms * 1e3:8.1f} us "
                           f"(default {default * 1e3:8.1f} us) {best}", flush=True)
+                    if args.write_configs:  # after every winner, so a run cut short keeps what it found
+                        _merge_into(args.write_configs, {key: best})
                 del w
     print("\n# paste into flashllm/kernels/configs.py TUNED (measured on "
           f"{torch.cuda.get_device_name(device)}):\n{configs.python_literal(table)}")
     if args.write_configs:
-        existing = configs.read_table(args.write_configs) if os.path.exists(args.write_configs) else {}
-        existing.update(table)
-        configs.write_table(args.write_configs, existing)
-        print(f"wrote {len(existing)} entries to {args.write_configs} (use with FLASHLLM_KERNEL_CONFIGS)")
+        print(f"wrote {len(table)} entries to {args.write_configs} (use with FLASHLLM_KERNEL_CONFIGS)")
     return 0
+
+
+def _merge_into(path: str, entries: dict) -> None:
+    from ..kernels import configs
+
+    existing = configs.read_table(path) if os.path.exists(path) else {}
+    existing.update(entries)
+    configs.write_table(path, existing)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,8 +483,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="folder for the CSV and PNG (default: $OUT or ./bench_out)")
     parser.add_argument("--csv", default=None, help="CSV to append to (default: <out>/kernels.csv)")
     parser.add_argument("--no-plot", action="store_true")
-    parser.add_argument("--tune", action="store_true", help="time candidate launch configs instead of benchmarking")
-    parser.add_argument("--tune-reps", type=int, default=20)
+    parser.add_argument("--tune", action="store_true",
+                        help="time candidate launch configs instead of benchmarking (--warmup/--rep per candidate)")
     parser.add_argument("--write-configs", default=None, help="with --tune: JSON table to merge the winners into")
 
 

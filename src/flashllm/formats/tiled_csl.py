@@ -104,7 +104,9 @@ class TiledCSLWeight(SparseWeight):
     def to_dense(self) -> torch.Tensor:
         values, locations = split_words(self.words, self.dtype)
         tile_of_word = torch.arange(self.offsets.numel() - 1, device=self.words.device)
-        tile_of_word = tile_of_word.repeat_interleave(self.offsets.diff().to(torch.int64))
+        # output_size: the total is known, so no device-to-host sync (CUDA graphs can capture this)
+        tile_of_word = tile_of_word.repeat_interleave(self.offsets.diff().to(torch.int64),
+                                                      output_size=self.words.numel())
         # One spare slot per tile takes the sentinel words, as the kernel's shared memory does.
         tiles = torch.zeros(
             (self.offsets.numel() - 1) * (TILE_ELEMS + 1), dtype=self.dtype, device=self.words.device

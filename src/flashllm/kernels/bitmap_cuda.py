@@ -1,8 +1,5 @@
 """The bitmap format's CUDA kernel (``cuda/bitmap_spmm.cu``, SpInfer style): each lane builds its
 tensor-core fragment from the 64-bit block masks with a popcount. Launching is `cuda_op`'s job.
-
-EXPERIMENTAL: until scripts/device_check.sh has passed on a GPU it is registered only when
-``FLASHLLM_CUDA_KERNELS=1`` (see `flashllm.kernels.register_cuda_kernels`).
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
 """Launch configurations of the CUDA kernels: a table keyed by GPU architecture, format, layer shape
 class, batch bucket and sparsity band, and the rules used where the table has no entry.
 
-STATUS: every value below is a guess made without a GPU (from the roofline arithmetic in
-docs/kernels.md and the compiler's register/shared-memory report). None has been measured. A GPU
-session replaces them with measured winners:
+STATUS: the shape-class entries of `TUNED` were measured on an H200 on 2026-11-26 (the Llama-2-7B
+up_proj and OPT-66B out_proj shapes, N 1/16/64, sparsity 0.5/0.8; see BENCHMARKS.md); everything
+else comes from `default_config` and `auto_split_k`, whose rules follow those winners: one 64-row
+strip per bitmap block, 3 stages, Tiled-CSL stages of 2-3K words, and as many K splits as keep each
+split 4 tiles deep, up to 16 (latency, not bandwidth, limits the kernels, so more resident blocks
+win). To tune more shapes or another GPU:
 
     flashllm bench kernels --tune --shapes opt-66b,llama-70b --n 1,8,16,32,64 \\
         --sparsity 0.5,0.7,0.8,0.9 --write-configs tuned.json
@@ -15,8 +18,9 @@ stall of about a second, opt-in) and its winner appended to the file. A user's f
 autotunes otherwise: a missing key falls back to `default_config`.
 
 Lookup order: ``TUNED[(arch, format, shape_class, n_bucket, band)]``, the same with shape class
-``"*"``, then `default_config`. ``split_k == 0`` means "choose at launch from the occupancy" (see
-`auto_split_k`), so a wildcard entry serves every layer shape.
+``"*"``, then `default_config` (with a one-time warning on architectures outside `RULE_FITTED`).
+``split_k == 0`` means "choose at launch from the occupancy" (see `auto_split_k`), so a wildcard
+entry serves every layer shape.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ BANDS = ((0.6, "50"), (0.75, "70"), (0.85, "80"), (1.01, "90"))
 # Above this many activation rows the reference path (decode once, one dense GEMM) is used: the
 # product is no longer memory-bound and the fast kernels would re-decode the weight per 128 rows.
 MAX_FAST_N = int(os.environ.get("FLASHLLM_KERNEL_MAX_N", "256"))
+MAX_AUTO_SPLIT = 16
 
 # Shared-memory layout constants, mirrored from the .cu files (the kernels trap if the launch
 # provides less shared memory than they lay out, so a drift shows as an error, not as corruption).
@@ -98,32 +103,39 @@ class LaunchConfig:
         return 64 * self.strips if fmt == "bitmap" else 128
 
 
-# (arch, format, shape class or "*", n bucket, sparsity band) -> config. GUESSES, see the module
-# docstring; a tune run replaces them with measured values.
+# (arch, format, shape class or "*", n bucket, sparsity band) -> config.
 _B, _C = "bitmap", "tiled_csl"
 TUNED: dict[tuple[str, str, str, int, str], LaunchConfig] = {
-    # bitmap: one strip per block while a strip's A fragments are cheap to share (N <= 16), two
-    # when the activations' staging and ldmatrix traffic is worth halving; deeper pipelines at high
-    # sparsity, where a stage carries fewer bytes.
-    **{("sm90", _B, "*", n, band): LaunchConfig(nrows=max(8, min(n, 128)), strips=1, stages=3)
-       for n in (1, 8, 16) for band in ("50", "70")},
-    **{("sm90", _B, "*", n, band): LaunchConfig(nrows=max(8, min(n, 128)), strips=1, stages=4)
-       for n in (1, 8, 16) for band in ("80", "90")},
-    **{("sm90", _B, "*", n, band): LaunchConfig(nrows=n, strips=2, stages=3)
-       for n in (32, 64) for band in ("50", "70", "80", "90")},
-    **{("sm90", _B, "*", n, band): LaunchConfig(nrows=128, strips=1, stages=3)
-       for n in (128, 256) for band in ("50", "70", "80", "90")},
-    # Tiled-CSL: a stage holds a typical tile of the band (8192 * density words, rounded up with
-    # margin) so only the densest tiles take the slow reload path.
-    **{("sm90", _C, "*", n, "50"): LaunchConfig(nrows=max(8, min(n, 64)), stages=3, words_per_stage=6144)
-       for n in N_BUCKETS},
-    **{("sm90", _C, "*", n, "70"): LaunchConfig(nrows=max(8, min(n, 64)), stages=4, words_per_stage=3072)
-       for n in N_BUCKETS},
-    **{("sm90", _C, "*", n, "80"): LaunchConfig(nrows=max(8, min(n, 64)), stages=4, words_per_stage=2048)
-       for n in N_BUCKETS},
-    **{("sm90", _C, "*", n, "90"): LaunchConfig(nrows=max(8, min(n, 64)), stages=4, words_per_stage=1536)
-       for n in N_BUCKETS},
+    # Measured winners, NVIDIA H200, 2026-11-26 (`flashllm bench kernels --tune`, graph replay, L2
+    # flushed): m16k-k8k from Llama-2-7B up_proj (11008 x 4096), m16k-k16k from OPT-66B out_proj
+    # (9216 x 9216).
+    ("sm90", _B, "m16k-k16k", 1, "50"): LaunchConfig(nrows=8, stages=3, split_k=16),
+    ("sm90", _B, "m16k-k16k", 1, "80"): LaunchConfig(nrows=8, stages=3, split_k=16),
+    ("sm90", _B, "m16k-k16k", 16, "50"): LaunchConfig(nrows=16, stages=3, split_k=16),
+    ("sm90", _B, "m16k-k16k", 16, "80"): LaunchConfig(nrows=16, stages=3, split_k=16),
+    ("sm90", _B, "m16k-k16k", 64, "50"): LaunchConfig(nrows=64, stages=3, split_k=16),
+    ("sm90", _B, "m16k-k16k", 64, "80"): LaunchConfig(nrows=64, stages=3, split_k=16),
+    ("sm90", _B, "m16k-k8k", 1, "50"): LaunchConfig(nrows=8, stages=3, split_k=16),
+    ("sm90", _B, "m16k-k8k", 1, "80"): LaunchConfig(nrows=8, stages=3, split_k=16),
+    ("sm90", _B, "m16k-k8k", 16, "50"): LaunchConfig(nrows=16, stages=3, split_k=16),
+    ("sm90", _B, "m16k-k8k", 16, "80"): LaunchConfig(nrows=16, stages=3, split_k=16),
+    ("sm90", _B, "m16k-k8k", 64, "50"): LaunchConfig(nrows=64, stages=3, split_k=8),
+    ("sm90", _B, "m16k-k8k", 64, "80"): LaunchConfig(nrows=64, stages=3, split_k=8),
+    ("sm90", _C, "m16k-k16k", 1, "50"): LaunchConfig(nrows=8, stages=3, split_k=16, words_per_stage=3072),
+    ("sm90", _C, "m16k-k16k", 1, "80"): LaunchConfig(nrows=8, stages=4, split_k=16, words_per_stage=2048),
+    ("sm90", _C, "m16k-k16k", 16, "50"): LaunchConfig(nrows=16, stages=3, split_k=16, words_per_stage=3072),
+    ("sm90", _C, "m16k-k16k", 16, "80"): LaunchConfig(nrows=16, stages=3, split_k=16, words_per_stage=3072),
+    ("sm90", _C, "m16k-k16k", 64, "50"): LaunchConfig(nrows=64, stages=3, split_k=16, words_per_stage=4096),
+    ("sm90", _C, "m16k-k16k", 64, "80"): LaunchConfig(nrows=64, stages=3, split_k=16, words_per_stage=1024),
+    ("sm90", _C, "m16k-k8k", 1, "50"): LaunchConfig(nrows=8, stages=3, split_k=4, words_per_stage=3072),
+    ("sm90", _C, "m16k-k8k", 1, "80"): LaunchConfig(nrows=8, stages=4, split_k=4, words_per_stage=2048),
+    ("sm90", _C, "m16k-k8k", 16, "50"): LaunchConfig(nrows=16, stages=3, split_k=4, words_per_stage=3072),
+    ("sm90", _C, "m16k-k8k", 16, "80"): LaunchConfig(nrows=16, stages=3, split_k=4, words_per_stage=2048),
+    ("sm90", _C, "m16k-k8k", 64, "50"): LaunchConfig(nrows=64, stages=3, split_k=8, words_per_stage=4096),
+    ("sm90", _C, "m16k-k8k", 64, "80"): LaunchConfig(nrows=64, stages=3, split_k=0, words_per_stage=3072),
 }
+# Architectures whose missing keys the default rules were fitted on: no "untuned" warning there.
+RULE_FITTED = {"sm90"}
 
 
 def arch_key(capability: tuple[int, int]) -> str:
@@ -151,13 +163,14 @@ def nrows_for(n: int, fmt: str) -> int:
 
 
 def default_config(fmt: str, n: int, sparsity: float) -> LaunchConfig:
-    """The rule for keys missing from the table (a guess as well, see the module docstring)."""
+    """The rule for keys missing from the table, fitted to the H200 tuning of 2026-11-26: one strip
+    per bitmap block and 3 stages (more resident blocks beat deeper pipelines); Tiled-CSL stages of
+    2-3K words even where denser tiles need a second load (the occupancy is worth more)."""
     nrows = nrows_for(n, fmt)
     if fmt == "bitmap":
-        strips = 2 if nrows in (32, 64) else 1
-        return LaunchConfig(nrows=nrows, strips=strips, stages=4 if sparsity >= 0.75 else 3)
-    words = 6144 if sparsity < 0.6 else 3072 if sparsity < 0.75 else 2048 if sparsity < 0.85 else 1536
-    return LaunchConfig(nrows=nrows, stages=3 if words > 4096 else 4, words_per_stage=words)
+        return LaunchConfig(nrows=nrows, strips=1, stages=3)
+    words = 3072 if sparsity < 0.75 else 2048 if sparsity < 0.85 else 1536
+    return LaunchConfig(nrows=nrows, stages=3, words_per_stage=words)
 
 
 _overlay: Optional[dict[tuple, LaunchConfig]] = None
@@ -193,7 +206,7 @@ def get_config(arch: str, fmt: str, out_features: int, in_features: int, n: int,
                sparsity: float) -> LaunchConfig:
     cfg = lookup(arch, fmt, out_features, in_features, n, sparsity)
     if cfg is None:
-        if (arch, fmt) not in _warned_missing:
+        if arch not in RULE_FITTED and (arch, fmt) not in _warned_missing:
             _warned_missing.add((arch, fmt))
             warnings.warn(
                 f"flashllm: no tuned {fmt} launch configuration for {arch}; using the default rule. "
@@ -208,15 +221,16 @@ def get_config(arch: str, fmt: str, out_features: int, in_features: int, n: int,
 
 def auto_split_k(k_tiles: int, blocks_mn: int, slots: int, n: int, in_features: int,
                  bytes_per_element: float) -> int:
-    """Blocks along K so that the grid fills every resident-block slot at least once.
+    """Blocks along K so that the grid fills every resident-block slot about four times over.
 
-    Capped so that each split keeps at least 4 tiles (256 columns) of work, and so that the fp32
-    reductions the splits add (N x M x 4 bytes each, in L2) stay under a quarter of the weight's
-    bytes (M x K x bytes_per_element)."""
-    want = -(-slots // max(blocks_mn, 1))
+    On an H200 the tuner's winners were the deepest splits it offered (16) wherever each split
+    kept a few tiles: the kernels are latency-bound and more blocks hide more of it. Capped at 16,
+    at 4 tiles (256 columns) per split, and so that the fp32 partial sums the splits add (N x M x 4
+    bytes each, in L2) stay under the weight's own bytes (M x K x bytes_per_element)."""
+    want = -(-4 * slots // max(blocks_mn, 1))
     by_work = max(1, k_tiles // 4)
-    by_bytes = max(1, int(0.25 * in_features * bytes_per_element / (4 * max(n, 1))))
-    return max(1, min(want, by_work, by_bytes))
+    by_bytes = max(1, int(in_features * bytes_per_element / (4 * max(n, 1))))
+    return max(1, min(want, by_work, by_bytes, MAX_AUTO_SPLIT))
 
 
 def candidates(fmt: str, n: int, sparsity: float) -> list[LaunchConfig]:
@@ -289,7 +303,7 @@ def key_for(arch: str, fmt: str, out_features: int, in_features: int, n: int, sp
 
 def tuning_candidates(fmt: str, n: int, sparsity: float, k_tiles: int) -> list[LaunchConfig]:
     """`candidates` crossed with explicit split-K choices (0 = the automatic one)."""
-    splits = [0] + [s for s in (1, 2, 4, 8, 16) if s <= k_tiles]
+    splits = [0] + [s for s in (1, 2, 4, 8, 16, 32) if s <= k_tiles]
     return [replace(c, split_k=s) for c in candidates(fmt, n, sparsity) for s in splits]
 
 

@@ -1,8 +1,5 @@
 """What both CUDA kernels share: input checks, launch-config choice, the launch, the fast-path entry.
 
-EXPERIMENTAL: written and compiled without a GPU; until scripts/device_check.sh has passed on one,
-the kernels are registered only when ``FLASHLLM_CUDA_KERNELS=1`` (see `register_cuda_kernels`).
-
 A `CudaKernel` describes one format's kernel (its source, tile grid and tensors); `run` always runs
 it and raises for inputs it cannot take, `fast_kernel` is the `flashllm::sparse_linear` entry,
 returning None (so the reference path runs) for inputs the kernel does not serve: float32, old

@@ -94,7 +94,7 @@ def kernel_path(format_name: str, device_type: str) -> str:
     if (code, device_type) in FAST_KERNELS:
         return f"fast {device_type.upper()} kernel"
     if device_type == "cuda":
-        return "reference (decode + dense GEMM): the experimental CUDA kernels are off (FLASHLLM_CUDA_KERNELS=1)"
+        return "reference (decode + dense GEMM): the CUDA kernels are off (FLASHLLM_CUDA_KERNELS=0)"
     return "reference (decode + dense GEMM)"
 
 

@@ -1,9 +1,6 @@
 """The Tiled-CSL format's CUDA kernel (``cuda/tiled_csl_spmm.cu``, Flash-LLM style): each tile's
 non-zeros are scattered into a zeroed shared-memory tile, double-buffered against the tensor cores.
 Launching is `cuda_op`'s job.
-
-EXPERIMENTAL: until scripts/device_check.sh has passed on a GPU it is registered only when
-``FLASHLLM_CUDA_KERNELS=1`` (see `flashllm.kernels.register_cuda_kernels`).
 """
 
 from __future__ import annotations

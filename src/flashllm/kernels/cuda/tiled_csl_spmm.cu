@@ -182,10 +182,10 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_tiled_c
     cp_async_wait<STAGES - 3>();
     __syncthreads();
     const int j = i + STAGES - 1;
-    if (j < nk) {
-      issue(j, st_issue, nlo, nhi);
-      if (j + 1 < nk) load_offsets(j + 1, nlo, nhi);
-    }
+    if (j < nk) issue(j, st_issue, nlo, nhi);
+    // Unconditional (clamped to the last tile): loaded under a branch, the bounds were kept on the
+    // stack by some variants, and the store waited for the load it was meant to hide.
+    load_offsets(min(j + 1, nk - 1), nlo, nhi);
     cp_async_commit();
 
     // Tensor cores on tile i: warp w owns rows 32w..32w+31 as two 16-row halves; one ldmatrix.x4
