@@ -38,3 +38,17 @@ def tiny_model_dir(tmp_path_factory):
     build("llama").save_pretrained(folder)
     train_tokenizer().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def cuda_kernels(request):
+    """The CUDA kernels registered for the test (or, with an indirect param False, taken out);
+    whatever the import had registered is restored afterwards."""
+    from flashllm.kernels import FAST_KERNELS, register_cuda_kernels, unregister_cuda_kernels
+
+    wanted = getattr(request, "param", True)
+    saved = dict(FAST_KERNELS)
+    (register_cuda_kernels if wanted else unregister_cuda_kernels)()
+    yield wanted
+    FAST_KERNELS.clear()
+    FAST_KERNELS.update(saved)

@@ -34,18 +34,6 @@ def test_static_decoder_bad_input():
         decoder.generate(torch.zeros(2, 4, dtype=torch.long), 0)
 
 
-@pytest.fixture
-def cuda_kernels(request):
-    """Register the CUDA kernels for the test (param True) or take them out (False), then restore."""
-    from flashllm.kernels import FAST_KERNELS, register_cuda_kernels, unregister_cuda_kernels
-
-    saved = dict(FAST_KERNELS)
-    (register_cuda_kernels if request.param else unregister_cuda_kernels)()
-    yield request.param
-    FAST_KERNELS.clear()
-    FAST_KERNELS.update(saved)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/device_check.sh runs it)")
 @pytest.mark.parametrize("cuda_kernels", [True, False], ids=["kernels", "reference"], indirect=True)

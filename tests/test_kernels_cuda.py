@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import flashllm
 from flashllm.formats import BitmapWeight, TiledCSLWeight
-from flashllm.kernels import FAST_KERNELS, configs, launch, register_cuda_kernels, unregister_cuda_kernels
+from flashllm.kernels import FAST_KERNELS, configs, launch
 from flashllm.kernels import bitmap_cuda, tiled_csl_cuda
 from flashllm.kernels.configs import LaunchConfig
 
@@ -148,17 +148,8 @@ def test_repeatable_without_split(fmt):
 
 
 # --- through spmm, SparseLinear, torch.compile and CUDA graphs -----------------------------------
-@pytest.fixture
-def registered():
-    saved = dict(FAST_KERNELS)  # restore whatever the import registered
-    register_cuda_kernels()
-    yield
-    unregister_cuda_kernels()
-    FAST_KERNELS.update(saved)
-
-
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_spmm_uses_the_kernel(fmt, registered, monkeypatch):
+def test_spmm_uses_the_kernel(fmt, cuda_kernels, monkeypatch):
     def no_reference(*args, **kwargs):
         raise AssertionError("the reference path ran although a CUDA kernel is registered")
 
@@ -173,7 +164,7 @@ def test_spmm_uses_the_kernel(fmt, registered, monkeypatch):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_spmm_declines_what_it_does_not_serve(fmt, registered):
+def test_spmm_declines_what_it_does_not_serve(fmt, cuda_kernels):
     cls, _ = FORMATS[fmt]
     w32 = random_weight(64, 64, 0.5, torch.float32)
     x32 = torch.randn(4, 64, device="cuda")
@@ -185,7 +176,7 @@ def test_spmm_declines_what_it_does_not_serve(fmt, registered):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_sparse_linear_module(fmt, registered):
+def test_sparse_linear_module(fmt, cuda_kernels):
     linear = torch.nn.Linear(300, 200, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         linear.weight[torch.rand_like(linear.weight, dtype=torch.float32) < 0.7] = 0
@@ -196,7 +187,7 @@ def test_sparse_linear_module(fmt, registered):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_torch_compile(fmt, registered):
+def test_torch_compile(fmt, cuda_kernels):
     cls, _ = FORMATS[fmt]
     w = random_weight(256, 512, 0.8, torch.float16)
     weight = cls.from_dense(w)
@@ -210,7 +201,7 @@ def test_torch_compile(fmt, registered):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_cuda_graph_replay(fmt, registered):
+def test_cuda_graph_replay(fmt, cuda_kernels):
     cls, _ = FORMATS[fmt]
     w = random_weight(1000, 2048, 0.8, torch.float16)
     weight = cls.from_dense(w)

@@ -19,8 +19,6 @@ import argparse
 import csv
 import datetime
 import platform
-import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -120,31 +118,14 @@ def linear_weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def _median_ms(fn, device: torch.device, reps: int = 20) -> float:
-    """Median time of `fn` in ms: on the GPU, CUDA events around a CUDA-graph replay of it (the
-    decode steps are graphs too, so the host's launch overhead must not count here either), L2
-    flushed before each run; wall clock on the CPU."""
-    fn()
-    times = []
-    if device.type == "cuda":
-        from .kernels import _graphed
+def _median_ms(fn, device: torch.device) -> float:
+    """Median time of `fn` in ms with the kernel benchmark's timer (CUDA events, L2 flushed; wall
+    clock on the CPU), around a CUDA-graph replay of it on the GPU: the decode steps are graphs
+    too, so the host's launch overhead must not count here either."""
+    from .kernels import _graphed, _timer
 
-        fn, _ = _graphed(fn, device)
-        flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
-        for _ in range(reps):
-            flush.zero_()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    fn()
+    return _timer(device, warmup_ms=5, rep_ms=20)(_graphed(fn, device)[0])
 
 
 @torch.no_grad()

@@ -441,21 +441,13 @@ def tune(args) -> int:
                     print(f"{name:20s} N={n:<4d} s={s:.2f} {fmt:9s} best {best_ms * 1e3:8.1f} us "
                           f"(default {default * 1e3:8.1f} us) {best}", flush=True)
                     if args.write_configs:  # after every winner, so a run cut short keeps what it found
-                        _merge_into(args.write_configs, {key: best})
+                        configs.merge_into_file(args.write_configs, {key: best})
                 del w
     print("\n# paste into flashllm/kernels/configs.py TUNED (measured on "
           f"{torch.cuda.get_device_name(device)}):\n{configs.python_literal(table)}")
     if args.write_configs:
         print(f"wrote {len(table)} entries to {args.write_configs} (use with FLASHLLM_KERNEL_CONFIGS)")
     return 0
-
-
-def _merge_into(path: str, entries: dict) -> None:
-    from ..kernels import configs
-
-    existing = configs.read_table(path) if os.path.exists(path) else {}
-    existing.update(entries)
-    configs.write_table(path, existing)
 
 
 # ---------------------------------------------------------------------------------------------

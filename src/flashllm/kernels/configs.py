@@ -283,9 +283,14 @@ def remember(key: tuple, cfg: LaunchConfig) -> None:
     table[key] = cfg
     path = _overlay_path()
     if path:
-        existing = read_table(path) if os.path.isfile(path) else {}
-        existing[key] = cfg
-        write_table(path, existing)
+        merge_into_file(path, {key: cfg})
+
+
+def merge_into_file(path: str, entries: dict[tuple, LaunchConfig]) -> None:
+    """Add `entries` to the JSON table at `path` (created if missing), replacing equal keys."""
+    existing = read_table(path) if os.path.isfile(path) else {}
+    existing.update(entries)
+    write_table(path, existing)
 
 
 def python_literal(table: dict[tuple, LaunchConfig]) -> str:

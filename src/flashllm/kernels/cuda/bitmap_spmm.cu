@@ -84,11 +84,7 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
   const int n0 = blockIdx.z * NROWS;
   if (nk <= 0) return;  // block-uniform, before any barrier
 
-  if (tid == 0) {
-    u32 dyn;
-    asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(dyn));
-    if (dyn < static_cast<u32>(SMEM_BYTES)) __trap();  // launcher and kernel disagree on the layout
-  }
+  trap_unless_smem(SMEM_BYTES, tid);
 
   const u32 sbase = smem_u32(smem);
   const u64 stream_policy = evict_first_policy();

@@ -161,6 +161,16 @@ __device__ __forceinline__ void red_add_f32x2(float* p, float a, float b) {
 #endif
 }
 
+// Stop the kernel if the launch provided less dynamic shared memory than it lays out: the launcher
+// (kernels/configs.py) and the kernel disagree on the layout, and running on would corrupt memory.
+__device__ __forceinline__ void trap_unless_smem(u32 bytes, int tid) {
+  if (tid == 0) {
+    u32 dyn;
+    asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(dyn));
+    if (dyn < bytes) __trap();
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Activations: staging and A fragments
 // ---------------------------------------------------------------------------------------------
