@@ -20,7 +20,9 @@
 # (the device tool returns at most 8 files). The last lines printed are the summary.
 # Step limits in seconds: PYTEST_LIMIT (300), TUNE_LIMIT (240), BENCH_LIMIT (300), NCU_LIMIT (150),
 # SANITIZER_LIMIT (150 per tool), E2E_LIMIT (240). SANITIZER_TOOLS="memcheck" skips racecheck,
-# SANITIZER_TOOLS=none both. BENCH_BASELINES (default: all) limits the benchmark's baselines.
+# SANITIZER_TOOLS=none both. BENCH_BASELINES (default: all) limits the benchmark's baselines;
+# BENCH_FORMATS (default: bitmap,bitmap:scatter,tiled_csl) its flashllm methods, where
+# "bitmap:scatter" is the bitmap kernel's scatter decode under the same launch (an A/B).
 # DEVICE_CHECK_TESTS=0 skips step 3 (a profiling-only run).
 set -uo pipefail
 
@@ -66,12 +68,13 @@ from flashllm.formats import BitmapWeight, TiledCSLWeight
 from flashllm.kernels import bitmap_cuda, tiled_csl_cuda, launch
 torch.manual_seed(0)
 ok = True
-for cls, mod in ((BitmapWeight, bitmap_cuda), (TiledCSLWeight, tiled_csl_cuda)):
+for cls, mod, decode in ((BitmapWeight, bitmap_cuda, "fragment"), (BitmapWeight, bitmap_cuda, "scatter"),
+                         (TiledCSLWeight, tiled_csl_cuda, "fragment")):
     for split in (1, 3):
         w = torch.randn(1000, 1500, device="cuda", dtype=torch.float16)
         w[torch.rand_like(w, dtype=torch.float32) < 0.8] = 0
         x = torch.randn(17, 1500, device="cuda", dtype=torch.float16)
-        cfg = replace(mod.configs.default_config(mod.FORMAT, 17, 0.8), split_k=split)
+        cfg = replace(mod.configs.default_config(mod.FORMAT, 17, 0.8), split_k=split, decode=decode)
         t = time.time()
         out = torch.full((17, 1000), float("nan"), device="cuda", dtype=torch.float16)
         y = mod.linear(x, cls.from_dense(w), None, cfg, out=out)
@@ -81,7 +84,7 @@ for cls, mod in ((BitmapWeight, bitmap_cuda), (TiledCSLWeight, tiled_csl_cuda)):
         err_torch = ((torch.nn.functional.linear(x, w).double() - ref).norm() / ref.norm()).item()
         good = bool(torch.isfinite(y).all()) and err <= 2 * err_torch + 1e-6
         ok &= good
-        print(f"{mod.FORMAT:9s} split={split}: rel err {err:.2e} (torch fp16 {err_torch:.2e}) "
+        print(f"{mod.FORMAT:9s} {decode:8s} split={split}: rel err {err:.2e} (torch fp16 {err_torch:.2e}) "
               f"{'OK' if good else 'WRONG'}  first call {time.time() - t:.2f}s")
 for key, k in launch._state().kernels.items():
     print(f"  {k.name} {dict(key[2])}: {k.registers} regs, {k.local_bytes} B local, {k.occupancy} blocks/SM")
@@ -110,7 +113,7 @@ fi
 
 step "5. benchmark (--quick${FLASHLLM_KERNEL_CONFIGS:+, tuned configs})"
 timeout "${BENCH_LIMIT:-300}" "$PY" -m flashllm.bench.kernels --quick --baselines "${BENCH_BASELINES:-cublas,csr,2:4}" \
-  --out "$OUT" --warmup 10 --rep 60 2>&1 | tee "$OUT/bench.log" | grep -v "^  " | tail -n 90
+  --formats "${BENCH_FORMATS:-bitmap,bitmap:scatter,tiled_csl}" --out "$OUT" --warmup 10 --rep 60 2>&1 | tee "$OUT/bench.log" | grep -v "^  " | tail -n 90
 STATUS[bench]=${PIPESTATUS[0]}
 
 if [ "${DEVICE_CHECK_BF16:-0}" = "1" ]; then
@@ -125,25 +128,30 @@ if [ "${DEVICE_CHECK_NCU:-0}" = "1" ]; then
   step "6. Nsight Compute (DEVICE_CHECK_NCU=1)"
   NCU_PY=/tmp/flashllm_ncu.py
   cat > "$NCU_PY" <<'EOF'
-# One warm-up launch per format (compiles), then the profiled ones: Llama-2-7B up_proj, N = 16.
+# One warm-up launch per case (compiles), then the profiled ones: Llama-2-7B up_proj, N = 16;
+# bitmap with both decodes at 50% and 80%, Tiled-CSL at 80%.
 import torch
+from dataclasses import replace
 from flashllm.formats import BitmapWeight, TiledCSLWeight
-from flashllm.kernels import bitmap_cuda, tiled_csl_cuda
+from flashllm.kernels import bitmap_cuda, configs, tiled_csl_cuda
 torch.manual_seed(0)
 x = torch.randn(16, 4096, device="cuda", dtype=torch.float16)
 work = []
-for cls, mod, s in ((BitmapWeight, bitmap_cuda, 0.5), (TiledCSLWeight, tiled_csl_cuda, 0.8)):
+for cls, mod, s, decode in ((BitmapWeight, bitmap_cuda, 0.5, "fragment"), (BitmapWeight, bitmap_cuda, 0.5, "scatter"),
+                            (BitmapWeight, bitmap_cuda, 0.8, "fragment"), (BitmapWeight, bitmap_cuda, 0.8, "scatter"),
+                            (TiledCSLWeight, tiled_csl_cuda, 0.8, "fragment")):
     w = torch.randn(11008, 4096, device="cuda", dtype=torch.float16)
     w[torch.rand_like(w, dtype=torch.float32) < s] = 0
-    work.append((mod, cls.from_dense(w)))
+    cfg = replace(configs.get_config("sm90", mod.FORMAT, 11008, 4096, 16, s), decode=decode)
+    work.append((mod, cls.from_dense(w), cfg))
 for _ in range(2):
-    for mod, weight in work:
-        mod.linear(x, weight)
+    for mod, weight, cfg in work:
+        mod.linear(x, weight, None, cfg)
 torch.cuda.synchronize()
 EOF
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
   if [ -n "$NCU" ]; then
-    timeout "${NCU_LIMIT:-150}" "$NCU" --kernel-name regex:"flashllm_(bitmap|tiled)" --launch-skip 2 --launch-count 2 \
+    timeout "${NCU_LIMIT:-150}" "$NCU" --kernel-name regex:"flashllm_(bitmap|tiled)" --launch-skip 5 --launch-count 5 \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
       --section SchedulerStats --section MemoryWorkloadAnalysis --section InstructionStats \
       "$PY" "$NCU_PY" > "$OUT/ncu.log" 2>&1
@@ -163,12 +171,13 @@ from dataclasses import replace
 from flashllm.formats import BitmapWeight, TiledCSLWeight
 from flashllm.kernels import bitmap_cuda, tiled_csl_cuda, configs
 torch.manual_seed(0)
-for cls, mod in ((BitmapWeight, bitmap_cuda), (TiledCSLWeight, tiled_csl_cuda)):
+for cls, mod, decode in ((BitmapWeight, bitmap_cuda, "fragment"), (BitmapWeight, bitmap_cuda, "scatter"),
+                         (TiledCSLWeight, tiled_csl_cuda, "fragment")):
     for m, k, n, s, split in ((70, 130, 3, 0.8, 1), (130, 200, 17, 0.0, 2), (200, 70, 9, 0.95, 1)):
         w = torch.randn(m, k, device="cuda", dtype=torch.float16)
         w[torch.rand(m, k, device="cuda") < s] = 0
         x = torch.randn(n, k, device="cuda", dtype=torch.float16)
-        cfg = replace(configs.default_config(mod.FORMAT, n, max(s, 0.5)), split_k=split)
+        cfg = replace(configs.default_config(mod.FORMAT, n, max(s, 0.5)), split_k=split, decode=decode)
         if mod is tiled_csl_cuda and s == 0.0:
             cfg = replace(cfg, words_per_stage=256)  # the piecewise reload path
         y = mod.linear(x, cls.from_dense(w), torch.randn(m, device="cuda", dtype=torch.float16), cfg)

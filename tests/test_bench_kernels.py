@@ -78,3 +78,11 @@ def test_table_and_summary_format():
 def test_tune_needs_a_gpu(capsys):
     assert bench.main(parse("--tune", "--device", "cpu", "--shapes", "64x64")) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_formats_accept_the_bitmap_decodes():
+    args = bench._finish_args(parse("--dry-run", "--formats", "bitmap,bitmap:scatter,tiled_csl"))
+    assert args.formats == ["bitmap", "bitmap:scatter", "tiled_csl"]
+    for bad in ("tiled_csl:scatter", "bitmap:gather", "csc"):
+        with pytest.raises(ValueError, match="unknown format"):
+            bench._finish_args(parse("--dry-run", "--formats", bad))

@@ -94,14 +94,35 @@ def test_mma_fragments_compute_a_product(gen):
 
 
 # --- decoding each layout the kernels' way is exact -------------------------------------------------
+@pytest.mark.parametrize("decode", configs.DECODES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_bitmap_lanes_decode_exactly(dtype, sparsity, shape, gen):
+def test_bitmap_lanes_decode_exactly(decode, dtype, sparsity, shape, gen):
     w = BitmapWeight.from_dense(pruned(*shape, sparsity, dtype, gen))
     # stale=None: whatever follows a tile's run in shared memory is random bits (NaN, inf, ...)
-    decoded = E.bitmap_decoded(w, stale=None)
+    decoded = E.bitmap_decoded(w, stale=None, decode=decode)
     assert torch.equal(decoded.view(torch.int16), w.to_dense().view(torch.int16)), f"seed {gen.initial_seed()}"
+
+
+def test_bitmap_decodes_give_the_same_registers(gen):
+    w = BitmapWeight.from_dense(pruned(130, 200, 0.7, torch.bfloat16, gen))
+    assert torch.equal(E.bitmap_fragments(w, decode="fragment"), E.bitmap_fragments(w, decode="scatter"))
+
+
+def test_highest_bit_is_31_minus_clz():
+    v = torch.tensor([0, 1, 2, 3, 0x80000000, 0xFFFFFFFF, 0x00010000])
+    assert E.highest_bit(v).tolist() == [-1, 0, 1, 1, 31, 31, 16]
+
+
+def test_scatter_walk_takes_values_from_the_end_of_each_run(gen, monkeypatch):
+    # Values are stored in bit order, so walking the bits from the top pairs the highest set bit
+    # with the run's last value: a walk from the bottom with the same pointer must be detected.
+    w = BitmapWeight.from_dense(pruned(64, 64, 0.5, torch.float16, gen))
+    rows = E.bitmap_scattered_rows(w)
+    real = E.highest_bit
+    monkeypatch.setattr(E, "highest_bit", lambda v: torch.where(v != 0, real(v & -v), -1))  # lowest bit
+    assert not torch.equal(E.bitmap_scattered_rows(w), rows)
 
 
 def test_bitmap_table_is_a_prefix_count(gen):
@@ -182,6 +203,9 @@ def _reference_check(y, writes, x, w, bias, splits):
     (64, 64, 5, 1.0, E.Plan(nrows=8, split_k=1)),
     (100, 200, 70, 0.8, E.Plan(nrows=64, split_k=1, strips=2)),
     (70, 130, 129, 0.8, E.Plan(nrows=128, split_k=2, strips=1)),
+    (200, 300, 19, 0.8, E.Plan(nrows=16, split_k=3, strips=2, decode="scatter")),
+    (130, 70, 1, 0.95, E.Plan(nrows=8, split_k=1, strips=1, decode="scatter")),
+    (65, 129, 40, 0.0, E.Plan(nrows=64, split_k=2, strips=1, decode="scatter")),
 ])
 def test_bitmap_kernel_emulated(dtype, m, k, n, sparsity, plan, gen):
     w = pruned(m, k, sparsity, dtype, gen)
@@ -230,8 +254,13 @@ def test_every_table_entry_is_valid_and_fits_hopper():
         cfg.validate(fmt)
         assert cfg.smem_bytes(fmt) <= 227 * 1024, (fmt, cfg)
         assert cfg.nrows >= min(nb, 64 if fmt == "tiled_csl" else 128) or cfg.nrows == 8
-    for fmt, cfg in configs.shipped_variants():
+    for fmt, cfg in configs.checked_variants():
         assert cfg.smem_bytes(fmt) <= 227 * 1024
+    # the scatter decode trades the 4 KB fragment table for a 8 KB dense tile per strip
+    base = LaunchConfig(nrows=16)
+    assert base.smem_bytes("bitmap") + 8192 - 1024 == LaunchConfig(nrows=16, decode="scatter").smem_bytes("bitmap")
+    assert LaunchConfig(nrows=16, decode="scatter").defines("bitmap")["FLASHLLM_DECODE"] == 1
+    assert {cfg.decode for fmt, cfg in configs.checked_variants() if fmt == "bitmap"} == set(configs.DECODES)
 
 
 @pytest.mark.parametrize("fmt", ("bitmap", "tiled_csl"))
@@ -266,6 +295,10 @@ def test_invalid_configs_are_refused():
         LaunchConfig(nrows=16, stages=3, words_per_stage=1000 + 2).validate("tiled_csl")
     with pytest.raises(ValueError, match="nrows <= 64"):
         LaunchConfig(nrows=128, stages=3, words_per_stage=2048).validate("tiled_csl")
+    with pytest.raises(ValueError, match="decode must be one of"):
+        LaunchConfig(nrows=16, decode="gather").validate("bitmap")
+    with pytest.raises(ValueError, match="default decode"):
+        LaunchConfig(nrows=16, words_per_stage=2048, decode="scatter").validate("tiled_csl")
 
 
 def test_auto_split_k():
@@ -286,6 +319,7 @@ def test_auto_split_k():
 
 def test_config_table_round_trip(tmp_path, monkeypatch):
     table = {("sm90", "bitmap", "m8k-k8k", 16, "80"): LaunchConfig(nrows=16, strips=1, stages=4, split_k=6),
+             ("sm90", "bitmap", "*", 8, "90"): LaunchConfig(nrows=8, decode="scatter"),
              ("sm90", "tiled_csl", "*", 1, "90"): LaunchConfig(nrows=8, stages=4, words_per_stage=1536)}
     path = tmp_path / "tuned.json"
     configs.write_table(str(path), table)
@@ -310,6 +344,12 @@ def test_tuning_candidates_are_valid():
                 assert len(cands) == len(set(cands)) >= 6
                 for c in cands:
                     c.validate(fmt)
+                # the benchmark's tuner offers every decode; the library's retuning only validated ones
+                wide = configs.tuning_candidates(fmt, n, s, k_tiles=112, unvalidated=True)
+                assert set(cands) <= set(wide)
+                assert {c.decode for c in cands}.isdisjoint(configs.UNVALIDATED_DECODES)
+                if fmt == "bitmap":
+                    assert {c.decode for c in wide} == set(configs.DECODES)
 
 
 # --- launchers on a CPU-only machine ------------------------------------------------------------------
@@ -384,9 +424,9 @@ def test_kernels_compile_with_the_launchers_sizes(tmp_path, monkeypatch):
     monkeypatch.setenv("FLASHLLM_CACHE_DIR", "")
     kind, nvrtc = _compiler()
     variants = {}
-    for fmt, cfg in configs.shipped_variants():  # one per code shape keeps this quick
-        variants.setdefault((fmt, cfg.nrows, cfg.strips), cfg)
-    for (fmt, _, _), cfg in variants.items():
+    for fmt, cfg in configs.checked_variants():  # one per code shape keeps this quick
+        variants.setdefault((fmt, cfg.nrows, cfg.strips, cfg.decode), cfg)
+    for (fmt, *_), cfg in variants.items():
         src = "bitmap_spmm.cu" if fmt == "bitmap" else "tiled_csl_spmm.cu"
         name = "flashllm_bitmap_spmm" if fmt == "bitmap" else "flashllm_tiled_csl_spmm"
         opts = launch.compile_options("sm_90", cfg.defines(fmt), torch.float16)

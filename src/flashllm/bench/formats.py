@@ -54,9 +54,9 @@ def main(args: argparse.Namespace) -> int:
             for name, cls in FORMATS.items():
                 packed = cls.from_dense(weight)
                 state = packed.state_dict()
-                encode = _median_seconds(lambda: cls.from_dense(weight), device, args.reps)
+                encode = _median_seconds(lambda cls=cls, w=weight: cls.from_dense(w), device, args.reps)
                 decode = _median_seconds(packed.to_dense, device, args.reps)
-                validate = _median_seconds(lambda: cls.from_state_dict(state), device, args.reps)
+                validate = _median_seconds(lambda cls=cls, st=state: cls.from_state_dict(st), device, args.reps)
                 print(f"| {m}x{k} | {sparsity:.0%} | {name} | {packed.nbytes / packed.dense_nbytes:.3f} | "
                       f"{encode:.3f} | {decode:.4f} | {validate:.3f} |", flush=True)
                 del packed, state

@@ -27,11 +27,13 @@ import statistics
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from ..kernels.configs import DECODES
 
 # (name, out_features M, in_features K), grouped by model.
 SHAPES: dict[str, list[tuple[str, int, int]]] = {
@@ -181,7 +183,8 @@ def sparse_methods(w: torch.Tensor, x: torch.Tensor, formats: list[str], fast: b
     from ..kernels.spmm import reference_linear
 
     out = []
-    for fmt in formats:
+    for name in formats:
+        fmt, _, decode = name.partition(":")
         weight = get_format(fmt).from_dense(w)
         if fast:
             from ..kernels import bitmap_cuda, configs, tiled_csl_cuda
@@ -191,8 +194,10 @@ def sparse_methods(w: torch.Tensor, x: torch.Tensor, formats: list[str], fast: b
             tensors = list(weight.tensors().values())
             cfg = configs.get_config(arch, fmt, *weight.shape, x.shape[0],
                                      module.KERNEL.sparsity_of(tensors, *weight.shape))
-            out.append(Method(fmt, lambda m=module, wt=weight, c=cfg: m.linear(x, wt, None, c), weight.nbytes, str(cfg)))
-        else:
+            if decode:  # "bitmap:scatter": the chosen launch with the other decode, for an A/B
+                cfg = replace(cfg, decode=decode).validate(fmt)
+            out.append(Method(name, lambda m=module, wt=weight, c=cfg: m.linear(x, wt, None, c), weight.nbytes, str(cfg)))
+        elif not decode:  # the reference path has no decodes to compare
             # The reference path itself, even where `spmm` would pick a registered kernel.
             out.append(Method(f"{fmt} (reference)", lambda wt=weight: reference_linear(
                 x, list(wt.tensors().values()), wt.format_code, *wt.shape, None), weight.nbytes))
@@ -424,7 +429,8 @@ def tune(args) -> int:
             x = torch.randn(n, k, device=device, dtype=dtype, generator=gen)
             for s in args.sparsity:
                 w = random_pruned(m, k, s, dtype, device, gen)
-                for fmt in args.formats:
+                # The candidates cover both bitmap decodes, so "bitmap:scatter" tunes as "bitmap".
+                for fmt in dict.fromkeys(f.partition(":")[0] for f in args.formats):
                     module = bitmap_cuda if fmt == "bitmap" else tiled_csl_cuda
                     weight = get_format(fmt).from_dense(w)
                     kt = -(-k // 64)
@@ -432,7 +438,7 @@ def tune(args) -> int:
                     # what `flashllm bench kernels` will measure.
                     best, best_ms, timings = launch.tune(
                         lambda c, module=module, x=x, weight=weight: module.linear(x, weight, None, c),
-                        configs.tuning_candidates(fmt, n, s, kt),
+                        configs.tuning_candidates(fmt, n, s, kt, unvalidated=True),
                         timer=lambda fn: timer(_graphed(fn, device)[0]),
                     )
                     default = next((ms for ms, c in timings if c == configs.default_config(fmt, n, s)), float("nan"))
@@ -458,7 +464,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma list of models ({', '.join(SHAPES)}), layers (e.g. opt-66b.qkv), 'all' or MxK")
     parser.add_argument("--n", default=",".join(map(str, DEFAULT_N)), help="batch sizes (activation rows)")
     parser.add_argument("--sparsity", default=",".join(map(str, DEFAULT_SPARSITY)), help="weight sparsities")
-    parser.add_argument("--formats", default=",".join(FORMATS), help="flashllm formats to time")
+    parser.add_argument("--formats", default=",".join(FORMATS),
+                        help="flashllm formats to time; bitmap:scatter times the bitmap kernel's other decode")
     parser.add_argument("--baselines", default=",".join(BASELINES), help="cublas, csr (cuSPARSE), 2:4 (at 0.5 only)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp16",
                         help="fp32 times only the baselines and the reference path (the kernels take fp16/bf16)")
@@ -497,8 +504,10 @@ def _finish_args(args) -> argparse.Namespace:
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     args.baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     for f in args.formats:
-        if f not in FORMATS:
-            raise ValueError(f"unknown format {f!r}; choose from {FORMATS}")
+        fmt, _, decode = f.partition(":")
+        if fmt not in FORMATS or (decode and (fmt != "bitmap" or decode not in DECODES)):
+            raise ValueError(f"unknown format {f!r}; choose from {FORMATS}, or bitmap:<decode> with a "
+                             f"decode from {DECODES}")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args

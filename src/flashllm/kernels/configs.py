@@ -41,12 +41,22 @@ BANDS = ((0.6, "50"), (0.75, "70"), (0.85, "80"), (1.01, "90"))
 # product is no longer memory-bound and the fast kernels would re-decode the weight per 128 rows.
 MAX_FAST_N = int(os.environ.get("FLASHLLM_KERNEL_MAX_N", "256"))
 MAX_AUTO_SPLIT = 16
+# How the bitmap kernel expands a tile (cuda/bitmap_spmm.cu, FLASHLLM_DECODE = index here):
+# "fragment" builds each lane's tensor-core fragment from the masks with popcounts, a fixed cost per
+# element (measured on an H200, the default); "scatter" walks each mask word's set bits into a
+# zeroed shared-memory tile and reads it with ldmatrix, a cost per non-zero.
+DECODES = ("fragment", "scatter")
+# Decodes compiled and emulated but never run on a GPU: `flashllm bench kernels --tune` offers them
+# (its GPU run is where they get validated), the library's FLASHLLM_RETUNE path does not, and
+# nothing selects them by default. Empty this once scripts/device_check.sh has passed with them.
+UNVALIDATED_DECODES = frozenset({"scatter"})
 
 # Shared-memory layout constants, mirrored from the .cu files (the kernels trap if the launch
 # provides less shared memory than they lay out, so a drift shows as an error, not as corruption).
 _XS_STRIDE_BYTES = 144
 _BITMAP_MASK_BYTES = 512
 _BITMAP_VAL_BYTES = (4096 + 8) * 2
+_BITMAP_TILE_BYTES = 64 * 64 * 2
 _CSL_DENSE_BYTES = (8192 + 8) * 2
 
 
@@ -57,20 +67,23 @@ class LaunchConfig:
     stages: int = 3  # cp.async pipeline depth
     split_k: int = 0  # blocks along K per strip; 0 = from the occupancy at launch (auto_split_k)
     words_per_stage: int = 0  # Tiled-CSL: words per stage buffer; denser tiles load the rest in pieces
+    decode: str = "fragment"  # bitmap: "fragment" (lanes assemble fragments) or "scatter" (see DECODES)
 
     def validate(self, fmt: str) -> "LaunchConfig":
         if self.nrows not in NROWS:
             raise ValueError(f"nrows must be one of {NROWS}, got {self.nrows}")
         if self.split_k < 0:
             raise ValueError(f"split_k must be >= 0 (0 = automatic), got {self.split_k}")
+        if self.decode not in DECODES:
+            raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
         if fmt == "bitmap":
             if self.strips not in (1, 2) or (self.strips == 2 and self.nrows > 64):
                 raise ValueError(f"bitmap strips must be 1, or 2 with nrows <= 64; got {self}")
             if not 2 <= self.stages <= 6:
                 raise ValueError(f"bitmap stages must be 2..6, got {self.stages}")
         elif fmt == "tiled_csl":
-            if self.nrows > 64 or self.strips != 1:
-                raise ValueError(f"Tiled-CSL needs nrows <= 64 and strips == 1, got {self}")
+            if self.nrows > 64 or self.strips != 1 or self.decode != "fragment":
+                raise ValueError(f"Tiled-CSL needs nrows <= 64, strips == 1 and the default decode, got {self}")
             if not 3 <= self.stages <= 6:
                 raise ValueError(f"Tiled-CSL stages must be 3..6, got {self.stages}")
             w = self.words_per_stage
@@ -87,6 +100,7 @@ class LaunchConfig:
              "FLASHLLM_SMEM_BYTES": self.smem_bytes(fmt)}
         if fmt == "bitmap":
             d["FLASHLLM_STRIPS"] = self.strips
+            d["FLASHLLM_DECODE"] = DECODES.index(self.decode)
         else:
             d["FLASHLLM_CAPW"] = self.words_per_stage
         return d
@@ -95,7 +109,9 @@ class LaunchConfig:
         x_stage = self.nrows * _XS_STRIDE_BYTES
         if fmt == "bitmap":
             stage = self.strips * (_BITMAP_MASK_BYTES + _BITMAP_VAL_BYTES) + x_stage
-            return self.stages * stage + 4 * self.strips * 32 * 8
+            # After the stages: the fragment decode's per-warp table, or the scatter's dense tiles.
+            decode = 4 * self.strips * 32 * 8 if self.decode == "fragment" else self.strips * _BITMAP_TILE_BYTES
+            return self.stages * stage + decode
         stage = self.words_per_stage * 4 + x_stage
         return 2 * _CSL_DENSE_BYTES + self.stages * stage + self.stages * 8
 
@@ -233,17 +249,19 @@ def auto_split_k(k_tiles: int, blocks_mn: int, slots: int, n: int, in_features: 
     return max(1, min(want, by_work, by_bytes, MAX_AUTO_SPLIT))
 
 
-def candidates(fmt: str, n: int, sparsity: float) -> list[LaunchConfig]:
-    """What `--tune` and FLASHLLM_RETUNE time: the default and its neighbours. split_k is left at
-    0 here; the tuner crosses each with splits around the automatic choice."""
+def candidates(fmt: str, n: int, sparsity: float, unvalidated: bool = False) -> list[LaunchConfig]:
+    """What `--tune` and FLASHLLM_RETUNE time: the default and its neighbours (with `unvalidated`,
+    also the decodes in UNVALIDATED_DECODES). split_k is left at 0 here; the tuner crosses each
+    with splits around the automatic choice."""
     base = default_config(fmt, n, sparsity)
     out = [base]
     if fmt == "bitmap":
-        for strips in (1, 2):
-            for stages in (3, 4):
-                cfg = replace(base, strips=strips, stages=stages)
-                if cfg not in out and (strips == 1 or cfg.nrows <= 64):
-                    out.append(cfg)
+        for decode in (d for d in DECODES if unvalidated or d not in UNVALIDATED_DECODES):
+            for strips in (1, 2):
+                for stages in (3, 4):
+                    cfg = replace(base, strips=strips, stages=stages, decode=decode)
+                    if cfg not in out and (strips == 1 or cfg.nrows <= 64):
+                        out.append(cfg)
     else:
         for words in (1024, 2048, 3072, 4096, 6144):
             for stages in (3, 4):
@@ -297,7 +315,7 @@ def python_literal(table: dict[tuple, LaunchConfig]) -> str:
     """Entries formatted for pasting into `TUNED`."""
     lines = []
     for key, cfg in sorted(table.items()):
-        fields = ", ".join(f"{k}={v}" for k, v in asdict(cfg).items())
+        fields = ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items())
         lines.append(f"    {key!r}: LaunchConfig({fields}),")
     return "\n".join(lines)
 
@@ -306,10 +324,10 @@ def key_for(arch: str, fmt: str, out_features: int, in_features: int, n: int, sp
     return (arch, fmt, shape_class(out_features, in_features), n_bucket(n), sparsity_band(sparsity))
 
 
-def tuning_candidates(fmt: str, n: int, sparsity: float, k_tiles: int) -> list[LaunchConfig]:
+def tuning_candidates(fmt: str, n: int, sparsity: float, k_tiles: int, unvalidated: bool = False) -> list[LaunchConfig]:
     """`candidates` crossed with explicit split-K choices (0 = the automatic one)."""
     splits = [0] + [s for s in (1, 2, 4, 8, 16, 32) if s <= k_tiles]
-    return [replace(c, split_k=s) for c in candidates(fmt, n, sparsity) for s in splits]
+    return [replace(c, split_k=s) for c in candidates(fmt, n, sparsity, unvalidated) for s in splits]
 
 
 def retune_requested() -> bool:
@@ -329,8 +347,21 @@ def shipped_variants() -> list[tuple[str, LaunchConfig]]:
     return seen
 
 
+def checked_variants() -> list[tuple[str, LaunchConfig]]:
+    """`shipped_variants` plus the scatter decode of each bitmap one (what tuning may pick): what
+    scripts/compile_check.sh compiles and the GPU tests run."""
+    out = shipped_variants()
+    two_strips = [("bitmap", LaunchConfig(nrows=16, strips=2, decode=d)) for d in DECODES]
+    for fmt, cfg in list(out) + two_strips:  # two strips: a code shape the tuner may pick
+        for decode in DECODES:
+            item = (fmt, replace(cfg, decode=decode))
+            if fmt == "bitmap" and item not in out:
+                out.append(item)
+    return out
+
+
 if __name__ == "__main__":
-    # `python -m flashllm.kernels.configs`: one line per shipped variant, "<source> <-D flags>".
-    for fmt, cfg in shipped_variants():
+    # `python -m flashllm.kernels.configs`: one line per checked variant, "<source> <-D flags>".
+    for fmt, cfg in checked_variants():
         source = "bitmap_spmm.cu" if fmt == "bitmap" else "tiled_csl_spmm.cu"
         print(source, " ".join(f"-D{k}={v}" for k, v in sorted(cfg.defines(fmt).items())))

@@ -9,6 +9,8 @@ can compare the result with `to_dense` bit for bit and with a float64 product:
 * `bitmap_b_fragments`: the per-warp table (popcounts, 32-lane scan, row base), each lane's rank,
   the two 16-bit loads from the stage buffer *including the stale bytes that follow the run*, and
   the PRMT selection, giving every B-fragment register of every tile.
+* `bitmap_scatter_b_fragments`: the same registers from the scatter decode: each lane's walk over
+  its mask word's bits, two per trip, into the warp's zeroed rows, then the ldmatrix.x4 reads.
 * `tiled_csl_b_fragments`: the scatter of every word, sentinels and the CAPW piece reloads
   included, into the swizzled shared tile, and the ldmatrix.x4 reads of each warp.
 * `a_fragments`: the staged activations (zero fill past N and the valid columns) and the
@@ -241,9 +243,68 @@ def bitmap_b_fragments(w: BitmapWeight, stale: Optional[int] = 0x7E00) -> torch.
     return out
 
 
-def bitmap_decoded(w: BitmapWeight, stale: Optional[int] = 0x7E00) -> torch.Tensor:
+def highest_bit(v: torch.Tensor) -> torch.Tensor:
+    """``31 - __clz(v)`` of 32-bit patterns: the highest set bit, -1 for 0 (0xffffffff in u32)."""
+    bits = (v[..., None] >> torch.arange(32)) & 1
+    return torch.where(bits.any(-1), (bits * torch.arange(1, 33)).amax(-1) - 1, -1)
+
+
+def bitmap_scattered_rows(w: BitmapWeight, stale: Optional[int] = 0x7E00) -> torch.Tensor:
+    """The scatter decode's dense tiles: (tiles, warp, 1024) 16-bit patterns of each warp's 16 rows
+    (half-block j at 32 j, element p of it at 32 j + p), as `scatter_half` leaves them.
+
+    Each lane starts one past its half-block's last value (table base + popcount) and takes two
+    bits per trip from the top: the highest left with the value before its pointer, the next with
+    the one before that (a load that may reach before the run; its store is predicated off when no
+    bit is left). The tile starts zeroed, as the kernel's zero_rows leaves it."""
+    masks = w.masks.to(torch.int64).reshape(-1, 128, 4)
+    words = masks[..., 0] | (masks[..., 1] << 8) | (masks[..., 2] << 16) | (masks[..., 3] << 24)
+    word, base = bitmap_table(words)  # (tiles, warp, lane)
+    buf = _bitmap_stage_values(w, stale)
+    tiles = words.shape[0]
+    rows = torch.zeros(tiles, WARPS, LANES, 33, dtype=torch.int64)  # column 32: discarded stores
+    src = base + popc(word)
+    flat = lambda t: t.reshape(tiles, -1)  # noqa: E731
+    while bool((word != 0).any()):
+        live = word != 0
+        p0 = highest_bit(word)
+        word = torch.where(live, word ^ (1 << p0.clamp(min=0)), word)
+        p1 = highest_bit(word)
+        v0 = torch.gather(buf, 1, flat((src - 1).clamp(min=0))).reshape(src.shape)
+        v1 = torch.gather(buf, 1, flat((src - 2).clamp(min=0))).reshape(src.shape)
+        rows.scatter_(-1, torch.where(live, p0, 32)[..., None], v0[..., None])
+        second = live & (p1 >= 0)
+        rows.scatter_(-1, torch.where(second, p1, 32)[..., None], v1[..., None])
+        word = torch.where(second, word ^ (1 << p1.clamp(min=0)), word)
+        src = torch.where(live, src - 2, src)
+    return rows[..., :32].reshape(tiles, WARPS, LANES * 32)
+
+
+def bitmap_scatter_b_fragments(w: BitmapWeight, stale: Optional[int] = 0x7E00) -> torch.Tensor:
+    """`bitmap_b_fragments` for the scatter decode: ldmatrix.x4 per piece kc, lane l addressing
+    half 256 kc + 8 l of the warp's rows, matrix q = (bc = q / 2, jj = q % 2)."""
+    rows = bitmap_scattered_rows(w, stale)
+    out = torch.zeros(rows.shape[0], WARPS, 4, 2, 2, LANES, dtype=torch.int64)
+    for kc in range(4):
+        regs = ldmatrix(rows, (256 * kc + 8 * _LANE).expand(*rows.shape[:2], LANES))  # (..., 32, 4)
+        for jj in range(2):
+            for bc in range(2):
+                out[:, :, kc, jj, bc] = regs[..., 2 * bc + jj]
+    return out
+
+
+def bitmap_fragments(w: BitmapWeight, stale: Optional[int] = 0x7E00, decode: str = "fragment") -> torch.Tensor:
+    """The B-fragment registers of the bitmap kernel compiled with FLASHLLM_DECODE = `decode`."""
+    if decode == "fragment":
+        return bitmap_b_fragments(w, stale)
+    if decode == "scatter":
+        return bitmap_scatter_b_fragments(w, stale)
+    raise ValueError(f"unknown bitmap decode {decode!r}")
+
+
+def bitmap_decoded(w: BitmapWeight, stale: Optional[int] = 0x7E00, decode: str = "fragment") -> torch.Tensor:
     """The dense weight as the bitmap kernel's registers hold it (same dtype; compare bitwise)."""
-    frags = bitmap_b_fragments(w, stale)
+    frags = bitmap_fragments(w, stale, decode)
     tm, tk = -(-w.shape[0] // GROUP_M), -(-w.shape[1] // GROUP_K)
     tile = torch.zeros(tm * tk, GROUP_M, GROUP_K, dtype=torch.int64)
     for wp in range(WARPS):
@@ -330,6 +391,7 @@ class Plan:
     nrows: int
     split_k: int = 1
     strips: int = 1  # bitmap only
+    decode: str = "fragment"  # bitmap only: configs.DECODES
     words_per_stage: int = 2048  # Tiled-CSL only
 
 
@@ -404,7 +466,7 @@ def bitmap_kernel(x: torch.Tensor, w: BitmapWeight, bias: Optional[torch.Tensor]
     """The bitmap kernel's output (and per-element write counts) for x (N, K), emulated."""
     out_features, in_features = w.shape
     tm, tk = -(-out_features // GROUP_M), -(-in_features // GROUP_K)
-    frags = bitmap_b_fragments(w, stale).reshape(tm, tk, WARPS, 4, 2, 2, LANES)
+    frags = bitmap_fragments(w, stale, plan.decode).reshape(tm, tk, WARPS, 4, 2, 2, LANES)
     xp, kx = padded_activations(x, in_features)
     groups = [[s for s in range(g * plan.strips, (g + 1) * plan.strips) if s < tm]
               for g in range(-(-tm // plan.strips))]

@@ -16,11 +16,23 @@
 // (ldmatrix) are shared by every strip and both 8-row halves of the warp's rows, and every
 // decoded fragment feeds 2 * NT mma instructions.
 //
-// Extra compile-time parameter: FLASHLLM_STRIPS (1 or 2) strips of 64 rows per block.
+// FLASHLLM_DECODE = 1 replaces that fragment assembly by a scatter whose cost follows the
+// non-zeros instead of the elements (the fragment path pays ~14 instructions per lane and 8x8 block
+// at any sparsity, which made it instruction-bound on an H200): each lane walks the set bits of its
+// half-block's mask word from the highest down, so a value's index is a pointer stepping back from
+// the end of its run, and stores each value into a zeroed dense copy of the warp's 16 rows; one
+// ldmatrix.x4 per 16x16 piece then reads the B fragments. Each lane's work is its word's popcount
+// (the warp waits for the fullest word); the warp zeroes its rows again after the mma.
+//
+// Extra compile-time parameters: FLASHLLM_STRIPS (1 or 2) strips of 64 rows per block;
+// FLASHLLM_DECODE 0 (fragment assembly) or 1 (scatter into a dense tile).
 #include "common.cuh"
 
 #ifndef FLASHLLM_STRIPS
 #error "FLASHLLM_STRIPS must be defined (1 or 2)"
+#endif
+#ifndef FLASHLLM_DECODE
+#error "FLASHLLM_DECODE must be defined (0 = fragment assembly, 1 = scatter)"
 #endif
 
 namespace flashllm {
@@ -37,8 +49,15 @@ constexpr int MASKS_OFF = 0;
 constexpr int VALS_OFF = STRIPS * MASK_BYTES;
 constexpr int X_OFF = VALS_OFF + STRIPS * VAL_BYTES;
 constexpr int STAGE_BYTES = X_OFF + X_STAGE_BYTES;
-constexpr int TABLE_OFF = STAGES * STAGE_BYTES;
-constexpr int SMEM_BYTES = TABLE_OFF + WARPS * STRIPS * 32 * 8;
+constexpr bool SCATTER = FLASHLLM_DECODE == 1;
+static_assert(FLASHLLM_DECODE == 0 || FLASHLLM_DECODE == 1, "DECODE");
+// After the stages: the fragment path's {word, start} table, or the scatter path's dense tiles
+// (per strip 64 x 64 values; warp w's 16 rows at 2048 w, half-block j of its mask row at 64 j,
+// i.e. each 8x8 block as 8 rows of 16 bytes, which ldmatrix reads without bank conflicts).
+constexpr int DECODE_OFF = STAGES * STAGE_BYTES;
+constexpr int TILE_BYTES = GROUP * GROUP * 2;
+constexpr int WARP_ROWS_BYTES = TILE_BYTES / WARPS;
+constexpr int SMEM_BYTES = DECODE_OFF + (SCATTER ? STRIPS * TILE_BYTES : WARPS * STRIPS * 32 * 8);
 static_assert(VAL_BYTES % 16 == 0 && STAGE_BYTES % 16 == 0, "16-byte aligned stage buffers");
 #ifdef FLASHLLM_SMEM_BYTES  // the launcher's size (kernels/configs.py) must match this layout
 static_assert(SMEM_BYTES == FLASHLLM_SMEM_BYTES, "configs.LaunchConfig.smem_bytes disagrees with the kernel");
@@ -54,6 +73,25 @@ struct alignas(8) Entry {
   u32 word;  // the mask half-word (rows 0-3 or 4-7 of the block) a lane of that half-warp decodes
   u32 addr;  // byte offset in shared memory of the value of its first set bit
 };
+
+// Scatter one half-block: `word` is its mask (bit p = element p, rows of 8), `src` the shared
+// address one past its last value, `dst` the shared address of its element 0 in the zeroed dense
+// tile. Two bits per trip, both loads before the stores so their latencies overlap; the second
+// load may read the value before the run (harmless, in the stage buffer) when one bit is left.
+__device__ __forceinline__ void scatter_half(u32 word, u32 src, u32 dst) {
+  for (; word != 0u; src -= 4u) {
+    const u32 p0 = 31u - __clz(word);  // one FLO: the highest bit left
+    word ^= 1u << p0;
+    const u32 p1 = 31u - __clz(word);  // 0xffffffff when p0 was the last
+    const u32 v0 = lds_u16(src - 2u);
+    const u32 v1 = lds_u16(src - 4u);
+    sts_u16(dst + 2u * p0, v0);
+    if (p1 < 32u) {
+      word ^= 1u << p1;
+      sts_u16(dst + 2u * p1, v1);
+    }
+  }
+}
 
 }  // namespace bitmap
 }  // namespace flashllm
@@ -157,7 +195,17 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[s][j][nt][e] = 0.f;
 
-  Entry* table = reinterpret_cast<Entry*>(smem + TABLE_OFF) + warp * STRIPS * 32;
+  Entry* table = reinterpret_cast<Entry*>(smem + DECODE_OFF) + warp * STRIPS * 32;
+  // Scatter path: this warp's rows of strip 0's dense tile (strip s at + s * TILE_BYTES), zeroed
+  // once here and again after each stage's mma, 16 bytes per lane and store.
+  const u32 rows = sbase + DECODE_OFF + warp * WARP_ROWS_BYTES;
+  auto zero_rows = [&]() {
+#pragma unroll
+    for (int s = 0; s < STRIPS; ++s)
+#pragma unroll
+      for (int c = 0; c < WARP_ROWS_BYTES / 16 / 32; ++c) sts_zero16(rows + s * TILE_BYTES + (c * 32 + lane) * 16);
+  };
+  if constexpr (SCATTER) zero_rows();
   int st = 0;                 // stage holding tile i
   int st_issue = STAGES - 1;  // stage receiving tile i + STAGES - 1 (the one tile i - 1 freed)
 
@@ -194,7 +242,12 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
         if (lane >= d) inclusive += v;
       }
       const u32 run = st * STAGE_BYTES + VALS_OFF + s * VAL_BYTES;
-      table[s * 32 + lane] = Entry{word, run + 2u * (row_base + inclusive - count)};
+      const u32 start = run + 2u * (row_base + inclusive - count);
+      if constexpr (SCATTER) {
+        scatter_half(word, sbase + start + 2u * count, rows + s * TILE_BYTES + lane * 64);
+      } else {
+        table[s * 32 + lane] = Entry{word, start};
+      }
     }
     __syncwarp();
 
@@ -209,16 +262,22 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
         // B fragments of the two 8-row halves j of this 16 x 16 piece: b0 from block (cols 0-7,
         // rows 8j..), b1 from block (cols 8-15, rows 8j..); local block index kc*4 + bc*2 + j.
         u32 b[2][2];
+        if constexpr (SCATTER) {
+          // Matrix q of the x4 is block kc*4 + q = (bc = q / 2, jj = q % 2); lane l addresses row
+          // l % 8 of matrix l / 8, i.e. byte 16 l of the piece's 512.
+          ldmatrix_x4(rows + s * TILE_BYTES + kc * 512 + lane * 16, b[0][0], b[1][0], b[0][1], b[1][1]);
+        } else {
 #pragma unroll
-        for (int jj = 0; jj < 2; ++jj) {
+          for (int jj = 0; jj < 2; ++jj) {
 #pragma unroll
-          for (int bc = 0; bc < 2; ++bc) {
-            const Entry e = table[s * 32 + 2 * (kc * 4 + bc * 2 + jj) + half];
-            const u16* v = reinterpret_cast<const u16*>(smem + e.addr + 2u * __popc(e.word & below_mask));
-            const u32 v0 = v[0];
-            const u32 v1 = v[1];
-            const u32 sel = prmt(SEL_LO, SEL_HI, ((e.word >> sh) & 3u) * 0x22u + 0x10u);
-            b[jj][bc] = prmt(v0, v1, sel);
+            for (int bc = 0; bc < 2; ++bc) {
+              const Entry e = table[s * 32 + 2 * (kc * 4 + bc * 2 + jj) + half];
+              const u16* v = reinterpret_cast<const u16*>(smem + e.addr + 2u * __popc(e.word & below_mask));
+              const u32 v0 = v[0];
+              const u32 v1 = v[1];
+              const u32 sel = prmt(SEL_LO, SEL_HI, ((e.word >> sh) & 3u) * 0x22u + 0x10u);
+              b[jj][bc] = prmt(v0, v1, sel);
+            }
           }
         }
 #pragma unroll
@@ -226,6 +285,10 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) mma16816(acc[s][jj][nt], a[nt], b[jj][0], b[jj][1]);
       }
+    }
+    if constexpr (SCATTER) {
+      __syncwarp();  // every lane's ldmatrix has read the rows before any lane clears them
+      zero_rows();
     }
     st = st + 1 == STAGES ? 0 : st + 1;
     st_issue = st_issue + 1 == STAGES ? 0 : st_issue + 1;

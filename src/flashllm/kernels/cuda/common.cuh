@@ -98,6 +98,21 @@ __device__ __forceinline__ void ldmatrix_x2(u32 addr, u32& r0, u32& r1) {
                : "memory");
 }
 
+// Shared-memory accesses by 32-bit shared-window address (what cp.async and ldmatrix take), so a
+// loop that walks an address needs no generic-to-shared conversion per access. Volatile: they
+// must stay ordered against the cp.async waits and warp barriers around them.
+__device__ __forceinline__ u32 lds_u16(u32 addr) {
+  unsigned short v;
+  asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(addr) : "memory");
+  return v;
+}
+__device__ __forceinline__ void sts_u16(u32 addr, u32 v) {
+  asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(addr), "h"(static_cast<unsigned short>(v)) : "memory");
+}
+__device__ __forceinline__ void sts_zero16(u32 addr) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0u) : "memory");
+}
+
 // PRMT in its default mode. CUDA's __byte_perm masks every selector nibble to 3 bits first (one
 // extra LOP3 per call); the selectors here never set a nibble's mode bit.
 __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
