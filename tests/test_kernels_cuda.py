@@ -99,18 +99,18 @@ def test_odd_shapes(fmt, m, k, n, split_k):
     check(fmt, m, k, n, 0.8, torch.float16, replace(configs.default_config(fmt, n, 0.8), split_k=split_k))
 
 
-def _shipped(fmt):
+def _checked(fmt):
     return sorted({cfg for f, cfg in configs.checked_variants() if f == fmt}, key=str)
 
 
-@pytest.mark.parametrize("cfg", _shipped("bitmap"), ids=str)
+@pytest.mark.parametrize("cfg", _checked("bitmap"), ids=str)
 def test_every_bitmap_variant(cfg):
     for n in {max(1, cfg.nrows - 3), cfg.nrows + 5}:  # a partial block, and two blocks along N
         check("bitmap", 300, 700, n, 0.7, torch.float16, cfg)
     check("bitmap", 130, 200, cfg.nrows, 0.5, torch.bfloat16, replace(cfg, split_k=2))
 
 
-@pytest.mark.parametrize("cfg", _shipped("tiled_csl"), ids=str)
+@pytest.mark.parametrize("cfg", _checked("tiled_csl"), ids=str)
 def test_every_tiled_csl_variant(cfg):
     for n in {max(1, cfg.nrows - 3), cfg.nrows + 5}:
         check("tiled_csl", 300, 700, n, 0.7, torch.float16, cfg)
@@ -125,7 +125,7 @@ def test_tiled_csl_dense_tiles_reload(sparsity, words):
 
 def test_kernel_reports_no_spills():
     problems = []
-    for fmt, cfgs in (("bitmap", _shipped("bitmap")), ("tiled_csl", _shipped("tiled_csl"))):
+    for fmt, cfgs in (("bitmap", _checked("bitmap")), ("tiled_csl", _checked("tiled_csl"))):
         _, module = FORMATS[fmt]
         for cfg in cfgs:
             for dtype in DTYPES:
