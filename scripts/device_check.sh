@@ -146,7 +146,8 @@ for cls, mod, s, decode in ((BitmapWeight, bitmap_cuda, 0.5, "fragment"), (Bitma
                             (TiledCSLWeight, tiled_csl_cuda, 0.8, "fragment")):
     w = torch.randn(11008, 4096, device="cuda", dtype=torch.float16)
     w[torch.rand_like(w, dtype=torch.float32) < s] = 0
-    cfg = replace(configs.get_config("sm90", mod.FORMAT, 11008, 4096, 16, s), decode=decode)
+    arch = configs.arch_key(torch.cuda.get_device_capability())
+    cfg = replace(configs.get_config(arch, mod.FORMAT, 11008, 4096, 16, s), decode=decode)
     work.append((mod, cls.from_dense(w), cfg))
 for _ in range(2):
     for mod, weight, cfg in work:
