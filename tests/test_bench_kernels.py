@@ -76,6 +76,7 @@ def test_table_and_summary_format():
 
 
 def test_tune_needs_a_gpu(capsys):
+    assert parse("--tune", "--validated-only").validated_only
     assert bench.main(parse("--tune", "--device", "cpu", "--shapes", "64x64")) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
 

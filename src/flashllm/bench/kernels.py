@@ -438,7 +438,7 @@ def tune(args) -> int:
                     # what `flashllm bench kernels` will measure.
                     best, best_ms, timings = launch.tune(
                         lambda c, module=module, x=x, weight=weight: module.linear(x, weight, None, c),
-                        configs.tuning_candidates(fmt, n, s, kt, unvalidated=True),
+                        configs.tuning_candidates(fmt, n, s, kt, unvalidated=not args.validated_only),
                         timer=lambda fn: timer(_graphed(fn, device)[0]),
                     )
                     default = next((ms for ms, c in timings if c == configs.default_config(fmt, n, s)), float("nan"))
@@ -485,6 +485,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tune", action="store_true",
                         help="time candidate launch configs instead of benchmarking (--warmup/--rep per candidate)")
     parser.add_argument("--write-configs", default=None, help="with --tune: JSON table to merge the winners into")
+    parser.add_argument("--validated-only", action="store_true",
+                        help="with --tune: leave out the options not yet validated on a GPU (configs.UNVALIDATED_DECODES)")
 
 
 def _finish_args(args) -> argparse.Namespace:
