@@ -7,8 +7,9 @@
 # Steps (each under its own time limit; a failing step is reported and the next one still runs):
 #   1. environment: GPU, driver, torch, NVRTC                                       (~5 s)
 #   2. smoke: one small product per format against float64                         (~10 s)
-#      2b. the same for the bitmap decode not yet validated on a GPU (scatter,
-#      configs.UNVALIDATED_DECODES); if it fails or hangs, steps 3-7 leave it out      (~10 s)
+#      2b. the same for the options not yet validated on a GPU (bitmap scatter decode,
+#      Tiled-CSL with 8 warps; configs.UNVALIDATED_*); if they fail or hang, steps 3-7
+#      leave them out                                                              (~10 s)
 #   3. pytest -m gpu: the kernels' correctness grid, every config variant, spmm/SparseLinear
 #      dispatch, torch.compile, CUDA graphs; CUDA-graph decoding of a sparse model  (~1 min)
 #   4. DEVICE_CHECK_TUNE=1: tune the launch configs on the --quick shapes (tuned.json, tune.log);
@@ -23,8 +24,8 @@
 # Step limits in seconds: PYTEST_LIMIT (300), TUNE_LIMIT (240), BENCH_LIMIT (300), NCU_LIMIT (150),
 # SANITIZER_LIMIT (150 per tool), E2E_LIMIT (240). SANITIZER_TOOLS="memcheck" skips racecheck,
 # SANITIZER_TOOLS=none both. BENCH_BASELINES (default: all) limits the benchmark's baselines;
-# BENCH_FORMATS its flashllm methods (default: bitmap,tiled_csl, plus bitmap:scatter, the bitmap
-# kernel's scatter decode under the same launch, when step 2b passed).
+# BENCH_FORMATS its flashllm methods (default: bitmap,tiled_csl, plus bitmap:scatter and
+# tiled_csl:warps8, the kernels with those options under the same launch, when step 2b passed).
 # DEVICE_CHECK_TESTS=0 skips step 3 (a profiling-only run).
 set -uo pipefail
 
@@ -71,15 +72,16 @@ from flashllm.formats import BitmapWeight, TiledCSLWeight
 from flashllm.kernels import bitmap_cuda, configs, tiled_csl_cuda, launch
 torch.manual_seed(0)
 ok = True
-cases = [(BitmapWeight, bitmap_cuda, "fragment"), (TiledCSLWeight, tiled_csl_cuda, "fragment")]
+cases = [(BitmapWeight, bitmap_cuda, {}), (TiledCSLWeight, tiled_csl_cuda, {})]
 if os.environ.get("SMOKE_UNVALIDATED") == "1":  # step 2b
-    cases = [(BitmapWeight, bitmap_cuda, d) for d in configs.DECODES if d in configs.UNVALIDATED_DECODES]
-for cls, mod, decode in cases:
+    cases = ([(BitmapWeight, bitmap_cuda, {"decode": d}) for d in sorted(configs.UNVALIDATED_DECODES)]
+             + [(TiledCSLWeight, tiled_csl_cuda, {"warps": w}) for w in sorted(configs.UNVALIDATED_WARPS)])
+for cls, mod, options in cases:
     for split in (1, 3):
         w = torch.randn(1000, 1500, device="cuda", dtype=torch.float16)
         w[torch.rand_like(w, dtype=torch.float32) < 0.8] = 0
         x = torch.randn(17, 1500, device="cuda", dtype=torch.float16)
-        cfg = replace(mod.configs.default_config(mod.FORMAT, 17, 0.8), split_k=split, decode=decode)
+        cfg = replace(mod.configs.default_config(mod.FORMAT, 17, 0.8), split_k=split, **options)
         t = time.time()
         out = torch.full((17, 1000), float("nan"), device="cuda", dtype=torch.float16)
         y = mod.linear(x, cls.from_dense(w), None, cfg, out=out)
@@ -89,7 +91,7 @@ for cls, mod, decode in cases:
         err_torch = ((torch.nn.functional.linear(x, w).double() - ref).norm() / ref.norm()).item()
         good = bool(torch.isfinite(y).all()) and err <= 2 * err_torch + 1e-6
         ok &= good
-        print(f"{mod.FORMAT:9s} {decode:8s} split={split}: rel err {err:.2e} (torch fp16 {err_torch:.2e}) "
+        print(f"{mod.FORMAT:9s} {options or ''} split={split}: rel err {err:.2e} (torch fp16 {err_torch:.2e}) "
               f"{'OK' if good else 'WRONG'}  first call {time.time() - t:.2f}s")
 for key, k in launch._state().kernels.items():
     print(f"  {k.name} {dict(key[2])}: {k.registers} regs, {k.local_bytes} B local, {k.occupancy} blocks/SM")
@@ -98,22 +100,22 @@ EOF
 timeout 120 "$PY" "$SMOKE_PY"
 STATUS[smoke]=$?
 
-step "2b. smoke: the bitmap decode not yet validated on a GPU"
+step "2b. smoke: the options not yet validated on a GPU"
 SMOKE_UNVALIDATED=1 timeout 90 "$PY" "$SMOKE_PY"
 STATUS[smoke_unvalidated]=$?
-# A failing or hanging decode would cost the later steps their time or their CUDA context: leave
-# it out of them then.
-if [ "${STATUS[smoke_unvalidated]}" = 0 ]; then UNVALIDATED=1; else UNVALIDATED=0; echo "leaving the unvalidated decode out of the steps below"; fi
+# A failing or hanging option would cost the later steps their time or their CUDA context: leave
+# the unvalidated options out of them then.
+if [ "${STATUS[smoke_unvalidated]}" = 0 ]; then UNVALIDATED=1; else UNVALIDATED=0; echo "leaving the unvalidated options out of the steps below"; fi
 export FLASHLLM_CHECK_UNVALIDATED=$UNVALIDATED
 
 if [ "${DEVICE_CHECK_TESTS:-1}" = "1" ]; then
   step "3. GPU tests"
   PYTEST_TIMEOUT=()
   "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_TIMEOUT=(--timeout 120)
-  PYTEST_SELECT=()
-  [ "$UNVALIDATED" = 1 ] || PYTEST_SELECT=(-k "not scatter")
-  timeout "${PYTEST_LIMIT:-300}" "$PY" -m pytest tests/test_kernels_cuda.py tests/test_decode.py -m gpu -q -rfEs \
-    -p no:cacheprovider "${PYTEST_TIMEOUT[@]}" "${PYTEST_SELECT[@]}" --maxfail 20 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 40
+  MARKS="gpu"
+  [ "$UNVALIDATED" = 1 ] || MARKS="gpu and not unvalidated"
+  timeout "${PYTEST_LIMIT:-300}" "$PY" -m pytest tests/test_kernels_cuda.py tests/test_decode.py -m "$MARKS" -q -rfEs \
+    -p no:cacheprovider "${PYTEST_TIMEOUT[@]}" --maxfail 20 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 40
   STATUS[pytest]=${PIPESTATUS[0]}
 fi
 
@@ -129,7 +131,7 @@ fi
 
 step "5. benchmark (--quick${FLASHLLM_KERNEL_CONFIGS:+, tuned configs})"
 BENCH_FORMATS_DEFAULT="bitmap,tiled_csl"
-[ "$UNVALIDATED" = 1 ] && BENCH_FORMATS_DEFAULT="bitmap,bitmap:scatter,tiled_csl"
+[ "$UNVALIDATED" = 1 ] && BENCH_FORMATS_DEFAULT="bitmap,bitmap:scatter,tiled_csl,tiled_csl:warps8"
 timeout "${BENCH_LIMIT:-300}" "$PY" -m flashllm.bench.kernels --quick --baselines "${BENCH_BASELINES:-cublas,csr,2:4}" \
   --formats "${BENCH_FORMATS:-$BENCH_FORMATS_DEFAULT}" --out "$OUT" --warmup 10 --rep 60 2>&1 | tee "$OUT/bench.log" | grep -v "^  " | tail -n 90
 STATUS[bench]=${PIPESTATUS[0]}
@@ -156,15 +158,16 @@ from flashllm.kernels import bitmap_cuda, configs, tiled_csl_cuda
 torch.manual_seed(0)
 x = torch.randn(16, 4096, device="cuda", dtype=torch.float16)
 work = []
-cases = [(BitmapWeight, bitmap_cuda, 0.5, "fragment"), (BitmapWeight, bitmap_cuda, 0.8, "fragment"),
-         (TiledCSLWeight, tiled_csl_cuda, 0.8, "fragment")]
+cases = [(BitmapWeight, bitmap_cuda, 0.5, {}), (BitmapWeight, bitmap_cuda, 0.8, {}),
+         (TiledCSLWeight, tiled_csl_cuda, 0.8, {})]
 if os.environ.get("FLASHLLM_CHECK_UNVALIDATED") == "1":
-    cases += [(BitmapWeight, bitmap_cuda, 0.5, "scatter"), (BitmapWeight, bitmap_cuda, 0.8, "scatter")]
-for cls, mod, s, decode in cases:
+    cases += [(BitmapWeight, bitmap_cuda, 0.5, {"decode": "scatter"}), (BitmapWeight, bitmap_cuda, 0.8, {"decode": "scatter"}),
+              (TiledCSLWeight, tiled_csl_cuda, 0.8, {"warps": 8})]
+for cls, mod, s, options in cases:
     w = torch.randn(11008, 4096, device="cuda", dtype=torch.float16)
     w[torch.rand_like(w, dtype=torch.float32) < s] = 0
     arch = configs.arch_key(torch.cuda.get_device_capability())
-    cfg = replace(configs.get_config(arch, mod.FORMAT, 11008, 4096, 16, s), decode=decode)
+    cfg = replace(configs.get_config(arch, mod.FORMAT, 11008, 4096, 16, s), **options)
     work.append((mod, cls.from_dense(w), cfg))
 for _ in range(2):
     for mod, weight, cfg in work:
@@ -174,7 +177,7 @@ EOF
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
   if [ -n "$NCU" ]; then
     NCU_CASES=3  # the workload's launches per pass: skip the first pass (compiles), profile the second
-    [ "$UNVALIDATED" = 1 ] && NCU_CASES=5
+    [ "$UNVALIDATED" = 1 ] && NCU_CASES=6
     timeout "${NCU_LIMIT:-150}" "$NCU" --kernel-name regex:"flashllm_(bitmap|tiled)" --launch-skip $NCU_CASES --launch-count $NCU_CASES \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
       --section SchedulerStats --section MemoryWorkloadAnalysis --section InstructionStats \
@@ -196,15 +199,15 @@ from flashllm.formats import BitmapWeight, TiledCSLWeight
 from flashllm.kernels import bitmap_cuda, tiled_csl_cuda, configs
 torch.manual_seed(0)
 import os
-cases = [(BitmapWeight, bitmap_cuda, "fragment"), (TiledCSLWeight, tiled_csl_cuda, "fragment")]
+cases = [(BitmapWeight, bitmap_cuda, {}), (TiledCSLWeight, tiled_csl_cuda, {})]
 if os.environ.get("FLASHLLM_CHECK_UNVALIDATED") == "1":
-    cases.append((BitmapWeight, bitmap_cuda, "scatter"))
-for cls, mod, decode in cases:
+    cases += [(BitmapWeight, bitmap_cuda, {"decode": "scatter"}), (TiledCSLWeight, tiled_csl_cuda, {"warps": 8})]
+for cls, mod, options in cases:
     for m, k, n, s, split in ((70, 130, 3, 0.8, 1), (130, 200, 17, 0.0, 2), (200, 70, 9, 0.95, 1)):
         w = torch.randn(m, k, device="cuda", dtype=torch.float16)
         w[torch.rand(m, k, device="cuda") < s] = 0
         x = torch.randn(n, k, device="cuda", dtype=torch.float16)
-        cfg = replace(configs.default_config(mod.FORMAT, n, max(s, 0.5)), split_k=split, decode=decode)
+        cfg = replace(configs.default_config(mod.FORMAT, n, max(s, 0.5)), split_k=split, **options)
         if mod is tiled_csl_cuda and s == 0.0:
             cfg = replace(cfg, words_per_stage=256)  # the piecewise reload path
         y = mod.linear(x, cls.from_dense(w), torch.randn(m, device="cuda", dtype=torch.float16), cfg)

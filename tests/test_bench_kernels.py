@@ -81,9 +81,12 @@ def test_tune_needs_a_gpu(capsys):
     assert "needs a CUDA device" in capsys.readouterr().err
 
 
-def test_formats_accept_the_bitmap_decodes():
-    args = bench._finish_args(parse("--dry-run", "--formats", "bitmap,bitmap:scatter,tiled_csl"))
-    assert args.formats == ["bitmap", "bitmap:scatter", "tiled_csl"]
-    for bad in ("tiled_csl:scatter", "bitmap:gather", "csc"):
+def test_formats_accept_kernel_options():
+    args = bench._finish_args(parse("--dry-run", "--formats", "bitmap,bitmap:scatter,tiled_csl,tiled_csl:warps8"))
+    assert args.formats == ["bitmap", "bitmap:scatter", "tiled_csl", "tiled_csl:warps8"]
+    assert bench.parse_format("tiled_csl:warps8") == ("tiled_csl", {"warps": 8})
+    assert bench.parse_format("bitmap:scatter") == ("bitmap", {"decode": "scatter"})
+    assert bench.parse_format("tiled_csl") == ("tiled_csl", {})
+    for bad in ("tiled_csl:scatter", "bitmap:warps8", "bitmap:gather", "csc", "csc:scatter"):
         with pytest.raises(ValueError, match="unknown format"):
             bench._finish_args(parse("--dry-run", "--formats", bad))

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -232,6 +233,29 @@ def test_tiled_csl_kernel_emulated(dtype, m, k, n, sparsity, plan, gen):
     _reference_check(y, writes, x, w, bias, len(E.split_ranges(-(-k // 64), plan.split_k)))
 
 
+@pytest.mark.parametrize("warps", configs.CSL_WARPS)
+def test_tiled_csl_warps_own_every_row_once(warps):
+    # tiled_csl_spmm.cu with WARPS warps: warp w reads rows WARP_ROWS w + 16 h + (q / 2) 8 + lane % 8
+    # of k-chunk half q % 2 (h < HALVES, q = lane / 8) with ldmatrix, and stores accumulator
+    # mt = 2 h + j (8-row group j of half h) at m8 = WARP_ROWS w + 8 mt.
+    warp_rows, halves = 128 // warps, 128 // warps // 16
+    owner = {}
+    for w in range(warps):
+        for h in range(halves):
+            for lane in range(32):
+                q = lane >> 3
+                key = (w * warp_rows + h * 16 + (q >> 1) * 8 + (lane & 7), q & 1)
+                assert key not in owner, key
+                owner[key] = (w, h)
+    assert sorted(owner) == [(r, c) for r in range(128) for c in (0, 1)]
+    for (row, _), (w, h) in owner.items():
+        j = (row - w * warp_rows - 16 * h) // 8
+        m8 = w * warp_rows + 8 * (2 * h + j)
+        assert m8 <= row < m8 + 8  # the accumulator holding a row is stored at that row
+    stored = sorted(w * warp_rows + 8 * mt for w in range(warps) for mt in range(2 * halves))
+    assert stored == list(range(0, 128, 8))
+
+
 def test_bitmap_emulation_catches_a_layout_bug(gen, monkeypatch):
     # A lane mapping off by one (the bits of lane l+1) must be detected: the emulation is a test.
     w = BitmapWeight.from_dense(pruned(64, 64, 0.5, torch.float16, gen))
@@ -261,6 +285,13 @@ def test_every_table_entry_is_valid_and_fits_hopper():
     assert base.smem_bytes("bitmap") + 8192 - 1024 == LaunchConfig(nrows=16, decode="scatter").smem_bytes("bitmap")
     assert LaunchConfig(nrows=16, decode="scatter").defines("bitmap")["FLASHLLM_DECODE"] == 1
     assert {cfg.decode for fmt, cfg in configs.checked_variants() if fmt == "bitmap"} == set(configs.DECODES)
+    assert {cfg.warps for fmt, cfg in configs.checked_variants() if fmt == "tiled_csl"} == set(configs.CSL_WARPS)
+    assert all(cfg.validated() for _, cfg in configs.shipped_variants())  # nothing unvalidated ships
+    # 8 warps: the same shared memory, twice the threads; 4-warp variants keep their compile keys
+    eight = LaunchConfig(nrows=16, words_per_stage=2048, warps=8)
+    assert eight.smem_bytes("tiled_csl") == replace(eight, warps=4).smem_bytes("tiled_csl") and eight.threads == 256
+    assert eight.defines("tiled_csl")["FLASHLLM_WARPS"] == 8
+    assert "FLASHLLM_WARPS" not in replace(eight, warps=4).defines("tiled_csl")
 
 
 @pytest.mark.parametrize("fmt", ("bitmap", "tiled_csl"))
@@ -299,6 +330,10 @@ def test_invalid_configs_are_refused():
         LaunchConfig(nrows=16, decode="gather").validate("bitmap")
     with pytest.raises(ValueError, match="default decode"):
         LaunchConfig(nrows=16, words_per_stage=2048, decode="scatter").validate("tiled_csl")
+    with pytest.raises(ValueError, match="4 warps"):
+        LaunchConfig(nrows=16, warps=8).validate("bitmap")
+    with pytest.raises(ValueError, match="warps must be one of"):
+        LaunchConfig(nrows=16, words_per_stage=2048, warps=6).validate("tiled_csl")
 
 
 def test_auto_split_k():
@@ -320,6 +355,7 @@ def test_auto_split_k():
 def test_config_table_round_trip(tmp_path, monkeypatch):
     table = {("sm90", "bitmap", "m8k-k8k", 16, "80"): LaunchConfig(nrows=16, strips=1, stages=4, split_k=6),
              ("sm90", "bitmap", "*", 8, "90"): LaunchConfig(nrows=8, decode="scatter"),
+             ("sm90", "tiled_csl", "*", 16, "90"): LaunchConfig(nrows=16, words_per_stage=2048, warps=8),
              ("sm90", "tiled_csl", "*", 1, "90"): LaunchConfig(nrows=8, stages=4, words_per_stage=1536)}
     path = tmp_path / "tuned.json"
     configs.write_table(str(path), table)
@@ -344,12 +380,14 @@ def test_tuning_candidates_are_valid():
                 assert len(cands) == len(set(cands)) >= 6
                 for c in cands:
                     c.validate(fmt)
-                # the benchmark's tuner offers every decode; the library's retuning only validated ones
+                # the benchmark's tuner offers every option; the library's retuning only validated ones
                 wide = configs.tuning_candidates(fmt, n, s, k_tiles=112, unvalidated=True)
                 assert set(cands) <= set(wide)
-                assert {c.decode for c in cands}.isdisjoint(configs.UNVALIDATED_DECODES)
+                assert all(c.validated() for c in cands)
                 if fmt == "bitmap":
                     assert {c.decode for c in wide} == set(configs.DECODES)
+                else:
+                    assert {c.warps for c in wide} == set(configs.CSL_WARPS)
 
 
 # --- launchers on a CPU-only machine ------------------------------------------------------------------
@@ -425,7 +463,7 @@ def test_kernels_compile_with_the_launchers_sizes(tmp_path, monkeypatch):
     kind, nvrtc = _compiler()
     variants = {}
     for fmt, cfg in configs.checked_variants():  # one per code shape keeps this quick
-        variants.setdefault((fmt, cfg.nrows, cfg.strips, cfg.decode), cfg)
+        variants.setdefault((fmt, cfg.nrows, cfg.strips, cfg.decode, cfg.warps), cfg)
     for (fmt, *_), cfg in variants.items():
         src = "bitmap_spmm.cu" if fmt == "bitmap" else "tiled_csl_spmm.cu"
         name = "flashllm_bitmap_spmm" if fmt == "bitmap" else "flashllm_tiled_csl_spmm"

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..kernels.configs import DECODES
+from ..kernels.configs import CSL_WARPS, DECODES, LaunchConfig
 
 # (name, out_features M, in_features K), grouped by model.
 SHAPES: dict[str, list[tuple[str, int, int]]] = {
@@ -184,7 +184,7 @@ def sparse_methods(w: torch.Tensor, x: torch.Tensor, formats: list[str], fast: b
 
     out = []
     for name in formats:
-        fmt, _, decode = name.partition(":")
+        fmt, options = parse_format(name)
         weight = get_format(fmt).from_dense(w)
         if fast:
             from ..kernels import bitmap_cuda, configs, tiled_csl_cuda
@@ -194,14 +194,41 @@ def sparse_methods(w: torch.Tensor, x: torch.Tensor, formats: list[str], fast: b
             tensors = list(weight.tensors().values())
             cfg = configs.get_config(arch, fmt, *weight.shape, x.shape[0],
                                      module.KERNEL.sparsity_of(tensors, *weight.shape))
-            if decode:  # "bitmap:scatter": the chosen launch with the other decode, for an A/B
-                cfg = replace(cfg, decode=decode).validate(fmt)
+            if options:  # e.g. "bitmap:scatter": the chosen launch with another option, for an A/B
+                cfg = replace(cfg, **options).validate(fmt)
             out.append(Method(name, lambda m=module, wt=weight, c=cfg: m.linear(x, wt, None, c), weight.nbytes, str(cfg)))
-        elif not decode:  # the reference path has no decodes to compare
+        elif not options:  # the reference path has no kernel options to compare
             # The reference path itself, even where `spmm` would pick a registered kernel.
             out.append(Method(f"{fmt} (reference)", lambda wt=weight: reference_linear(
                 x, list(wt.tensors().values()), wt.format_code, *wt.shape, None), weight.nbytes))
     return out
+
+
+# Kernel options a --formats entry may add after a colon: "bitmap:scatter", "tiled_csl:warps8".
+FORMAT_OPTIONS = {**{d: ("decode", d) for d in DECODES}, **{f"warps{w}": ("warps", w) for w in CSL_WARPS}}
+
+
+def parse_format(name: str) -> tuple[str, dict]:
+    """"tiled_csl:warps8" -> ("tiled_csl", {"warps": 8}): a format and launch options that override
+    the chosen configuration (FORMAT_OPTIONS)."""
+    fmt, *opts = name.split(":")
+    options: dict = {}
+    problem = None if fmt in FORMATS else f"formats are {FORMATS}"
+    for opt in opts:
+        if opt not in FORMAT_OPTIONS:
+            problem = f"options are {sorted(FORMAT_OPTIONS)}"
+            break
+        field, value = FORMAT_OPTIONS[opt]
+        options[field] = value
+    if problem is None and options:
+        probe = LaunchConfig(nrows=16, words_per_stage=2048 if fmt == "tiled_csl" else 0)
+        try:
+            replace(probe, **options).validate(fmt)
+        except ValueError as err:
+            problem = str(err)
+    if problem:
+        raise ValueError(f"unknown format {name!r}: {problem}")
+    return fmt, options
 
 
 def baseline_methods(w: torch.Tensor, x: torch.Tensor, baselines: list[str], sparsity: float) -> list[Method]:
@@ -429,8 +456,8 @@ def tune(args) -> int:
             x = torch.randn(n, k, device=device, dtype=dtype, generator=gen)
             for s in args.sparsity:
                 w = random_pruned(m, k, s, dtype, device, gen)
-                # The candidates cover both bitmap decodes, so "bitmap:scatter" tunes as "bitmap".
-                for fmt in dict.fromkeys(f.partition(":")[0] for f in args.formats):
+                # The candidates cover every option, so "bitmap:scatter" tunes as "bitmap".
+                for fmt in dict.fromkeys(parse_format(f)[0] for f in args.formats):
                     module = bitmap_cuda if fmt == "bitmap" else tiled_csl_cuda
                     weight = get_format(fmt).from_dense(w)
                     kt = -(-k // 64)
@@ -465,7 +492,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", default=",".join(map(str, DEFAULT_N)), help="batch sizes (activation rows)")
     parser.add_argument("--sparsity", default=",".join(map(str, DEFAULT_SPARSITY)), help="weight sparsities")
     parser.add_argument("--formats", default=",".join(FORMATS),
-                        help="flashllm formats to time; bitmap:scatter times the bitmap kernel's other decode")
+                        help="flashllm formats to time; bitmap:scatter or tiled_csl:warps8 time a kernel with "
+                             "that option under the same launch (an A/B)")
     parser.add_argument("--baselines", default=",".join(BASELINES), help="cublas, csr (cuSPARSE), 2:4 (at 0.5 only)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp16",
                         help="fp32 times only the baselines and the reference path (the kernels take fp16/bf16)")
@@ -486,7 +514,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time candidate launch configs instead of benchmarking (--warmup/--rep per candidate)")
     parser.add_argument("--write-configs", default=None, help="with --tune: JSON table to merge the winners into")
     parser.add_argument("--validated-only", action="store_true",
-                        help="with --tune: leave out the options not yet validated on a GPU (configs.UNVALIDATED_DECODES)")
+                        help="with --tune: leave out the options not yet validated on a GPU (configs.UNVALIDATED_*)")
 
 
 def _finish_args(args) -> argparse.Namespace:
@@ -506,10 +534,7 @@ def _finish_args(args) -> argparse.Namespace:
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     args.baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     for f in args.formats:
-        fmt, _, decode = f.partition(":")
-        if fmt not in FORMATS or (decode and (fmt != "bitmap" or decode not in DECODES)):
-            raise ValueError(f"unknown format {f!r}; choose from {FORMATS}, or bitmap:<decode> with a "
-                             f"decode from {DECODES}")
+        parse_format(f)  # raises on an unknown name
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args

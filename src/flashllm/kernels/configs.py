@@ -31,7 +31,6 @@ import warnings
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
-THREADS = 128  # both kernels are written for 4 warps; not a tuning knob
 NROWS = (8, 16, 32, 64, 128)
 N_BUCKETS = (1, 8, 16, 32, 64, 128, 256)
 M_BOUNDS = (4096, 8192, 16384, 32768)
@@ -46,10 +45,15 @@ MAX_AUTO_SPLIT = 16
 # element (measured on an H200, the default); "scatter" walks each mask word's set bits into a
 # zeroed shared-memory tile and reads it with ldmatrix, a cost per non-zero.
 DECODES = ("fragment", "scatter")
-# Decodes compiled and emulated but never run on a GPU: `flashllm bench kernels --tune` offers them
-# (its GPU run is where they get validated), the library's FLASHLLM_RETUNE path does not, and
-# nothing selects them by default. Empty this once scripts/device_check.sh has passed with them.
+# Warps per Tiled-CSL block (the bitmap kernel is written for 4): 8 puts twice the warps in flight
+# on the same shared memory, for a kernel that is latency-bound at 3 resident blocks per SM.
+CSL_WARPS = (4, 8)
+# Options compiled (and, for the decode, emulated) but never run on a GPU: `flashllm bench kernels
+# --tune` offers them (its GPU run is where they get validated), the library's FLASHLLM_RETUNE path
+# does not, and nothing selects them by default. Empty these once scripts/device_check.sh has
+# passed with them (its step 2b smoke-tests exactly these).
 UNVALIDATED_DECODES = frozenset({"scatter"})
+UNVALIDATED_WARPS = frozenset({8})
 
 # Shared-memory layout constants, mirrored from the .cu files (the kernels trap if the launch
 # provides less shared memory than they lay out, so a drift shows as an error, not as corruption).
@@ -68,6 +72,7 @@ class LaunchConfig:
     split_k: int = 0  # blocks along K per strip; 0 = from the occupancy at launch (auto_split_k)
     words_per_stage: int = 0  # Tiled-CSL: words per stage buffer; denser tiles load the rest in pieces
     decode: str = "fragment"  # bitmap: "fragment" (lanes assemble fragments) or "scatter" (see DECODES)
+    warps: int = 4  # warps per block: bitmap 4; Tiled-CSL 4 or 8 (see CSL_WARPS)
 
     def validate(self, fmt: str) -> "LaunchConfig":
         if self.nrows not in NROWS:
@@ -81,9 +86,13 @@ class LaunchConfig:
                 raise ValueError(f"bitmap strips must be 1, or 2 with nrows <= 64; got {self}")
             if not 2 <= self.stages <= 6:
                 raise ValueError(f"bitmap stages must be 2..6, got {self.stages}")
+            if self.warps != 4:
+                raise ValueError(f"the bitmap kernel runs 4 warps per block, got warps={self.warps}")
         elif fmt == "tiled_csl":
             if self.nrows > 64 or self.strips != 1 or self.decode != "fragment":
                 raise ValueError(f"Tiled-CSL needs nrows <= 64, strips == 1 and the default decode, got {self}")
+            if self.warps not in CSL_WARPS:
+                raise ValueError(f"Tiled-CSL warps must be one of {CSL_WARPS}, got {self.warps}")
             if not 3 <= self.stages <= 6:
                 raise ValueError(f"Tiled-CSL stages must be 3..6, got {self.stages}")
             w = self.words_per_stage
@@ -103,7 +112,17 @@ class LaunchConfig:
             d["FLASHLLM_DECODE"] = DECODES.index(self.decode)
         else:
             d["FLASHLLM_CAPW"] = self.words_per_stage
+            if self.warps != 4:  # the kernels' default; leaving it out keeps the 4-warp cache keys
+                d["FLASHLLM_WARPS"] = self.warps
         return d
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    def validated(self) -> bool:
+        """Whether every option has passed the GPU tests (see UNVALIDATED_DECODES)."""
+        return self.decode not in UNVALIDATED_DECODES and self.warps not in UNVALIDATED_WARPS
 
     def smem_bytes(self, fmt: str) -> int:
         x_stage = self.nrows * _XS_STRIDE_BYTES
@@ -251,23 +270,29 @@ def auto_split_k(k_tiles: int, blocks_mn: int, slots: int, n: int, in_features: 
 
 def candidates(fmt: str, n: int, sparsity: float, unvalidated: bool = False) -> list[LaunchConfig]:
     """What `--tune` and FLASHLLM_RETUNE time: the default and its neighbours (with `unvalidated`,
-    also the decodes in UNVALIDATED_DECODES). split_k is left at 0 here; the tuner crosses each
-    with splits around the automatic choice."""
+    also the options in UNVALIDATED_DECODES / UNVALIDATED_WARPS). split_k is left at 0 here; the
+    tuner crosses each with splits around the automatic choice."""
     base = default_config(fmt, n, sparsity)
     out = [base]
+
+    def add(cfg: LaunchConfig) -> None:
+        if cfg not in out and (unvalidated or cfg.validated()):
+            out.append(cfg)
+
     if fmt == "bitmap":
-        for decode in (d for d in DECODES if unvalidated or d not in UNVALIDATED_DECODES):
+        for decode in DECODES:
             for strips in (1, 2):
                 for stages in (3, 4):
-                    cfg = replace(base, strips=strips, stages=stages, decode=decode)
-                    if cfg not in out and (strips == 1 or cfg.nrows <= 64):
-                        out.append(cfg)
+                    if strips == 1 or base.nrows <= 64:
+                        add(replace(base, strips=strips, stages=stages, decode=decode))
     else:
         for words in (1024, 2048, 3072, 4096, 6144):
             for stages in (3, 4):
                 cfg = replace(base, stages=stages, words_per_stage=words)
-                if cfg not in out and cfg.smem_bytes(fmt) <= 200 * 1024:
-                    out.append(cfg)
+                if cfg.smem_bytes(fmt) <= 200 * 1024:
+                    add(cfg)
+        for words in dict.fromkeys((base.words_per_stage, 2048)):  # 8 warps: a few, not the grid
+            add(replace(base, words_per_stage=words, warps=8))
     return out
 
 
@@ -348,14 +373,15 @@ def shipped_variants() -> list[tuple[str, LaunchConfig]]:
 
 
 def checked_variants() -> list[tuple[str, LaunchConfig]]:
-    """`shipped_variants` plus the scatter decode of each bitmap one (what tuning may pick): what
-    scripts/compile_check.sh compiles and the GPU tests run."""
+    """`shipped_variants` plus each with the other bitmap decodes or Tiled-CSL warp counts (what
+    tuning may pick): what scripts/compile_check.sh compiles and the GPU tests run."""
     out = shipped_variants()
     two_strips = [("bitmap", LaunchConfig(nrows=16, strips=2, decode=d)) for d in DECODES]
     for fmt, cfg in list(out) + two_strips:  # two strips: a code shape the tuner may pick
-        for decode in DECODES:
-            item = (fmt, replace(cfg, decode=decode))
-            if fmt == "bitmap" and item not in out:
+        others = ([replace(cfg, decode=d) for d in DECODES] if fmt == "bitmap"
+                  else [replace(cfg, warps=w) for w in CSL_WARPS])
+        for item in ((fmt, c) for c in others):
+            if item not in out:
                 out.append(item)
     return out
 

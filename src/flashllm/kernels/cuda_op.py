@@ -108,7 +108,7 @@ class CudaKernel:
         bias = None if bias is None else bias.contiguous()
         mt, kt = self.grid(out_features, in_features)
         kernel = launch.get_kernel(self.source, self.kernel, cfg.defines(self.format), x2d.dtype, x2d.device,
-                                   cfg.smem_bytes(self.format))
+                                   cfg.smem_bytes(self.format), cfg.threads)
         blocks_m = -(-mt // cfg.strips)
         blocks_n = -(-n // cfg.nrows)
         split = cfg.split_k

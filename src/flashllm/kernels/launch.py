@@ -33,7 +33,7 @@ import torch
 CUDA_DIR = "cuda"  # package-relative folder of the kernel sources
 HEADER = "common.cuh"
 MIN_CAPABILITY = (8, 0)  # cp.async, ldmatrix, bf16 mma, redux.sync
-THREADS = 128  # every main kernel is written for 4 warps
+THREADS = 128  # the main kernels' default block: 4 warps (Tiled-CSL may run 8: LaunchConfig.warps)
 
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2}
 
@@ -320,12 +320,12 @@ class CompiledKernel:
     smem: int  # dynamic shared memory the launch asks for
     registers: int
     local_bytes: int  # stack/spill bytes per thread (0 expected)
-    occupancy: int  # resident blocks per multiprocessor at `smem`
+    occupancy: int  # resident blocks per multiprocessor at `smem` and `threads`
     device: int
+    threads: int = THREADS  # the block size it is written for
 
-    def launch(self, grid: tuple[int, int, int], params: Sequence[Param], stream: int,
-               threads: int = THREADS) -> None:
-        _state().driver.launch(self.func, grid, (threads, 1, 1), self.smem, stream, params)
+    def launch(self, grid: tuple[int, int, int], params: Sequence[Param], stream: int) -> None:
+        _state().driver.launch(self.func, grid, (self.threads, 1, 1), self.smem, stream, params)
 
 
 class _State:
@@ -432,11 +432,11 @@ def _cache_dir() -> Optional[Path]:
 
 
 def get_kernel(source_file: str, kernel_name: str, defines: dict[str, int], dtype: torch.dtype,
-               device: torch.device, smem: int) -> CompiledKernel:
+               device: torch.device, smem: int, threads: int = THREADS) -> CompiledKernel:
     """The compiled kernel for this variant on this device, compiling and loading it once."""
     state = _state()
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (source_file, kernel_name, tuple(sorted(defines.items())), dtype, index, smem)
+    key = (source_file, kernel_name, tuple(sorted(defines.items())), dtype, index, smem, threads)
     kernel = state.kernels.get(key)
     if kernel is not None:
         return kernel
@@ -463,8 +463,9 @@ def get_kernel(source_file: str, kernel_name: str, defines: dict[str, int], dtyp
                 smem=smem,
                 registers=state.driver.get_attribute(func, CU_FUNC_ATTRIBUTE_NUM_REGS),
                 local_bytes=state.driver.get_attribute(func, CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES),
-                occupancy=state.driver.occupancy(func, THREADS, smem),
+                occupancy=state.driver.occupancy(func, threads, smem),
                 device=index,
+                threads=threads,
             )
         state.kernels[key] = kernel
         return kernel
@@ -526,14 +527,11 @@ def split_plan(k_tiles: int, split_k: int) -> tuple[int, int]:
 
 
 def run_splitk_finalize(ws: torch.Tensor, bias: Optional[torch.Tensor], y: torch.Tensor, stream: int) -> None:
-    kernel = get_kernel(
-        "splitk_finalize.cu", "flashllm_splitk_finalize", {}, y.dtype, y.device, 0
-    )
+    kernel = get_kernel("splitk_finalize.cu", "flashllm_splitk_finalize", {}, y.dtype, y.device, 0, threads=256)
     total = y.numel()
     sms = torch.cuda.get_device_properties(y.device).multi_processor_count
     blocks = max(1, min(-(-total // 256), sms * 8))
-    kernel.launch((blocks, 1, 1), [ptr(ws), ptr(bias), ptr(y), i32(y.shape[-1]), i64(total)], stream,
-                  threads=256)
+    kernel.launch((blocks, 1, 1), [ptr(ws), ptr(bias), ptr(y), i32(y.shape[-1]), i64(total)], stream)
 
 
 # ---------------------------------------------------------------------------------------------

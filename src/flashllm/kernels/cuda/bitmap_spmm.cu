@@ -40,6 +40,7 @@ namespace bitmap {
 
 constexpr int STRIPS = FLASHLLM_STRIPS;
 static_assert(STRIPS == 1 || STRIPS == 2, "STRIPS");
+static_assert(WARPS == 4, "each of the 4 warps owns one 16-row mma row of a 64-row strip");
 constexpr int GROUP = 64;                    // group tile: 64 x 64
 constexpr int MASK_BYTES = GROUP * GROUP / 8;  // 512
 constexpr int MAX_VALUE_CHUNKS = GROUP * GROUP / 8;  // 16-byte chunks of a full tile's run

@@ -9,6 +9,7 @@
 //   FLASHLLM_DTYPE  1 = float16, 2 = bfloat16 (weights, activations and output share it)
 //   FLASHLLM_NROWS  activation rows per block: 8, 16, 32, 64 or 128 (N is padded up to it)
 //   FLASHLLM_STAGES cp.async pipeline depth
+//   FLASHLLM_WARPS  warps per block (optional, default 4)
 // plus kernel-specific ones documented in each .cu file.
 //
 // Conventions shared by both kernels. The product is y = x @ W.T with x (N x K) and W (M x K).
@@ -36,8 +37,13 @@ typedef unsigned long long u64;
 
 namespace flashllm {
 
-constexpr int THREADS = 128;  // 4 warps: every block of both kernels
-constexpr int WARPS = THREADS / 32;
+// Warps per block: 4 unless a kernel's FLASHLLM_WARPS says otherwise (Tiled-CSL may use 8).
+#ifndef FLASHLLM_WARPS
+#define FLASHLLM_WARPS 4
+#endif
+constexpr int WARPS = FLASHLLM_WARPS;
+constexpr int THREADS = 32 * WARPS;
+static_assert(WARPS == 4 || WARPS == 8, "WARPS");
 constexpr u32 FULL = 0xffffffffu;
 
 constexpr int NROWS = FLASHLLM_NROWS;

@@ -1,18 +1,21 @@
 // y = x @ W.T for W in the Tiled-CSL format (layout version 1, see formats/tiled_csl.py), the
 // Flash-LLM design without its density cap.
 //
-// Design. A block of 4 warps owns one strip of 128 weight rows and a range of 128 x 64 tiles along
-// K (split-K: blockIdx.y). Each tile's words (value | location << 16) stream into shared memory
+// Design. A block of 4 warps (or 8, FLASHLLM_WARPS) owns one strip of 128 weight rows and a range
+// of 128 x 64 tiles along K (split-K: blockIdx.y). Each tile's words (value | location << 16) stream into shared memory
 // with cp.async, STAGES deep, CAPW words per stage; a tile with more words than CAPW (denser than
 // CAPW / 8192) loads the rest synchronously in CAPW pieces, so every density from 0 to 100% is
 // exact. The block scatters tile i + 1's words into a zeroed 128 x 64 shared-memory tile while the
 // warps run the tensor cores on tile i from the other one (double buffer, one barrier per tile):
 // the work per tile is one 2-byte store per non-zero, not per element. Each warp then reads its 32
-// rows with ldmatrix and zeroes them again right after, so no block-wide clearing pass is needed.
+// rows (16 with 8 warps) with ldmatrix and zeroes them again right after, so no block-wide
+// clearing pass is needed. The kernel is latency-bound (its 64 KB of shared memory allow 3 blocks
+// per SM): 8 warps per block put twice the warps in flight on the same shared memory.
 // The tile is XOR-swizzled by 16-byte chunk (chunk ^= row % 8) so ldmatrix is conflict-free; the
 // sentinel location 8192 maps to itself, a spare slot past the tile that is never read.
 //
-// Extra compile-time parameter: FLASHLLM_CAPW, words per stage buffer (a multiple of 4).
+// Extra compile-time parameter: FLASHLLM_CAPW, words per stage buffer (a multiple of 4); optional
+// FLASHLLM_WARPS 4 (default) or 8.
 #include "common.cuh"
 
 #ifndef FLASHLLM_CAPW
@@ -27,6 +30,8 @@ constexpr int TILE_K = 64;
 constexpr int TILE_ELEMS = TILE_M * TILE_K;
 constexpr u32 SENTINEL = TILE_ELEMS;
 constexpr int CAPW = FLASHLLM_CAPW;
+constexpr int WARP_ROWS = TILE_M / WARPS;  // 32 or 16 rows of the tile per warp
+constexpr int HALVES = WARP_ROWS / 16;     // 16-row mma rows per warp
 static_assert(CAPW % 4 == 0 && CAPW >= 256 && CAPW <= TILE_ELEMS, "CAPW");
 static_assert(STAGES >= 3, "the scatter-ahead pipeline needs 3 stages or more");
 constexpr int DENSE_BYTES = (TILE_ELEMS + 8) * 2;  // the tile plus the sentinel's slot
@@ -69,7 +74,15 @@ __device__ __forceinline__ void scatter_words(const unsigned char* words, int n,
 }  // namespace csl
 }  // namespace flashllm
 
-extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_tiled_csl_spmm(
+// With 8 warps ptxas otherwise caps the registers at 64 and spills (the 4-warp variants keep the
+// bounds they were validated with).
+#if FLASHLLM_WARPS == 8
+#define FLASHLLM_CSL_BOUNDS __launch_bounds__(flashllm::THREADS, 1)
+#else
+#define FLASHLLM_CSL_BOUNDS __launch_bounds__(flashllm::THREADS)
+#endif
+
+extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
     // pointers
     const u16* __restrict__ x,       // (N, ldx) activations, row-major
     const u32* __restrict__ words,   // packed value | location << 16
@@ -162,9 +175,9 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_tiled_c
   __syncthreads();  // tile 0 landed, both dense tiles zeroed, info[0] visible
   scatter(0, dense(0));
 
-  float acc[4][NT][4];
+  float acc[2 * HALVES][NT][4];
 #pragma unroll
-  for (int mt = 0; mt < 4; ++mt)
+  for (int mt = 0; mt < 2 * HALVES; ++mt)
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -184,8 +197,8 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_tiled_c
     load_offsets(min(j + 1, nk - 1), nlo, nhi);
     cp_async_commit();
 
-    // Tensor cores on tile i: warp w owns rows 32w..32w+31 as two 16-row halves; one ldmatrix.x4
-    // gives the B fragments (k 0-7 and 8-15) of both 8-row groups of a half.
+    // Tensor cores on tile i: warp w owns rows WARP_ROWS w.. as HALVES 16-row halves; one
+    // ldmatrix.x4 gives the B fragments (k 0-7 and 8-15) of both 8-row groups of a half.
     const u32 d_addr = sbase + (i & 1) * DENSE_BYTES;
     const u32 xs = sbase + STAGE0_OFF + st * STAGE_BYTES + WORDS_BYTES;
 #pragma unroll
@@ -193,9 +206,9 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_tiled_c
       u32 a[NT][4];
       load_a_frags(xs, kc, lane, a);
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
+      for (int h = 0; h < HALVES; ++h) {
         const int q = lane >> 3;
-        const int row = warp * 32 + h * 16 + (q >> 1) * 8 + (lane & 7);
+        const int row = warp * WARP_ROWS + h * 16 + (q >> 1) * 8 + (lane & 7);
         const int chunk = kc * 2 + (q & 1);
         u32 b00, b01, b10, b11;
         ldmatrix_x4(d_addr + static_cast<u32>(row * TILE_K + ((chunk ^ (lane & 7)) << 3)) * 2u, b00,
@@ -209,9 +222,9 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_tiled_c
     }
     __syncwarp();
     {
-      U4* rows = reinterpret_cast<U4*>(smem + (i & 1) * DENSE_BYTES + warp * 32 * TILE_K * 2);
+      U4* rows = reinterpret_cast<U4*>(smem + (i & 1) * DENSE_BYTES + warp * WARP_ROWS * TILE_K * 2);
 #pragma unroll
-      for (int c = lane; c < 32 * TILE_K * 2 / 16; c += 32) rows[c] = U4{0u, 0u, 0u, 0u};
+      for (int c = lane; c < WARP_ROWS * TILE_K * 2 / 16; c += 32) rows[c] = U4{0u, 0u, 0u, 0u};
     }
 
     if (i + 1 < nk) scatter(st_next, dense((i + 1) & 1));
@@ -223,9 +236,9 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_tiled_c
   cp_async_wait<0>();
 
 #pragma unroll
-  for (int mt = 0; mt < 4; ++mt)
+  for (int mt = 0; mt < 2 * HALVES; ++mt)
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
-      store_acc(acc[mt][nt], strip * TILE_M + warp * 32 + mt * 8, n0 + nt * 16, lane, M, N, bias, y,
+      store_acc(acc[mt][nt], strip * TILE_M + warp * WARP_ROWS + mt * 8, n0 + nt * 16, lane, M, N, bias, y,
                 ws);
 }
