@@ -204,7 +204,9 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
 #pragma unroll
     for (int s = 0; s < STRIPS; ++s)
 #pragma unroll
-      for (int c = 0; c < WARP_ROWS_BYTES / 16 / 32; ++c) sts_zero16(rows + s * TILE_BYTES + (c * 32 + lane) * 16);
+      for (int c = 0; c < WARP_ROWS_BYTES / 16 / 32; ++c) {
+        sts_zero16(rows + s * TILE_BYTES + (c * 32 + lane) * 16);
+      }
   };
   if constexpr (SCATTER) zero_rows();
   int st = 0;                 // stage holding tile i

@@ -2,17 +2,18 @@
 // Flash-LLM design without its density cap.
 //
 // Design. A block of 4 warps (or 8, FLASHLLM_WARPS) owns one strip of 128 weight rows and a range
-// of 128 x 64 tiles along K (split-K: blockIdx.y). Each tile's words (value | location << 16) stream into shared memory
-// with cp.async, STAGES deep, CAPW words per stage; a tile with more words than CAPW (denser than
-// CAPW / 8192) loads the rest synchronously in CAPW pieces, so every density from 0 to 100% is
-// exact. The block scatters tile i + 1's words into a zeroed 128 x 64 shared-memory tile while the
-// warps run the tensor cores on tile i from the other one (double buffer, one barrier per tile):
-// the work per tile is one 2-byte store per non-zero, not per element. Each warp then reads its 32
-// rows (16 with 8 warps) with ldmatrix and zeroes them again right after, so no block-wide
-// clearing pass is needed. The kernel is latency-bound (its 64 KB of shared memory allow 3 blocks
-// per SM): 8 warps per block put twice the warps in flight on the same shared memory.
-// The tile is XOR-swizzled by 16-byte chunk (chunk ^= row % 8) so ldmatrix is conflict-free; the
-// sentinel location 8192 maps to itself, a spare slot past the tile that is never read.
+// of 128 x 64 tiles along K (split-K: blockIdx.y). Each tile's words (value | location << 16)
+// stream into shared memory with cp.async, STAGES deep, CAPW words per stage; a tile with more
+// words than CAPW (denser than CAPW / 8192) loads the rest synchronously in CAPW pieces, so every
+// density from 0 to 100% is exact. The block scatters tile i + 1's words into a zeroed 128 x 64
+// shared-memory tile while the warps run the tensor cores on tile i from the other one (double
+// buffer, one barrier per tile): the work per tile is one 2-byte store per non-zero, not per
+// element. Each warp then reads its 32 rows (16 with 8 warps) with ldmatrix and zeroes them again
+// right after, so no block-wide clearing pass is needed. The kernel is latency-bound (its 64 KB of
+// shared memory allow 3 blocks per SM): 8 warps per block put twice the warps in flight on the
+// same shared memory. The tile is XOR-swizzled by 16-byte chunk (chunk ^= row % 8) so ldmatrix is
+// conflict-free; the sentinel location 8192 maps to itself, a spare slot past the tile that is
+// never read.
 //
 // Extra compile-time parameter: FLASHLLM_CAPW, words per stage buffer (a multiple of 4); optional
 // FLASHLLM_WARPS 4 (default) or 8.
@@ -239,6 +240,6 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
   for (int mt = 0; mt < 2 * HALVES; ++mt)
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
-      store_acc(acc[mt][nt], strip * TILE_M + warp * WARP_ROWS + mt * 8, n0 + nt * 16, lane, M, N, bias, y,
-                ws);
+      store_acc(acc[mt][nt], strip * TILE_M + warp * WARP_ROWS + mt * 8, n0 + nt * 16, lane, M, N,
+                bias, y, ws);
 }
