@@ -238,7 +238,7 @@ fi
 step "summary ($(( $(date +%s) - T0 ))s)"
 [ -f "$OUT/pytest_gpu.log" ] && grep -E "passed|failed|error" "$OUT/pytest_gpu.log" | tail -n 1
 for k in env smoke smoke_unvalidated pytest tune bench bench_bf16 ncu memcheck racecheck e2e; do
-  [ -n "${STATUS[$k]+x}" ] && printf '  %-10s %s\n' "$k" "$([ "${STATUS[$k]}" = 0 ] && echo ok || echo "FAILED (exit ${STATUS[$k]})")"
+  [ -n "${STATUS[$k]+x}" ] && printf '  %-18s %s\n' "$k" "$([ "${STATUS[$k]}" = 0 ] && echo ok || echo "FAILED (exit ${STATUS[$k]})")"
 done
 grep -A 200 "^geomean speedup" "$OUT/bench.log" | head -n 60
 (cd "$OUT" && tar czf /tmp/flashllm_results.tgz --exclude device_check.log . && \
