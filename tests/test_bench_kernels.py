@@ -73,6 +73,10 @@ def test_table_and_summary_format():
     table = bench.format_table(rows)
     assert "bitmap" in table and "(eager)" in table and "2.00" in table
     assert "bitmap           s=0.80 N=8     2.00x  (1 layers)" in bench.summary(rows)
+    assert "option vs default" not in bench.summary(rows)
+    # an option's rows are compared with its format's, layer by layer
+    rows.append(bench.Row("l", 64, 64, 8, 0.8, "bitmap:scatter", 4.0, 2.5, 3.8, 900, 0.2, 1e-4, "graph"))
+    assert "bitmap:scatter   s=0.80 N=8     1.25x  (1 layers)" in bench.summary(rows).split("option vs default")[1]
 
 
 def test_tune_needs_a_gpu(capsys):

@@ -370,10 +370,23 @@ def summary(rows: list[Row]) -> str:
         if r.method in ("cublas", "dense"):
             continue
         groups.setdefault((r.method, r.sparsity, r.n), []).append(r.speedup)
+    def geomean(vals: list[float]) -> float:
+        return math.exp(sum(math.log(v) for v in vals) / len(vals))
+
     lines = ["geomean speedup over cuBLAS (all layers):"]
     for (method, s, n), vals in sorted(groups.items()):
-        g = math.exp(sum(math.log(v) for v in vals) / len(vals))
-        lines.append(f"  {method:16s} s={s:.2f} N={n:<4d} {g:5.2f}x  ({len(vals)} layers)")
+        lines.append(f"  {method:16s} s={s:.2f} N={n:<4d} {geomean(vals):5.2f}x  ({len(vals)} layers)")
+    # A/B of kernel options ("bitmap:scatter" against "bitmap"), layer by layer in the same run.
+    per_layer = {(r.method, r.shape, r.sparsity, r.n): r.speedup for r in rows}
+    ab: dict[tuple, list[float]] = {}
+    for (method, shape, s, n), speedup in per_layer.items():
+        base = method.split(":")[0]
+        if ":" in method and (base, shape, s, n) in per_layer:
+            ab.setdefault((method, s, n), []).append(speedup / per_layer[(base, shape, s, n)])
+    if ab:
+        lines.append("option vs default (geomean time ratio default / option, >1: the option is faster):")
+        for (method, s, n), vals in sorted(ab.items()):
+            lines.append(f"  {method:16s} s={s:.2f} N={n:<4d} {geomean(vals):5.2f}x  ({len(vals)} layers)")
     return "\n".join(lines)
 
 
