@@ -50,6 +50,25 @@ def test_matches_the_hugging_face_recipe(arch, max_length, stride):
     assert math.isclose(got, expected, rel_tol=1e-4)
 
 
+@pytest.mark.parametrize("chars, max_length, stride", [(300, 64, 16), (300, 50, 37), (64, 64, 32), (65, 64, 64), (20, 64, 32)])
+def test_progress_total_is_the_windows_run(chars, max_length, stride, monkeypatch):
+    # The bar must end full: its length is the number of windows until one reaches the last token.
+    import flashllm.evaluate as evaluate
+
+    seen = {}
+
+    def fake_tqdm(iterable, **kwargs):
+        seen["total"] = len(iterable)
+        seen["run"] = 0
+        for item in iterable:
+            seen["run"] += 1
+            yield item
+
+    monkeypatch.setattr(evaluate, "tqdm", fake_tqdm)
+    perplexity(tiny_model(), ByteTokenizer(), random_text(chars), max_length=max_length, stride=stride)
+    assert seen["run"] == seen["total"] == 1 + max(0, math.ceil((chars - max_length) / stride))
+
+
 def test_one_window_is_the_model_loss():
     model, text = tiny_model(), random_text(90)
     ids = torch.tensor([ByteTokenizer()(text)["input_ids"]])

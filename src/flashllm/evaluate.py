@@ -57,9 +57,10 @@ def perplexity(
     was_training = model.training
     model.eval()
     nll, scored, prev_end = 0.0, 0, 0
-    starts = range(0, ids.numel(), stride)
+    # Windows until one reaches the last token, so the progress bar's total is the work done.
+    windows = 1 + -(-max(ids.numel() - max_length, 0) // stride)
     try:
-        for begin in tqdm(starts, desc="perplexity", disable=not progress):
+        for begin in tqdm(range(0, windows * stride, stride), desc="perplexity", disable=not progress):
             end = min(begin + max_length, ids.numel())
             window = ids[begin:end].to(device)
             logits = model(window.unsqueeze(0), use_cache=False).logits[0]
@@ -70,8 +71,6 @@ def perplexity(
             nll -= float(log_probs.gather(1, targets.unsqueeze(1)).double().sum())
             scored += targets.numel()
             prev_end = end
-            if end == ids.numel():
-                break
     finally:
         model.train(was_training)
     return math.exp(nll / scored)
