@@ -4,7 +4,7 @@
 # Where NVRTC and cuobjdump are found, the NVRTC builds the launcher makes (sm_90) are checked too.
 #
 #   scripts/compile_check.sh            # one variant per code shape (format, NROWS, STRIPS): ~1 min on 2 cores
-#   FULL=1 scripts/compile_check.sh     # every shipped variant (kernels/configs.py), both dtypes, both archs
+#   FULL=1 scripts/compile_check.sh     # every checked variant (kernels/configs.py), both dtypes, both archs
 #   JOBS=8 scripts/compile_check.sh     # parallel compiles
 #   VERBOSE=1 scripts/compile_check.sh  # print every -Xptxas -v report
 #
@@ -82,7 +82,8 @@ echo "compile_check: $n_ok / $n_all variants compiled cleanly"
 
 # NVRTC, which is what runs on users' GPUs, can allocate registers differently from nvcc (on the
 # H200, three Tiled-CSL variants kept a value on the stack with NVRTC and not with nvcc), so every
-# shipped variant is also built the way the launcher builds it and checked for stack and local use.
+# checked variant (shipped, and the options tuning may pick) is also built the way the launcher
+# builds it and checked for stack and local use.
 nvrtc_ok=1
 CUOBJDUMP="$(command -v cuobjdump || true)"
 if [ -n "$CUOBJDUMP" ]; then
@@ -98,7 +99,7 @@ except launch.KernelUnavailable as exc:
 bad = 0
 os.makedirs(os.environ["FLASHLLM_CACHE_DIR"], exist_ok=True)
 path = os.path.join(os.environ["FLASHLLM_CACHE_DIR"], "check.cubin")
-for fmt, cfg in configs.shipped_variants():
+for fmt, cfg in configs.checked_variants():
     for dtype in (torch.float16, torch.bfloat16):
         image = launch.compile_image(f"{fmt}_spmm.cu", f"flashllm_{fmt}_spmm",
                                      launch.compile_options("sm_90", cfg.defines(fmt), dtype), True)

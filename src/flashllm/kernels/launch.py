@@ -530,7 +530,7 @@ def run_splitk_finalize(ws: torch.Tensor, bias: Optional[torch.Tensor], y: torch
     kernel = get_kernel("splitk_finalize.cu", "flashllm_splitk_finalize", {}, y.dtype, y.device, 0, threads=256)
     total = y.numel()
     sms = torch.cuda.get_device_properties(y.device).multi_processor_count
-    blocks = max(1, min(-(-total // 256), sms * 8))
+    blocks = max(1, min(-(-total // kernel.threads), sms * 8))
     kernel.launch((blocks, 1, 1), [ptr(ws), ptr(bias), ptr(y), i32(y.shape[-1]), i64(total)], stream)
 
 
