@@ -579,10 +579,11 @@ def tune(run, candidates, reps: int = 20, timer=None):
     return best, best_ms, timings
 
 
-def prebuild(arch: str, folder: Optional[str] = None) -> int:
-    """Compile every shipped variant (both dtypes) and the split-K epilogue for `arch` into the
-    on-disk cache, on any machine with NVRTC (no GPU needed). Carrying the folder to a GPU machine
-    with the same NVRTC version (and FLASHLLM_CACHE_DIR pointing at it) skips its compiles."""
+def prebuild(arch: str, folder: Optional[str] = None, checked: bool = False) -> int:
+    """Compile every shipped variant (with `checked`, every variant the GPU tests run:
+    `configs.checked_variants`), both dtypes, and the split-K epilogue for `arch` into the on-disk
+    cache, on any machine with NVRTC (no GPU needed). Carrying the folder to a GPU machine with the
+    same NVRTC version (and FLASHLLM_CACHE_DIR pointing at it) skips its compiles."""
     from . import configs
 
     if folder is not None:
@@ -590,7 +591,7 @@ def prebuild(arch: str, folder: Optional[str] = None) -> int:
     compiler = nvrtc()
     count = 0
     jobs = [("splitk_finalize.cu", "flashllm_splitk_finalize", {})]
-    for fmt, cfg in configs.shipped_variants():
+    for fmt, cfg in configs.checked_variants() if checked else configs.shipped_variants():
         source = "bitmap_spmm.cu" if fmt == "bitmap" else "tiled_csl_spmm.cu"
         jobs.append((source, f"flashllm_{fmt}_spmm", cfg.defines(fmt)))
     for source, name, defines in jobs:
@@ -601,10 +602,11 @@ def prebuild(arch: str, folder: Optional[str] = None) -> int:
 
 
 if __name__ == "__main__":
-    # python -m flashllm.kernels.launch prebuild sm_90 [folder]
-    if len(sys.argv) >= 3 and sys.argv[1] == "prebuild":
-        n = prebuild(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)
-        print(f"compiled {n} variants for {sys.argv[2]} into {_cache_dir()}")
+    # python -m flashllm.kernels.launch prebuild sm_90 [folder] [--checked]
+    args = [a for a in sys.argv[1:] if a != "--checked"]
+    if len(args) >= 2 and args[0] == "prebuild":
+        n = prebuild(args[1], args[2] if len(args) > 2 else None, checked="--checked" in sys.argv)
+        print(f"compiled {n} variants for {args[1]} into {_cache_dir()}")
     else:
-        print("usage: python -m flashllm.kernels.launch prebuild sm_90 [cache folder]", file=sys.stderr)
+        print("usage: python -m flashllm.kernels.launch prebuild sm_90 [cache folder] [--checked]", file=sys.stderr)
         sys.exit(2)
