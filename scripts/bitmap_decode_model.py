@@ -14,6 +14,11 @@ max(instructions / 4, wavefronts) SM cycles.
 Measured against this model (H200, Nsight Compute, fragment decode, Llama-2-7B up_proj, N = 16):
 490 warp-instructions per warp-stage in all, i.e. about 200 outside the decode section (copy issue,
 split-K prologue and epilogue over 4-tile splits), which both decodes share.
+
+The counts below are those of the first kernels. Measured later the same day, the scatter decode
+came out slower than this model says (0.54-0.98x below 90%, 1.03-1.19x at 90%: its shared memory
+was 83% busy), and the kernels were reworked (lean copy issue, a 9-instruction fragment decode),
+so this model is kept as the record of that prediction, not as a description of today's kernels.
 """
 
 from __future__ import annotations

@@ -7,25 +7,27 @@
 # Steps (each under its own time limit; a failing step is reported and the next one still runs):
 #   1. environment: GPU, driver, torch, NVRTC                                       (~5 s)
 #   2. smoke: one small product per format against float64                         (~10 s)
-#      2b. the same for the options not yet validated on a GPU (bitmap scatter decode,
-#      Tiled-CSL with 8 warps; configs.UNVALIDATED_*); if they fail or hang, steps 3-7
-#      leave them out                                                              (~10 s)
+#      2b. the same for the options not yet validated on a GPU (configs.UNVALIDATED_*, none
+#      at present); if they fail or hang, steps 3-7 leave them out                 (~10 s)
 #   3. pytest -m gpu: the kernels' correctness grid, every config variant, spmm/SparseLinear
 #      dispatch, torch.compile, CUDA graphs; CUDA-graph decoding of a sparse model  (~1 min)
 #   4. DEVICE_CHECK_TUNE=1: tune the launch configs on the --quick shapes (tuned.json, tune.log);
 #      the steps below then run with them (FLASHLLM_KERNEL_CONFIGS)                (~2 min)
-#   5. flashllm bench kernels --quick: CSV + PNG + table                            (~1 min)
+#   5. flashllm bench kernels --quick (BENCH_SELECT replaces --quick): CSV + PNG + table (~1 min)
+#      DEVICE_CHECK_SWEEP=1 times every issue shape, N 1/8/16/32 (SWEEP_N), sparsity 0.5-0.9
+#      (SWEEP_SPARSITY), optionally a SWEEP_SAMPLE of those points, into sweep/  (~1 min)
 #      DEVICE_CHECK_BF16=1 repeats it in bf16 against cuBLAS (kernels_bf16.csv)     (~30 s)
-#   6. DEVICE_CHECK_NCU=1: Nsight Compute sections of one launch per format (ncu.log) (~1 min)
+#   6. DEVICE_CHECK_NCU=1: Nsight Compute sections, one launch per kernel option (ncu.log) (~20 s)
 #   7. compute-sanitizer memcheck and racecheck on small shapes                    (~1 min)
 #   8. DEVICE_CHECK_E2E=1: Llama-2-7B decode, dense vs 50%/80% (e2e.csv, e2e.png)   (~1 min)
 # Writes device_check.log under $OUT (./out when unset) and everything else into $OUT/results.tgz
 # (the device tool returns at most 8 files). The last lines printed are the summary.
 # Step limits in seconds: PYTEST_LIMIT (300), TUNE_LIMIT (240), BENCH_LIMIT (300), NCU_LIMIT (150),
-# SANITIZER_LIMIT (150 per tool), E2E_LIMIT (240). SANITIZER_TOOLS="memcheck" skips racecheck,
-# SANITIZER_TOOLS=none both. BENCH_BASELINES (default: all) limits the benchmark's baselines;
-# BENCH_FORMATS its flashllm methods (default: bitmap,tiled_csl, plus bitmap:scatter and
-# tiled_csl:warps8, the kernels with those options under the same launch, when step 2b passed).
+# SANITIZER_LIMIT (150 per tool), E2E_LIMIT (240), SWEEP_LIMIT (240). SANITIZER_TOOLS="memcheck"
+# skips racecheck, SANITIZER_TOOLS=none both. BENCH_BASELINES (default: all) limits the benchmark's
+# baselines; BENCH_FORMATS its flashllm methods (default: bitmap,tiled_csl, plus the pending options
+# under the same launch when step 2b passed; bitmap:fragment,bitmap:scatter,tiled_csl:warps4,... force
+# an option for an A/B against the configured kernel).
 # DEVICE_CHECK_TESTS=0 skips step 3 (a profiling-only run).
 set -uo pipefail
 
@@ -101,8 +103,18 @@ timeout 120 "$PY" "$SMOKE_PY"
 STATUS[smoke]=$?
 
 step "2b. smoke: the options not yet validated on a GPU"
-SMOKE_UNVALIDATED=1 timeout 90 "$PY" "$SMOKE_PY"
-STATUS[smoke_unvalidated]=$?
+# The benchmark's names for them (bitmap:scatter, tiled_csl:warps8, ...), empty when none is pending.
+PENDING=$("$PY" -c "from flashllm.kernels import configs
+print(','.join([f'bitmap:{d}' for d in sorted(configs.UNVALIDATED_DECODES)]
+               + [f'tiled_csl:warps{w}' for w in sorted(configs.UNVALIDATED_WARPS)]))")
+if [ -n "$PENDING" ]; then
+  echo "pending: $PENDING"
+  SMOKE_UNVALIDATED=1 timeout 90 "$PY" "$SMOKE_PY"
+  STATUS[smoke_unvalidated]=$?
+else
+  echo "none pending (configs.UNVALIDATED_* are empty)"
+  STATUS[smoke_unvalidated]=0
+fi
 # A failing or hanging option would cost the later steps their time or their CUDA context: leave
 # the unvalidated options out of them then.
 if [ "${STATUS[smoke_unvalidated]}" = 0 ]; then UNVALIDATED=1; else UNVALIDATED=0; echo "leaving the unvalidated options out of the steps below"; fi
@@ -129,12 +141,24 @@ if [ "${DEVICE_CHECK_TUNE:-0}" = "1" ]; then
   [ -f "$OUT/tuned.json" ] && export FLASHLLM_KERNEL_CONFIGS="$OUT/tuned.json"
 fi
 
-step "5. benchmark (--quick${FLASHLLM_KERNEL_CONFIGS:+, tuned configs})"
+BENCH_SELECT="${BENCH_SELECT:---quick}"
+step "5. benchmark ($BENCH_SELECT${FLASHLLM_KERNEL_CONFIGS:+, tuned configs})"
 BENCH_FORMATS_DEFAULT="bitmap,tiled_csl"
-[ "$UNVALIDATED" = 1 ] && BENCH_FORMATS_DEFAULT="bitmap,bitmap:scatter,tiled_csl,tiled_csl:warps8"
-timeout "${BENCH_LIMIT:-300}" "$PY" -m flashllm.bench.kernels --quick --baselines "${BENCH_BASELINES:-cublas,csr,2:4}" \
+[ "$UNVALIDATED" = 1 ] && [ -n "$PENDING" ] && BENCH_FORMATS_DEFAULT="$BENCH_FORMATS_DEFAULT,$PENDING"
+# shellcheck disable=SC2086
+timeout "${BENCH_LIMIT:-300}" "$PY" -m flashllm.bench.kernels $BENCH_SELECT --baselines "${BENCH_BASELINES:-cublas,csr,2:4}" \
   --formats "${BENCH_FORMATS:-$BENCH_FORMATS_DEFAULT}" --out "$OUT" --warmup 10 --rep 60 2>&1 | tee "$OUT/bench.log" | grep -v "^  " | tail -n 90
 STATUS[bench]=${PIPESTATUS[0]}
+
+if [ "${DEVICE_CHECK_SWEEP:-0}" = "1" ]; then
+  step "5a. sweep over every issue shape (DEVICE_CHECK_SWEEP=1)"
+  # shellcheck disable=SC2086
+  timeout "${SWEEP_LIMIT:-240}" "$PY" -m flashllm.bench.kernels --shapes all --n "${SWEEP_N:-1,8,16,32}" \
+    --sparsity "${SWEEP_SPARSITY:-0.5,0.7,0.8,0.9}" ${SWEEP_SAMPLE:+--sample $SWEEP_SAMPLE} --baselines cublas \
+    --formats bitmap,tiled_csl --out "$OUT/sweep" --warmup 10 --rep 40 > "$OUT/sweep.log" 2>&1
+  STATUS[sweep]=$?
+  tail -n 3 "$OUT/sweep.log"
+fi
 
 if [ "${DEVICE_CHECK_BF16:-0}" = "1" ]; then
   step "5b. benchmark, bf16 (DEVICE_CHECK_BF16=1)"
@@ -148,8 +172,9 @@ if [ "${DEVICE_CHECK_NCU:-0}" = "1" ]; then
   step "6. Nsight Compute (DEVICE_CHECK_NCU=1)"
   NCU_PY=/tmp/flashllm_ncu.py
   cat > "$NCU_PY" <<'EOF'
-# One warm-up launch per case (compiles), then the profiled ones: Llama-2-7B up_proj, N = 16;
-# bitmap with both decodes at 50% and 80%, Tiled-CSL at 80%.
+# Llama-2-7B up_proj, N = 16, tuned configs with each kernel option forced: bitmap's fragment decode
+# at 50% and 80% and its scatter decode at 90%, Tiled-CSL with 4 and 8 warps at 80%. One warm-up
+# pass (compiles), then one profiled pass between cudaProfilerStart/Stop (ncu --profile-from-start off).
 import os
 import torch
 from dataclasses import replace
@@ -157,28 +182,31 @@ from flashllm.formats import BitmapWeight, TiledCSLWeight
 from flashllm.kernels import bitmap_cuda, configs, tiled_csl_cuda
 torch.manual_seed(0)
 x = torch.randn(16, 4096, device="cuda", dtype=torch.float16)
+arch = configs.arch_key(torch.cuda.get_device_capability())
 work = []
-cases = [(BitmapWeight, bitmap_cuda, 0.5, {}), (BitmapWeight, bitmap_cuda, 0.8, {}),
-         (TiledCSLWeight, tiled_csl_cuda, 0.8, {})]
-if os.environ.get("FLASHLLM_CHECK_UNVALIDATED") == "1":
-    cases += [(BitmapWeight, bitmap_cuda, 0.5, {"decode": "scatter"}), (BitmapWeight, bitmap_cuda, 0.8, {"decode": "scatter"}),
-              (TiledCSLWeight, tiled_csl_cuda, 0.8, {"warps": 8})]
-for cls, mod, s, options in cases:
+for cls, mod, s, options in [(BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragment"}),
+                             (BitmapWeight, bitmap_cuda, 0.8, {"decode": "fragment"}),
+                             (BitmapWeight, bitmap_cuda, 0.9, {"decode": "scatter"}),
+                             (TiledCSLWeight, tiled_csl_cuda, 0.8, {"warps": 4}),
+                             (TiledCSLWeight, tiled_csl_cuda, 0.8, {"warps": 8})]:
+    cfg = replace(configs.get_config(arch, mod.FORMAT, 11008, 4096, 16, s), **options)
+    if not cfg.validated() and os.environ.get("FLASHLLM_CHECK_UNVALIDATED") != "1":
+        continue
     w = torch.randn(11008, 4096, device="cuda", dtype=torch.float16)
     w[torch.rand_like(w, dtype=torch.float32) < s] = 0
-    arch = configs.arch_key(torch.cuda.get_device_capability())
-    cfg = replace(configs.get_config(arch, mod.FORMAT, 11008, 4096, 16, s), **options)
     work.append((mod, cls.from_dense(w), cfg))
-for _ in range(2):
+    print(mod.FORMAT, s, cfg)
+for profiled in (False, True):
+    if profiled:
+        torch.cuda.profiler.start()
     for mod, weight, cfg in work:
         mod.linear(x, weight, None, cfg)
-torch.cuda.synchronize()
+    torch.cuda.synchronize()
+torch.cuda.profiler.stop()
 EOF
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
   if [ -n "$NCU" ]; then
-    NCU_CASES=3  # the workload's launches per pass: skip the first pass (compiles), profile the second
-    [ "$UNVALIDATED" = 1 ] && NCU_CASES=6
-    timeout "${NCU_LIMIT:-150}" "$NCU" --kernel-name regex:"flashllm_(bitmap|tiled)" --launch-skip $NCU_CASES --launch-count $NCU_CASES \
+    timeout "${NCU_LIMIT:-150}" "$NCU" --profile-from-start off --kernel-name regex:"flashllm_(bitmap|tiled)" \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
       --section SchedulerStats --section MemoryWorkloadAnalysis --section InstructionStats \
       "$PY" "$NCU_PY" > "$OUT/ncu.log" 2>&1
@@ -199,10 +227,12 @@ from flashllm.formats import BitmapWeight, TiledCSLWeight
 from flashllm.kernels import bitmap_cuda, tiled_csl_cuda, configs
 torch.manual_seed(0)
 import os
-cases = [(BitmapWeight, bitmap_cuda, {}), (TiledCSLWeight, tiled_csl_cuda, {})]
-if os.environ.get("FLASHLLM_CHECK_UNVALIDATED") == "1":
-    cases += [(BitmapWeight, bitmap_cuda, {"decode": "scatter"}), (TiledCSLWeight, tiled_csl_cuda, {"warps": 8})]
+cases = ([(BitmapWeight, bitmap_cuda, {"decode": d}) for d in configs.DECODES]
+         + [(TiledCSLWeight, tiled_csl_cuda, {"warps": w}) for w in configs.CSL_WARPS])
 for cls, mod, options in cases:
+    if not replace(configs.LaunchConfig(nrows=8), **options).validated() and \
+            os.environ.get("FLASHLLM_CHECK_UNVALIDATED") != "1":
+        continue
     for m, k, n, s, split in ((70, 130, 3, 0.8, 1), (130, 200, 17, 0.0, 2), (200, 70, 9, 0.95, 1)):
         w = torch.randn(m, k, device="cuda", dtype=torch.float16)
         w[torch.rand(m, k, device="cuda") < s] = 0
@@ -237,11 +267,12 @@ fi
 
 step "summary ($(( $(date +%s) - T0 ))s)"
 [ -f "$OUT/pytest_gpu.log" ] && grep -E "passed|failed|error" "$OUT/pytest_gpu.log" | tail -n 1
-for k in env smoke smoke_unvalidated pytest tune bench bench_bf16 ncu memcheck racecheck e2e; do
+for k in env smoke smoke_unvalidated pytest tune bench sweep bench_bf16 ncu memcheck racecheck e2e; do
   [ -n "${STATUS[$k]+x}" ] && printf '  %-18s %s\n' "$k" "$([ "${STATUS[$k]}" = 0 ] && echo ok || echo "FAILED (exit ${STATUS[$k]})")"
 done
 # flashllm's geomeans and the option A/B (the CSV has cuSPARSE and 2:4 too)
 grep -A 300 "^geomean speedup" "$OUT/bench.log" | grep -v "^  csr \|^  2:4 " | head -n 130
+[ -f "$OUT/sweep.log" ] && { echo "sweep:"; grep -A 300 "^geomean speedup" "$OUT/sweep.log" | grep -B 300 "^CSV" | head -n 60; }
 (cd "$OUT" && tar czf /tmp/flashllm_results.tgz --exclude device_check.log . && \
   find . -mindepth 1 ! -name device_check.log -delete && mv /tmp/flashllm_results.tgz results.tgz)
 echo "files: $(ls "$OUT" | tr '\n' ' ')(results.tgz: $(tar tzf "$OUT/results.tgz" | tr '\n' ' '))"

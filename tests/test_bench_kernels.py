@@ -106,3 +106,21 @@ def test_tune_reports_each_option_tuned_on_its_own():
     csl = [(0.030, LaunchConfig(nrows=16, words_per_stage=2048)),
            (0.020, LaunchConfig(nrows=16, words_per_stage=2048, warps=8))]
     assert bench._option_bests("tiled_csl", csl) == "best per warps: 4 30.0 us | 8 20.0 us"
+
+
+def test_sample_times_a_random_subset(tmp_path):
+    args = parse("--shapes", "opt-66b,llama-2-7b", "--n", "1,8,16", "--sparsity", "0.5,0.8", "--sample", "5")
+    points = bench.sampled_points(bench._finish_args(args))
+    assert len(points) == 5
+    assert all(name.split(".")[0] in ("opt-66b", "llama-2-7b") and n in (1, 8, 16) and s in (0.5, 0.8)
+               for name, n, s in points)
+    again = bench.sampled_points(bench._finish_args(parse("--shapes", "opt-66b,llama-2-7b", "--n", "1,8,16",
+                                                          "--sparsity", "0.5,0.8", "--sample", "5")))
+    assert again == points  # the seed fixes the draw
+    # in a run: only the sampled points are timed (the dry run has 4 points: N 1/8 x 0.5/0.9)
+    assert bench.main(parse("--dry-run", "--rep", "1", "--sample", "2", "--out", str(tmp_path), "--no-plot")) == 0
+    with open(tmp_path / "kernels.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["method"] == "bitmap (reference)"]
+    assert len(rows) == 2
+    with pytest.raises(ValueError, match="--sample"):
+        bench._finish_args(parse("--sample", "0"))

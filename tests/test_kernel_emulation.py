@@ -256,6 +256,31 @@ def test_tiled_csl_warps_own_every_row_once(warps):
     assert stored == list(range(0, 128, 8))
 
 
+@pytest.mark.parametrize("nrows", [8, 16, 32, 64, 128])
+@pytest.mark.parametrize("threads", [128, 256])
+@pytest.mark.parametrize("n0,n", [(0, 1), (0, 200), (64, 69)])
+def test_activation_stager_copies_every_chunk_once(nrows, threads, n0, n):
+    # common.cuh XStager: thread t copies column chunk t % 8 of rows t / 8 + (threads / 8) p for
+    # p < PASSES, reading only rows < N (the rest zero-filled), when it has chunks (t < NROWS * 8).
+    chunks = nrows * 8
+    rows_per_pass, passes = threads // 8, max(1, chunks // threads)
+    copied = {}
+    for t in range(threads):
+        if chunks < threads and t >= chunks:
+            continue
+        r0, col = t >> 3, (t & 7) * 8
+        dst = (r0 * E.XS_STRIDE + col) * 2
+        for p in range(passes):
+            row = r0 + p * rows_per_pass
+            byte = dst + p * rows_per_pass * E.XS_STRIDE * 2
+            assert byte == (row * E.XS_STRIDE + col) * 2 and byte + 16 <= nrows * E.XS_STRIDE * 2
+            live = n0 + r0 + p * rows_per_pass < n
+            assert live == (n0 + row < n)
+            assert (row, col) not in copied
+            copied[(row, col)] = live
+    assert sorted(copied) == [(r, c) for r in range(nrows) for c in range(0, 64, 8)]
+
+
 def test_bitmap_emulation_catches_a_layout_bug(gen, monkeypatch):
     # A lane mapping off by one (the bits of lane l+1) must be detected: the emulation is a test.
     w = BitmapWeight.from_dense(pruned(64, 64, 0.5, torch.float16, gen))
@@ -386,8 +411,27 @@ def test_tuning_candidates_are_valid():
                 assert all(c.validated() for c in cands)
                 if fmt == "bitmap":
                     assert {c.decode for c in wide} == set(configs.DECODES)
+                    assert {c.decode for c in cands} == set(configs.DECODES) - configs.UNVALIDATED_DECODES
                 else:
                     assert {c.warps for c in wide} == set(configs.CSL_WARPS)
+                    assert {c.warps for c in cands} == set(configs.CSL_WARPS) - configs.UNVALIDATED_WARPS
+
+
+def test_default_rule_picks_the_options_where_they_won():
+    # H200, 2026-11-26: scatter from 85% up to 16 rows; 8 Tiled-CSL warps at 75-85% up to 16 rows.
+    assert configs.default_config("bitmap", 16, 0.9).decode == "scatter"
+    assert configs.default_config("bitmap", 1, 0.85).decode == "scatter"
+    assert configs.default_config("bitmap", 16, 0.8).decode == "fragment"
+    assert configs.default_config("bitmap", 64, 0.9).decode == "fragment"
+    assert configs.default_config("tiled_csl", 16, 0.8).warps == 8
+    assert configs.default_config("tiled_csl", 1, 0.75).warps == 8
+    assert configs.default_config("tiled_csl", 12, 0.9).warps == 4
+    assert configs.default_config("tiled_csl", 16, 0.7).warps == 4
+    assert configs.default_config("tiled_csl", 32, 0.8).warps == 4
+    for fmt in ("bitmap", "tiled_csl"):
+        for n in (1, 8, 16, 32, 64, 128):
+            for s in (0.0, 0.5, 0.75, 0.85, 0.99):
+                assert configs.default_config(fmt, n, s).validate(fmt).validated()
 
 
 # --- launchers on a CPU-only machine ------------------------------------------------------------------
@@ -478,3 +522,18 @@ def test_kernels_compile_with_the_launchers_sizes(tmp_path, monkeypatch):
             defs = [f"-D{k}={v}" for k, v in cfg.defines(fmt).items()]
             subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-std=c++17", f"-I{cuda_dir}", "-DFLASHLLM_DTYPE=1",
                             *defs, os.path.join(cuda_dir, src), "-o", str(tmp_path / "k.cubin")], check=True)
+
+
+def test_bitmap_selector_shift_matches_the_prmt_table():
+    # bitmap_spmm.cu picks a lane's PRMT selector with a rotate, a mask and a 64-bit shift; it must
+    # equal the 16-bit entry of the {SEL_LO, SEL_HI} table for the lane's 2 mask bits.
+    torch.manual_seed(0)
+    words = torch.randint(0, 1 << 32, (4096,), dtype=torch.int64)
+    for lane in range(32):
+        sh = (2 * lane) & 31
+        amount = E.rotate_right(words, (sh - 4) & 31) & 0x30
+        sel = (E.SEL_TABLE >> amount) & 0xFFFF
+        bits = (words >> sh) & 3
+        expected = E.prmt(E.SEL_LO, E.SEL_HI, bits * 0x22 + 0x10) & 0xFFFF
+        assert torch.equal(sel, expected)
+        assert torch.equal(amount, 16 * bits)

@@ -23,6 +23,7 @@ import csv
 import datetime as _dt
 import math
 import os
+import random
 import statistics
 import sys
 import time
@@ -293,6 +294,15 @@ def environment(device: torch.device) -> dict:
     }
 
 
+def sampled_points(args) -> set[tuple[str, int, float]]:
+    """The (layer, N, sparsity) points to time: all of them, or `--sample` of them drawn with
+    `--seed` (so a sweep over every issue shape fits a short GPU session)."""
+    points = [(name, n, s) for name, _, _ in resolve_shapes(args.shapes) for n in args.n for s in args.sparsity]
+    if args.sample is not None and args.sample < len(points):
+        points = random.Random(args.seed).sample(points, args.sample)
+    return set(points)
+
+
 def run(args) -> tuple[list[Row], dict]:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
@@ -304,8 +314,11 @@ def run(args) -> tuple[list[Row], dict]:
           f"| {env['date']}", flush=True)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     rows: list[Row] = []
+    points = sampled_points(args)
     for name, m, k in resolve_shapes(args.shapes):
         for n in args.n:
+            if not any((name, n, s) in points for s in args.sparsity):
+                continue
             x = torch.randn(n, k, device=device, dtype=dtype, generator=gen)
             dense_w = random_pruned(m, k, 0.0, dtype, device, gen)
             dense_bytes = m * k * dtype.itemsize
@@ -321,6 +334,8 @@ def run(args) -> tuple[list[Row], dict]:
                                 frac_copy=gbps / env["copy_gbps"], err=0.0, timing=ref_mode))
             del dense_w
             for s in args.sparsity:
+                if (name, n, s) not in points:
+                    continue
                 w = random_pruned(m, k, s, dtype, device, gen)
                 expected = F.linear(x, w).float()
                 methods = sparse_methods(w, x, args.formats, fast) + baseline_methods(w, x, args.baselines, s)
@@ -525,6 +540,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"preset for a few minutes of GPU time: {QUICK['shapes']}, N {QUICK['n']}, "
                              f"sparsity {QUICK['sparsity']}")
+    parser.add_argument("--sample", type=int, default=None,
+                        help="time only this many (layer, N, sparsity) points, drawn at random with --seed")
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny shapes on the CPU through the reference path: checks table, CSV and plot")
     parser.add_argument("--reference", action="store_true", help="time flashllm's reference path, not the kernels")
@@ -543,6 +560,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _finish_args(args) -> argparse.Namespace:
+    if args.sample is not None and args.sample < 1:
+        raise ValueError(f"--sample must be at least 1, got {args.sample}")
     if args.dry_run:
         args.shapes, args.n, args.sparsity = DRY_RUN["shapes"], DRY_RUN["n"], DRY_RUN["sparsity"]
         args.device = "cpu"

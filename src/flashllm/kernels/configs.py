@@ -1,12 +1,13 @@
 """Launch configurations of the CUDA kernels: a table keyed by GPU architecture, format, layer shape
 class, batch bucket and sparsity band, and the rules used where the table has no entry.
 
-STATUS: the shape-class entries of `TUNED` were measured on an H200 on 2026-11-26 (the Llama-2-7B
-up_proj and OPT-66B out_proj shapes, N 1/16/64, sparsity 0.5/0.8; see BENCHMARKS.md); everything
-else comes from `default_config` and `auto_split_k`, whose rules follow those winners: one 64-row
-strip per bitmap block, 3 stages, Tiled-CSL stages of 2-3K words, and as many K splits as keep each
-split 4 tiles deep, up to 16 (latency, not bandwidth, limits the kernels, so more resident blocks
-win). To tune more shapes or another GPU:
+STATUS: the shape-class entries of `TUNED` were measured on an H200 on 2026-11-26 (Llama-2-7B
+up_proj and OPT-66B out_proj at N 1/16/64, sparsity 0.5/0.8/0.9; OPT-66B qkv_proj and Llama-3-70B
+down_proj at N 16; see BENCHMARKS.md); everything else comes from `default_config` and `auto_split_k`, whose rules
+follow those winners: one 64-row strip per bitmap block, 3 stages, the scatter decode from 85%
+sparsity at N <= 16, Tiled-CSL stages of 2-3K words, 8 warps at 75-85% and N <= 16, and as many K
+splits as keep each split 4 tiles deep, up to 16 (latency, not bandwidth, limits the kernels, so
+more resident blocks win). To tune more shapes or another GPU:
 
     flashllm bench kernels --tune --shapes opt-66b,llama-70b --n 1,8,16,32,64 \\
         --sparsity 0.5,0.7,0.8,0.9 --write-configs tuned.json
@@ -48,12 +49,13 @@ DECODES = ("fragment", "scatter")
 # Warps per Tiled-CSL block (the bitmap kernel is written for 4): 8 puts twice the warps in flight
 # on the same shared memory, for a kernel that is latency-bound at 3 resident blocks per SM.
 CSL_WARPS = (4, 8)
-# Options compiled (and, for the decode, emulated) but never run on a GPU: `flashllm bench kernels
+# Options compiled (and, for the decode, emulated) but not yet run on a GPU: `flashllm bench kernels
 # --tune` offers them (its GPU run is where they get validated), the library's FLASHLLM_RETUNE path
 # does not, and nothing selects them by default. Empty these once scripts/device_check.sh has
-# passed with them (its step 2b smoke-tests exactly these).
-UNVALIDATED_DECODES = frozenset({"scatter"})
-UNVALIDATED_WARPS = frozenset({8})
+# passed with them (its step 2b smoke-tests exactly these). The scatter decode and 8-warp Tiled-CSL
+# blocks passed on an H200 on 2026-11-26 (GPU tests, memcheck, racecheck): none is pending.
+UNVALIDATED_DECODES: frozenset[str] = frozenset()
+UNVALIDATED_WARPS: frozenset[int] = frozenset()
 
 # Shared-memory layout constants, mirrored from the .cu files (the kernels trap if the launch
 # provides less shared memory than they lay out, so a drift shows as an error, not as corruption).
@@ -143,31 +145,56 @@ _B, _C = "bitmap", "tiled_csl"
 TUNED: dict[tuple[str, str, str, int, str], LaunchConfig] = {
     # Measured winners, NVIDIA H200, 2026-11-26 (`flashllm bench kernels --tune`, graph replay, L2
     # flushed): m16k-k8k from Llama-2-7B up_proj (11008 x 4096), m16k-k16k from OPT-66B out_proj
-    # (9216 x 9216).
+    # (9216 x 9216), m32k-k16k from OPT-66B qkv_proj (27648 x 9216), m8k-kbig from Llama-3-70B
+    # down_proj (8192 x 28672). Bands 80 and 90 at N = 1 come from a run that also offered the
+    # scatter decode and 8-warp Tiled-CSL blocks (bench-results/h200-2026-11-26b/tune.log); every
+    # N = 16 entry from a run on the leaner kernels of the same day (h200-2026-11-26c). On those
+    # kernels 8 warps beat 4 by 1.05-1.08x in the two Tiled-CSL N = 1, band-80 entries (same launch
+    # otherwise; h200-2026-11-26c/kernels_fp16.csv), so they run 8.
     ("sm90", _B, "m16k-k16k", 1, "50"): LaunchConfig(nrows=8, stages=3, split_k=16),
-    ("sm90", _B, "m16k-k16k", 1, "80"): LaunchConfig(nrows=8, stages=3, split_k=16),
+    ("sm90", _B, "m16k-k16k", 1, "80"): LaunchConfig(nrows=8, stages=3, split_k=32),
+    ("sm90", _B, "m16k-k16k", 1, "90"): LaunchConfig(nrows=8, stages=3, split_k=16, decode="scatter"),
     ("sm90", _B, "m16k-k16k", 16, "50"): LaunchConfig(nrows=16, stages=3, split_k=16),
     ("sm90", _B, "m16k-k16k", 16, "80"): LaunchConfig(nrows=16, stages=3, split_k=16),
+    ("sm90", _B, "m16k-k16k", 16, "90"): LaunchConfig(nrows=16, stages=3, split_k=16),
     ("sm90", _B, "m16k-k16k", 64, "50"): LaunchConfig(nrows=64, stages=3, split_k=16),
     ("sm90", _B, "m16k-k16k", 64, "80"): LaunchConfig(nrows=64, stages=3, split_k=16),
     ("sm90", _B, "m16k-k8k", 1, "50"): LaunchConfig(nrows=8, stages=3, split_k=16),
-    ("sm90", _B, "m16k-k8k", 1, "80"): LaunchConfig(nrows=8, stages=3, split_k=16),
-    ("sm90", _B, "m16k-k8k", 16, "50"): LaunchConfig(nrows=16, stages=3, split_k=16),
-    ("sm90", _B, "m16k-k8k", 16, "80"): LaunchConfig(nrows=16, stages=3, split_k=16),
+    ("sm90", _B, "m16k-k8k", 1, "80"): LaunchConfig(nrows=8, stages=3, split_k=0),
+    ("sm90", _B, "m16k-k8k", 1, "90"): LaunchConfig(nrows=8, stages=3, split_k=8, decode="scatter"),
+    ("sm90", _B, "m16k-k8k", 16, "50"): LaunchConfig(nrows=16, stages=3, split_k=8),
+    ("sm90", _B, "m16k-k8k", 16, "80"): LaunchConfig(nrows=16, stages=3, split_k=8),
+    ("sm90", _B, "m16k-k8k", 16, "90"): LaunchConfig(nrows=16, stages=3, split_k=8),
     ("sm90", _B, "m16k-k8k", 64, "50"): LaunchConfig(nrows=64, stages=3, split_k=8),
     ("sm90", _B, "m16k-k8k", 64, "80"): LaunchConfig(nrows=64, stages=3, split_k=8),
+    ("sm90", _B, "m32k-k16k", 16, "50"): LaunchConfig(nrows=16, stages=3, split_k=8),
+    ("sm90", _B, "m32k-k16k", 16, "80"): LaunchConfig(nrows=16, stages=3, split_k=8),
+    ("sm90", _B, "m32k-k16k", 16, "90"): LaunchConfig(nrows=16, stages=3, split_k=0, decode="scatter"),
+    ("sm90", _B, "m8k-kbig", 16, "50"): LaunchConfig(nrows=16, stages=3, split_k=32),
+    ("sm90", _B, "m8k-kbig", 16, "80"): LaunchConfig(nrows=16, stages=3, split_k=32),
+    ("sm90", _B, "m8k-kbig", 16, "90"): LaunchConfig(nrows=16, stages=3, split_k=32),
     ("sm90", _C, "m16k-k16k", 1, "50"): LaunchConfig(nrows=8, stages=3, split_k=16, words_per_stage=3072),
-    ("sm90", _C, "m16k-k16k", 1, "80"): LaunchConfig(nrows=8, stages=4, split_k=16, words_per_stage=2048),
-    ("sm90", _C, "m16k-k16k", 16, "50"): LaunchConfig(nrows=16, stages=3, split_k=16, words_per_stage=3072),
-    ("sm90", _C, "m16k-k16k", 16, "80"): LaunchConfig(nrows=16, stages=3, split_k=16, words_per_stage=3072),
+    ("sm90", _C, "m16k-k16k", 1, "80"): LaunchConfig(nrows=8, stages=4, split_k=16, words_per_stage=2048, warps=8),
+    ("sm90", _C, "m16k-k16k", 1, "90"): LaunchConfig(nrows=8, stages=4, split_k=32, words_per_stage=1024),
+    ("sm90", _C, "m16k-k16k", 16, "50"): LaunchConfig(nrows=16, stages=3, split_k=0, words_per_stage=6144),
+    ("sm90", _C, "m16k-k16k", 16, "80"): LaunchConfig(nrows=16, stages=3, split_k=0, words_per_stage=2048, warps=8),
+    ("sm90", _C, "m16k-k16k", 16, "90"): LaunchConfig(nrows=16, stages=4, split_k=16, words_per_stage=1024),
     ("sm90", _C, "m16k-k16k", 64, "50"): LaunchConfig(nrows=64, stages=3, split_k=16, words_per_stage=4096),
     ("sm90", _C, "m16k-k16k", 64, "80"): LaunchConfig(nrows=64, stages=3, split_k=16, words_per_stage=1024),
     ("sm90", _C, "m16k-k8k", 1, "50"): LaunchConfig(nrows=8, stages=3, split_k=4, words_per_stage=3072),
-    ("sm90", _C, "m16k-k8k", 1, "80"): LaunchConfig(nrows=8, stages=4, split_k=4, words_per_stage=2048),
+    ("sm90", _C, "m16k-k8k", 1, "80"): LaunchConfig(nrows=8, stages=4, split_k=4, words_per_stage=2048, warps=8),
+    ("sm90", _C, "m16k-k8k", 1, "90"): LaunchConfig(nrows=8, stages=4, split_k=4, words_per_stage=2048),
     ("sm90", _C, "m16k-k8k", 16, "50"): LaunchConfig(nrows=16, stages=3, split_k=4, words_per_stage=3072),
     ("sm90", _C, "m16k-k8k", 16, "80"): LaunchConfig(nrows=16, stages=3, split_k=4, words_per_stage=2048),
+    ("sm90", _C, "m16k-k8k", 16, "90"): LaunchConfig(nrows=16, stages=3, split_k=4, words_per_stage=1024),
     ("sm90", _C, "m16k-k8k", 64, "50"): LaunchConfig(nrows=64, stages=3, split_k=8, words_per_stage=4096),
     ("sm90", _C, "m16k-k8k", 64, "80"): LaunchConfig(nrows=64, stages=3, split_k=0, words_per_stage=3072),
+    ("sm90", _C, "m32k-k16k", 16, "50"): LaunchConfig(nrows=16, stages=3, split_k=8, words_per_stage=6144),
+    ("sm90", _C, "m32k-k16k", 16, "80"): LaunchConfig(nrows=16, stages=3, split_k=0, words_per_stage=2048, warps=8),
+    ("sm90", _C, "m32k-k16k", 16, "90"): LaunchConfig(nrows=16, stages=3, split_k=0, words_per_stage=1024),
+    ("sm90", _C, "m8k-kbig", 16, "50"): LaunchConfig(nrows=16, stages=3, split_k=4, words_per_stage=6144),
+    ("sm90", _C, "m8k-kbig", 16, "80"): LaunchConfig(nrows=16, stages=3, split_k=0, words_per_stage=2048, warps=8),
+    ("sm90", _C, "m8k-kbig", 16, "90"): LaunchConfig(nrows=16, stages=3, split_k=8, words_per_stage=1024),
 }
 # Architectures whose missing keys the default rules were fitted on: no "untuned" warning there.
 RULE_FITTED = {"sm90"}
@@ -198,14 +225,19 @@ def nrows_for(n: int, fmt: str) -> int:
 
 
 def default_config(fmt: str, n: int, sparsity: float) -> LaunchConfig:
-    """The rule for keys missing from the table, fitted to the H200 tuning of 2026-11-26: one strip
+    """The rule for keys missing from the table, fitted to the H200 runs of 2026-11-26: one strip
     per bitmap block and 3 stages (more resident blocks beat deeper pipelines); Tiled-CSL stages of
-    2-3K words even where denser tiles need a second load (the occupancy is worth more)."""
+    2-3K words even where denser tiles need a second load (the occupancy is worth more). From 85%
+    sparsity and up to 16 rows the bitmap kernel scatters (1.03-1.19x the fragment decode; it loses
+    below 85% and at N = 64), and between 75% and 85% a Tiled-CSL block of up to 16 rows runs 8
+    warps (1.02-1.17x on the four benchmarked layers; at 90% 4 warps are ahead, 0.87-1.02x)."""
     nrows = nrows_for(n, fmt)
     if fmt == "bitmap":
-        return LaunchConfig(nrows=nrows, strips=1, stages=3)
+        decode = "scatter" if sparsity >= 0.85 and nrows <= 16 else "fragment"
+        return LaunchConfig(nrows=nrows, strips=1, stages=3, decode=decode)
     words = 3072 if sparsity < 0.75 else 2048 if sparsity < 0.85 else 1536
-    return LaunchConfig(nrows=nrows, stages=3, words_per_stage=words)
+    warps = 8 if nrows <= 16 and 0.75 <= sparsity < 0.85 else 4
+    return LaunchConfig(nrows=nrows, stages=3, words_per_stage=words, warps=warps)
 
 
 _overlay: Optional[dict[tuple, LaunchConfig]] = None
@@ -288,7 +320,7 @@ def candidates(fmt: str, n: int, sparsity: float, unvalidated: bool = False) -> 
     else:
         for words in (1024, 2048, 3072, 4096, 6144):
             for stages in (3, 4):
-                cfg = replace(base, stages=stages, words_per_stage=words)
+                cfg = replace(base, stages=stages, words_per_stage=words, warps=4)
                 if cfg.smem_bytes(fmt) <= 200 * 1024:
                     add(cfg)
         for words in dict.fromkeys((base.words_per_stage, 2048)):  # 8 warps: a few, not the grid

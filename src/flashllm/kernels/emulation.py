@@ -39,6 +39,7 @@ XS_STRIDE = 72  # halves per staged activation row (common.cuh)
 BITMAP_VALUE_SLOTS = 4096 + 8  # halves in a bitmap stage's value buffer (bitmap_spmm.cu)
 CSL_DENSE_SLOTS = TILE_ELEMS + 8  # halves in a Tiled-CSL dense tile buffer (tiled_csl_spmm.cu)
 SEL_LO, SEL_HI = 0x22102222, 0x54101022  # bitmap_spmm.cu
+SEL_TABLE = SEL_HI << 32 | SEL_LO
 _LANE = torch.arange(LANES)
 _G, _T = _LANE >> 2, _LANE & 3  # mma groupID and thread-in-group
 
@@ -52,6 +53,13 @@ def popc(v: torch.Tensor) -> torch.Tensor:
     """__popc of 32-bit patterns held in int64."""
     v = v & 0xFFFFFFFF
     return sum(_POPC8[(v >> s) & 0xFF] for s in (0, 8, 16, 24))
+
+
+def rotate_right(v: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
+    """``__funnelshift_r(v, v, n)`` (shf.r.wrap) of 32-bit patterns: v rotated right by n % 32."""
+    v = v & 0xFFFFFFFF
+    n = torch.as_tensor(n, dtype=torch.int64) & 31
+    return ((v >> n) | (v << ((32 - n) & 31))) & 0xFFFFFFFF
 
 
 def prmt(a: torch.Tensor | int, b: torch.Tensor | int, c: torch.Tensor | int) -> torch.Tensor:
@@ -216,6 +224,11 @@ def bitmap_table(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return words.reshape(-1, WARPS, LANES), row_base[..., None] + inclusive - count
 
 
+def table_slot(half, block):
+    """`table_slot` (bitmap_spmm.cu): where the entry of (half, block) sits in a warp's table."""
+    return 16 * half + block
+
+
 def bitmap_b_fragments(w: BitmapWeight, stale: Optional[int] = 0x7E00) -> torch.Tensor:
     """Every B-fragment register the bitmap kernel's lanes build: (tiles, warp, kc, jj, bc, 32).
 
@@ -224,6 +237,10 @@ def bitmap_b_fragments(w: BitmapWeight, stale: Optional[int] = 0x7E00) -> torch.
     masks = w.masks.to(torch.int64).reshape(-1, 128, 4)
     words = masks[..., 0] | (masks[..., 1] << 8) | (masks[..., 2] << 16) | (masks[..., 3] << 24)
     entry_word, entry_base = bitmap_table(words)
+    # Stored half-major: scan lane j (block j / 2, half j % 2) at slot 16 (j % 2) + j / 2.
+    slot = table_slot(_LANE & 1, _LANE >> 1)
+    stored_word, stored_base = torch.empty_like(entry_word), torch.empty_like(entry_base)
+    stored_word[..., slot], stored_base[..., slot] = entry_word, entry_base
     buf = _bitmap_stage_values(w, stale)
     tiles = words.shape[0]
     half = _LANE >> 4
@@ -233,12 +250,13 @@ def bitmap_b_fragments(w: BitmapWeight, stale: Optional[int] = 0x7E00) -> torch.
     for kc in range(4):
         for jj in range(2):
             for bc in range(2):
-                j = 2 * (kc * 4 + bc * 2 + jj) + half  # (32,) table entry per lane
-                word = entry_word[:, :, j]  # (tiles, 4, 32)
-                rank = entry_base[:, :, j] + popc(word & below)
+                j = table_slot(half, kc * 4 + bc * 2 + jj)  # (32,) table slot per lane
+                word = stored_word[:, :, j]  # (tiles, 4, 32)
+                rank = stored_base[:, :, j] + popc(word & below)
                 v0 = torch.gather(buf, 1, rank.reshape(tiles, -1)).reshape(rank.shape)
                 v1 = torch.gather(buf, 1, (rank + 1).reshape(tiles, -1)).reshape(rank.shape)
-                sel = prmt(SEL_LO, SEL_HI, ((word >> sh) & 3) * 0x22 + 0x10)
+                amount = rotate_right(word, (sh - 4) & 31) & 0x30  # 16 x the lane's 2 bits
+                sel = (SEL_TABLE >> amount) & 0xFFFFFFFF
                 out[:, :, kc, jj, bc] = prmt(v0, v1, sel)
     return out
 

@@ -10,15 +10,15 @@
 //   rank  = (start of the block's half-word in the tile's run) + popc(word & bits below 2l)
 //   pair  = values[rank], values[rank + 1], selected by the lane's 2 mask bits with one PRMT
 // The per-block starts come from a per-warp prefix sum over the 32 mask words of its row (one
-// popcount and a 5-step shuffle scan per stage), stored in shared memory as {word, start} pairs so
-// a lane reads both with one 8-byte load. Per 8x8 block and lane that is ~11 instructions and 3
-// shared-memory wavefronts for 64 elements, independent of N; the activations' A fragments
-// (ldmatrix) are shared by every strip and both 8-row halves of the warp's rows, and every
-// decoded fragment feeds 2 * NT mma instructions.
+// popcount and a 5-step shuffle scan per stage), stored in shared memory as {word, start} pairs, two
+// blocks' pairs per 16-byte load. Per 8x8 block and lane that is 9 instructions (the PRMT selector
+// is one 64-bit shift of a constant table) and 3 shared-memory wavefronts for 64 elements,
+// independent of N; the activations' A fragments (ldmatrix) are shared by every strip and both
+// 8-row halves of the warp's rows, and every decoded fragment feeds 2 * NT mma instructions.
 //
 // FLASHLLM_DECODE = 1 replaces that fragment assembly by a scatter whose cost follows the
-// non-zeros instead of the elements (the fragment path pays ~14 instructions per lane and 8x8 block
-// at any sparsity, which made it instruction-bound on an H200): each lane walks the set bits of its
+// non-zeros instead of the elements (the fragment path costs the same at any sparsity, which made
+// it instruction-bound on an H200; the scatter wins from ~85%): each lane walks the set bits of its
 // half-block's mask word from the highest down, so a value's index is a pointer stepping back from
 // the end of its run, and stores each value into a zeroed dense copy of the warp's 16 rows; one
 // ldmatrix.x4 per 16x16 piece then reads the B fragments. Each lane's work is its word's popcount
@@ -69,11 +69,18 @@ static_assert(SMEM_BYTES == FLASHLLM_SMEM_BYTES, "configs.LaunchConfig.smem_byte
 // both -> (v0, v1). Byte 2 of a zero-extended 16-bit load is the zero byte.
 constexpr u32 SEL_LO = 0x22102222u;  // bits 0, 1
 constexpr u32 SEL_HI = 0x54101022u;  // bits 2, 3
+constexpr u64 SEL_TABLE = static_cast<u64>(SEL_HI) << 32 | SEL_LO;  // selector for bits b at 16 b
 
 struct alignas(8) Entry {
   u32 word;  // the mask half-word (rows 0-3 or 4-7 of the block) a lane of that half-warp decodes
-  u32 addr;  // byte offset in shared memory of the value of its first set bit
+  u32 addr;  // shared-window address of the value of its first set bit
 };
+// The table holds a warp's 32 entries half-major (entry 16 * half + block), so the entries of two
+// consecutive blocks that a lane decodes are adjacent: one 16-byte load for both.
+struct alignas(16) EntryPair {
+  Entry first, second;
+};
+__device__ __forceinline__ int table_slot(int half, int block) { return 16 * half + block; }
 
 // Scatter one half-block: `word` is its mask (bit p = element p, rows of 8), `src` the shared
 // address one past its last value, `dst` the shared address of its element 0 in the zeroed dense
@@ -126,10 +133,21 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
   trap_unless_smem(SMEM_BYTES, tid);
 
   const u32 sbase = smem_u32(smem);
-  const u64 stream_policy = evict_first_policy();
   bool valid[STRIPS];
 #pragma unroll
   for (int s = 0; s < STRIPS; ++s) valid[s] = strip0 + s < MT;
+
+  // This block's tiles of each strip start at tile (strip0 + s) * KT + kt0: their run bounds and
+  // masks are addressed from there, so a stage adds only its own index.
+  const int* tile_offsets[STRIPS];
+  const unsigned char* tile_masks[STRIPS];
+#pragma unroll
+  for (int s = 0; s < STRIPS; ++s) {
+    const size_t t0 = static_cast<size_t>(strip0 + s) * KT + kt0;
+    tile_offsets[s] = offsets + t0;
+    tile_masks[s] = masks + t0 * MASK_BYTES + (tid % (MASK_BYTES / 16)) * 16;
+  }
+  const XStager xstage(x, ldx, n0, N, kx, tid);
 
   // Run bounds of the next tile to issue, loaded one iteration before their use so the load's
   // latency hides behind a stage of work instead of stalling the copy loop.
@@ -137,9 +155,8 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
   auto load_offsets = [&](int j, int (&lo)[STRIPS], int (&hi)[STRIPS]) {
 #pragma unroll
     for (int s = 0; s < STRIPS; ++s) {
-      const int t = (strip0 + s) * KT + kt0 + j;
-      lo[s] = valid[s] ? offsets[t] : 0;
-      hi[s] = valid[s] ? offsets[t + 1] : 0;
+      lo[s] = valid[s] ? tile_offsets[s][j] : 0;
+      hi[s] = valid[s] ? tile_offsets[s][j + 1] : 0;
     }
   };
   auto issue = [&](int j, int st, const int (&lo)[STRIPS], const int (&hi)[STRIPS]) {
@@ -147,18 +164,15 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
 #pragma unroll
     for (int s = 0; s < STRIPS; ++s) {
       if (!valid[s]) continue;
-      const int t = (strip0 + s) * KT + kt0 + j;
       if (tid < MASK_BYTES / 16) {
-        cp_async16_stream(stage + MASKS_OFF + s * MASK_BYTES + tid * 16,
-                          masks + static_cast<size_t>(t) * MASK_BYTES + tid * 16, stream_policy);
+        cp_async16_full(stage + MASKS_OFF + s * MASK_BYTES + tid * 16,
+                        tile_masks[s] + static_cast<size_t>(j) * MASK_BYTES);
       }
       // Clamped so that corrupt offsets cannot write past the stage buffer.
       const int chunks = min(max((hi[s] - lo[s]) >> 3, 0), MAX_VALUE_CHUNKS);
-      const u16* src = values + lo[s];
-      const u32 dst = stage + VALS_OFF + s * VAL_BYTES;
-      for (int c = tid; c < chunks; c += THREADS) cp_async16_stream(dst + c * 16, src + c * 8, stream_policy);
+      copy_run<MAX_VALUE_CHUNKS>(stage + VALS_OFF + s * VAL_BYTES, values + lo[s], chunks, tid);
     }
-    stage_x(stage + X_OFF, x, ldx, n0, N, (kt0 + j) * GROUP, kx, tid);
+    xstage.stage(stage + X_OFF, (kt0 + j) * GROUP);
   };
 
   // Prologue: STAGES - 1 stages in flight, their offsets loaded together first. One commit per
@@ -185,6 +199,7 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
   const int half = lane >> 4;
   const u32 sh = (2u * lane) & 31u;
   const u32 below_mask = (1u << sh) - 1u;
+  const u32 sh_sel = (sh - 4u) & 31u;  // rotating right by this puts the lane's bits at 4-5
 
   float acc[STRIPS][2][NT][4];
 #pragma unroll
@@ -249,7 +264,7 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
       if constexpr (SCATTER) {
         scatter_half(word, sbase + start + 2u * count, rows + s * TILE_BYTES + lane * 64);
       } else {
-        table[s * 32 + lane] = Entry{word, start};
+        table[s * 32 + table_slot(lane & 1, lane >> 1)] = Entry{word, sbase + start};
       }
     }
     __syncwarp();
@@ -270,15 +285,20 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
           // l % 8 of matrix l / 8, i.e. byte 16 l of the piece's 512.
           ldmatrix_x4(rows + s * TILE_BYTES + kc * 512 + lane * 16, b[0][0], b[1][0], b[0][1], b[1][1]);
         } else {
+          const EntryPair* pairs = reinterpret_cast<const EntryPair*>(table + s * 32 + table_slot(half, kc * 4));
+          const EntryPair pair[2] = {pairs[0], pairs[1]};  // blocks kc*4 + {0, 1} and {2, 3}
 #pragma unroll
           for (int jj = 0; jj < 2; ++jj) {
 #pragma unroll
             for (int bc = 0; bc < 2; ++bc) {
-              const Entry e = table[s * 32 + 2 * (kc * 4 + bc * 2 + jj) + half];
-              const u16* v = reinterpret_cast<const u16*>(smem + e.addr + 2u * __popc(e.word & below_mask));
-              const u32 v0 = v[0];
-              const u32 v1 = v[1];
-              const u32 sel = prmt(SEL_LO, SEL_HI, ((e.word >> sh) & 3u) * 0x22u + 0x10u);
+              const Entry e = jj == 0 ? pair[bc].first : pair[bc].second;
+              const u32 v = e.addr + 2u * __popc(e.word & below_mask);
+              const u32 v0 = lds_u16(v);
+              const u32 v1 = lds_u16(v + 2u);
+              // The lane's 2 mask bits rotated to bits 4-5 are 16 x bits: the shift that takes
+              // their 16-bit selector out of the 64-bit table {SEL_HI, SEL_LO} (one SHF.U64).
+              const u32 amount = __funnelshift_r(e.word, e.word, sh_sel) & 0x30u;
+              const u32 sel = static_cast<u32>(SEL_TABLE >> amount);
               b[jj][bc] = prmt(v0, v1, sel);
             }
           }

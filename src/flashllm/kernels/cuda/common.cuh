@@ -73,17 +73,12 @@ __device__ __forceinline__ void cp_async16(u32 dst, const void* src, u32 src_byt
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
                : "memory");
 }
-// The same for the compressed weight, which every block streams exactly once: an L2 evict-first
-// policy keeps it from displacing the activations, which every strip of the layer re-reads.
-__device__ __forceinline__ u64 evict_first_policy() {
-  u64 policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
-__device__ __forceinline__ void cp_async16_stream(u32 dst, const void* src, u64 policy) {
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "l"(policy)
-               : "memory");
+// The same, always 16 bytes: the compressed weight's runs. (An L2 evict-first cache hint here,
+// createpolicy + cp.async.L2::cache_hint, made ptxas move the per-thread policy into uniform
+// registers before every copy, and one variant hit an illegal instruction on an H200 in the
+// dense-tile reload path: removed, it also saves those moves.)
+__device__ __forceinline__ void cp_async16_full(u32 dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int PENDING>
@@ -195,20 +190,65 @@ __device__ __forceinline__ void trap_unless_smem(u32 bytes, int tid) {
 // ---------------------------------------------------------------------------------------------
 // Activations: staging and A fragments
 // ---------------------------------------------------------------------------------------------
-// Stage x[n0 : n0 + NROWS, k0 : k0 + 64] into xs (row stride XS_STRIDE halves). Rows at or past N
-// and columns at or past kx are zero-filled by the copy itself (no global read), so padding rows
-// and the K tail multiply as exact zeros. Needs ldx % 8 == 0, kx % 8 == 0 and a 16-byte aligned x.
-__device__ __forceinline__ void stage_x(u32 xs, const u16* __restrict__ x, int ldx, int n0, int N,
-                                        int k0, int kx, int tid) {
+// Stage x[n0 : n0 + NROWS, k0 : k0 + 64] into a stage buffer (row stride XS_STRIDE halves), one
+// 16-byte chunk (8 k-values) per cp.async. A thread copies the same chunks every stage: column
+// chunk tid % 8 of rows tid / 8 + ROWS_PER_PASS * p, so their pointers, destinations and row
+// bounds are computed once and a stage costs a pointer offset, a select and one cp.async per chunk
+// (the generic loop this replaced redid 64-bit addressing and bounds for every chunk of every
+// stage, a large share of a memory-bound kernel's instructions). Rows at or past N and columns at
+// or past kx are zero-filled by the copy itself (src-size 0: nothing read, and the address is x),
+// so padding rows and the K tail multiply as exact zeros. Needs ldx % 8 == 0, kx % 8 == 0 and a
+// 16-byte aligned x. With fewer chunks than threads (NROWS * 8 < THREADS) the rest sit idle.
+struct XStager {
+  static constexpr int CHUNKS = NROWS * 8;
+  static constexpr int ROWS_PER_PASS = THREADS / 8;
+  static constexpr int PASSES = CHUNKS >= THREADS ? CHUNKS / THREADS : 1;
+  static_assert(CHUNKS % THREADS == 0 || THREADS % CHUNKS == 0, "chunks and threads are powers of two");
+
+  const u16* x;
+  const u16* first;  // x[n0 + tid / 8][8 * (tid % 8)] (only dereferenced for rows < N)
+  size_t pass_step;  // elements from one pass's row to the next: ROWS_PER_PASS * ldx
+  u32 dst;           // byte offset of this thread's first chunk in a stage buffer
+  u32 live;          // bit p: pass p's row is < N
+  int col;           // 8 * (tid % 8)
+  int kx;
+  bool mine;         // this thread has chunks to copy
+
+  __device__ __forceinline__ XStager(const u16* __restrict__ x_, int ldx, int n0, int N, int kx_, int tid)
+      : x(x_), pass_step(static_cast<size_t>(ROWS_PER_PASS) * ldx), col((tid & 7) * 8), kx(kx_),
+        mine(tid < CHUNKS) {
+    const int r0 = tid >> 3;
+    first = x_ + static_cast<size_t>(n0 + r0) * ldx + col;
+    dst = static_cast<u32>(r0 * XS_STRIDE + col) * 2u;
+    live = 0u;
 #pragma unroll
-  for (int c = tid; c < NROWS * 8; c += THREADS) {
-    const int r = c >> 3;
-    const int ch = c & 7;
-    const int n = n0 + r;
-    const int k = k0 + ch * 8;
-    const bool ok = n < N && k < kx;
-    const u16* src = ok ? x + static_cast<size_t>(n) * ldx + k : x;
-    cp_async16(xs + static_cast<u32>(r * XS_STRIDE + ch * 8) * 2u, src, ok ? 16u : 0u);
+    for (int p = 0; p < PASSES; ++p) live |= (n0 + r0 + p * ROWS_PER_PASS < N ? 1u : 0u) << p;
+  }
+
+  __device__ __forceinline__ void stage(u32 xs, int k0) const {
+    if (CHUNKS < THREADS && !mine) return;
+    const bool col_ok = k0 + col < kx;
+#pragma unroll
+    for (int p = 0; p < PASSES; ++p) {
+      const bool ok = col_ok && ((live >> p) & 1u);
+      const u16* src = ok ? first + p * pass_step + k0 : x;
+      cp_async16(xs + dst + static_cast<u32>(p * ROWS_PER_PASS * XS_STRIDE * 2), src, ok ? 16u : 0u);
+    }
+  }
+};
+
+// cp.async a contiguous run of `chunks` <= MAX_CHUNKS 16-byte chunks (the compressed weight of a
+// tile), chunk c by thread c % THREADS. Unrolled to the largest run, each chunk addressed as a
+// constant offset from the thread's first, leaving at the first chunk past the run: per chunk a
+// compare, a branch and the copy, no 64-bit arithmetic (a counted loop paid ~13 instructions).
+template <int MAX_CHUNKS>
+__device__ __forceinline__ void copy_run(u32 dst, const void* src, int chunks, int tid) {
+  const unsigned char* s = static_cast<const unsigned char*>(src) + tid * 16;
+  const u32 d = dst + tid * 16;
+#pragma unroll
+  for (int i = 0; i < (MAX_CHUNKS + THREADS - 1) / THREADS; ++i) {
+    if (tid + i * THREADS >= chunks) break;
+    cp_async16_full(d + i * THREADS * 16, s + i * THREADS * 16);
   }
 }
 

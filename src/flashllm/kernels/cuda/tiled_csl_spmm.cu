@@ -111,7 +111,6 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
   trap_unless_smem(SMEM_BYTES, tid);
 
   const u32 sbase = smem_u32(smem);
-  const u64 stream_policy = evict_first_policy();
   RunInfo* info = reinterpret_cast<RunInfo*>(smem + INFO_OFF);
   auto stage_words = [&](int st) { return smem + STAGE0_OFF + st * STAGE_BYTES; };
   auto dense = [&](int b) { return reinterpret_cast<u16*>(smem + b * DENSE_BYTES); };
@@ -121,19 +120,18 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
     reinterpret_cast<U4*>(smem)[c] = U4{0u, 0u, 0u, 0u};
   }
 
+  const int* tile_offsets = offsets + static_cast<size_t>(strip) * KT + kt0;  // this block's tiles
+  const XStager xstage(x, ldx, n0, N, kx, tid);
   auto load_offsets = [&](int j, int& lo, int& hi) {
-    const int t = strip * KT + kt0 + j;
-    lo = offsets[t];
-    hi = offsets[t + 1];
+    lo = tile_offsets[j];
+    hi = tile_offsets[j + 1];
   };
   auto issue = [&](int j, int st, int lo, int hi) {
     const int count = min(max(hi - lo, 0), TILE_ELEMS);
     const int first = min(count, CAPW);
     const u32 dst = smem_u32(stage_words(st));
-    for (int c = tid; c < (first >> 2); c += THREADS) {
-      cp_async16_stream(dst + c * 16, words + lo + c * 4, stream_policy);
-    }
-    stage_x(dst + WORDS_BYTES, x, ldx, n0, N, (kt0 + j) * TILE_K, kx, tid);
+    copy_run<CAPW / 4>(dst, words + lo, first >> 2, tid);
+    xstage.stage(dst + WORDS_BYTES, (kt0 + j) * TILE_K);
     if (tid == 0) info[st] = RunInfo{lo, count};  // read after at least one barrier
   };
   // Scatter the tile held by stage st into a dense buffer; a tile over CAPW words reloads the
@@ -146,10 +144,7 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
     for (int done = first; done < run.count; done += CAPW) {
       __syncthreads();  // everyone is done reading the previous piece
       const int piece = min(CAPW, run.count - done);
-      const u32 dst = smem_u32(buf);
-      for (int c = tid; c < (piece >> 2); c += THREADS) {
-        cp_async16_stream(dst + c * 16, words + run.start + done + c * 4, stream_policy);
-      }
+      copy_run<CAPW / 4>(smem_u32(buf), words + run.start + done, piece >> 2, tid);
       cp_async_commit();
       cp_async_wait<0>();
       __syncthreads();
