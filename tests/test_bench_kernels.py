@@ -79,6 +79,16 @@ def test_table_and_summary_format():
     assert "bitmap:scatter   s=0.80 N=8     1.25x  (1 layers)" in bench.summary(rows).split("option vs default")[1]
 
 
+def test_summary_compares_with_the_issue_targets():
+    # geomean over N = 8, 16, 32 together (N = 1 and 64 do not count), against the fp16 targets
+    rows = [bench.Row("l", 64, 64, n, 0.8, "bitmap", 1.0, speedup, 3.8, 900, 0.2, 1e-4, "graph")
+            for n, speedup in ((1, 9.0), (8, 2.0), (16, 2.0), (32, 4.0), (64, 9.0))]
+    rows.append(bench.Row("l", 64, 64, 16, 0.9, "tiled_csl", 1.0, 1.2, 5.0, 900, 0.2, 1e-4, "graph"))
+    text = bench.summary(rows).split("against the kernel targets")[1]
+    assert "bitmap           s=0.80  2.52x  (3 layer x N points)  target 2.30x: met" in text
+    assert "tiled_csl        s=0.90  1.20x  (1 layer x N points)  target 2.50x: not met" in text
+
+
 def test_tune_needs_a_gpu(capsys):
     assert parse("--tune", "--validated-only").validated_only
     assert bench.main(parse("--tune", "--device", "cpu", "--shapes", "64x64")) == 2

@@ -60,6 +60,9 @@ QUICK = {
     "sparsity": [0.5, 0.7, 0.8, 0.9],
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# The kernel issue's targets: speedup over cuBLAS in fp16, geomean over the layers at N = 8, 16, 32.
+TARGET_N = (8, 16, 32)
+TARGETS = {"bitmap": {0.5: 1.25, 0.7: 1.8, 0.8: 2.3}, "tiled_csl": {0.7: 1.4, 0.8: 1.8, 0.9: 2.5}}
 DRY_RUN = {"shapes": ["tiny-a"], "n": [1, 8], "sparsity": [0.5, 0.9]}
 _TINY = {"tiny-a": (192, 256), "tiny-b": (256, 320)}
 
@@ -391,6 +394,17 @@ def summary(rows: list[Row]) -> str:
     lines = ["geomean speedup over cuBLAS (all layers):"]
     for (method, s, n), vals in sorted(groups.items()):
         lines.append(f"  {method:16s} s={s:.2f} N={n:<4d} {geomean(vals):5.2f}x  ({len(vals)} layers)")
+    # The measure: the geomean over every layer at N = 8, 16 and 32 together.
+    target_rows: dict[tuple, list[float]] = {}
+    for (method, s, n), vals in groups.items():
+        if n in TARGET_N:
+            target_rows.setdefault((method, s), []).extend(vals)
+    if target_rows:
+        lines.append(f"against the kernel targets (geomean over N = {', '.join(map(str, TARGET_N))}, fp16 targets):")
+        for (method, s), vals in sorted(target_rows.items()):
+            target = TARGETS.get(method, {}).get(round(s, 2))
+            verdict = "" if target is None else f"  target {target:.2f}x: {'met' if geomean(vals) >= target else 'not met'}"
+            lines.append(f"  {method:16s} s={s:.2f} {geomean(vals):5.2f}x  ({len(vals)} layer x N points){verdict}")
     # A/B of kernel options ("bitmap:scatter" against "bitmap"), layer by layer in the same run.
     per_layer = {(r.method, r.shape, r.sparsity, r.n): r.speedup for r in rows}
     ab: dict[tuple, list[float]] = {}
