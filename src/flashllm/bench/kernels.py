@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
-import math
 import os
 import random
 import statistics
@@ -388,9 +387,7 @@ def summary(rows: list[Row]) -> str:
         if r.method in ("cublas", "dense"):
             continue
         groups.setdefault((r.method, r.sparsity, r.n), []).append(r.speedup)
-    def geomean(vals: list[float]) -> float:
-        return math.exp(sum(math.log(v) for v in vals) / len(vals))
-
+    geomean = statistics.geometric_mean
     lines = ["geomean speedup over cuBLAS (all layers):"]
     for (method, s, n), vals in sorted(groups.items()):
         lines.append(f"  {method:16s} s={s:.2f} N={n:<4d} {geomean(vals):5.2f}x  ({len(vals)} layers)")
@@ -402,9 +399,9 @@ def summary(rows: list[Row]) -> str:
     if target_rows:
         lines.append(f"against the kernel targets (geomean over N = {', '.join(map(str, TARGET_N))}, fp16 targets):")
         for (method, s), vals in sorted(target_rows.items()):
-            target = TARGETS.get(method, {}).get(round(s, 2))
-            verdict = "" if target is None else f"  target {target:.2f}x: {'met' if geomean(vals) >= target else 'not met'}"
-            lines.append(f"  {method:16s} s={s:.2f} {geomean(vals):5.2f}x  ({len(vals)} layer x N points){verdict}")
+            g, target = geomean(vals), TARGETS.get(method, {}).get(round(s, 2))
+            verdict = "" if target is None else f"  target {target:.2f}x: {'met' if g >= target else 'not met'}"
+            lines.append(f"  {method:16s} s={s:.2f} {g:5.2f}x  ({len(vals)} layer x N points){verdict}")
     # A/B of kernel options ("bitmap:scatter" against "bitmap"), layer by layer in the same run.
     per_layer = {(r.method, r.shape, r.sparsity, r.n): r.speedup for r in rows}
     ab: dict[tuple, list[float]] = {}
@@ -459,8 +456,8 @@ def plot(rows: list[Row], env: dict, path: str) -> bool:
             if not pts:
                 continue
             xs = sorted(pts)
-            geo = [math.exp(sum(math.log(p[0]) for p in pts[s]) / len(pts[s])) for s in xs]
-            ideal = [math.exp(sum(math.log(p[1]) for p in pts[s]) / len(pts[s])) for s in xs]
+            geo = [statistics.geometric_mean(p[0] for p in pts[s]) for s in xs]
+            ideal = [statistics.geometric_mean(p[1] for p in pts[s]) for s in xs]
             line, = ax.plot(xs, geo, marker="o", label=method)
             if len(xs) > 1:
                 ax.plot(xs, ideal, linestyle="--", color=line.get_color(), alpha=0.5)

@@ -3,8 +3,8 @@ class, batch bucket and sparsity band, and the rules used where the table has no
 
 STATUS: the shape-class entries of `TUNED` were measured on an H200 on 2026-11-26 (Llama-2-7B
 up_proj and OPT-66B out_proj at N 1/16/64, sparsity 0.5/0.8/0.9; OPT-66B qkv_proj and Llama-3-70B
-down_proj at N 16; see BENCHMARKS.md); everything else comes from `default_config` and `auto_split_k`, whose rules
-follow those winners: one 64-row strip per bitmap block, 3 stages, the scatter decode from 85%
+down_proj at N 16; see BENCHMARKS.md); everything else comes from `default_config` and
+`auto_split_k`, whose rules follow those winners: one 64-row strip per bitmap block, 3 stages, the scatter decode from 85%
 sparsity at N <= 16, Tiled-CSL stages of 2-3K words, 8 warps at 75-85% and N <= 16, and as many K
 splits as keep each split 4 tiles deep, up to 16 (latency, not bandwidth, limits the kernels, so
 more resident blocks win). To tune more shapes or another GPU:
