@@ -8,6 +8,9 @@ SPARSITIES = [0.0, 0.5, 0.9, 0.999, 1.0]
 def random_sparse(rows: int, cols: int, sparsity: float, dtype=torch.float32, device="cpu", generator=None):
     """Fresh random weight with about `sparsity` zeros; never all-zero by accident below 1."""
     w = torch.randn(rows, cols, generator=generator, device=device).to(dtype)
+    # A tiny negative draw rounds to -0.0 in fp16, which the formats store as a zero (+0.0):
+    # canonical zeros keep the bit-exact round-trip checks about stored values.
+    w = torch.where(w == 0, torch.zeros_like(w), w)
     if sparsity > 0:
         drop = torch.rand(rows, cols, generator=generator, device=device) < sparsity
         w = w.masked_fill(drop, 0)

@@ -25,6 +25,15 @@ def test_round_trip_bit_exact(cls, dtype, sparsity, shape):
     assert packed.dtype == dtype and packed.shape == shape
 
 
+@pytest.mark.parametrize("cls", FORMAT_CLASSES, ids=lambda c: c.name)
+def test_negative_zero_is_a_zero(cls):
+    w = torch.tensor([[1.5, -0.0, 0.0, -2.0]], dtype=torch.float16)
+    packed = cls.from_dense(w)
+    assert packed.nnz == 2
+    back = packed.to_dense()
+    assert torch.equal(back, w) and not torch.signbit(back[0, 1])  # equal values, +0.0 for -0.0
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     rows=st.integers(1, 300),

@@ -4,6 +4,9 @@ A format object is a plain container of tensors plus the logical shape and dtype
 weight it encodes. It never copies data on construction, so the kernels can rebuild one from a
 module's buffers for free; `from_state_dict` is the validating entry point for untrusted data.
 
+Round trips are bit-exact for every stored value; -0.0 counts as a zero (pruning cannot tell them
+apart and the product does not change), so it is not stored and comes back as +0.0.
+
 Serialized form (`state_dict()`): the format's tensors under their own names plus ``header``, an
 int64 tensor ``[format_code, layout_version, out_features, in_features, dtype_code]``. Tensors only,
 so the same dict goes through `torch.save` and `safetensors` unchanged.
