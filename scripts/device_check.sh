@@ -7,8 +7,8 @@
 # Steps (each under its own time limit; a failing step is reported and the next one still runs):
 #   1. environment: GPU, driver, torch, NVRTC                                       (~5 s)
 #   2. smoke: one small product per format against float64                         (~10 s)
-#      2b. the same for the options not yet validated on a GPU (configs.UNVALIDATED_*, none
-#      at present); if they fail or hang, steps 3-7 leave them out                 (~10 s)
+#      2b. the same for the options not yet validated on a GPU (configs.UNVALIDATED_*: the
+#      fitted bitmap value buffers, bitmap:fit); if they fail or hang, steps 3-7 leave them out (~10 s)
 #   3. pytest -m gpu: the kernels' correctness grid, every config variant, spmm/SparseLinear
 #      dispatch, torch.compile, CUDA graphs; CUDA-graph decoding of a sparse model  (~1 min)
 #   4. DEVICE_CHECK_TUNE=1: tune the launch configs on the --quick shapes (tuned.json, tune.log);
@@ -77,7 +77,8 @@ ok = True
 cases = [(BitmapWeight, bitmap_cuda, {}), (TiledCSLWeight, tiled_csl_cuda, {})]
 if os.environ.get("SMOKE_UNVALIDATED") == "1":  # step 2b
     cases = ([(BitmapWeight, bitmap_cuda, {"decode": d}) for d in sorted(configs.UNVALIDATED_DECODES)]
-             + [(TiledCSLWeight, tiled_csl_cuda, {"warps": w}) for w in sorted(configs.UNVALIDATED_WARPS)])
+             + [(TiledCSLWeight, tiled_csl_cuda, {"warps": w}) for w in sorted(configs.UNVALIDATED_WARPS)]
+             + [(BitmapWeight, bitmap_cuda, {"value_cap": configs.FIT})] * (configs.FIT in configs.UNVALIDATED_VALUE_CAPS))
 for cls, mod, options in cases:
     for split in (1, 3):
         w = torch.randn(1000, 1500, device="cuda", dtype=torch.float16)
@@ -106,7 +107,8 @@ step "2b. smoke: the options not yet validated on a GPU"
 # The benchmark's names for them (bitmap:scatter, tiled_csl:warps8, ...), empty when none is pending.
 PENDING=$("$PY" -c "from flashllm.kernels import configs
 print(','.join([f'bitmap:{d}' for d in sorted(configs.UNVALIDATED_DECODES)]
-               + [f'tiled_csl:warps{w}' for w in sorted(configs.UNVALIDATED_WARPS)]))")
+               + [f'tiled_csl:warps{w}' for w in sorted(configs.UNVALIDATED_WARPS)]
+               + ['bitmap:fit'] * (configs.FIT in configs.UNVALIDATED_VALUE_CAPS)))")
 if [ -n "$PENDING" ]; then
   echo "pending: $PENDING"
   SMOKE_UNVALIDATED=1 timeout 90 "$PY" "$SMOKE_PY"
@@ -173,7 +175,8 @@ if [ "${DEVICE_CHECK_NCU:-0}" = "1" ]; then
   NCU_PY=/tmp/flashllm_ncu.py
   cat > "$NCU_PY" <<'EOF'
 # Llama-2-7B up_proj, N = 16, tuned configs with each kernel option forced: bitmap's fragment decode
-# at 50% and 80% and its scatter decode at 90%, Tiled-CSL with 4 and 8 warps at 80%. One warm-up
+# at 50% (full and fitted value buffers) and 80% and its scatter decode at 90%, Tiled-CSL with 4 and
+# 8 warps at 80%. One warm-up
 # pass (compiles), then one profiled pass between cudaProfilerStart/Stop (ncu --profile-from-start off).
 import os
 import torch
@@ -187,6 +190,7 @@ work = []
 for cls, mod, s, options in [(BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragment"}),
                              (BitmapWeight, bitmap_cuda, 0.8, {"decode": "fragment"}),
                              (BitmapWeight, bitmap_cuda, 0.9, {"decode": "scatter"}),
+                             (BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragment", "value_cap": configs.FIT}),
                              (TiledCSLWeight, tiled_csl_cuda, 0.8, {"warps": 4}),
                              (TiledCSLWeight, tiled_csl_cuda, 0.8, {"warps": 8})]:
     cfg = replace(configs.get_config(arch, mod.FORMAT, 11008, 4096, 16, s), **options)
@@ -228,6 +232,7 @@ from flashllm.kernels import bitmap_cuda, tiled_csl_cuda, configs
 torch.manual_seed(0)
 import os
 cases = ([(BitmapWeight, bitmap_cuda, {"decode": d}) for d in configs.DECODES]
+         + [(BitmapWeight, bitmap_cuda, {"decode": d, "value_cap": configs.FIT}) for d in configs.DECODES]
          + [(TiledCSLWeight, tiled_csl_cuda, {"warps": w}) for w in configs.CSL_WARPS])
 for cls, mod, options in cases:
     if not replace(configs.LaunchConfig(nrows=8), **options).validated() and \

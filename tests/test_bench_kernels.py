@@ -100,8 +100,9 @@ def test_formats_accept_kernel_options():
     assert args.formats == ["bitmap", "bitmap:scatter", "tiled_csl", "tiled_csl:warps8"]
     assert bench.parse_format("tiled_csl:warps8") == ("tiled_csl", {"warps": 8})
     assert bench.parse_format("bitmap:scatter") == ("bitmap", {"decode": "scatter"})
+    assert bench.parse_format("bitmap:fit") == ("bitmap", {"value_cap": bench.FIT})
     assert bench.parse_format("tiled_csl") == ("tiled_csl", {})
-    for bad in ("tiled_csl:scatter", "bitmap:warps8", "bitmap:gather", "csc", "csc:scatter"):
+    for bad in ("tiled_csl:scatter", "tiled_csl:fit", "bitmap:warps8", "bitmap:gather", "csc", "csc:scatter"):
         with pytest.raises(ValueError, match="unknown format"):
             bench._finish_args(parse("--dry-run", "--formats", bad))
 
@@ -111,8 +112,10 @@ def test_tune_reports_each_option_tuned_on_its_own():
 
     timings = [(0.050, LaunchConfig(nrows=16, split_k=4)), (0.041, LaunchConfig(nrows=16, split_k=16)),
                (0.039, LaunchConfig(nrows=16, split_k=8, decode="scatter")),
-               (0.060, LaunchConfig(nrows=16, split_k=16, decode="scatter"))]
-    assert bench._option_bests("bitmap", timings) == "best per decode: fragment 41.0 us | scatter 39.0 us"
+               (0.060, LaunchConfig(nrows=16, split_k=16, decode="scatter")),
+               (0.036, LaunchConfig(nrows=16, split_k=8, value_cap=bench.FIT))]
+    assert bench._option_bests("bitmap", timings) == ("best per decode: fragment 36.0 us | scatter 39.0 us; "
+                                                      "best per buffers: full 39.0 us | fit 36.0 us")
     csl = [(0.030, LaunchConfig(nrows=16, words_per_stage=2048)),
            (0.020, LaunchConfig(nrows=16, words_per_stage=2048, warps=8))]
     assert bench._option_bests("tiled_csl", csl) == "best per warps: 4 30.0 us | 8 20.0 us"

@@ -281,6 +281,22 @@ def test_activation_stager_copies_every_chunk_once(nrows, threads, n0, n):
     assert sorted(copied) == [(r, c) for r in range(nrows) for c in range(0, 64, 8)]
 
 
+@pytest.mark.parametrize("decode", configs.DECODES)
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.8, 1.0])
+def test_bitmap_fitted_buffers_decode_exactly(gen, decode, sparsity):
+    # The buffer FIT chooses from the longest run holds every read of both decodes (a read past
+    # it would fail the gather), whatever stale bytes follow the runs; a shorter one is refused.
+    w = BitmapWeight.from_dense(pruned(130, 190, sparsity, torch.float16, gen))
+    longest = int((w.offsets[1:] - w.offsets[:-1]).max())
+    cap = LaunchConfig(nrows=16, value_cap=configs.FIT).fitted(longest).value_cap or 4096
+    assert longest <= cap
+    decoded = E.bitmap_decoded(w, stale=None, decode=decode, value_cap=cap)
+    assert torch.equal(decoded.view(torch.int16), w.to_dense().view(torch.int16))
+    if longest > configs.VALUE_CAPS[0]:
+        with pytest.raises(RuntimeError, match="does not fit"):
+            E.bitmap_decoded(w, decode=decode, value_cap=max(c for c in configs.VALUE_CAPS if c < longest))
+
+
 def test_bitmap_emulation_catches_a_layout_bug(gen, monkeypatch):
     # A lane mapping off by one (the bits of lane l+1) must be detected: the emulation is a test.
     w = BitmapWeight.from_dense(pruned(64, 64, 0.5, torch.float16, gen))
@@ -432,6 +448,76 @@ def test_default_rule_picks_the_options_where_they_won():
         for n in (1, 8, 16, 32, 64, 128):
             for s in (0.0, 0.5, 0.75, 0.85, 0.99):
                 assert configs.default_config(fmt, n, s).validate(fmt).validated()
+
+
+# --- fitted bitmap value buffers (configs.FIT) ------------------------------------------------------
+def test_fitted_value_buffers_leave_room_for_more_blocks():
+    full, fit = LaunchConfig(nrows=16), LaunchConfig(nrows=16, value_cap=configs.FIT)
+    assert fit.smem_bytes("bitmap") == full.smem_bytes("bitmap")  # unresolved: at most a full tile
+    # each cap shrinks every stage's value buffer by 2 bytes a value
+    for cap in configs.VALUE_CAPS[:-1]:
+        capped = replace(full, value_cap=cap)
+        assert full.smem_bytes("bitmap") - capped.smem_bytes("bitmap") == 3 * 2 * (4096 - cap)
+        assert capped.defines("bitmap")["FLASHLLM_VALCAP"] == cap
+    assert "FLASHLLM_VALCAP" not in full.defines("bitmap")  # full tiles keep their compile keys
+    # H200: 228 KB per SM, 1 KB reserved per block, 9 blocks of 128 threads at 56 registers:
+    # 50% sparsity fits 2560-value buffers, i.e. 9 resident blocks instead of 6 at N = 16
+    per_sm = lambda cfg: 228 * 1024 // (cfg.smem_bytes("bitmap") + 1024)  # noqa: E731
+    assert per_sm(full) == 6 and per_sm(replace(full, value_cap=2560)) >= 9
+    with pytest.raises(ValueError, match="resolve it with fitted"):
+        fit.defines("bitmap")
+
+
+def test_fit_picks_the_smallest_cap_that_holds_the_longest_run():
+    fit = LaunchConfig(nrows=16, value_cap=configs.FIT)
+    assert [fit.fitted(r).value_cap for r in (0, 1024, 1025, 2049, 3072, 3073, 4096)] == \
+        [1024, 1024, 1536, 2560, 3072, configs.FULL_TILE, configs.FULL_TILE]
+    assert fit.fitted(None).value_cap == configs.FULL_TILE  # unknown (CUDA-graph capture): full tiles
+    assert LaunchConfig(nrows=16, value_cap=1536).fitted(4000).value_cap == 1536  # only FIT is resolved
+    assert fit.validated() == (configs.FIT not in configs.UNVALIDATED_VALUE_CAPS)
+    assert replace(fit, value_cap=2048).validated() == fit.validated()  # what FIT resolves to counts as FIT
+
+
+def test_value_caps_are_checked():
+    with pytest.raises(ValueError, match="value_cap must be"):
+        LaunchConfig(nrows=16, value_cap=1000).validate("bitmap")
+    with pytest.raises(ValueError, match="default decode and value_cap"):
+        LaunchConfig(nrows=16, words_per_stage=2048, value_cap=configs.FIT).validate("tiled_csl")
+    LaunchConfig(nrows=16, value_cap=configs.FIT).validate("bitmap")
+
+
+def test_largest_run_is_measured_once_per_version(gen):
+    from flashllm.kernels.cuda_op import largest_run
+
+    w = BitmapWeight.from_dense(pruned(200, 300, 0.7, torch.float16, gen))
+    longest = int((w.offsets[1:] - w.offsets[:-1]).max())
+    assert largest_run(w.offsets) == longest
+    w.offsets._flashllm_largest_run = (w.offsets._version, -5)  # a second call reads the cache
+    assert largest_run(w.offsets) == -5
+    w.offsets.add_(0)  # an in-place change bumps the version: measured again
+    assert largest_run(w.offsets) == longest
+    with torch.inference_mode():
+        frozen = w.offsets.clone()
+    assert largest_run(frozen) == longest  # inference tensors have no version counter
+
+
+def test_fit_buffers_sizes_from_the_weight_and_refuses_a_short_cap(gen):
+    w = BitmapWeight.from_dense(pruned(130, 200, 0.3, torch.float16, gen))
+    tensors = list(w.tensors().values())
+    longest = int((w.offsets[1:] - w.offsets[:-1]).max())
+    assert 2560 < longest <= 3072  # 64 x 64 tiles 70% dense: about 2870 values
+    assert bitmap_cuda.KERNEL.fit_buffers(LaunchConfig(nrows=16, value_cap=configs.FIT), tensors).value_cap == 3072
+    assert bitmap_cuda.KERNEL.fit_buffers(LaunchConfig(nrows=16), tensors).value_cap == configs.FULL_TILE
+    with pytest.raises(ValueError, match="below this bitmap weight's longest tile run"):
+        bitmap_cuda.KERNEL.fit_buffers(LaunchConfig(nrows=16, value_cap=1024), tensors)
+
+
+def test_fitted_buffers_are_offered_to_tuning_and_checked():
+    wide = configs.tuning_candidates("bitmap", 16, 0.5, k_tiles=64, unvalidated=True)
+    assert any(c.value_cap == configs.FIT for c in wide)
+    checked = [cfg for fmt, cfg in configs.checked_variants() if fmt == "bitmap" and cfg.value_cap]
+    assert {(c.nrows, c.strips, c.decode) for c in checked} == {(n, s, d) for n, s, d, _ in configs.CHECKED_CAPS}
+    assert all(c.value_cap in configs.VALUE_CAPS for c in checked)  # compilable: no FIT left
 
 
 # --- launchers on a CPU-only machine ------------------------------------------------------------------

@@ -4,13 +4,15 @@ Every check draws fresh random inputs, poisons the output with NaN before the la
 the error by PyTorch's own error in the same dtype: ``err(ours) <= 2 * err(torch) + atol``, with
 errors measured against float64. Shapes are not multiples of any tile; sparsities 0, 0.5, 0.8, 0.95
 and 1; split-K on and off; float16 and bfloat16; every launch configuration the table can choose,
-and the options tuning may pick (both bitmap decodes, 4 or 8 Tiled-CSL warps; those not yet
-validated on a GPU are marked `unvalidated`).
+and the options tuning may pick (both bitmap decodes, fitted bitmap value buffers, 4 or 8 Tiled-CSL
+warps; those not yet validated on a GPU are marked `unvalidated`).
 """
 
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -98,6 +100,43 @@ def test_bitmap_scatter_decode(dtype, sparsity, split_k):
     check("bitmap", 129, 190, 3, sparsity, dtype, replace(cfg, nrows=8))  # a partial strip, N < 8
 
 
+@unvalidated_if(configs.FIT in configs.UNVALIDATED_VALUE_CAPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("decode", configs.DECODES)
+def test_bitmap_fitted_value_buffers(dtype, sparsity, decode):
+    # Stage buffers sized to the weight's longest tile run (dense tiles: a full tile; empty: the
+    # smallest cap), over the same grid as the default, split-K on and off.
+    for split_k in (1, 3):
+        cfg = replace(configs.default_config("bitmap", 17, sparsity), split_k=split_k, decode=decode,
+                      value_cap=configs.FIT)
+        check("bitmap", 200, 300, 17, sparsity, dtype, cfg)
+    check("bitmap", 129, 190, 3, sparsity, dtype, replace(cfg, nrows=8))
+
+
+@unvalidated_if(configs.FIT in configs.UNVALIDATED_VALUE_CAPS)
+def test_bitmap_fitted_buffer_never_decodes_a_truncated_run(tmp_path):
+    # The cap is measured from the offsets once and cached; a run longer than the cap (offsets
+    # changed without the cache knowing) must stop the kernel, not return a wrong product. In a
+    # child process: a trap leaves the CUDA context unusable.
+    script = tmp_path / "stale.py"
+    script.write_text(
+        "import torch\n"
+        "from flashllm.formats import BitmapWeight\n"
+        "from flashllm.kernels import bitmap_cuda, configs\n"
+        "w = BitmapWeight.from_dense(torch.randn(128, 256, device='cuda', dtype=torch.float16))\n"
+        "w.offsets._flashllm_largest_run = (w.offsets._version, 100)  # claims the runs are short\n"
+        "x = torch.randn(4, 256, device='cuda', dtype=torch.float16)\n"
+        "cfg = configs.LaunchConfig(nrows=8, value_cap=configs.FIT)\n"
+        "y = bitmap_cuda.linear(x, w, None, cfg)\n"
+        "torch.cuda.synchronize()\n"
+        "print('RESULT', float(y.float().abs().sum()))\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "RESULT" not in proc.stdout, proc.stdout + proc.stderr
+    assert "CUDA" in proc.stderr or "cuda" in proc.stderr, proc.stderr
+
+
 @unvalidated_if(8 in configs.UNVALIDATED_WARPS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("sparsity", SPARSITIES)
@@ -127,9 +166,12 @@ def _checked(fmt):
 
 @pytest.mark.parametrize("cfg", _checked("bitmap"))
 def test_every_bitmap_variant(cfg):
+    # A fitted value buffer (value_cap) must hold every tile's run: weights sparse enough that a
+    # tile averages 80% of the cap (a run past it would be refused with a ValueError).
+    sparsity = 1 - 0.8 * cfg.value_cap / 4096 if cfg.value_cap else 0.7
     for n in {max(1, cfg.nrows - 3), cfg.nrows + 5}:  # a partial block, and two blocks along N
-        check("bitmap", 300, 700, n, 0.7, torch.float16, cfg)
-    check("bitmap", 130, 200, cfg.nrows, 0.5, torch.bfloat16, replace(cfg, split_k=2))
+        check("bitmap", 300, 700, n, sparsity, torch.float16, cfg)
+    check("bitmap", 130, 200, cfg.nrows, sparsity if cfg.value_cap else 0.5, torch.bfloat16, replace(cfg, split_k=2))
 
 
 @pytest.mark.parametrize("cfg", _checked("tiled_csl"))

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..kernels.configs import CSL_WARPS, DECODES, LaunchConfig
+from ..kernels.configs import CSL_WARPS, DECODES, FIT, LaunchConfig
 
 # (name, out_features M, in_features K), grouped by model.
 SHAPES: dict[str, list[tuple[str, int, int]]] = {
@@ -207,8 +207,10 @@ def sparse_methods(w: torch.Tensor, x: torch.Tensor, formats: list[str], fast: b
     return out
 
 
-# Kernel options a --formats entry may add after a colon: "bitmap:scatter", "tiled_csl:warps8".
-FORMAT_OPTIONS = {**{d: ("decode", d) for d in DECODES}, **{f"warps{w}": ("warps", w) for w in CSL_WARPS}}
+# Kernel options a --formats entry may add after a colon: "bitmap:scatter", "tiled_csl:warps8",
+# "bitmap:fit" sizes the stage buffers to the weight's largest tile (configs.FIT).
+FORMAT_OPTIONS = {**{d: ("decode", d) for d in DECODES}, **{f"warps{w}": ("warps", w) for w in CSL_WARPS},
+                  "fit": ("value_cap", FIT)}
 
 
 def parse_format(name: str) -> tuple[str, dict]:
@@ -480,12 +482,16 @@ def plot(rows: list[Row], env: dict, path: str) -> bool:
 def _option_bests(fmt: str, timings) -> str:
     """Each kernel option's best time over the other settings, e.g. `fragment 41.2 us | scatter
     38.0 us`: an A/B in which each side is tuned on its own."""
-    field = "decode" if fmt == "bitmap" else "warps"
-    best: dict = {}
-    for ms, cfg in timings:
-        value = getattr(cfg, field)
-        best[value] = min(ms, best.get(value, float("inf")))
-    return "best per " + field + ": " + " | ".join(f"{v} {ms * 1e3:.1f} us" for v, ms in best.items())
+    options = {"decode": str, "buffers": lambda c: "fit" if c.value_cap == FIT else "full"} if fmt == "bitmap" \
+        else {"warps": str}
+    parts = []
+    for name, label in options.items():
+        best: dict = {}
+        for ms, cfg in timings:
+            value = label(cfg) if name == "buffers" else label(getattr(cfg, name))
+            best[value] = min(ms, best.get(value, float("inf")))
+        parts.append(f"best per {name}: " + " | ".join(f"{v} {ms * 1e3:.1f} us" for v, ms in best.items()))
+    return "; ".join(parts)
 
 
 def tune(args) -> int:

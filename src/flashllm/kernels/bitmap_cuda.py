@@ -25,6 +25,7 @@ KERNEL = CudaKernel(
         TensorSpec("offsets", torch.int32, lambda mt, kt: mt * kt + 1),
     ),
     payload="values",
+    runs="offsets",
 )
 fast_kernel = KERNEL.fast_kernel
 

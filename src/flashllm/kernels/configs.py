@@ -7,7 +7,9 @@ down_proj at N 16; see BENCHMARKS.md); everything else comes from `default_confi
 `auto_split_k`, whose rules follow those winners: one 64-row strip per bitmap block, 3 stages, the scatter decode from 85%
 sparsity at N <= 16, Tiled-CSL stages of 2-3K words, 8 warps at 75-85% and N <= 16, and as many K
 splits as keep each split 4 tiles deep, up to 16 (latency, not bandwidth, limits the kernels, so
-more resident blocks win). To tune more shapes or another GPU:
+more resident blocks win). One bitmap option is compiled and emulated but not yet run on a GPU,
+so nothing selects it unless asked: stage buffers fitted to the weight (`value_cap=FIT`). To tune
+more shapes or another GPU:
 
     flashllm bench kernels --tune --shapes opt-66b,llama-70b --n 1,8,16,32,64 \\
         --sparsity 0.5,0.7,0.8,0.9 --write-configs tuned.json
@@ -49,6 +51,13 @@ DECODES = ("fragment", "scatter")
 # Warps per Tiled-CSL block (the bitmap kernel is written for 4): 8 puts twice the warps in flight
 # on the same shared memory, for a kernel that is latency-bound at 3 resident blocks per SM.
 CSL_WARPS = (4, 8)
+# Values a bitmap stage buffer holds per strip (cuda/bitmap_spmm.cu, FLASHLLM_VALCAP). The kernel
+# is latency-bound and its stage buffers, sized for a full 64 x 64 tile, set how many blocks are
+# resident: `LaunchConfig.value_cap = FIT` sizes them to the weight's largest tile instead, the
+# smallest of these that holds it (at 50% sparsity 2560 values, 9 blocks per SM instead of 6 at
+# N = 16; from 70% 1536 or less). 0 (the default) is a full tile, 4096 values.
+VALUE_CAPS = (1024, 1536, 2048, 2560, 3072, 4096)
+FULL_TILE, FIT = 0, -1
 # Options compiled (and, for the decode, emulated) but not yet run on a GPU: `flashllm bench kernels
 # --tune` offers them (its GPU run is where they get validated), the library's FLASHLLM_RETUNE path
 # does not, and nothing selects them by default. Empty these once scripts/device_check.sh has
@@ -56,12 +65,14 @@ CSL_WARPS = (4, 8)
 # blocks passed on an H200 on 2026-11-26 (GPU tests, memcheck, racecheck): none is pending.
 UNVALIDATED_DECODES: frozenset[str] = frozenset()
 UNVALIDATED_WARPS: frozenset[int] = frozenset()
+# Fitted bitmap value buffers (FIT, written 2026-11-26 in a session without a GPU): compiled and
+# modelled, never run.
+UNVALIDATED_VALUE_CAPS: frozenset[int] = frozenset({FIT})
 
 # Shared-memory layout constants, mirrored from the .cu files (the kernels trap if the launch
 # provides less shared memory than they lay out, so a drift shows as an error, not as corruption).
 _XS_STRIDE_BYTES = 144
 _BITMAP_MASK_BYTES = 512
-_BITMAP_VAL_BYTES = (4096 + 8) * 2
 _BITMAP_TILE_BYTES = 64 * 64 * 2
 _CSL_DENSE_BYTES = (8192 + 8) * 2
 
@@ -75,6 +86,7 @@ class LaunchConfig:
     words_per_stage: int = 0  # Tiled-CSL: words per stage buffer; denser tiles load the rest in pieces
     decode: str = "fragment"  # bitmap: "fragment" (lanes assemble fragments) or "scatter" (see DECODES)
     warps: int = 4  # warps per block: bitmap 4; Tiled-CSL 4 or 8 (see CSL_WARPS)
+    value_cap: int = FULL_TILE  # bitmap: values per stage buffer; FIT = fitted at launch (VALUE_CAPS)
 
     def validate(self, fmt: str) -> "LaunchConfig":
         if self.nrows not in NROWS:
@@ -90,9 +102,13 @@ class LaunchConfig:
                 raise ValueError(f"bitmap stages must be 2..6, got {self.stages}")
             if self.warps != 4:
                 raise ValueError(f"the bitmap kernel runs 4 warps per block, got warps={self.warps}")
+            if self.value_cap not in (FULL_TILE, FIT, *VALUE_CAPS):
+                raise ValueError(f"bitmap value_cap must be 0 (a full tile), {FIT} (fitted) or one of "
+                                 f"{VALUE_CAPS}, got {self.value_cap}")
         elif fmt == "tiled_csl":
-            if self.nrows > 64 or self.strips != 1 or self.decode != "fragment":
-                raise ValueError(f"Tiled-CSL needs nrows <= 64, strips == 1 and the default decode, got {self}")
+            if self.nrows > 64 or self.strips != 1 or self.decode != "fragment" or self.value_cap != FULL_TILE:
+                raise ValueError(f"Tiled-CSL needs nrows <= 64, strips == 1, the default decode and value_cap, "
+                                 f"got {self}")
             if self.warps not in CSL_WARPS:
                 raise ValueError(f"Tiled-CSL warps must be one of {CSL_WARPS}, got {self.warps}")
             if not 3 <= self.stages <= 6:
@@ -112,6 +128,10 @@ class LaunchConfig:
         if fmt == "bitmap":
             d["FLASHLLM_STRIPS"] = self.strips
             d["FLASHLLM_DECODE"] = DECODES.index(self.decode)
+            if self.value_cap == FIT:
+                raise ValueError("value_cap=FIT is chosen per weight: resolve it with fitted() before compiling")
+            if self.value_cap not in (FULL_TILE, 4096):  # a full tile keeps the kernel's default and cache key
+                d["FLASHLLM_VALCAP"] = self.value_cap
         else:
             d["FLASHLLM_CAPW"] = self.words_per_stage
             if self.warps != 4:  # the kernels' default; leaving it out keeps the 4-warp cache keys
@@ -124,12 +144,23 @@ class LaunchConfig:
 
     def validated(self) -> bool:
         """Whether every option has passed the GPU tests (see UNVALIDATED_DECODES)."""
-        return self.decode not in UNVALIDATED_DECODES and self.warps not in UNVALIDATED_WARPS
+        fitted = self.value_cap != FULL_TILE  # FIT, or a cap it resolved to
+        return (self.decode not in UNVALIDATED_DECODES and self.warps not in UNVALIDATED_WARPS
+                and not (fitted and FIT in UNVALIDATED_VALUE_CAPS))
+
+    def fitted(self, largest_run: Optional[int]) -> "LaunchConfig":
+        """With value_cap=FIT, the config whose stage buffers hold `largest_run` values (the
+        weight's longest tile run), or a full tile when that is unknown (None) or needs it."""
+        if self.value_cap != FIT:
+            return self
+        cap = next((c for c in VALUE_CAPS if largest_run is not None and c >= largest_run), 4096)
+        return replace(self, value_cap=FULL_TILE if cap == 4096 else cap)
 
     def smem_bytes(self, fmt: str) -> int:
         x_stage = self.nrows * _XS_STRIDE_BYTES
         if fmt == "bitmap":
-            stage = self.strips * (_BITMAP_MASK_BYTES + _BITMAP_VAL_BYTES) + x_stage
+            values = self.value_cap if self.value_cap > 0 else 4096  # FIT: at most a full tile
+            stage = self.strips * (_BITMAP_MASK_BYTES + (values + 8) * 2) + x_stage
             # After the stages: the fragment decode's per-warp table, or the scatter's dense tiles.
             decode = 4 * self.strips * 32 * 8 if self.decode == "fragment" else self.strips * _BITMAP_TILE_BYTES
             return self.stages * stage + decode
@@ -317,6 +348,8 @@ def candidates(fmt: str, n: int, sparsity: float, unvalidated: bool = False) -> 
                 for stages in (3, 4):
                     if strips == 1 or base.nrows <= 64:
                         add(replace(base, strips=strips, stages=stages, decode=decode))
+            for stages in (3, 4):  # fitted value buffers: room for more blocks, or a deeper pipeline
+                add(replace(base, stages=stages, decode=decode, value_cap=FIT))
     else:
         for words in (1024, 2048, 3072, 4096, 6144):
             for stages in (3, 4):
@@ -404,9 +437,17 @@ def shipped_variants() -> list[tuple[str, LaunchConfig]]:
     return seen
 
 
+# Fitted bitmap buffers compiled by the checks, one per code shape (the cap itself is a constant):
+# at run time FIT picks the cap from the weight, so the GPU tests run these as FIT.
+CHECKED_CAPS = ((8, 1, "fragment", 1536), (16, 1, "fragment", 2560), (16, 2, "fragment", 1024),
+                (16, 1, "scatter", 1024), (32, 1, "fragment", 2048), (64, 1, "fragment", 3072),
+                (128, 1, "fragment", 2560))
+
+
 def checked_variants() -> list[tuple[str, LaunchConfig]]:
-    """`shipped_variants` plus each with the other bitmap decodes or Tiled-CSL warp counts (what
-    tuning may pick): what scripts/compile_check.sh compiles and the GPU tests run."""
+    """`shipped_variants` plus each with the other bitmap decodes or Tiled-CSL warp counts, and
+    bitmap variants with fitted value buffers (what tuning may pick): what
+    scripts/compile_check.sh compiles and the GPU tests run."""
     out = shipped_variants()
     two_strips = [("bitmap", LaunchConfig(nrows=16, strips=2, decode=d)) for d in DECODES]
     for fmt, cfg in list(out) + two_strips:  # two strips: a code shape the tuner may pick
@@ -415,6 +456,7 @@ def checked_variants() -> list[tuple[str, LaunchConfig]]:
         for item in ((fmt, c) for c in others):
             if item not in out:
                 out.append(item)
+    out += [("bitmap", LaunchConfig(nrows=n, strips=s, decode=d, value_cap=c)) for n, s, d, c in CHECKED_CAPS]
     return out
 
 

@@ -20,6 +20,25 @@ from .launch import i32, ptr
 DTYPES = (torch.float16, torch.bfloat16)
 
 
+def largest_run(offsets: torch.Tensor) -> Optional[int]:
+    """The largest difference of consecutive `offsets` (a tile's run length): one device sync on
+    the first call, then cached on the tensor for its current version. None while a CUDA graph is
+    being captured and nothing is cached (a sync cannot be captured: the caller falls back to
+    full-tile buffers), so calling a shape once before capturing it keeps the fitted buffers."""
+    try:
+        version = offsets._version
+    except RuntimeError:  # an inference tensor has no version counter: cached as is (should its
+        version = -1      # offsets change in place, the kernel's trap stops it, never a wrong result)
+    cached = getattr(offsets, "_flashllm_largest_run", None)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    if offsets.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    longest = int((offsets[1:] - offsets[:-1]).max().item()) if offsets.numel() > 1 else 0
+    offsets._flashllm_largest_run = (version, longest)
+    return longest
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -37,6 +56,7 @@ class CudaKernel:
     tile: tuple[int, int]  # rows x cols of one tile of the format's grid
     tensors: tuple[TensorSpec, ...]
     payload: str  # the tensor whose length grows with the non-zeros
+    runs: Optional[str] = None  # the tile-run offsets that size fitted stage buffers (configs.FIT)
     _declined: set = field(default_factory=set, compare=False, repr=False)
 
     def grid(self, out_features: int, in_features: int) -> tuple[int, int]:
@@ -91,6 +111,19 @@ class CudaKernel:
             return best
         return configs.get_config(arch, self.format, out_features, in_features, n, sparsity)
 
+    def fit_buffers(self, cfg: configs.LaunchConfig, tensors: list[torch.Tensor]) -> configs.LaunchConfig:
+        """Resolve value_cap=FIT to the smallest buffer holding the weight's longest tile run, and
+        refuse an explicit cap below it (the kernel would stop on a trap)."""
+        if cfg.value_cap == configs.FULL_TILE or self.runs is None:
+            return cfg
+        longest = largest_run(tensors[[s.name for s in self.tensors].index(self.runs)])
+        if cfg.value_cap == configs.FIT:
+            return cfg.fitted(longest)
+        if longest is not None and longest > cfg.value_cap:
+            raise ValueError(f"value_cap={cfg.value_cap} is below this {self.format} weight's longest tile run "
+                             f"({longest} values); use value_cap=configs.FIT to size it from the weight")
+        return cfg
+
     def run(self, x2d: torch.Tensor, tensors: list[torch.Tensor], out_features: int, in_features: int,
             bias: Optional[torch.Tensor] = None, config: Optional[configs.LaunchConfig] = None,
             out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -99,7 +132,7 @@ class CudaKernel:
         Runs the kernel unconditionally (raises `launch.KernelUnavailable` where it cannot run).
         `out`, if given, is the (N, out_features) contiguous result buffer (tests poison it first)."""
         self.check_inputs(x2d, tensors, out_features, in_features, bias)
-        cfg = self.resolve_config(x2d, tensors, out_features, in_features, bias, config)
+        cfg = self.fit_buffers(self.resolve_config(x2d, tensors, out_features, in_features, bias, config), tensors)
         n = x2d.shape[0]
         y = launch.output_buffer(out, n, out_features, x2d)
         if n == 0:

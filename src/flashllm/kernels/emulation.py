@@ -36,7 +36,7 @@ from ..formats.tiled_csl import TILE_ELEMS, TILE_K, TILE_M, TiledCSLWeight
 LANES = 32
 WARPS = 4
 XS_STRIDE = 72  # halves per staged activation row (common.cuh)
-BITMAP_VALUE_SLOTS = 4096 + 8  # halves in a bitmap stage's value buffer (bitmap_spmm.cu)
+BITMAP_VALUE_SLOTS = 4096 + 8  # halves in a bitmap stage's value buffer (bitmap_spmm.cu: VALCAP + 8)
 CSL_DENSE_SLOTS = TILE_ELEMS + 8  # halves in a Tiled-CSL dense tile buffer (tiled_csl_spmm.cu)
 SEL_LO, SEL_HI = 0x22102222, 0x54101022  # bitmap_spmm.cu
 SEL_TABLE = SEL_HI << 32 | SEL_LO
@@ -194,16 +194,22 @@ def padded_activations(x2d: torch.Tensor, in_features: int) -> tuple[torch.Tenso
 # ---------------------------------------------------------------------------------------------
 # Bitmap
 # ---------------------------------------------------------------------------------------------
-def _bitmap_stage_values(w: BitmapWeight, stale: Optional[int]) -> torch.Tensor:
-    """(tiles, BITMAP_VALUE_SLOTS) stage buffers: each tile's run, then stale bytes (`stale`, or a
-    random pattern per slot when None) standing for whatever an earlier stage left there."""
+def _bitmap_stage_values(w: BitmapWeight, stale: Optional[int], value_cap: int = 4096) -> torch.Tensor:
+    """(tiles, value_cap + 8) stage buffers: each tile's run, then stale bytes (`stale`, or a
+    random pattern per slot when None) standing for whatever an earlier stage left there. A run
+    longer than the buffer raises, as the kernel traps (a fitted buffer, configs.FIT); a read past
+    it fails the emulation's gather."""
     tiles = w.offsets.numel() - 1
+    slots = value_cap + 8
     if stale is None:
-        buf = torch.randint(0, 1 << 16, (tiles, BITMAP_VALUE_SLOTS), dtype=torch.int64)
+        buf = torch.randint(0, 1 << 16, (tiles, slots), dtype=torch.int64)
     else:
-        buf = torch.full((tiles, BITMAP_VALUE_SLOTS), stale, dtype=torch.int64)
+        buf = torch.full((tiles, slots), stale, dtype=torch.int64)
     off = w.offsets.to(torch.int64)
     lengths = off.diff()
+    if lengths.numel() and int(lengths.max()) > value_cap:
+        raise RuntimeError(f"a tile run of {int(lengths.max())} values does not fit a {value_cap}-value buffer "
+                           "(the kernel traps)")
     vals = float_bits(w.values)
     if vals.numel():
         tile_of = torch.repeat_interleave(torch.arange(tiles), lengths)
@@ -229,7 +235,7 @@ def table_slot(half, block):
     return 16 * half + block
 
 
-def bitmap_b_fragments(w: BitmapWeight, stale: Optional[int] = 0x7E00) -> torch.Tensor:
+def bitmap_b_fragments(w: BitmapWeight, stale: Optional[int] = 0x7E00, value_cap: int = 4096) -> torch.Tensor:
     """Every B-fragment register the bitmap kernel's lanes build: (tiles, warp, kc, jj, bc, 32).
 
     Register (w, kc, jj, bc) of lane l holds W[16w + 8jj + l / 4][16kc + 8bc + 2 (l % 4) + {0, 1}]
@@ -241,7 +247,7 @@ def bitmap_b_fragments(w: BitmapWeight, stale: Optional[int] = 0x7E00) -> torch.
     slot = table_slot(_LANE & 1, _LANE >> 1)
     stored_word, stored_base = torch.empty_like(entry_word), torch.empty_like(entry_base)
     stored_word[..., slot], stored_base[..., slot] = entry_word, entry_base
-    buf = _bitmap_stage_values(w, stale)
+    buf = _bitmap_stage_values(w, stale, value_cap)
     tiles = words.shape[0]
     half = _LANE >> 4
     sh = (2 * _LANE) & 31
@@ -267,7 +273,7 @@ def highest_bit(v: torch.Tensor) -> torch.Tensor:
     return torch.where(bits.any(-1), (bits * torch.arange(1, 33)).amax(-1) - 1, -1)
 
 
-def bitmap_scattered_rows(w: BitmapWeight, stale: Optional[int] = 0x7E00) -> torch.Tensor:
+def bitmap_scattered_rows(w: BitmapWeight, stale: Optional[int] = 0x7E00, value_cap: int = 4096) -> torch.Tensor:
     """The scatter decode's dense tiles: (tiles, warp, 1024) 16-bit patterns of each warp's 16 rows
     (half-block j at 32 j, element p of it at 32 j + p), as `scatter_half` leaves them.
 
@@ -278,7 +284,7 @@ def bitmap_scattered_rows(w: BitmapWeight, stale: Optional[int] = 0x7E00) -> tor
     masks = w.masks.to(torch.int64).reshape(-1, 128, 4)
     words = masks[..., 0] | (masks[..., 1] << 8) | (masks[..., 2] << 16) | (masks[..., 3] << 24)
     word, base = bitmap_table(words)  # (tiles, warp, lane)
-    buf = _bitmap_stage_values(w, stale)
+    buf = _bitmap_stage_values(w, stale, value_cap)
     tiles = words.shape[0]
     rows = torch.zeros(tiles, WARPS, LANES, 33, dtype=torch.int64)  # column 32: discarded stores
     src = base + popc(word)
@@ -298,10 +304,10 @@ def bitmap_scattered_rows(w: BitmapWeight, stale: Optional[int] = 0x7E00) -> tor
     return rows[..., :32].reshape(tiles, WARPS, LANES * 32)
 
 
-def bitmap_scatter_b_fragments(w: BitmapWeight, stale: Optional[int] = 0x7E00) -> torch.Tensor:
+def bitmap_scatter_b_fragments(w: BitmapWeight, stale: Optional[int] = 0x7E00, value_cap: int = 4096) -> torch.Tensor:
     """`bitmap_b_fragments` for the scatter decode: ldmatrix.x4 per piece kc, lane l addressing
     half 256 kc + 8 l of the warp's rows, matrix q = (bc = q / 2, jj = q % 2)."""
-    rows = bitmap_scattered_rows(w, stale)
+    rows = bitmap_scattered_rows(w, stale, value_cap)
     out = torch.zeros(rows.shape[0], WARPS, 4, 2, 2, LANES, dtype=torch.int64)
     for kc in range(4):
         regs = ldmatrix(rows, (256 * kc + 8 * _LANE).expand(*rows.shape[:2], LANES))  # (..., 32, 4)
@@ -311,18 +317,21 @@ def bitmap_scatter_b_fragments(w: BitmapWeight, stale: Optional[int] = 0x7E00) -
     return out
 
 
-def bitmap_fragments(w: BitmapWeight, stale: Optional[int] = 0x7E00, decode: str = "fragment") -> torch.Tensor:
-    """The B-fragment registers of the bitmap kernel compiled with FLASHLLM_DECODE = `decode`."""
+def bitmap_fragments(w: BitmapWeight, stale: Optional[int] = 0x7E00, decode: str = "fragment",
+                     value_cap: int = 4096) -> torch.Tensor:
+    """The B-fragment registers of the bitmap kernel compiled with FLASHLLM_DECODE = `decode` and
+    FLASHLLM_VALCAP = `value_cap`."""
     if decode == "fragment":
-        return bitmap_b_fragments(w, stale)
+        return bitmap_b_fragments(w, stale, value_cap)
     if decode == "scatter":
-        return bitmap_scatter_b_fragments(w, stale)
+        return bitmap_scatter_b_fragments(w, stale, value_cap)
     raise ValueError(f"unknown bitmap decode {decode!r}")
 
 
-def bitmap_decoded(w: BitmapWeight, stale: Optional[int] = 0x7E00, decode: str = "fragment") -> torch.Tensor:
+def bitmap_decoded(w: BitmapWeight, stale: Optional[int] = 0x7E00, decode: str = "fragment",
+                   value_cap: int = 4096) -> torch.Tensor:
     """The dense weight as the bitmap kernel's registers hold it (same dtype; compare bitwise)."""
-    frags = bitmap_fragments(w, stale, decode)
+    frags = bitmap_fragments(w, stale, decode, value_cap)
     tm, tk = -(-w.shape[0] // GROUP_M), -(-w.shape[1] // GROUP_K)
     tile = torch.zeros(tm * tk, GROUP_M, GROUP_K, dtype=torch.int64)
     for wp in range(WARPS):

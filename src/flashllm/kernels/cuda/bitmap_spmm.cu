@@ -25,7 +25,11 @@
 // (the warp waits for the fullest word); the warp zeroes its rows again after the mma.
 //
 // Extra compile-time parameters: FLASHLLM_STRIPS (1 or 2) strips of 64 rows per block;
-// FLASHLLM_DECODE 0 (fragment assembly) or 1 (scatter into a dense tile).
+// FLASHLLM_DECODE 0 (fragment assembly) or 1 (scatter into a dense tile); FLASHLLM_VALCAP, the
+// values a stage buffer holds per strip (default 4096, a full tile). A smaller buffer, fitted by
+// the launcher to the weight's largest tile (configs.VALUE_CAPS), leaves room for more resident
+// blocks (the kernel is latency-bound; at 50% sparsity 9 blocks per SM fit instead of 6); a tile
+// with a longer run stops the kernel (trap) instead of being decoded from a truncated copy.
 #include "common.cuh"
 
 #ifndef FLASHLLM_STRIPS
@@ -43,9 +47,15 @@ static_assert(STRIPS == 1 || STRIPS == 2, "STRIPS");
 static_assert(WARPS == 4, "each of the 4 warps owns one 16-row mma row of a 64-row strip");
 constexpr int GROUP = 64;                    // group tile: 64 x 64
 constexpr int MASK_BYTES = GROUP * GROUP / 8;  // 512
-constexpr int MAX_VALUE_CHUNKS = GROUP * GROUP / 8;  // 16-byte chunks of a full tile's run
-// A full tile's run plus slack: a lane reads values[rank + 1] with rank <= nnz <= 4096.
-constexpr int VAL_BYTES = (GROUP * GROUP + 8) * 2;
+#ifndef FLASHLLM_VALCAP
+#define FLASHLLM_VALCAP 4096
+#endif
+constexpr int VALCAP = FLASHLLM_VALCAP;
+static_assert(VALCAP % 8 == 0 && VALCAP >= 512 && VALCAP <= GROUP * GROUP, "VALCAP");
+constexpr bool FULL_TILES = VALCAP == GROUP * GROUP;
+constexpr int MAX_VALUE_CHUNKS = VALCAP / 8;  // 16-byte chunks of the longest run a stage takes
+// The longest run plus slack: a lane reads values[rank + 1] with rank <= nnz <= VALCAP.
+constexpr int VAL_BYTES = (VALCAP + 8) * 2;
 constexpr int MASKS_OFF = 0;
 constexpr int VALS_OFF = STRIPS * MASK_BYTES;
 constexpr int X_OFF = VALS_OFF + STRIPS * VAL_BYTES;
@@ -168,7 +178,10 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
         cp_async16_full(stage + MASKS_OFF + s * MASK_BYTES + tid * 16,
                         tile_masks[s] + static_cast<size_t>(j) * MASK_BYTES);
       }
-      // Clamped so that corrupt offsets cannot write past the stage buffer.
+      // Clamped so that corrupt offsets cannot write past the stage buffer. A fitted buffer is
+      // sized to the weight's largest run (read from these offsets): a longer one means they
+      // changed since, and decoding a truncated run would be silently wrong.
+      if (!FULL_TILES && hi[s] - lo[s] > VALCAP) __trap();
       const int chunks = min(max((hi[s] - lo[s]) >> 3, 0), MAX_VALUE_CHUNKS);
       copy_run<MAX_VALUE_CHUNKS>(stage + VALS_OFF + s * VAL_BYTES, values + lo[s], chunks, tid);
     }
