@@ -216,7 +216,7 @@ def model(loop: Loop, sparsity: float, nrows: int, tiles: int, samples: int = 20
     else:
         fragment_wf = sum(fragment_value_wavefronts(density, rng) for _ in range(samples)) / samples
     inner_len = loop.inner[1] - loop.inner[0] + 1 if loop.inner else 0
-    issue = len(body) - skipped + (trips - 1) * inner_len if loop.inner else len(body) - skipped
+    issue = len(body) - skipped + (trips - 1) * inner_len  # body holds the scatter loop once; it runs `trips` times
     # Shared-memory wavefronts of the instructions that execute once per warp and stage.
     wf = fragment_wf + wf_inner
     for i, ins in enumerate(body):

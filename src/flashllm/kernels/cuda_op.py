@@ -90,9 +90,13 @@ class CudaKernel:
         if not x2d.is_cuda:
             raise ValueError(f"the {self.label} CUDA kernel needs CUDA tensors; x is on {x2d.device}")
 
+    def tensor(self, tensors: list[torch.Tensor], name: str) -> torch.Tensor:
+        """The format tensor called `name` among `tensors` (in `self.tensors` order)."""
+        return tensors[[s.name for s in self.tensors].index(name)]
+
     def sparsity_of(self, tensors: list[torch.Tensor], out_features: int, in_features: int) -> float:
         """Sparsity estimated from the stored length (metadata only: no device sync)."""
-        payload = tensors[[s.name for s in self.tensors].index(self.payload)]
+        payload = self.tensor(tensors, self.payload)
         return max(0.0, 1.0 - payload.numel() / (out_features * in_features))
 
     def resolve_config(self, x2d: torch.Tensor, tensors: list[torch.Tensor], out_features: int, in_features: int,
@@ -116,7 +120,7 @@ class CudaKernel:
         refuse an explicit cap below it (the kernel would stop on a trap)."""
         if cfg.value_cap == configs.FULL_TILE or self.runs is None:
             return cfg
-        longest = largest_run(tensors[[s.name for s in self.tensors].index(self.runs)])
+        longest = largest_run(self.tensor(tensors, self.runs))
         if cfg.value_cap == configs.FIT:
             return cfg.fitted(longest)
         if longest is not None and longest > cfg.value_cap:
