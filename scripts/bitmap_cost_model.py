@@ -4,12 +4,13 @@ H200. No GPU needed; it needs nvcc and cuobjdump (CUDA toolkit) or a saved `cuob
 
     python scripts/bitmap_cost_model.py                      # fragment and scatter, NROWS 8/16/32
     python scripts/bitmap_cost_model.py --nrows 16 --decode fragment --sass listing.sass
+    python scripts/bitmap_cost_model.py --nrows 16 --strips 2        # two 64-row strips per block
 
 What it does. The kernel is compiled for sm_90a (the defines of `configs.LaunchConfig`), and its
 main loop (the backward branch around the mma instructions) is cut into sections: copy issue (up
 to the loop's cp.async commit), the per-warp scan, the decode with its mma steps, and the loop
 tail. Every instruction of the loop is counted once per warp and stage, except:
-  * the chunks of a tile's compressed run that a warp does not copy: chunk i of thread t exists if
+  * the chunks of a tile's compressed run (one run per strip) that a warp does not copy: chunk i of thread t exists if
     t + 128 i < chunks; a warp runs a chunk if any of its lanes has one, and leaves at the first it
     has none (the unrolled `copy_run`), so its count follows the run length, i.e. the sparsity;
   * the scatter decode's inner loop, which runs as often as the warp's fullest mask word needs
@@ -85,11 +86,11 @@ def parse(sass: str, kernel: str = "flashllm_bitmap_spmm") -> list[Ins]:
     return out
 
 
-def compile_sass(nrows: int, decode: str, nvcc: str) -> str:
+def compile_sass(nrows: int, decode: str, strips: int, nvcc: str) -> str:
     sys.path.insert(0, os.path.join(ROOT, "src"))
     from flashllm.kernels.configs import LaunchConfig
 
-    defines = LaunchConfig(nrows=nrows, decode=decode).defines("bitmap")
+    defines = LaunchConfig(nrows=nrows, decode=decode, strips=strips).defines("bitmap")
     cuobjdump = shutil.which("cuobjdump") or os.path.join(os.path.dirname(shutil.which(nvcc) or ""), "cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
@@ -101,17 +102,24 @@ def compile_sass(nrows: int, decode: str, nvcc: str) -> str:
 
 
 @dataclass
+class RunCopy:
+    """One strip's unrolled run copy (`copy_run`) in the loop body."""
+
+    exits: list[int]  # body indices of its exit branches (one before most chunks)
+    chunks: list[int]  # body indices of its chunk copies, in order
+    end: int  # body index the exits jump to
+
+
+@dataclass
 class Loop:
     body: list[Ins]
     outside: int  # instructions outside the main loop: prologue and epilogue
-    chunk_exits: list[int]  # body indices of the run copy's exit branches (one before most chunks)
-    chunks: list[int]  # body indices of the run copy's chunk copies, in order
-    chunk_end: int  # body index the exits jump to
-    inner: tuple[int, int] | None  # the scatter loop's body index range, if any
+    copies: list[RunCopy]  # one per strip
+    inner: list[tuple[int, int]]  # the scatter loops' body index ranges (one per strip), if any
     sections: dict[str, tuple[int, int]]
 
 
-def find_loop(code: list[Ins]) -> Loop:
+def find_loop(code: list[Ins], strips: int = 1) -> Loop:
     index = {ins.addr: i for i, ins in enumerate(code)}
     best = None
     for i, ins in enumerate(code):
@@ -124,26 +132,28 @@ def find_loop(code: list[Ins]) -> Loop:
     lo, hi = best
     body = code[lo:hi + 1]
     addr = {ins.addr: i for i, ins in enumerate(body)}
-    # The run copy's exits: forward branches of the copy section that share one target.
+    # A run copy's exits: forward branches of the copy section that share one target; each strip
+    # has one run copy, and theirs are the targets with the most exits.
     commit = next(i for i, ins in enumerate(body) if ins.op == "LDGDEPBAR")
     targets: dict[int, list[int]] = {}
     for i, ins in enumerate(body[:commit]):
         t = ins.branch_target
         if t is not None and t > ins.addr and any(c.op.startswith("LDGSTS") for c in body[i:addr.get(t, i)]):
             targets.setdefault(t, []).append(i)
-    t, exits = max(targets.items(), key=lambda kv: len(kv[1]))
-    chunks = [i for i in range(exits[0], addr[t]) if body[i].op.startswith("LDGSTS")]
-    inner = None
+    runs = sorted(sorted(targets.items(), key=lambda kv: -len(kv[1]))[:strips])
+    copies = [RunCopy(exits, [i for i in range(exits[0], addr[t]) if body[i].op.startswith("LDGSTS")], addr[t])
+              for t, exits in runs]
+    inner = []
     for i, ins in enumerate(body):
         t2 = ins.branch_target
         if t2 is not None and t2 < ins.addr and i < len(body) - 1:
-            inner = (addr[t2], i)
+            inner.append((addr[t2], i))
     first_ldsm = next(i for i, ins in enumerate(body) if ins.op.startswith("LDSM") and i > commit)
-    scan_end = inner[0] if inner and inner[0] < first_ldsm else first_ldsm
+    scan_end = inner[0][0] if inner and inner[0][0] < first_ldsm else first_ldsm
     last_mma = max(i for i, ins in enumerate(body) if ins.op.startswith(("HMMA", "STS.128")))
     sections = {"copy issue": (0, commit + 1), "scan": (commit + 1, scan_end),
                 "decode + mma": (scan_end, last_mma + 1), "loop tail": (last_mma + 1, len(body))}
-    return Loop(body, len(code) - len(body), exits, chunks, addr[t], inner, sections)
+    return Loop(body, len(code) - len(body), copies, inner, sections)
 
 
 def wavefronts(addresses: list[int]) -> int:
@@ -191,36 +201,39 @@ def chunks_run(chunks: int, warp: int, max_per_thread: int) -> int:
     return sum(1 for i in range(max_per_thread) if 32 * warp + THREADS * i < chunks)
 
 
-def copy_skipped(loop: Loop, c: int) -> int:
-    """Instructions of the run copy that a warp with c chunks does not execute: it leaves at the
+def copy_skipped(copy: RunCopy, c: int) -> int:
+    """Instructions of a run copy that a warp with c chunks does not execute: it leaves at the
     exit that tests chunk c, the first exit after chunk c - 1 that comes before chunk c (a chunk
     with no exit before it is predicated, and runs as a predicated-off copy)."""
-    after = loop.chunks[c - 1] if c > 0 else -1
-    before = loop.chunks[c] if c < len(loop.chunks) else loop.chunk_end
-    exit_ = next((e for e in loop.chunk_exits if after < e < before), None)
-    return 0 if exit_ is None else loop.chunk_end - exit_ - 1
+    after = copy.chunks[c - 1] if c > 0 else -1
+    before = copy.chunks[c] if c < len(copy.chunks) else copy.end
+    exit_ = next((e for e in copy.exits if after < e < before), None)
+    return 0 if exit_ is None else copy.end - exit_ - 1
 
 
 def model(loop: Loop, sparsity: float, nrows: int, tiles: int, samples: int = 200) -> dict:
     rng = random.Random(0)
     density = 1 - sparsity
     body = loop.body
+    strips = len(loop.copies)
+    elements = STAGE_ELEMENTS_PER_WARP * strips
     chunks = -(-int(round(64 * 64 * density)) * 2 // 16)
-    skipped = sum(copy_skipped(loop, chunks_run(chunks, w, len(loop.chunks))) for w in range(WARPS)) / WARPS
+    skipped = sum(copy_skipped(copy, chunks_run(chunks, w, len(copy.chunks)))
+                  for copy in loop.copies for w in range(WARPS)) / WARPS
     trips = wf_inner = 0.0
     fragment_wf = 0.0
     if loop.inner:
         runs = [scatter_trips_and_wavefronts(density, rng) for _ in range(samples)]
         trips = sum(r[0] for r in runs) / samples
-        wf_inner = sum(r[1] for r in runs) / samples
+        wf_inner = strips * sum(r[1] for r in runs) / samples  # one loop per strip
     else:
-        fragment_wf = sum(fragment_value_wavefronts(density, rng) for _ in range(samples)) / samples
-    inner_len = loop.inner[1] - loop.inner[0] + 1 if loop.inner else 0
-    issue = len(body) - skipped + (trips - 1) * inner_len  # body holds the scatter loop once; it runs `trips` times
+        fragment_wf = strips * sum(fragment_value_wavefronts(density, rng) for _ in range(samples)) / samples
+    inner_len = sum(b - a + 1 for a, b in loop.inner)
+    issue = len(body) - skipped + (trips - 1) * inner_len  # body holds each scatter loop once; it runs `trips` times
     # Shared-memory wavefronts of the instructions that execute once per warp and stage.
     wf = fragment_wf + wf_inner
     for i, ins in enumerate(body):
-        if ins.pred == "@!PT" or (loop.inner and loop.inner[0] <= i <= loop.inner[1]):
+        if ins.pred == "@!PT" or any(a <= i <= b for a, b in loop.inner):
             continue
         op = ins.op
         if op.startswith("LDGSTS"):
@@ -236,16 +249,16 @@ def model(loop: Loop, sparsity: float, nrows: int, tiles: int, samples: int = 20
         elif op.startswith(("SHFL", "REDUX")):
             wf += 1
     x_bytes = nrows * 128 / WARPS  # the stage's activations, spread over the 4 warps
-    run_bytes = 16 * chunks / WARPS
-    wf += (x_bytes + run_bytes + 512 / WARPS) / 128
-    weight_bytes = STAGE_ELEMENTS_PER_WARP * (0.125 + 2 * density)
+    run_bytes = strips * 16 * chunks / WARPS
+    wf += (x_bytes + run_bytes + strips * 512 / WARPS) / 128
+    weight_bytes = elements * (0.125 + 2 * density)
     cycles = {"issue": issue / ISSUE_PER_CYCLE, "shared memory": wf / WAVEFRONTS_PER_CYCLE,
               "DRAM": weight_bytes / DRAM_BYTES_PER_CYCLE}
     bound = max(cycles, key=cycles.get)
-    elements = STAGE_ELEMENTS_PER_WARP / cycles[bound]
+    per_cycle = elements / cycles[bound]
     return {"issue": issue, "outside": loop.outside / max(tiles, 1), "wavefronts": wf, "trips": trips,
-            "bound": bound, "elements": elements, "speedup_cap": elements / CUBLAS_ELEMENTS_PER_CYCLE,
-            "per_weight": issue / STAGE_ELEMENTS_PER_WARP}
+            "bound": bound, "elements": per_cycle, "speedup_cap": per_cycle / CUBLAS_ELEMENTS_PER_CYCLE,
+            "per_weight": issue / elements}
 
 
 def sections_report(loop: Loop) -> str:
@@ -260,6 +273,7 @@ def main() -> None:
     ap.add_argument("--nrows", type=int, nargs="*", default=[8, 16, 32])
     ap.add_argument("--decode", nargs="*", default=["fragment", "scatter"])
     ap.add_argument("--sparsity", type=float, nargs="*", default=[0.5, 0.7, 0.8, 0.9])
+    ap.add_argument("--strips", type=int, default=1, help="64-row strips per block (1 or 2)")
     ap.add_argument("--tiles", type=int, default=8, help="tiles per split-K block (prologue share)")
     ap.add_argument("--sass", help="a cuobjdump -sass listing to read instead of compiling (one nrows/decode)")
     ap.add_argument("--nvcc", default=os.environ.get("NVCC", "nvcc"))
@@ -274,11 +288,12 @@ def main() -> None:
                 with open(args.sass, encoding="utf-8") as fh:
                     sass = fh.read()
             else:
-                sass = compile_sass(nrows, decode, args.nvcc)
-            loop = find_loop(parse(sass))
-            print(f"# {decode}, NROWS {nrows}: loop {len(loop.body)} instructions ({sections_report(loop)}), "
-                  f"{loop.outside} outside it; run copy: {len(loop.chunks)} chunks, {len(loop.chunk_exits)} exits"
-                  + (f"; inner loop {loop.inner[1] - loop.inner[0] + 1}" if loop.inner else ""))
+                sass = compile_sass(nrows, decode, args.strips, args.nvcc)
+            loop = find_loop(parse(sass), args.strips)
+            print(f"# {decode}, NROWS {nrows}, {len(loop.copies)} strip(s): loop {len(loop.body)} instructions "
+                  f"({sections_report(loop)}), {loop.outside} outside it; run copy: {len(loop.copies[0].chunks)} "
+                  f"chunks, {len(loop.copies[0].exits)} exits"
+                  + "".join(f"; inner loop {b - a + 1}" for a, b in loop.inner))
             for s in args.sparsity:
                 r = model(loop, s, nrows, args.tiles)
                 print(f"{decode:8} | {nrows:5} | {s:8.0%} | {r['issue']:21.0f} ({r['per_weight']:.3f})       "

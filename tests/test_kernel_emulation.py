@@ -162,23 +162,29 @@ def test_tiled_csl_swizzle_is_a_permutation_within_rows():
 
 
 # --- activations ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("nrows", configs.NROWS)
-def test_activation_fragments_are_the_ptx_layout(nrows, gen):
+@pytest.mark.parametrize("nrows,steps", [(n, 1) for n in configs.NROWS] + [(8, 2)])
+def test_activation_fragments_are_the_ptx_layout(nrows, steps, gen):
     n, k = nrows + 3, 150
     x = torch.randn(n, k, generator=gen).to(torch.float16)
     xp, kx = E.padded_activations(x, k)
     assert kx == 152 and torch.equal(xp[:, k:], torch.zeros(n, 2, dtype=torch.float16))
     for n0 in (0, nrows):
         for k0 in (0, 128):
-            frags = E.a_fragments(E.stage_x(xp, nrows, n0, k0, kx), nrows)
+            frags = E.a_fragments(E.stage_x(xp, nrows, n0, k0, kx), nrows, steps)
             want = torch.zeros(max(16, nrows), 64, dtype=torch.float64)
             rows, cols = min(nrows, n - n0), min(64, kx - k0)
             want[:rows, :cols] = xp[n0 : n0 + rows, k0 : k0 + cols].double()
             for kc in range(4):
                 for nt in range(max(1, nrows // 16)):
                     got = E.a_matrix(frags[kc, nt], torch.float16)
-                    expect = want[nt * 16 : nt * 16 + 16, kc * 16 : kc * 16 + 16].clone()
-                    if nrows == 8:
+                    expect = want[nt * 16 : nt * 16 + 16, kc * 16 : kc * 16 + 16]
+                    if steps == 2:
+                        # One x4 serves steps kc and kc ^ 1: the even step's columns in rows 0-7,
+                        # the odd step's in rows 8-15 (where that step's results accumulate).
+                        pair = (kc & ~1) * 16
+                        expect = torch.cat([want[:8, pair : pair + 16], want[:8, pair + 16 : pair + 32]])
+                    elif nrows == 8:
+                        expect = expect.clone()
                         expect[8:] = 0  # x2 load: rows 8-15 are zero registers
                     assert torch.equal(got, expect), (nrows, n0, k0, kc, nt)
 
@@ -514,7 +520,7 @@ def test_fit_buffers_sizes_from_the_weight_and_refuses_a_short_cap(gen):
 
 def test_fitted_buffers_are_offered_to_tuning_and_checked():
     wide = configs.tuning_candidates("bitmap", 16, 0.5, k_tiles=64, unvalidated=True)
-    assert any(c.value_cap == configs.FIT for c in wide)
+    assert {c.strips for c in wide if c.value_cap == configs.FIT} == {1, 2}
     checked = [cfg for fmt, cfg in configs.checked_variants() if fmt == "bitmap" and cfg.value_cap]
     assert {(c.nrows, c.strips, c.decode) for c in checked} == {(n, s, d) for n, s, d, _ in configs.CHECKED_CAPS}
     assert all(c.value_cap in configs.VALUE_CAPS for c in checked)  # compilable: no FIT left

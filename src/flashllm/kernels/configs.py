@@ -350,6 +350,8 @@ def candidates(fmt: str, n: int, sparsity: float, unvalidated: bool = False) -> 
                         add(replace(base, strips=strips, stages=stages, decode=decode))
             for stages in (3, 4):  # fitted value buffers: room for more blocks, or a deeper pipeline
                 add(replace(base, stages=stages, decode=decode, value_cap=FIT))
+            if base.nrows <= 64:  # two strips (the higher static ceiling) in the room fitting frees
+                add(replace(base, strips=2, stages=3, decode=decode, value_cap=FIT))
     else:
         for words in (1024, 2048, 3072, 4096, 6144):
             for stages in (3, 4):

@@ -14,7 +14,9 @@ can compare the result with `to_dense` bit for bit and with a float64 product:
 * `tiled_csl_b_fragments`: the scatter of every word, sentinels and the CAPW piece reloads
   included, into the swizzled shared tile, and the ldmatrix.x4 reads of each warp.
 * `a_fragments`: the staged activations (zero fill past N and the valid columns) and the
-  ldmatrix addressing of `load_a_frags`.
+  ldmatrix addressing of `load_a_frags`, including the bitmap kernel's N <= 8 path whose one x4
+  serves two k16 steps, each accumulating into its own rows (`_run_blocks` folds them as
+  `fold_steps` does).
 * `mma_m16n8k16`: the tensor-core instruction at register level, with the fragment layouts the PTX
   ISA documents; `bitmap_kernel` / `tiled_csl_kernel` chain everything with the kernels' split-K
   partition, blocks along N and the epilogue's (n, m) mapping.
@@ -157,14 +159,20 @@ def stage_x(x: torch.Tensor, nrows: int, n0: int, k0: int, kx: int, stale: int =
     return xs
 
 
-def a_fragments(xs: torch.Tensor, nrows: int) -> torch.Tensor:
-    """`load_a_frags` for the 4 k16 steps: (4, NT, 32, 4) registers from a staged tile."""
+def a_fragments(xs: torch.Tensor, nrows: int, steps: int = 1) -> torch.Tensor:
+    """`load_a_frags<steps>` for the 4 k16 steps: (4, NT, 32, 4) registers from a staged tile."""
     nt = max(1, nrows // 16)
     lane = _LANE
     out = torch.zeros(4, nt, LANES, 4, dtype=torch.int64)
     flat = xs.reshape(-1)
     for kc in range(4):
-        if nrows == 8:
+        if nrows == 8 and steps == 2:
+            # One x4 per pair of steps (kc even), used by both: the 8 rows as {k 0-7, k 16-23,
+            # k 8-15, k 24-31} of the pair's 32 columns; step kc uses (a0, a2), step kc + 1 (a1, a3).
+            q = lane >> 3
+            k = (kc & ~1) * 16 + (q & 1) * 16 + (q >> 1) * 8
+            out[kc, 0] = ldmatrix(flat, (lane & 7) * XS_STRIDE + k)
+        elif nrows == 8:
             # x2: lanes 0-7 rows 0-7 / k 0-7 (a0), lanes 8-15 rows 0-7 / k 8-15 (a2); a1 = a3 = 0.
             r = lane & 7
             k = kc * 16 + ((lane >> 3) & 1) * 8
@@ -441,13 +449,17 @@ def store_acc_targets(m8: int, n16: int, out_features: int, n: int, nrows: int) 
 
 
 def _run_blocks(a_regs_for, b_regs_for, k_tiles: int, blocks_m: list[list[int]], m8_of, n_acc: int,
-                x: torch.Tensor, out_features: int, bias: Optional[torch.Tensor], plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+                x: torch.Tensor, out_features: int, bias: Optional[torch.Tensor], plan: Plan,
+                steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Shared driver: every block (strip group, split, n chunk) accumulates its tiles with mma and
     stores through the epilogue. Returns (y, write count per element).
 
     Register fragments are turned into matrices once per (rows, tile) and the 4 k16 steps x NT
     mma of a tile are one einsum: the same products as the per-instruction chain, accumulated in
-    fp32 per tile instead of per instruction (a rounding difference far below the tests' tolerance)."""
+    fp32 per tile instead of per instruction (a rounding difference far below the tests' tolerance).
+    With steps == 2 (N <= 8, `load_a_frags<2>`) the even and odd k16 steps accumulate separately
+    and the odd steps' rows 8-15 are added to the even steps' rows 0-7 before the epilogue, as
+    `fold_steps` does."""
     n = x.shape[0]
     dtype = x.dtype
     nt_count = max(1, plan.nrows // 16)
@@ -463,14 +475,19 @@ def _run_blocks(a_regs_for, b_regs_for, k_tiles: int, blocks_m: list[list[int]],
         for kts in splits:
             for strips in blocks_m:
                 for strip in strips:
-                    acc = torch.zeros(n_acc, nt_count, LANES, 4, dtype=torch.float32)
+                    accs = torch.zeros(steps, n_acc, nt_count, LANES, 4, dtype=torch.float32)
                     for kt in kts:
                         if (n0, kt) not in a_cache:
                             a_cache[(n0, kt)] = a_matrix(a_regs_for(n0, kt), dtype)  # (4, NT, 16, 16)
                         if (strip, kt) not in b_cache:
                             b_cache[(strip, kt)] = b_matrix(b_regs_for(strip, kt), dtype)  # (acc, 4, 16, 8)
-                        c = torch.einsum("knab,ikbc->inac", a_cache[(n0, kt)], b_cache[(strip, kt)])
-                        acc = (acc.to(torch.float64) + c_registers(c)).to(torch.float32)
+                        for p in range(steps):
+                            c = torch.einsum("knab,ikbc->inac", a_cache[(n0, kt)][p::steps],
+                                             b_cache[(strip, kt)][:, p::steps])
+                            accs[p] = (accs[p].to(torch.float64) + c_registers(c)).to(torch.float32)
+                    acc = accs[0]
+                    if steps == 2:
+                        acc[..., 0:2] += accs[1][..., 2:4]
                     for i in range(n_acc):
                         for nt in range(nt_count):
                             nn, m, ok = store_acc_targets(m8_of(strip, i), n0 + nt * 16, out_features, n, plan.nrows)
@@ -498,8 +515,10 @@ def bitmap_kernel(x: torch.Tensor, w: BitmapWeight, bias: Optional[torch.Tensor]
     groups = [[s for s in range(g * plan.strips, (g + 1) * plan.strips) if s < tm]
               for g in range(-(-tm // plan.strips))]
 
+    steps = 2 if plan.nrows == 8 else 1  # bitmap_spmm.cu: A_STEPS
+
     def a_regs(n0, kt):
-        return a_fragments(stage_x(xp, plan.nrows, n0, kt * GROUP_K, kx), plan.nrows)
+        return a_fragments(stage_x(xp, plan.nrows, n0, kt * GROUP_K, kx), plan.nrows, steps)
 
     def b_regs(strip, kt):
         # accumulator i = (warp, jj): B registers (b0, b1) = blocks (bc 0, bc 1) of rows 8jj..
@@ -509,7 +528,7 @@ def bitmap_kernel(x: torch.Tensor, w: BitmapWeight, bias: Optional[torch.Tensor]
     def m8_of(strip, i):
         return strip * GROUP_M + (i // 2) * 16 + (i % 2) * 8
 
-    return _run_blocks(a_regs, b_regs, tk, groups, m8_of, WARPS * 2, x, out_features, bias, plan)
+    return _run_blocks(a_regs, b_regs, tk, groups, m8_of, WARPS * 2, x, out_features, bias, plan, steps)
 
 
 def tiled_csl_kernel(x: torch.Tensor, w: TiledCSLWeight, bias: Optional[torch.Tensor],

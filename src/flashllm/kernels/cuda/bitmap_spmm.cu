@@ -61,6 +61,8 @@ constexpr int VALS_OFF = STRIPS * MASK_BYTES;
 constexpr int X_OFF = VALS_OFF + STRIPS * VAL_BYTES;
 constexpr int STAGE_BYTES = X_OFF + X_STAGE_BYTES;
 constexpr bool SCATTER = FLASHLLM_DECODE == 1;
+// k16 steps per A-fragment load (common.cuh, load_a_frags): two at NROWS == 8.
+constexpr int A_STEPS = HALF_A ? 2 : 1;
 static_assert(FLASHLLM_DECODE == 0 || FLASHLLM_DECODE == 1, "DECODE");
 // After the stages: the fragment path's {word, start} table, or the scatter path's dense tiles
 // (per strip 64 x 64 values; warp w's 16 rows at 2048 w, half-block j of its mask row at 64 j,
@@ -143,17 +145,20 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
   trap_unless_smem(SMEM_BYTES, tid);
 
   const u32 sbase = smem_u32(smem);
-  bool valid[STRIPS];
-#pragma unroll
-  for (int s = 0; s < STRIPS; ++s) valid[s] = strip0 + s < MT;
 
   // This block's tiles of each strip start at tile (strip0 + s) * KT + kt0: their run bounds and
-  // masks are addressed from there, so a stage adds only its own index.
+  // masks are addressed from there, so a stage adds only its own index. A strip past the last
+  // (two strips per block, an odd strip count) decodes the last strip again and stores nothing:
+  // the main loop then has no branch on it, and ptxas schedules its four k16 steps as one block,
+  // interleaving one step's table and value loads with another's arithmetic and mma (a `valid`
+  // test in each step had cut them into separate basic blocks: 10% more instructions, no overlap).
+  bool valid[STRIPS];
   const int* tile_offsets[STRIPS];
   const unsigned char* tile_masks[STRIPS];
 #pragma unroll
   for (int s = 0; s < STRIPS; ++s) {
-    const size_t t0 = static_cast<size_t>(strip0 + s) * KT + kt0;
+    valid[s] = STRIPS == 1 || strip0 + s < MT;  // one strip: the grid has exactly MT blocks
+    const size_t t0 = static_cast<size_t>(valid[s] ? strip0 + s : MT - 1) * KT + kt0;
     tile_offsets[s] = offsets + t0;
     tile_masks[s] = masks + t0 * MASK_BYTES + (tid % (MASK_BYTES / 16)) * 16;
   }
@@ -165,15 +170,14 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
   auto load_offsets = [&](int j, int (&lo)[STRIPS], int (&hi)[STRIPS]) {
 #pragma unroll
     for (int s = 0; s < STRIPS; ++s) {
-      lo[s] = valid[s] ? tile_offsets[s][j] : 0;
-      hi[s] = valid[s] ? tile_offsets[s][j + 1] : 0;
+      lo[s] = tile_offsets[s][j];
+      hi[s] = tile_offsets[s][j + 1];
     }
   };
   auto issue = [&](int j, int st, const int (&lo)[STRIPS], const int (&hi)[STRIPS]) {
     const u32 stage = sbase + st * STAGE_BYTES;
 #pragma unroll
     for (int s = 0; s < STRIPS; ++s) {
-      if (!valid[s]) continue;
       if (tid < MASK_BYTES / 16) {
         cp_async16_full(stage + MASKS_OFF + s * MASK_BYTES + tid * 16,
                         tile_masks[s] + static_cast<size_t>(j) * MASK_BYTES);
@@ -214,15 +218,17 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
   const u32 below_mask = (1u << sh) - 1u;
   const u32 sh_sel = (sh - 4u) & 31u;  // rotating right by this puts the lane's bits at 4-5
 
-  float acc[STRIPS][2][NT][4];
+  float acc[A_STEPS][STRIPS][2][NT][4];
 #pragma unroll
-  for (int s = 0; s < STRIPS; ++s)
+  for (int p = 0; p < A_STEPS; ++p)
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
+    for (int s = 0; s < STRIPS; ++s)
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
+      for (int j = 0; j < 2; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[s][j][nt][e] = 0.f;
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[p][s][j][nt][e] = 0.f;
 
   Entry* table = reinterpret_cast<Entry*>(smem + DECODE_OFF) + warp * STRIPS * 32;
   // Scatter path: this warp's rows of strip 0's dense tile (strip s at + s * TILE_BYTES), zeroed
@@ -256,7 +262,6 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
     // exclusive scan plus the popcount of the rows above is where that half-block's values start.
 #pragma unroll
     for (int s = 0; s < STRIPS; ++s) {
-      if (!valid[s]) continue;
       const u32* words = reinterpret_cast<const u32*>(stage + MASKS_OFF + s * MASK_BYTES);
       const u32 word = words[warp * 32 + lane];
       const u32 count = __popc(word);
@@ -283,13 +288,12 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
     __syncwarp();
 
     const u32 xs = sbase + st * STAGE_BYTES + X_OFF;
+    u32 a[NT][4];
 #pragma unroll
     for (int kc = 0; kc < 4; ++kc) {
-      u32 a[NT][4];
-      load_a_frags(xs, kc, lane, a);
+      if (acc_step<A_STEPS>(kc) == 0) load_a_frags<A_STEPS>(xs, kc, lane, a);
 #pragma unroll
       for (int s = 0; s < STRIPS; ++s) {
-        if (!valid[s]) continue;
         // B fragments of the two 8-row halves j of this 16 x 16 piece: b0 from block (cols 0-7,
         // rows 8j..), b1 from block (cols 8-15, rows 8j..); local block index kc*4 + bc*2 + j.
         u32 b[2][2];
@@ -319,7 +323,9 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
 #pragma unroll
         for (int jj = 0; jj < 2; ++jj)
 #pragma unroll
-          for (int nt = 0; nt < NT; ++nt) mma16816(acc[s][jj][nt], a[nt], b[jj][0], b[jj][1]);
+          for (int nt = 0; nt < NT; ++nt) {
+            mma16816(acc[acc_step<A_STEPS>(kc)][s][jj][nt], a[nt], b[jj][0], b[jj][1]);
+          }
       }
     }
     if constexpr (SCATTER) {
@@ -337,8 +343,10 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
 #pragma unroll
     for (int jj = 0; jj < 2; ++jj)
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-        store_acc(acc[s][jj][nt], (strip0 + s) * GROUP + warp * 16 + jj * 8, n0 + nt * 16, lane, M,
+      for (int nt = 0; nt < NT; ++nt) {
+        if constexpr (HALF_A) fold_steps(acc[0][s][jj][nt], acc[1][s][jj][nt]);
+        store_acc(acc[0][s][jj][nt], (strip0 + s) * GROUP + warp * 16 + jj * 8, n0 + nt * 16, lane, M,
                   N, bias, y, ws);
+      }
   }
 }

@@ -254,17 +254,32 @@ __device__ __forceinline__ void copy_run(u32 dst, const void* src, int chunks, i
 
 // A fragments (16 activation rows x 16 k) of k16 step kc for every n16 tile, from staged x.
 // ldmatrix.x4: lanes 0-7 address rows 0-7/k 0-7 (a0), 8-15 rows 8-15/k 0-7 (a1), 16-23 rows
-// 0-7/k 8-15 (a2), 24-31 rows 8-15/k 8-15 (a3). With NROWS == 8 rows 8-15 do not exist: x2 loads
-// a0 and a2 and a1 = a3 = 0.
+// 0-7/k 8-15 (a2), 24-31 rows 8-15/k 8-15 (a3).
+//
+// NROWS == 8 (HALF_A): rows 8-15 do not exist. With STEPS == 1 an x2 loads a0 and a2 and a1 = a3
+// = 0, which costs ptxas 4 register moves per mma to assemble {a0, 0, a2, 0} (a tenth of the
+// bitmap kernel's instructions at N <= 8). With STEPS == 2 one x4 every second step (kc even)
+// loads the 8 rows for steps kc and kc + 1 as {k 0-7, k 16-23, k 8-15, k 24-31} of their 32
+// columns, straight into the register quad both steps use: step kc's products with a0, a2 land in
+// accumulator rows 0-7, step kc + 1's with a1, a3 in rows 8-15 of a second accumulator
+// (`acc_step`); the cross terms in the other rows are never stored, and `fold_steps` adds the
+// second accumulator's rows 8-15 to the first's rows 0-7 before the epilogue. Same shared-memory
+// wavefronts (one x4 for two x2), half the ldmatrix instructions, no moves, 8 more registers per
+// 16 output rows (the Tiled-CSL kernel, with twice the accumulators, keeps STEPS == 1: its sm_80
+// build went to the stack).
+template <int STEPS>
 __device__ __forceinline__ void load_a_frags(u32 xs, int kc, int lane, u32 (&a)[NT][4]) {
-  if constexpr (HALF_A) {
-    const int r = lane & 7;
-    const int k = kc * 16 + ((lane >> 3) & 1) * 8;
-    ldmatrix_x2(xs + static_cast<u32>(r * XS_STRIDE + k) * 2u, a[0][0], a[0][2]);
+  static_assert(STEPS == 1 || (STEPS == 2 && HALF_A), "paired k16 steps are for NROWS == 8");
+  const int q = lane >> 3;
+  if constexpr (STEPS == 2) {
+    const int k = kc * 16 + (q & 1) * 16 + (q >> 1) * 8;  // kc even
+    ldmatrix_x4(xs + static_cast<u32>((lane & 7) * XS_STRIDE + k) * 2u, a[0][0], a[0][1], a[0][2], a[0][3]);
+  } else if constexpr (HALF_A) {
+    const int k = kc * 16 + (q & 1) * 8;
+    ldmatrix_x2(xs + static_cast<u32>((lane & 7) * XS_STRIDE + k) * 2u, a[0][0], a[0][2]);
     a[0][1] = 0u;
     a[0][3] = 0u;
   } else {
-    const int q = lane >> 3;
     const int r = (q & 1) * 8 + (lane & 7);
     const int k = kc * 16 + (q >> 1) * 8;
 #pragma unroll
@@ -273,6 +288,16 @@ __device__ __forceinline__ void load_a_frags(u32 xs, int kc, int lane, u32 (&a)[
                   a[nt][2], a[nt][3]);
     }
   }
+}
+
+// Which of the STEPS accumulators k16 step kc adds into.
+template <int STEPS>
+__device__ __forceinline__ constexpr int acc_step(int kc) { return kc % STEPS; }
+
+// STEPS == 2: the odd steps' results (rows 8-15 of acc_odd) join the even steps' (rows 0-7 of acc).
+__device__ __forceinline__ void fold_steps(float* acc, const float* acc_odd) {
+  acc[0] += acc_odd[2];
+  acc[1] += acc_odd[3];
 }
 
 // ---------------------------------------------------------------------------------------------

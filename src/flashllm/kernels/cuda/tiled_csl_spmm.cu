@@ -200,7 +200,7 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
 #pragma unroll
     for (int kc = 0; kc < 4; ++kc) {
       u32 a[NT][4];
-      load_a_frags(xs, kc, lane, a);
+      load_a_frags<1>(xs, kc, lane, a);
 #pragma unroll
       for (int h = 0; h < HALVES; ++h) {
         const int q = lane >> 3;
