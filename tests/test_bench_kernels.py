@@ -121,6 +121,37 @@ def test_tune_reports_each_option_tuned_on_its_own():
     assert bench._option_bests("tiled_csl", csl) == "best per warps: 4 30.0 us | 8 20.0 us"
 
 
+def test_tuning_never_times_a_wrong_candidate():
+    import torch
+
+    from flashllm.kernels import launch
+    from flashllm.kernels.configs import LaunchConfig
+
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(8, 96, generator=gen), torch.randn(40, 96, generator=gen)
+    ref = x @ w.T
+    right = (x.half().float() @ w.half().float().T).half()  # fp16 inputs and output: rounding only
+    wrong = right.clone()
+    wrong[3, 7] += 0.5 * ref.abs().max()  # one misplaced value
+    nan = right.clone()
+    nan[0, 0] = float("nan")
+    assert launch.output_problem(right, ref) is None
+    assert "max error" in launch.output_problem(wrong, ref)
+    assert launch.output_problem(nan, ref) == "non-finite output"
+    assert launch.output_problem(right.bfloat16(), ref) is None  # bf16 rounding is inside the bound too
+
+    outputs = {2: wrong, 4: right, 8: nan}
+    ms = {id(wrong): 1.0, id(right): 3.0, id(nan): 2.0}  # the wrong candidates would win on time
+    cands = [LaunchConfig(nrows=16, split_k=s) for s in (2, 4, 8)]
+    with pytest.warns(UserWarning, match="tuning skipped") as caught:
+        best, best_ms, timings = launch.tune(lambda c: outputs[c.split_k], cands, timer=lambda fn: ms[id(fn())],
+                                             check=lambda y: launch.output_problem(y, ref))
+    assert best == cands[1] and best_ms == 3.0 and [c for _, c in timings] == [cands[1]]
+    assert len(caught) == 2
+    with pytest.warns(UserWarning), pytest.raises(launch.KernelUnavailable, match="correctly"):
+        launch.tune(lambda c: wrong, cands, timer=lambda fn: 1.0, check=lambda y: launch.output_problem(y, ref))
+
+
 def test_sample_times_a_random_subset(tmp_path):
     args = parse("--shapes", "opt-66b,llama-2-7b", "--n", "1,8,16", "--sparsity", "0.5,0.8", "--sample", "5")
     points = bench.sampled_points(bench._finish_args(args))

@@ -518,6 +518,22 @@ def test_fit_buffers_sizes_from_the_weight_and_refuses_a_short_cap(gen):
         bitmap_cuda.KERNEL.fit_buffers(LaunchConfig(nrows=16, value_cap=1024), tensors)
 
 
+@pytest.mark.parametrize("fmt", ["bitmap", "tiled_csl"])
+def test_retuning_checks_candidates_against_the_formats_own_decode(fmt, gen):
+    # FLASHLLM_RETUNE times candidates on a user's first call; each is first compared with this.
+    from flashllm.formats import get_format
+
+    module = bitmap_cuda if fmt == "bitmap" else tiled_csl_cuda
+    dense = pruned(100, 150, 0.7, torch.float16, gen)
+    w = get_format(fmt).from_dense(dense)
+    x, bias = torch.randn(5, 150, generator=gen).half(), torch.randn(100, generator=gen).half()
+    ref = module.KERNEL.reference(x, list(w.tensors().values()), 100, 150, bias)
+    assert ref.dtype == torch.float32
+    torch.testing.assert_close(ref, x.double() @ dense.double().T + bias.double(), rtol=1e-5, atol=1e-4,
+                               check_dtype=False)
+    assert launch.output_problem((x.float() @ dense.float().T + bias.float()).half(), ref) is None
+
+
 def test_fitted_buffers_are_offered_to_tuning_and_checked():
     wide = configs.tuning_candidates("bitmap", 16, 0.5, k_tiles=64, unvalidated=True)
     assert {c.strips for c in wide if c.value_cap == configs.FIT} == {1, 2}

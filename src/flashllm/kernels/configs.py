@@ -348,7 +348,10 @@ def candidates(fmt: str, n: int, sparsity: float, unvalidated: bool = False) -> 
                 for stages in (3, 4):
                     if strips == 1 or base.nrows <= 64:
                         add(replace(base, strips=strips, stages=stages, decode=decode))
-            for stages in (3, 4):  # fitted value buffers: room for more blocks, or a deeper pipeline
+            # Fitted value buffers: room for more blocks, or a deeper pipeline. From 75% a tile is
+            # small (2.1 KB at 80%) and 2 tiles in flight per block leave ~25 KB of weight bytes in
+            # flight per SM at 6 blocks, about what the DRAM latency needs (BENCHMARKS.md): 6 stages.
+            for stages in (3, 4, 6) if sparsity >= 0.75 else (3, 4):
                 add(replace(base, stages=stages, decode=decode, value_cap=FIT))
             if base.nrows <= 64:  # two strips (the higher static ceiling) in the room fitting frees
                 add(replace(base, strips=2, stages=3, decode=decode, value_cap=FIT))
@@ -360,6 +363,8 @@ def candidates(fmt: str, n: int, sparsity: float, unvalidated: bool = False) -> 
                     add(cfg)
         for words in dict.fromkeys((base.words_per_stage, 2048)):  # 8 warps: a few, not the grid
             add(replace(base, words_per_stage=words, warps=8))
+        if sparsity >= 0.85:  # small tiles (3.3 KB at 90%): more of them in flight
+            add(replace(base, stages=6, words_per_stage=1024, warps=4))
     return out
 
 

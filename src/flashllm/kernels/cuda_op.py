@@ -107,13 +107,24 @@ class CudaKernel:
         n, sparsity = x2d.shape[0], self.sparsity_of(tensors, out_features, in_features)
         if (configs.retune_requested() and not torch.cuda.is_current_stream_capturing()
                 and configs.lookup(arch, self.format, out_features, in_features, n, sparsity) is None):
+            ref = self.reference(x2d, tensors, out_features, in_features, bias)
             best, _, _ = launch.tune(
                 lambda c: self.run(x2d, tensors, out_features, in_features, bias, c),
                 configs.tuning_candidates(self.format, n, sparsity, self.grid(out_features, in_features)[1]),
+                check=lambda y: launch.output_problem(y, ref),
             )
             configs.remember(configs.key_for(arch, self.format, out_features, in_features, n, sparsity), best)
             return best
         return configs.get_config(arch, self.format, out_features, in_features, n, sparsity)
+
+    def reference(self, x2d: torch.Tensor, tensors: list[torch.Tensor], out_features: int, in_features: int,
+                  bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The fp32 product through the format's own decode: what retuning checks each candidate against."""
+        from ..formats import get_format
+
+        cls = get_format(self.format)
+        dense = cls((out_features, in_features), x2d.dtype, **dict(zip(cls.tensor_names, tensors))).to_dense()
+        return torch.nn.functional.linear(x2d.float(), dense.float(), None if bias is None else bias.float())
 
     def fit_buffers(self, cfg: configs.LaunchConfig, tensors: list[torch.Tensor]) -> configs.LaunchConfig:
         """Resolve value_cap=FIT to the smallest buffer holding the weight's longest tile run, and

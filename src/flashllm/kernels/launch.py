@@ -23,6 +23,7 @@ import hashlib
 import os
 import sys
 import threading
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -563,18 +564,35 @@ def _l2_flush_bytes() -> int:
     return max(2 * int(l2), 128 * 2**20)
 
 
-def tune(run, candidates, reps: int = 20, timer=None):
+def output_problem(y: torch.Tensor, ref: torch.Tensor, tolerance: float = 1e-2) -> Optional[str]:
+    """What is wrong with a kernel's output `y` against the fp32 product `ref`, or None. The bound
+    (1% of the output's largest magnitude) is far above fp16/bf16 rounding and far below what a
+    wrong index or a dropped value gives."""
+    if not bool(torch.isfinite(y).all()):
+        return "non-finite output"
+    scale = float(ref.abs().max().clamp_min(1e-6))
+    err = float((y.float() - ref).abs().max())
+    return None if err <= tolerance * scale else f"max error {err:.3g} against an output scale of {scale:.3g}"
+
+
+def tune(run, candidates, reps: int = 20, timer=None, check=None):
     """(best candidate, its median ms, all timings) for `run(candidate)`; candidates that cannot
-    run here (too much shared memory, say) are skipped. `timer(fn)` -> ms replaces `time_call`."""
+    run here (too much shared memory, say) are skipped. `timer(fn)` -> ms replaces `time_call`.
+    `check(output)` -> None, or what is wrong with a candidate's output: such a candidate is
+    skipped with a warning instead of timed, so a wrong variant can never win."""
     timings = []
     for cfg in candidates:
         try:
             call = lambda cfg=cfg: run(cfg)  # noqa: E731
+            problem = check(call()) if check is not None else None
+            if problem:
+                warnings.warn(f"flashllm: tuning skipped {cfg}: {problem}", stacklevel=2)
+                continue
             timings.append((timer(call) if timer is not None else time_call(call, reps), cfg))
         except KernelUnavailable:
             continue
     if not timings:
-        raise KernelUnavailable("no candidate configuration could run on this GPU")
+        raise KernelUnavailable("no candidate configuration ran (correctly) on this GPU")
     best_ms, best = min(timings, key=lambda t: t[0])
     return best, best_ms, timings
 
