@@ -8,7 +8,8 @@
 #   1. environment: GPU, driver, torch, NVRTC                                       (~5 s)
 #   2. smoke: one small product per format against float64                         (~10 s)
 #      2b. the same for the options not yet validated on a GPU (configs.UNVALIDATED_*: the
-#      fitted bitmap value buffers, bitmap:fit); if they fail or hang, steps 3-7 leave them out (~10 s)
+#      fitted bitmap value buffers, bitmap:fit; one dense Tiled-CSL tile, tiled_csl:dense1); if
+#      they fail or hang, steps 3-7 leave them out (~10 s)
 #   3. pytest -m gpu: the kernels' correctness grid, every config variant, spmm/SparseLinear
 #      dispatch, torch.compile, CUDA graphs; CUDA-graph decoding of a sparse model  (~1 min)
 #   4. DEVICE_CHECK_TUNE=1: tune the launch configs on the --quick shapes (tuned.json, tune.log);
@@ -78,7 +79,8 @@ cases = [(BitmapWeight, bitmap_cuda, {}), (TiledCSLWeight, tiled_csl_cuda, {})]
 if os.environ.get("SMOKE_UNVALIDATED") == "1":  # step 2b
     cases = ([(BitmapWeight, bitmap_cuda, {"decode": d}) for d in sorted(configs.UNVALIDATED_DECODES)]
              + [(TiledCSLWeight, tiled_csl_cuda, {"warps": w}) for w in sorted(configs.UNVALIDATED_WARPS)]
-             + [(BitmapWeight, bitmap_cuda, {"value_cap": configs.FIT})] * (configs.FIT in configs.UNVALIDATED_VALUE_CAPS))
+             + [(BitmapWeight, bitmap_cuda, {"value_cap": configs.FIT})] * (configs.FIT in configs.UNVALIDATED_VALUE_CAPS)
+             + [(TiledCSLWeight, tiled_csl_cuda, {"dense_tiles": t}) for t in sorted(configs.UNVALIDATED_DENSE_TILES)])
 for cls, mod, options in cases:
     for split in (1, 3):
         w = torch.randn(1000, 1500, device="cuda", dtype=torch.float16)
@@ -108,7 +110,8 @@ step "2b. smoke: the options not yet validated on a GPU"
 PENDING=$("$PY" -c "from flashllm.kernels import configs
 print(','.join([f'bitmap:{d}' for d in sorted(configs.UNVALIDATED_DECODES)]
                + [f'tiled_csl:warps{w}' for w in sorted(configs.UNVALIDATED_WARPS)]
-               + ['bitmap:fit'] * (configs.FIT in configs.UNVALIDATED_VALUE_CAPS)))")
+               + ['bitmap:fit'] * (configs.FIT in configs.UNVALIDATED_VALUE_CAPS)
+               + [f'tiled_csl:dense{t}' for t in sorted(configs.UNVALIDATED_DENSE_TILES)]))")
 if [ -n "$PENDING" ]; then
   echo "pending: $PENDING"
   SMOKE_UNVALIDATED=1 timeout 90 "$PY" "$SMOKE_PY"
@@ -192,7 +195,8 @@ for cls, mod, s, options in [(BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragme
                              (BitmapWeight, bitmap_cuda, 0.9, {"decode": "scatter"}),
                              (BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragment", "value_cap": configs.FIT}),
                              (TiledCSLWeight, tiled_csl_cuda, 0.8, {"warps": 4}),
-                             (TiledCSLWeight, tiled_csl_cuda, 0.8, {"warps": 8})]:
+                             (TiledCSLWeight, tiled_csl_cuda, 0.8, {"warps": 8}),
+                             (TiledCSLWeight, tiled_csl_cuda, 0.9, {"warps": 4, "dense_tiles": 1})]:
     cfg = replace(configs.get_config(arch, mod.FORMAT, 11008, 4096, 16, s), **options)
     if not cfg.validated() and os.environ.get("FLASHLLM_CHECK_UNVALIDATED") != "1":
         continue
@@ -233,7 +237,8 @@ torch.manual_seed(0)
 import os
 cases = ([(BitmapWeight, bitmap_cuda, {"decode": d}) for d in configs.DECODES]
          + [(BitmapWeight, bitmap_cuda, {"decode": d, "value_cap": configs.FIT}) for d in configs.DECODES]
-         + [(TiledCSLWeight, tiled_csl_cuda, {"warps": w}) for w in configs.CSL_WARPS])
+         + [(TiledCSLWeight, tiled_csl_cuda, {"warps": w}) for w in configs.CSL_WARPS]
+         + [(TiledCSLWeight, tiled_csl_cuda, {"dense_tiles": 1})])
 for cls, mod, options in cases:
     if not replace(configs.LaunchConfig(nrows=8), **options).validated() and \
             os.environ.get("FLASHLLM_CHECK_UNVALIDATED") != "1":

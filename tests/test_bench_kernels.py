@@ -102,7 +102,9 @@ def test_formats_accept_kernel_options():
     assert bench.parse_format("bitmap:scatter") == ("bitmap", {"decode": "scatter"})
     assert bench.parse_format("bitmap:fit") == ("bitmap", {"value_cap": bench.FIT})
     assert bench.parse_format("tiled_csl") == ("tiled_csl", {})
-    for bad in ("tiled_csl:scatter", "tiled_csl:fit", "bitmap:warps8", "bitmap:gather", "csc", "csc:scatter"):
+    assert bench.parse_format("tiled_csl:dense1") == ("tiled_csl", {"dense_tiles": 1})
+    for bad in ("tiled_csl:scatter", "tiled_csl:fit", "bitmap:warps8", "bitmap:gather", "bitmap:dense1", "csc",
+                "csc:scatter"):
         with pytest.raises(ValueError, match="unknown format"):
             bench._finish_args(parse("--dry-run", "--formats", bad))
 
@@ -117,8 +119,10 @@ def test_tune_reports_each_option_tuned_on_its_own():
     assert bench._option_bests("bitmap", timings) == ("best per decode: fragment 36.0 us | scatter 39.0 us; "
                                                       "best per buffers: full 39.0 us | fit 36.0 us")
     csl = [(0.030, LaunchConfig(nrows=16, words_per_stage=2048)),
-           (0.020, LaunchConfig(nrows=16, words_per_stage=2048, warps=8))]
-    assert bench._option_bests("tiled_csl", csl) == "best per warps: 4 30.0 us | 8 20.0 us"
+           (0.020, LaunchConfig(nrows=16, words_per_stage=2048, warps=8)),
+           (0.025, LaunchConfig(nrows=16, words_per_stage=1024, dense_tiles=1))]
+    assert bench._option_bests("tiled_csl", csl) == ("best per warps: 4 25.0 us | 8 20.0 us; "
+                                                     "best per dense_tiles: 2 20.0 us | 1 25.0 us")
 
 
 def test_tuning_never_times_a_wrong_candidate():

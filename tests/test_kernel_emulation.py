@@ -381,6 +381,17 @@ def test_invalid_configs_are_refused():
         LaunchConfig(nrows=16, warps=8).validate("bitmap")
     with pytest.raises(ValueError, match="warps must be one of"):
         LaunchConfig(nrows=16, words_per_stage=2048, warps=6).validate("tiled_csl")
+    with pytest.raises(ValueError, match="dense_tiles must be one of"):
+        LaunchConfig(nrows=16, words_per_stage=2048, dense_tiles=3).validate("tiled_csl")
+    with pytest.raises(ValueError, match="Tiled-CSL option"):
+        LaunchConfig(nrows=16, dense_tiles=1).validate("bitmap")
+    with pytest.raises(ValueError, match="stages must be 3..6 with dense_tiles=2"):
+        LaunchConfig(nrows=16, stages=2, words_per_stage=2048).validate("tiled_csl")
+    # one dense tile: no tile scattered ahead, so 2 stages already pipeline, in 16 KB less
+    one = LaunchConfig(nrows=16, stages=2, words_per_stage=2048, dense_tiles=1).validate("tiled_csl")
+    two = LaunchConfig(nrows=16, stages=2 + 1, words_per_stage=2048)
+    assert two.smem_bytes("tiled_csl") - one.smem_bytes("tiled_csl") == (8192 + 8) * 2 + 2048 * 4 + 16 * 144 + 8
+    assert one.defines("tiled_csl")["FLASHLLM_DENSE_TILES"] == 1 and "FLASHLLM_DENSE_TILES" not in two.defines("tiled_csl")
 
 
 def test_auto_split_k():
@@ -437,6 +448,8 @@ def test_tuning_candidates_are_valid():
                 else:
                     assert {c.warps for c in wide} == set(configs.CSL_WARPS)
                     assert {c.warps for c in cands} == set(configs.CSL_WARPS) - configs.UNVALIDATED_WARPS
+                    assert {c.dense_tiles for c in wide} == set(configs.CSL_DENSE_TILES)
+                    assert {c.dense_tiles for c in cands} == set(configs.CSL_DENSE_TILES) - configs.UNVALIDATED_DENSE_TILES
 
 
 def test_default_rule_picks_the_options_where_they_won():

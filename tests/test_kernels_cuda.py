@@ -149,6 +149,19 @@ def test_tiled_csl_eight_warps(dtype, sparsity, split_k, nrows):
     check("tiled_csl", 129, 1000, nrows + 3, sparsity, dtype, cfg)
 
 
+@unvalidated_if(1 in configs.UNVALIDATED_DENSE_TILES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("nrows,stages,words", [(8, 3, 1024), (16, 2, 256), (64, 4, 2048)])
+def test_tiled_csl_one_dense_tile(dtype, sparsity, split_k, nrows, stages, words):
+    # Scatter, barrier, tensor cores on one dense tile: the same grid as the default, the 2-stage
+    # minimum included, and 256-word stages so that tiles from 3% density reload in pieces.
+    cfg = LaunchConfig(nrows=nrows, stages=stages, split_k=split_k, words_per_stage=words, dense_tiles=1)
+    check("tiled_csl", 200, 300, 17, sparsity, dtype, cfg)
+    check("tiled_csl", 129, 1000, nrows + 3, sparsity, dtype, cfg)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (63, 65, 2), (129, 130, 9), (257, 1000, 33), (1000, 257, 64),
                                    (4173, 520, 5), (70, 4100, 100), (130, 190, 200)])

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..kernels.configs import CSL_WARPS, DECODES, FIT, LaunchConfig
+from ..kernels.configs import CSL_DENSE_TILES, CSL_WARPS, DECODES, FIT, LaunchConfig
 
 # (name, out_features M, in_features K), grouped by model.
 SHAPES: dict[str, list[tuple[str, int, int]]] = {
@@ -208,9 +208,10 @@ def sparse_methods(w: torch.Tensor, x: torch.Tensor, formats: list[str], fast: b
 
 
 # Kernel options a --formats entry may add after a colon: "bitmap:scatter", "tiled_csl:warps8",
-# "bitmap:fit" sizes the stage buffers to the weight's largest tile (configs.FIT).
+# "bitmap:fit" sizes the stage buffers to the weight's largest tile (configs.FIT), "tiled_csl:dense1"
+# runs one dense tile per block (configs.CSL_DENSE_TILES).
 FORMAT_OPTIONS = {**{d: ("decode", d) for d in DECODES}, **{f"warps{w}": ("warps", w) for w in CSL_WARPS},
-                  "fit": ("value_cap", FIT)}
+                  "fit": ("value_cap", FIT), **{f"dense{t}": ("dense_tiles", t) for t in CSL_DENSE_TILES}}
 
 
 def parse_format(name: str) -> tuple[str, dict]:
@@ -483,7 +484,7 @@ def _option_bests(fmt: str, timings) -> str:
     """Each kernel option's best time over the other settings, e.g. `fragment 41.2 us | scatter
     38.0 us`: an A/B in which each side is tuned on its own."""
     options = {"decode": str, "buffers": lambda c: "fit" if c.value_cap == FIT else "full"} if fmt == "bitmap" \
-        else {"warps": str}
+        else {"warps": str, "dense_tiles": str}
     parts = []
     for name, label in options.items():
         best: dict = {}

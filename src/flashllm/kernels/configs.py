@@ -7,9 +7,9 @@ down_proj at N 16; see BENCHMARKS.md); everything else comes from `default_confi
 `auto_split_k`, whose rules follow those winners: one 64-row strip per bitmap block, 3 stages, the scatter decode from 85%
 sparsity at N <= 16, Tiled-CSL stages of 2-3K words, 8 warps at 75-85% and N <= 16, and as many K
 splits as keep each split 4 tiles deep, up to 16 (latency, not bandwidth, limits the kernels, so
-more resident blocks win). One bitmap option is compiled and emulated but not yet run on a GPU,
-so nothing selects it unless asked: stage buffers fitted to the weight (`value_cap=FIT`). To tune
-more shapes or another GPU:
+more resident blocks win). Two options are compiled (and emulated) but not yet run on a GPU, so
+nothing selects them unless asked: bitmap stage buffers fitted to the weight (`value_cap=FIT`) and
+one dense Tiled-CSL tile per block (`dense_tiles=1`). To tune more shapes or another GPU:
 
     flashllm bench kernels --tune --shapes opt-66b,llama-70b --n 1,8,16,32,64 \\
         --sparsity 0.5,0.7,0.8,0.9 --write-configs tuned.json
@@ -51,6 +51,11 @@ DECODES = ("fragment", "scatter")
 # Warps per Tiled-CSL block (the bitmap kernel is written for 4): 8 puts twice the warps in flight
 # on the same shared memory, for a kernel that is latency-bound at 3 resident blocks per SM.
 CSL_WARPS = (4, 8)
+# Dense shared-memory tiles per Tiled-CSL block (cuda/tiled_csl_spmm.cu, FLASHLLM_DENSE_TILES): 2
+# scatter the next tile while the tensor cores read this one (one barrier per tile, but the tile
+# scattered ahead holds a stage: `stages - 2` tiles in flight); 1 scatters, synchronizes and reads
+# one tile (two barriers, `stages - 1` in flight, 16 KB less shared memory).
+CSL_DENSE_TILES = (2, 1)
 # Values a bitmap stage buffer holds per strip (cuda/bitmap_spmm.cu, FLASHLLM_VALCAP). The kernel
 # is latency-bound and its stage buffers, sized for a full 64 x 64 tile, set how many blocks are
 # resident: `LaunchConfig.value_cap = FIT` sizes them to the weight's largest tile instead, the
@@ -68,6 +73,8 @@ UNVALIDATED_WARPS: frozenset[int] = frozenset()
 # Fitted bitmap value buffers (FIT, written 2026-11-26 in a session without a GPU): compiled and
 # modelled, never run.
 UNVALIDATED_VALUE_CAPS: frozenset[int] = frozenset({FIT})
+# One dense Tiled-CSL tile (written 2026-11-26, fourth session, without a GPU): compiled, never run.
+UNVALIDATED_DENSE_TILES: frozenset[int] = frozenset({1})
 
 # Shared-memory layout constants, mirrored from the .cu files (the kernels trap if the launch
 # provides less shared memory than they lay out, so a drift shows as an error, not as corruption).
@@ -87,6 +94,7 @@ class LaunchConfig:
     decode: str = "fragment"  # bitmap: "fragment" (lanes assemble fragments) or "scatter" (see DECODES)
     warps: int = 4  # warps per block: bitmap 4; Tiled-CSL 4 or 8 (see CSL_WARPS)
     value_cap: int = FULL_TILE  # bitmap: values per stage buffer; FIT = fitted at launch (VALUE_CAPS)
+    dense_tiles: int = 2  # Tiled-CSL: dense shared-memory tiles (CSL_DENSE_TILES); bitmap: 2 (unused)
 
     def validate(self, fmt: str) -> "LaunchConfig":
         if self.nrows not in NROWS:
@@ -105,14 +113,20 @@ class LaunchConfig:
             if self.value_cap not in (FULL_TILE, FIT, *VALUE_CAPS):
                 raise ValueError(f"bitmap value_cap must be 0 (a full tile), {FIT} (fitted) or one of "
                                  f"{VALUE_CAPS}, got {self.value_cap}")
+            if self.dense_tiles != 2:
+                raise ValueError(f"dense_tiles is a Tiled-CSL option, got {self.dense_tiles} for bitmap")
         elif fmt == "tiled_csl":
             if self.nrows > 64 or self.strips != 1 or self.decode != "fragment" or self.value_cap != FULL_TILE:
                 raise ValueError(f"Tiled-CSL needs nrows <= 64, strips == 1, the default decode and value_cap, "
                                  f"got {self}")
             if self.warps not in CSL_WARPS:
                 raise ValueError(f"Tiled-CSL warps must be one of {CSL_WARPS}, got {self.warps}")
-            if not 3 <= self.stages <= 6:
-                raise ValueError(f"Tiled-CSL stages must be 3..6, got {self.stages}")
+            if self.dense_tiles not in CSL_DENSE_TILES:
+                raise ValueError(f"Tiled-CSL dense_tiles must be one of {CSL_DENSE_TILES}, got {self.dense_tiles}")
+            low = 3 if self.dense_tiles == 2 else 2  # scattering ahead holds one stage
+            if not low <= self.stages <= 6:
+                raise ValueError(f"Tiled-CSL stages must be {low}..6 with dense_tiles={self.dense_tiles}, "
+                                 f"got {self.stages}")
             w = self.words_per_stage
             if w % 4 or not 256 <= w <= 8192:
                 raise ValueError(f"Tiled-CSL words_per_stage must be a multiple of 4 in 256..8192, got {w}")
@@ -136,6 +150,8 @@ class LaunchConfig:
             d["FLASHLLM_CAPW"] = self.words_per_stage
             if self.warps != 4:  # the kernels' default; leaving it out keeps the 4-warp cache keys
                 d["FLASHLLM_WARPS"] = self.warps
+            if self.dense_tiles != 2:  # likewise
+                d["FLASHLLM_DENSE_TILES"] = self.dense_tiles
         return d
 
     @property
@@ -143,10 +159,11 @@ class LaunchConfig:
         return 32 * self.warps
 
     def validated(self) -> bool:
-        """Whether every option has passed the GPU tests (see UNVALIDATED_DECODES)."""
+        """Whether every option has passed the GPU tests (see the UNVALIDATED_* sets)."""
         fitted = self.value_cap != FULL_TILE  # FIT, or a cap it resolved to
         return (self.decode not in UNVALIDATED_DECODES and self.warps not in UNVALIDATED_WARPS
-                and not (fitted and FIT in UNVALIDATED_VALUE_CAPS))
+                and not (fitted and FIT in UNVALIDATED_VALUE_CAPS)
+                and self.dense_tiles not in UNVALIDATED_DENSE_TILES)
 
     def fitted(self, largest_run: Optional[int]) -> "LaunchConfig":
         """With value_cap=FIT, the config whose stage buffers hold `largest_run` values (the
@@ -165,7 +182,7 @@ class LaunchConfig:
             decode = 4 * self.strips * 32 * 8 if self.decode == "fragment" else self.strips * _BITMAP_TILE_BYTES
             return self.stages * stage + decode
         stage = self.words_per_stage * 4 + x_stage
-        return 2 * _CSL_DENSE_BYTES + self.stages * stage + self.stages * 8
+        return self.dense_tiles * _CSL_DENSE_BYTES + self.stages * stage + self.stages * 8
 
     def rows_per_block(self, fmt: str) -> int:
         return 64 * self.strips if fmt == "bitmap" else 128
@@ -333,7 +350,7 @@ def auto_split_k(k_tiles: int, blocks_mn: int, slots: int, n: int, in_features: 
 
 def candidates(fmt: str, n: int, sparsity: float, unvalidated: bool = False) -> list[LaunchConfig]:
     """What `--tune` and FLASHLLM_RETUNE time: the default and its neighbours (with `unvalidated`,
-    also the options in UNVALIDATED_DECODES / UNVALIDATED_WARPS). split_k is left at 0 here; the
+    also the options in the UNVALIDATED_* sets). split_k is left at 0 here; the
     tuner crosses each with splits around the automatic choice."""
     base = default_config(fmt, n, sparsity)
     out = [base]
@@ -365,6 +382,9 @@ def candidates(fmt: str, n: int, sparsity: float, unvalidated: bool = False) -> 
             add(replace(base, words_per_stage=words, warps=8))
         if sparsity >= 0.85:  # small tiles (3.3 KB at 90%): more of them in flight
             add(replace(base, stages=6, words_per_stage=1024, warps=4))
+        # One dense tile: stages - 1 tiles in flight instead of stages - 2, in 16 KB less.
+        for stages in (3, 4, 6) if sparsity >= 0.85 else (3, 4):
+            add(replace(base, stages=stages, dense_tiles=1))
     return out
 
 
@@ -449,12 +469,16 @@ def shipped_variants() -> list[tuple[str, LaunchConfig]]:
 CHECKED_CAPS = ((8, 1, "fragment", 1536), (16, 1, "fragment", 2560), (16, 2, "fragment", 1024),
                 (16, 1, "scatter", 1024), (32, 1, "fragment", 2048), (64, 1, "fragment", 3072),
                 (128, 1, "fragment", 2560))
+# One-dense-tile Tiled-CSL blocks compiled by the checks: (nrows, stages, words per stage, warps),
+# the shapes tuning offers (2 stages, the least this pipeline takes, included).
+CHECKED_SINGLE_DENSE = ((8, 3, 2048, 4), (16, 2, 1024, 4), (16, 4, 3072, 4), (16, 6, 1024, 4),
+                        (16, 3, 2048, 8), (32, 3, 1024, 4), (64, 3, 4096, 4))
 
 
 def checked_variants() -> list[tuple[str, LaunchConfig]]:
-    """`shipped_variants` plus each with the other bitmap decodes or Tiled-CSL warp counts, and
-    bitmap variants with fitted value buffers (what tuning may pick): what
-    scripts/compile_check.sh compiles and the GPU tests run."""
+    """`shipped_variants` plus each with the other bitmap decodes or Tiled-CSL warp counts,
+    bitmap variants with fitted value buffers and one-dense-tile Tiled-CSL blocks (what tuning may
+    pick): what scripts/compile_check.sh compiles and the GPU tests run."""
     out = shipped_variants()
     two_strips = [("bitmap", LaunchConfig(nrows=16, strips=2, decode=d)) for d in DECODES]
     for fmt, cfg in list(out) + two_strips:  # two strips: a code shape the tuner may pick
@@ -464,6 +488,8 @@ def checked_variants() -> list[tuple[str, LaunchConfig]]:
             if item not in out:
                 out.append(item)
     out += [("bitmap", LaunchConfig(nrows=n, strips=s, decode=d, value_cap=c)) for n, s, d, c in CHECKED_CAPS]
+    out += [("tiled_csl", LaunchConfig(nrows=n, stages=st, words_per_stage=w, warps=wp, dense_tiles=1))
+            for n, st, w, wp in CHECKED_SINGLE_DENSE]
     return out
 
 

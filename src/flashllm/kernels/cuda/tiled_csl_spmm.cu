@@ -15,8 +15,15 @@
 // conflict-free; the sentinel location 8192 maps to itself, a spare slot past the tile that is
 // never read.
 //
+// FLASHLLM_DENSE_TILES = 1 trades that overlap for memory-level parallelism: one dense tile, and
+// per tile the block scatters, synchronizes, then runs the tensor cores (two barriers per tile).
+// Scattering one tile ahead consumes a stage: with two dense tiles only STAGES - 2 tiles are in
+// flight while the warps work (one at 3 stages), with one tile STAGES - 1, and the 16 KB freed
+// fit more stages or blocks. At high sparsity the scatter is short and the kernel waits on the
+// weight stream (BENCHMARKS.md: 10-13 KB in flight per SM at 90%), which this addresses.
+//
 // Extra compile-time parameter: FLASHLLM_CAPW, words per stage buffer (a multiple of 4); optional
-// FLASHLLM_WARPS 4 (default) or 8.
+// FLASHLLM_WARPS 4 (default) or 8, FLASHLLM_DENSE_TILES 2 (default) or 1.
 #include "common.cuh"
 
 #ifndef FLASHLLM_CAPW
@@ -34,9 +41,15 @@ constexpr int CAPW = FLASHLLM_CAPW;
 constexpr int WARP_ROWS = TILE_M / WARPS;  // 32 or 16 rows of the tile per warp
 constexpr int HALVES = WARP_ROWS / 16;     // 16-row mma rows per warp
 static_assert(CAPW % 4 == 0 && CAPW >= 256 && CAPW <= TILE_ELEMS, "CAPW");
-static_assert(STAGES >= 3, "the scatter-ahead pipeline needs 3 stages or more");
+#ifndef FLASHLLM_DENSE_TILES
+#define FLASHLLM_DENSE_TILES 2
+#endif
+constexpr int DENSE_TILES = FLASHLLM_DENSE_TILES;
+static_assert(DENSE_TILES == 1 || DENSE_TILES == 2, "DENSE_TILES");
+constexpr bool SCATTER_AHEAD = DENSE_TILES == 2;  // scatter tile i + 1 while reading tile i
+static_assert(STAGES >= (SCATTER_AHEAD ? 3 : 2), "STAGES: 3 or more to scatter ahead, 2 with one dense tile");
 constexpr int DENSE_BYTES = (TILE_ELEMS + 8) * 2;  // the tile plus the sentinel's slot
-constexpr int STAGE0_OFF = 2 * DENSE_BYTES;
+constexpr int STAGE0_OFF = DENSE_TILES * DENSE_BYTES;
 constexpr int WORDS_BYTES = CAPW * 4;
 constexpr int STAGE_BYTES = WORDS_BYTES + X_STAGE_BYTES;
 constexpr int INFO_OFF = STAGE0_OFF + STAGES * STAGE_BYTES;
@@ -115,8 +128,8 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
   auto stage_words = [&](int st) { return smem + STAGE0_OFF + st * STAGE_BYTES; };
   auto dense = [&](int b) { return reinterpret_cast<u16*>(smem + b * DENSE_BYTES); };
 
-  // Both dense tiles start zeroed; afterwards each warp re-zeroes the rows it consumed.
-  for (int c = tid; c < 2 * DENSE_BYTES / 16; c += THREADS) {
+  // The dense tiles start zeroed; afterwards each warp re-zeroes the rows it consumed.
+  for (int c = tid; c < DENSE_TILES * DENSE_BYTES / 16; c += THREADS) {
     reinterpret_cast<U4*>(smem)[c] = U4{0u, 0u, 0u, 0u};
   }
 
@@ -167,9 +180,11 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
     nlo = plo[STAGES - 1];
     nhi = phi[STAGES - 1];
   }
-  cp_async_wait<STAGES - 2>();
-  __syncthreads();  // tile 0 landed, both dense tiles zeroed, info[0] visible
-  scatter(0, dense(0));
+  if constexpr (SCATTER_AHEAD) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // tile 0 landed, both dense tiles zeroed, info[0] visible
+    scatter(0, dense(0));
+  }
 
   float acc[2 * HALVES][NT][4];
 #pragma unroll
@@ -183,8 +198,9 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
   int st_next = 1;            // stage of tile i + 1 (its words)
   int st_issue = STAGES - 1;  // stage receiving tile i + STAGES - 1 (the one tile i - 1 freed)
   for (int i = 0; i < nk; ++i) {
-    // Tile i + 1 has landed; tile i is scattered; tile i - 1's stage and dense rows are free.
-    cp_async_wait<STAGES - 3>();
+    // Scatter ahead: tile i + 1 has landed and tile i is scattered. One dense tile: tile i has
+    // landed. Either way tile i - 1's stage and dense rows are free.
+    cp_async_wait<SCATTER_AHEAD ? STAGES - 3 : STAGES - 2>();
     __syncthreads();
     const int j = i + STAGES - 1;
     if (j < nk) issue(j, st_issue, nlo, nhi);
@@ -192,10 +208,15 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
     // stack by some variants, and the store waited for the load it was meant to hide.
     load_offsets(min(j + 1, nk - 1), nlo, nhi);
     cp_async_commit();
+    const int dense_i = SCATTER_AHEAD ? i & 1 : 0;  // the dense tile holding tile i
+    if constexpr (!SCATTER_AHEAD) {
+      scatter(st, dense(0));
+      __syncthreads();  // every word of tile i is in the dense tile
+    }
 
     // Tensor cores on tile i: warp w owns rows WARP_ROWS w.. as HALVES 16-row halves; one
     // ldmatrix.x4 gives the B fragments (k 0-7 and 8-15) of both 8-row groups of a half.
-    const u32 d_addr = sbase + (i & 1) * DENSE_BYTES;
+    const u32 d_addr = sbase + dense_i * DENSE_BYTES;
     const u32 xs = sbase + STAGE0_OFF + st * STAGE_BYTES + WORDS_BYTES;
 #pragma unroll
     for (int kc = 0; kc < 4; ++kc) {
@@ -218,12 +239,12 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
     }
     __syncwarp();
     {
-      U4* rows = reinterpret_cast<U4*>(smem + (i & 1) * DENSE_BYTES + warp * WARP_ROWS * TILE_K * 2);
+      U4* rows = reinterpret_cast<U4*>(smem + dense_i * DENSE_BYTES + warp * WARP_ROWS * TILE_K * 2);
 #pragma unroll
       for (int c = lane; c < WARP_ROWS * TILE_K * 2 / 16; c += 32) rows[c] = U4{0u, 0u, 0u, 0u};
     }
 
-    if (i + 1 < nk) scatter(st_next, dense((i + 1) & 1));
+    if (SCATTER_AHEAD && i + 1 < nk) scatter(st_next, dense((i + 1) & 1));
 
     st = st_next;
     st_next = st_next + 1 == STAGES ? 0 : st_next + 1;
