@@ -172,3 +172,25 @@ def test_sample_times_a_random_subset(tmp_path):
     assert len(rows) == 2
     with pytest.raises(ValueError, match="--sample"):
         bench._finish_args(parse("--sample", "0"))
+
+
+def test_bytes_in_flight_script_counts_each_pipelines_depth():
+    # scripts/bytes_in_flight.py backs BENCHMARKS.md's latency argument; --regs needs no nvcc.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bytes_in_flight.py"
+    out = subprocess.run([sys.executable, str(script), "--regs", "64", "--nrows", "16", "--sparsity", "0.9"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.split("|")]
+        if len(cells) == 11 and cells[0] in ("bitmap", "tiled_csl"):
+            rows[(cells[0], cells[3])] = [float(c) for c in cells[4:]]
+    stages, smem, regs, blocks, depth, tile_kb, flight = rows[("tiled_csl", "shipped rule")]
+    assert depth == stages - 2 and abs(flight - blocks * depth * tile_kb) <= 0.05 * blocks * depth + 0.5
+    one = rows[("tiled_csl", "one dense tile")]
+    assert one[4] == one[0] - 1 and one[1] < smem  # one tile in flight more, 16 KB less
+    assert rows[("bitmap", "fitted, 6 stages")][4] == 5
+    assert all(r[6] > 0 for r in rows.values()) and len(rows) == 8
