@@ -86,6 +86,15 @@ def parse(sass: str, kernel: str = "flashllm_bitmap_spmm") -> list[Ins]:
     return out
 
 
+def nvcc_cubin(source: str, defines: dict, cubin: str, nvcc: str) -> str:
+    """Compile kernels/cuda/`source` for sm_90a in fp16 with `defines` into `cubin`; returns
+    ptxas's -v report (registers, spills)."""
+    cmd = [nvcc, "-cubin", "-gencode=arch=compute_90a,code=sm_90a", "-std=c++17", f"-I{SRC}",
+           "-DFLASHLLM_DTYPE=1", *[f"-D{k}={v}" for k, v in defines.items()], "-Xptxas", "-v",
+           os.path.join(SRC, source), "-o", cubin]
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
+
+
 def compile_sass(nrows: int, decode: str, strips: int, nvcc: str) -> str:
     sys.path.insert(0, os.path.join(ROOT, "src"))
     from flashllm.kernels.configs import LaunchConfig
@@ -94,10 +103,7 @@ def compile_sass(nrows: int, decode: str, strips: int, nvcc: str) -> str:
     cuobjdump = shutil.which("cuobjdump") or os.path.join(os.path.dirname(shutil.which(nvcc) or ""), "cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
-        cmd = [nvcc, "-cubin", "-gencode=arch=compute_90a,code=sm_90a", "-std=c++17", f"-I{SRC}",
-               "-DFLASHLLM_DTYPE=1", *[f"-D{k}={v}" for k, v in defines.items()],
-               os.path.join(SRC, "bitmap_spmm.cu"), "-o", cubin]
-        subprocess.run(cmd, check=True)
+        nvcc_cubin("bitmap_spmm.cu", defines, cubin, nvcc)
         return subprocess.run([cuobjdump, "-sass", cubin], check=True, capture_output=True, text=True).stdout
 
 

@@ -27,7 +27,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from dataclasses import replace
@@ -35,9 +34,11 @@ from dataclasses import replace
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
 
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+from bitmap_cost_model import nvcc_cubin  # noqa: E402
 from flashllm.kernels.configs import FIT, LaunchConfig, default_config  # noqa: E402
 
-SRC = os.path.join(ROOT, "src", "flashllm", "kernels", "cuda")
 SMEM_PER_SM = 228 * 1024
 SMEM_RESERVED_PER_BLOCK = 1024
 REGISTERS_PER_SM = 65536
@@ -47,16 +48,12 @@ BYTES_PER_SM_SECOND = 4.27e12 / 132  # H200 copy bandwidth over its SMs
 
 def registers(fmt: str, cfg: LaunchConfig, nvcc: str, cache: dict) -> int:
     defines = cfg.defines(fmt)
-    key = (fmt, tuple(sorted((k, v) for k, v in defines.items() if k != "FLASHLLM_SMEM_BYTES")), cfg.stages)
+    key = (fmt, tuple(sorted(defines.items())))
     if key not in cache:
-        source = os.path.join(SRC, "bitmap_spmm.cu" if fmt == "bitmap" else "tiled_csl_spmm.cu")
+        source = "bitmap_spmm.cu" if fmt == "bitmap" else "tiled_csl_spmm.cu"
         with tempfile.TemporaryDirectory() as tmp:
-            out = subprocess.run(
-                [nvcc, "-cubin", "-gencode=arch=compute_90a,code=sm_90a", "-std=c++17", f"-I{SRC}",
-                 "-DFLASHLLM_DTYPE=1", *[f"-D{k}={v}" for k, v in defines.items()], "-Xptxas", "-v",
-                 source, "-o", os.path.join(tmp, "k.cubin")],
-                check=True, capture_output=True, text=True)
-        cache[key] = int(re.search(r"Used (\d+) registers", out.stderr).group(1))
+            report = nvcc_cubin(source, defines, os.path.join(tmp, "k.cubin"), nvcc)
+        cache[key] = int(re.search(r"Used (\d+) registers", report).group(1))
     return cache[key]
 
 

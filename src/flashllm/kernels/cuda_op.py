@@ -119,11 +119,12 @@ class CudaKernel:
 
     def reference(self, x2d: torch.Tensor, tensors: list[torch.Tensor], out_features: int, in_features: int,
                   bias: Optional[torch.Tensor]) -> torch.Tensor:
-        """The fp32 product through the format's own decode: what retuning checks each candidate against."""
+        """The fp32 product through the format's own decode (the reference path's `_decode`): what
+        retuning checks each candidate against."""
         from ..formats import get_format
+        from .spmm import _decode
 
-        cls = get_format(self.format)
-        dense = cls((out_features, in_features), x2d.dtype, **dict(zip(cls.tensor_names, tensors))).to_dense()
+        dense = _decode(tensors, get_format(self.format).format_code, (out_features, in_features), x2d.dtype)
         return torch.nn.functional.linear(x2d.float(), dense.float(), None if bias is None else bias.float())
 
     def fit_buffers(self, cfg: configs.LaunchConfig, tensors: list[torch.Tensor]) -> configs.LaunchConfig:
