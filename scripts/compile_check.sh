@@ -38,6 +38,13 @@ else
 fi
 # The split-K epilogue has no tile parameters.
 echo "splitk_finalize.cu" >> "$LIST"
+# The diagnostic probe builds (FLASHLLM_PROBE, python -m flashllm.bench.probes), one code shape each.
+for p in 1 2 3; do for d in 0 1; do
+  echo "bitmap_spmm.cu -DFLASHLLM_NROWS=16 -DFLASHLLM_STAGES=3 -DFLASHLLM_STRIPS=1 -DFLASHLLM_DECODE=$d -DFLASHLLM_PROBE=$p"
+done; done >> "$LIST"
+for p in 1 2; do for t in 1 2; do
+  echo "tiled_csl_spmm.cu -DFLASHLLM_NROWS=16 -DFLASHLLM_STAGES=3 -DFLASHLLM_CAPW=2048 -DFLASHLLM_DENSE_TILES=$t -DFLASHLLM_PROBE=$p"
+done; done >> "$LIST"
 
 i=0
 : > "$OUT/jobs.txt"

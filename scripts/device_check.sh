@@ -18,13 +18,19 @@
 #      DEVICE_CHECK_SWEEP=1 times every issue shape, N 1/8/16/32 (SWEEP_N), sparsity 0.5-0.9
 #      (SWEEP_SPARSITY), optionally a SWEEP_SAMPLE of those points, into sweep/  (~1 min)
 #      DEVICE_CHECK_BF16=1 repeats it in bf16 against cuBLAS (kernels_bf16.csv)     (~30 s)
+#      DEVICE_CHECK_PROBE=1: where the kernels' time goes, each timed with parts of its work left
+#      out (python -m flashllm.bench.probes; PROBE_SELECT replaces its default layers, N and
+#      sparsities, PROBE_FORMATS its methods, e.g. bitmap,bitmap:fit:stages6; probes.csv), with
+#      the SM clock during each timing                                              (~1 min)
 #   6. DEVICE_CHECK_NCU=1: Nsight Compute sections, one launch per kernel option (ncu.log) (~20 s)
 #   7. compute-sanitizer memcheck and racecheck on small shapes                    (~1 min)
 #   8. DEVICE_CHECK_E2E=1: Llama-2-7B decode, dense vs 50%/80% (e2e.csv, e2e.png)   (~1 min)
 # Writes device_check.log under $OUT (./out when unset) and everything else into $OUT/results.tgz
 # (the device tool returns at most 8 files). The last lines printed are the summary.
 # Step limits in seconds: PYTEST_LIMIT (300), TUNE_LIMIT (240), BENCH_LIMIT (300), NCU_LIMIT (150),
-# SANITIZER_LIMIT (150 per tool), E2E_LIMIT (240), SWEEP_LIMIT (240). SANITIZER_TOOLS="memcheck"
+# SANITIZER_LIMIT (150 per tool), E2E_LIMIT (240), SWEEP_LIMIT (240), PROBE_LIMIT (150).
+# NCU_CLOCK_CONTROL=none runs Nsight Compute at the GPU's own clocks (by default it locks them to
+# base, so its durations are not the benchmark's). SANITIZER_TOOLS="memcheck"
 # skips racecheck, SANITIZER_TOOLS=none both. BENCH_BASELINES (default: all) limits the benchmark's
 # baselines; BENCH_FORMATS its flashllm methods (default: bitmap,tiled_csl, plus the pending options
 # under the same launch when step 2b passed; bitmap:fragment,bitmap:scatter,tiled_csl:warps4,... force
@@ -173,6 +179,16 @@ if [ "${DEVICE_CHECK_BF16:-0}" = "1" ]; then
   STATUS[bench_bf16]=${PIPESTATUS[0]}
 fi
 
+if [ "${DEVICE_CHECK_PROBE:-0}" = "1" ]; then
+  step "5c. probes: where the time goes (DEVICE_CHECK_PROBE=1)"
+  PROBE_FORMATS_DEFAULT="bitmap,tiled_csl"
+  [ "$UNVALIDATED" = 1 ] && [ -n "$PENDING" ] && PROBE_FORMATS_DEFAULT="$PROBE_FORMATS_DEFAULT,$PENDING"
+  # shellcheck disable=SC2086
+  timeout "${PROBE_LIMIT:-150}" "$PY" -m flashllm.bench.probes ${PROBE_SELECT:-} --formats "${PROBE_FORMATS:-$PROBE_FORMATS_DEFAULT}" \
+    --csv "$OUT/probes.csv" 2>&1 | tee "$OUT/probes.log" | tail -n 60
+  STATUS[probes]=${PIPESTATUS[0]}
+fi
+
 if [ "${DEVICE_CHECK_NCU:-0}" = "1" ]; then
   step "6. Nsight Compute (DEVICE_CHECK_NCU=1)"
   NCU_PY=/tmp/flashllm_ncu.py
@@ -214,12 +230,14 @@ torch.cuda.profiler.stop()
 EOF
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
   if [ -n "$NCU" ]; then
+    # shellcheck disable=SC2086
     timeout "${NCU_LIMIT:-150}" "$NCU" --profile-from-start off --kernel-name regex:"flashllm_(bitmap|tiled)" \
+      ${NCU_CLOCK_CONTROL:+--clock-control $NCU_CLOCK_CONTROL} \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
       --section SchedulerStats --section MemoryWorkloadAnalysis --section InstructionStats \
       "$PY" "$NCU_PY" > "$OUT/ncu.log" 2>&1
     STATUS[ncu]=$?
-    grep -E "^  flashllm|Duration|Throughput|Occupancy|Block Limit|Registers Per|Issued Ipc|No Eligible|Warp Cycles Per Issued|Grid Size|Waves" \
+    grep -E "^  flashllm|Duration|SM Frequency|Throughput|Occupancy|Block Limit|Registers Per|Issued Ipc|No Eligible|Warp Cycles Per Issued|Grid Size|Waves" \
       "$OUT/ncu.log" | head -n 80
   else
     echo "ncu not found"; STATUS[ncu]=127
@@ -277,12 +295,13 @@ fi
 
 step "summary ($(( $(date +%s) - T0 ))s)"
 [ -f "$OUT/pytest_gpu.log" ] && grep -E "passed|failed|error" "$OUT/pytest_gpu.log" | tail -n 1
-for k in env smoke smoke_unvalidated pytest tune bench sweep bench_bf16 ncu memcheck racecheck e2e; do
+for k in env smoke smoke_unvalidated pytest tune bench sweep bench_bf16 probes ncu memcheck racecheck e2e; do
   [ -n "${STATUS[$k]+x}" ] && printf '  %-18s %s\n' "$k" "$([ "${STATUS[$k]}" = 0 ] && echo ok || echo "FAILED (exit ${STATUS[$k]})")"
 done
 # flashllm's geomeans and the option A/B (the CSV has cuSPARSE and 2:4 too)
 grep -A 300 "^geomean speedup" "$OUT/bench.log" | grep -v "^  csr \|^  2:4 " | head -n 130
 [ -f "$OUT/sweep.log" ] && { echo "sweep:"; grep -A 300 "^geomean speedup" "$OUT/sweep.log" | grep -B 300 "^CSV" | head -n 60; }
+[ -f "$OUT/probes.log" ] && grep -A 40 "^share of the full kernel" "$OUT/probes.log" | grep -v "^CSV"
 (cd "$OUT" && tar czf /tmp/flashllm_results.tgz --exclude device_check.log . && \
   find . -mindepth 1 ! -name device_check.log -delete && mv /tmp/flashllm_results.tgz results.tgz)
 echo "files: $(ls "$OUT" | tr '\n' ' ')(results.tgz: $(tar tzf "$OUT/results.tgz" | tr '\n' ' '))"

@@ -103,8 +103,10 @@ def test_formats_accept_kernel_options():
     assert bench.parse_format("bitmap:fit") == ("bitmap", {"value_cap": bench.FIT})
     assert bench.parse_format("tiled_csl") == ("tiled_csl", {})
     assert bench.parse_format("tiled_csl:dense1") == ("tiled_csl", {"dense_tiles": 1})
+    assert bench.parse_format("bitmap:fit:stages6") == ("bitmap", {"value_cap": bench.FIT, "stages": 6})
+    assert bench.parse_format("tiled_csl:dense1:stages2") == ("tiled_csl", {"dense_tiles": 1, "stages": 2})
     for bad in ("tiled_csl:scatter", "tiled_csl:fit", "bitmap:warps8", "bitmap:gather", "bitmap:dense1", "csc",
-                "csc:scatter"):
+                "csc:scatter", "bitmap:stages7", "tiled_csl:stages2"):  # 2 stages need one dense tile
         with pytest.raises(ValueError, match="unknown format"):
             bench._finish_args(parse("--dry-run", "--formats", bad))
 

@@ -329,3 +329,38 @@ def test_errors_name_the_problem():
     c = TiledCSLWeight.from_dense(random_weight(64, 128, 0.5, torch.float16))
     with pytest.raises(ValueError, match="offsets has"):
         tiled_csl_cuda.tiled_csl_linear(x, c.words, c.offsets[:-1], 64, 128)
+
+
+# --- the diagnostic probe builds (flashllm.bench.probes) --------------------------------------------
+@pytest.mark.parametrize("method", ["bitmap", "bitmap:scatter", "tiled_csl", pytest.param(
+    "tiled_csl:dense1", marks=[pytest.mark.unvalidated] if 1 in configs.UNVALIDATED_DENSE_TILES else [])])
+def test_probe_builds_do_no_math_and_their_full_level_is_the_product(method, tmp_path):
+    # A probe build leaves out the mma (and more), so its output is exactly zero without a bias: that
+    # shows the define reached the kernel. Level "full" is the kernel itself, checked against fp64.
+    from flashllm.bench import kernels as bench
+    from flashllm.bench.probes import main, probe_configs
+
+    fmt, options = bench.parse_format(method)
+    cls, module = FORMATS[fmt]
+    for m, k, n, s, split in ((130, 200, 17, 0.8, 1), (300, 520, 3, 0.5, 3)):
+        w = random_weight(m, k, s, torch.float16)
+        x = torch.randn(n, k, device="cuda", dtype=torch.float16)
+        cfg = replace(configs.default_config(fmt, n, s), split_k=split, **options)
+        for level, pcfg in probe_configs(fmt, cfg):
+            y = module.linear(x, cls.from_dense(w), None, pcfg, out=torch.full((n, m), float("nan"), device="cuda",
+                                                                              dtype=torch.float16))
+            if pcfg.probe:
+                assert bool((y == 0).all()), f"{method} {level}: a probe build computed something"
+            else:
+                ref = x.double() @ w.double().T
+                assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
+    csv_path = tmp_path / "probes.csv"
+    assert main(["--shapes", "tiny-a", "--n", "1,17", "--sparsity", "0.9", "--formats", method,
+                 "--warmup", "1", "--rep", "3", "--csv", str(csv_path)]) == 0
+    import csv
+
+    rows = list(csv.DictReader(open(csv_path)))
+    assert [r["level"] for r in rows[:len(probe_configs(fmt, cfg))]] == [lv for lv, _ in probe_configs(fmt, cfg)]
+    full = [r for r in rows if r["level"] == "full"]
+    assert len(full) == 2 and all(float(r["of_full"]) == 1.0 and float(r["err"]) < 1e-2 for r in full)
+    assert all(float(r["time_us"]) > 0 and int(r["blocks_per_sm"]) >= 1 for r in rows)

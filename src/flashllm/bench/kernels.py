@@ -13,7 +13,9 @@ timed eagerly, as is anything whose capture fails (marked "eager"). Weights are 
 (never all-zero data); activations are random normals. "ideal" is dense bytes / stored bytes;
 "GB/s" counts the stored weight plus activations and output once; "copy" is that rate as a
 fraction of a device-to-device copy measured in the same run. Every sparse result is checked
-against cuBLAS's before it is timed ("err" column).
+against cuBLAS's before it is timed ("err" column). "sm_mhz" is the SM clock NVML read while each
+was timed (bench/clocks.py): a time is only comparable with another at the same clock. Where the
+time goes inside a kernel: `python -m flashllm.bench.probes`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.configs import CSL_DENSE_TILES, CSL_WARPS, DECODES, FIT, LaunchConfig
+from .clocks import SmClock, max_sm_clock
 
 # (name, out_features M, in_features K), grouped by model.
 SHAPES: dict[str, list[tuple[str, int, int]]] = {
@@ -82,6 +85,7 @@ class Row:
     err: float  # relative error against cuBLAS's result (0 for cuBLAS itself)
     timing: str  # "graph" or "eager"
     config: str = ""
+    sm_mhz: float = float("nan")  # median SM clock while timed (NVML; nan without it)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,9 +213,11 @@ def sparse_methods(w: torch.Tensor, x: torch.Tensor, formats: list[str], fast: b
 
 # Kernel options a --formats entry may add after a colon: "bitmap:scatter", "tiled_csl:warps8",
 # "bitmap:fit" sizes the stage buffers to the weight's largest tile (configs.FIT), "tiled_csl:dense1"
-# runs one dense tile per block (configs.CSL_DENSE_TILES).
+# runs one dense tile per block (configs.CSL_DENSE_TILES), "stages6" a 6-deep pipeline; several
+# combine ("bitmap:fit:stages6").
 FORMAT_OPTIONS = {**{d: ("decode", d) for d in DECODES}, **{f"warps{w}": ("warps", w) for w in CSL_WARPS},
-                  "fit": ("value_cap", FIT), **{f"dense{t}": ("dense_tiles", t) for t in CSL_DENSE_TILES}}
+                  "fit": ("value_cap", FIT), **{f"dense{t}": ("dense_tiles", t) for t in CSL_DENSE_TILES},
+                  **{f"stages{s}": ("stages", s) for s in range(2, 7)}}
 
 
 def parse_format(name: str) -> tuple[str, dict]:
@@ -313,10 +319,17 @@ def run(args) -> tuple[list[Row], dict]:
     dtype = DTYPES[args.dtype]
     fast = device.type == "cuda" and not args.reference and dtype != torch.float32
     timer = _timer(device, args.warmup, args.rep)
+    clock = SmClock(device)
     env = environment(device)
     env["copy_gbps"] = copy_bandwidth(device, timer)
+    env["max_sm_mhz"] = max_sm_clock(device)
     print(f"# {env['gpu']} | torch {env['torch']} | CUDA {env['cuda']} | copy {env['copy_gbps']:.0f} GB/s "
-          f"| {env['date']}", flush=True)
+          f"| max SM clock {env['max_sm_mhz'] or 'n/a'} MHz | {env['date']}", flush=True)
+
+    def timed(fn) -> tuple[float, float]:
+        with clock:
+            ms = timer(fn)
+        return ms, clock.median_mhz or float("nan")
     gen = torch.Generator(device=device).manual_seed(args.seed)
     rows: list[Row] = []
     points = sampled_points(args)
@@ -329,14 +342,14 @@ def run(args) -> tuple[list[Row], dict]:
             dense_bytes = m * k * dtype.itemsize
             io_bytes = (n * k + n * m) * dtype.itemsize
             ref_fn, ref_mode = _graphed(lambda x=x, w=dense_w: F.linear(x, w), device)
-            dense_ms = timer(ref_fn)
+            dense_ms, dense_mhz = timed(ref_fn)
             del ref_fn
             base = dict(shape=name, out_features=m, in_features=k, n=n)
             if "cublas" in args.baselines:
                 gbps = (dense_bytes + io_bytes) / (dense_ms * 1e-3) / 1e9
                 rows.append(Row(**base, sparsity=0.0, method="cublas" if device.type == "cuda" else "dense",
                                 time_us=dense_ms * 1e3, speedup=1.0, ideal=1.0, gbps=gbps,
-                                frac_copy=gbps / env["copy_gbps"], err=0.0, timing=ref_mode))
+                                frac_copy=gbps / env["copy_gbps"], err=0.0, timing=ref_mode, sm_mhz=dense_mhz))
             del dense_w
             for s in args.sparsity:
                 if (name, n, s) not in points:
@@ -349,7 +362,7 @@ def run(args) -> tuple[list[Row], dict]:
                         got = method.run().float()
                         err = ((got - expected).norm() / expected.norm().clamp_min(1e-30)).item()
                         fn, mode = _graphed(method.run, device) if method.capture else (method.run, "eager")
-                        ms = timer(fn)
+                        ms, mhz = timed(fn)
                     except Exception as exc:  # noqa: BLE001 - report and continue the sweep
                         print(f"  {name} N={n} s={s} {method.name}: FAILED {type(exc).__name__}: {exc}",
                               file=sys.stderr, flush=True)
@@ -357,10 +370,11 @@ def run(args) -> tuple[list[Row], dict]:
                     gbps = (method.stored_bytes + io_bytes) / (ms * 1e-3) / 1e9
                     rows.append(Row(**base, sparsity=s, method=method.name, time_us=ms * 1e3,
                                     speedup=dense_ms / ms, ideal=dense_bytes / method.stored_bytes, gbps=gbps,
-                                    frac_copy=gbps / env["copy_gbps"], err=err, timing=mode, config=method.config))
+                                    frac_copy=gbps / env["copy_gbps"], err=err, timing=mode, config=method.config,
+                                    sm_mhz=mhz))
                     print(f"  {name:20s} N={n:<4d} s={s:.2f} {method.name:16s} {ms * 1e3:9.1f} us "
-                          f"{dense_ms / ms:5.2f}x (ideal {dense_bytes / method.stored_bytes:4.2f}) err {err:.1e}",
-                          flush=True)
+                          f"{dense_ms / ms:5.2f}x (ideal {dense_bytes / method.stored_bytes:4.2f}) err {err:.1e}"
+                          + ("" if mhz != mhz else f" @ {mhz:.0f} MHz"), flush=True)
                 del w, expected, methods
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -421,7 +435,7 @@ def summary(rows: list[Row]) -> str:
 
 CSV_FIELDS = ["gpu", "date", "torch", "cuda", "flashllm", "dtype", "shape", "out_features", "in_features", "n",
               "sparsity", "method", "time_us", "speedup", "ideal", "gbps", "frac_copy", "copy_gbps", "err",
-              "timing", "config"]
+              "timing", "config", "sm_mhz"]
 
 
 def write_csv(rows: list[Row], env: dict, dtype: str, path: str) -> None:

@@ -30,6 +30,12 @@
 // the launcher to the weight's largest tile (configs.VALUE_CAPS), leaves room for more resident
 // blocks (the kernel is latency-bound; at 50% sparsity 9 blocks per SM fit instead of 6); a tile
 // with a longer run stops the kernel (trap) instead of being decoded from a truncated copy.
+//
+// FLASHLLM_PROBE (diagnostics only, scripts/kernel_probes.py; the output is then not the product)
+// leaves out the later parts of the work so that timing each level shows where the time goes:
+// 1 streams the stages (copies, waits, barriers) and nothing else, 2 adds the per-warp scan (and
+// the scatter decode's scatter), 3 adds the B-fragment assembly but not the activations' loads and
+// the mma, 0 (default) is the kernel.
 #include "common.cuh"
 
 #ifndef FLASHLLM_STRIPS
@@ -61,6 +67,13 @@ constexpr int VALS_OFF = STRIPS * MASK_BYTES;
 constexpr int X_OFF = VALS_OFF + STRIPS * VAL_BYTES;
 constexpr int STAGE_BYTES = X_OFF + X_STAGE_BYTES;
 constexpr bool SCATTER = FLASHLLM_DECODE == 1;
+#ifndef FLASHLLM_PROBE
+#define FLASHLLM_PROBE 0
+#endif
+static_assert(FLASHLLM_PROBE >= 0 && FLASHLLM_PROBE <= 3, "PROBE");
+constexpr bool RUN_SCAN = FLASHLLM_PROBE == 0 || FLASHLLM_PROBE >= 2;
+constexpr bool RUN_DECODE = FLASHLLM_PROBE == 0 || FLASHLLM_PROBE >= 3;
+constexpr bool RUN_MMA = FLASHLLM_PROBE == 0;
 // k16 steps per A-fragment load (common.cuh, load_a_frags): two at NROWS == 8.
 constexpr int A_STEPS = HALF_A ? 2 : 1;
 static_assert(FLASHLLM_DECODE == 0 || FLASHLLM_DECODE == 1, "DECODE");
@@ -242,7 +255,12 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
         sts_zero16(rows + s * TILE_BYTES + (c * 32 + lane) * 16);
       }
   };
-  if constexpr (SCATTER) zero_rows();
+  if constexpr (SCATTER && RUN_SCAN) zero_rows();
+  // FLASHLLM_PROBE == 3: `sink` keeps the assembled fragments alive without the mma. Under #if, not
+  // `if constexpr`: even discarded, those statements changed the default kernel's SASS.
+#if FLASHLLM_PROBE
+  u32 sink = 0u;
+#endif
   int st = 0;                 // stage holding tile i
   int st_issue = STAGES - 1;  // stage receiving tile i + STAGES - 1 (the one tile i - 1 freed)
 
@@ -261,7 +279,7 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
     // Per-warp prefix sum: lane l takes word l of the warp's row (block l/2, half l%2); its
     // exclusive scan plus the popcount of the rows above is where that half-block's values start.
 #pragma unroll
-    for (int s = 0; s < STRIPS; ++s) {
+    for (int s = 0; s < (RUN_SCAN ? STRIPS : 0); ++s) {
       const u32* words = reinterpret_cast<const u32*>(stage + MASKS_OFF + s * MASK_BYTES);
       const u32 word = words[warp * 32 + lane];
       const u32 count = __popc(word);
@@ -290,8 +308,8 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
     const u32 xs = sbase + st * STAGE_BYTES + X_OFF;
     u32 a[NT][4];
 #pragma unroll
-    for (int kc = 0; kc < 4; ++kc) {
-      if (acc_step<A_STEPS>(kc) == 0) load_a_frags<A_STEPS>(xs, kc, lane, a);
+    for (int kc = 0; kc < (RUN_DECODE ? 4 : 0); ++kc) {
+      if (RUN_MMA && acc_step<A_STEPS>(kc) == 0) load_a_frags<A_STEPS>(xs, kc, lane, a);
 #pragma unroll
       for (int s = 0; s < STRIPS; ++s) {
         // B fragments of the two 8-row halves j of this 16 x 16 piece: b0 from block (cols 0-7,
@@ -320,15 +338,19 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
             }
           }
         }
+#if FLASHLLM_PROBE
+        sink ^= b[0][0] ^ b[0][1] ^ b[1][0] ^ b[1][1];
+#else
 #pragma unroll
         for (int jj = 0; jj < 2; ++jj)
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) {
             mma16816(acc[acc_step<A_STEPS>(kc)][s][jj][nt], a[nt], b[jj][0], b[jj][1]);
           }
+#endif
       }
     }
-    if constexpr (SCATTER) {
+    if constexpr (SCATTER && RUN_SCAN) {
       __syncwarp();  // every lane's ldmatrix has read the rows before any lane clears them
       zero_rows();
     }
@@ -336,6 +358,9 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
     st_issue = st_issue + 1 == STAGES ? 0 : st_issue + 1;
   }
   cp_async_wait<0>();  // nothing may be left writing shared memory when the block exits
+#if FLASHLLM_PROBE
+  if (sink == 0x9e3779b9u) acc[0][0][0][0][0] += 1.f;  // a use of `sink` the compiler cannot drop
+#endif
 
 #pragma unroll
   for (int s = 0; s < STRIPS; ++s) {

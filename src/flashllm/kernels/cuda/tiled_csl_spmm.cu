@@ -23,7 +23,10 @@
 // weight stream (BENCHMARKS.md: 10-13 KB in flight per SM at 90%), which this addresses.
 //
 // Extra compile-time parameter: FLASHLLM_CAPW, words per stage buffer (a multiple of 4); optional
-// FLASHLLM_WARPS 4 (default) or 8, FLASHLLM_DENSE_TILES 2 (default) or 1.
+// FLASHLLM_WARPS 4 (default) or 8, FLASHLLM_DENSE_TILES 2 (default) or 1. FLASHLLM_PROBE
+// (diagnostics only, scripts/kernel_probes.py; the output is then not the product): 1 streams the
+// stages and reloads the pieces of dense tiles but scatters nothing, 2 adds the scatter and the
+// re-zeroing, without the ldmatrix and mma; 0 (default) is the kernel.
 #include "common.cuh"
 
 #ifndef FLASHLLM_CAPW
@@ -47,6 +50,12 @@ static_assert(CAPW % 4 == 0 && CAPW >= 256 && CAPW <= TILE_ELEMS, "CAPW");
 constexpr int DENSE_TILES = FLASHLLM_DENSE_TILES;
 static_assert(DENSE_TILES == 1 || DENSE_TILES == 2, "DENSE_TILES");
 constexpr bool SCATTER_AHEAD = DENSE_TILES == 2;  // scatter tile i + 1 while reading tile i
+#ifndef FLASHLLM_PROBE
+#define FLASHLLM_PROBE 0
+#endif
+static_assert(FLASHLLM_PROBE >= 0 && FLASHLLM_PROBE <= 2, "PROBE");
+constexpr bool RUN_SCATTER = FLASHLLM_PROBE != 1;
+constexpr bool RUN_MMA = FLASHLLM_PROBE == 0;
 static_assert(STAGES >= (SCATTER_AHEAD ? 3 : 2), "STAGES: 3 or more to scatter ahead, 2 with one dense tile");
 constexpr int DENSE_BYTES = (TILE_ELEMS + 8) * 2;  // the tile plus the sentinel's slot
 constexpr int STAGE0_OFF = DENSE_TILES * DENSE_BYTES;
@@ -75,6 +84,7 @@ __device__ __forceinline__ u32 swizzle(u32 loc) {
 }
 
 __device__ __forceinline__ void scatter_words(const unsigned char* words, int n, u16* dense, int tid) {
+  if constexpr (!RUN_SCATTER) return;
   const U4* w4 = reinterpret_cast<const U4*>(words);
   for (int q = tid; q < (n >> 2); q += THREADS) {
     const U4 v = w4[q];
@@ -219,7 +229,7 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
     const u32 d_addr = sbase + dense_i * DENSE_BYTES;
     const u32 xs = sbase + STAGE0_OFF + st * STAGE_BYTES + WORDS_BYTES;
 #pragma unroll
-    for (int kc = 0; kc < 4; ++kc) {
+    for (int kc = 0; kc < (RUN_MMA ? 4 : 0); ++kc) {
       u32 a[NT][4];
       load_a_frags<1>(xs, kc, lane, a);
 #pragma unroll
@@ -238,7 +248,7 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
       }
     }
     __syncwarp();
-    {
+    if constexpr (RUN_SCATTER) {
       U4* rows = reinterpret_cast<U4*>(smem + dense_i * DENSE_BYTES + warp * WARP_ROWS * TILE_K * 2);
 #pragma unroll
       for (int c = lane; c < WARP_ROWS * TILE_K * 2 / 16; c += 32) rows[c] = U4{0u, 0u, 0u, 0u};

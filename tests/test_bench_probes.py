@@ -1,0 +1,95 @@
+"""`python -m flashllm.bench.probes` on the CPU: its probe configurations, table and CSV, and the SM
+clock sampler without a GPU (the GPU side is in test_kernels_cuda.py, run by device_check.sh)."""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from flashllm.bench import probes
+from flashllm.bench.clocks import SmClock, max_sm_clock
+from flashllm.kernels import configs
+from flashllm.kernels.configs import FIT, LaunchConfig
+
+CUDA_SRC = Path(probes.__file__).resolve().parents[1] / "kernels" / "cuda"
+
+
+@pytest.mark.parametrize("fmt,cfg", [("bitmap", LaunchConfig(nrows=16, value_cap=FIT, decode="scatter")),
+                                     ("tiled_csl", LaunchConfig(nrows=8, words_per_stage=1024, warps=8))])
+def test_probe_configs_change_only_the_probe(fmt, cfg):
+    levels = probes.probe_configs(fmt, cfg)
+    assert [lv for lv, _ in levels] == [lv for lv, _ in probes.LEVELS[fmt]] and levels[-1][0] == "full"
+    resolved = cfg.fitted(1500)
+    for level, pcfg in levels:
+        # The launcher resolves fitted buffers with dataclasses.replace: the probe must survive it.
+        fitted = pcfg.fitted(1500)
+        assert isinstance(fitted, probes.ProbeConfig) and fitted.probe == pcfg.probe
+        want = resolved.defines(fmt) | ({"FLASHLLM_PROBE": pcfg.probe} if pcfg.probe else {})
+        assert fitted.defines(fmt) == want, level
+        assert fitted.smem_bytes(fmt) == resolved.smem_bytes(fmt)  # same layout, same residency limit
+        assert pcfg.validate(fmt) is pcfg
+
+
+def test_probe_levels_match_what_the_kernels_accept():
+    for fmt, source in (("bitmap", "bitmap_spmm.cu"), ("tiled_csl", "tiled_csl_spmm.cu")):
+        text = (CUDA_SRC / source).read_text()
+        top = int(re.search(r"FLASHLLM_PROBE >= 0 && FLASHLLM_PROBE <= (\d)", text).group(1))
+        assert sorted(p for _, p in probes.LEVELS[fmt]) == list(range(top + 1)), fmt
+
+
+def _rows():
+    base = dict(shape="tiny-a", out_features=192, in_features=256, sparsity=0.8, method="bitmap",
+                floor_us=1.0, cublas_us=4.0, blocks_per_sm=6, config="LaunchConfig(...)")
+    rows = []
+    for n, full in ((1, 8.0), (16, 10.0)):
+        for level, t in (("stream", full / 2), ("scan", full * 0.6), ("decode", full * 0.9), ("full", full)):
+            rows.append(probes.ProbeRow(n=n, level=level, time_us=t, of_full=t / full, sm_mhz=1980.0,
+                                        err=0.0 if level == "full" else float("nan"), **base))
+    return rows
+
+
+def test_table_summary_and_csv(tmp_path):
+    rows = _rows()
+    line = probes.format_line(rows[:4])
+    assert "stream  50% of full" in line and "full     8.0" in line and "MHz 1980/1980/1980/1980" in line
+    text = probes.summary(rows)
+    assert re.search(r"stream +50% +scan +60% +decode +90% +full 100%", text)
+    env = {"gpu": "test", "date": "d", "torch": torch.__version__, "cuda": "none", "flashllm": "0",
+           "copy_gbps": 4000.0, "max_sm_mhz": 1980}
+    path = tmp_path / "probes.csv"
+    probes.write_csv(rows, env, str(path))
+    probes.write_csv(rows[:4], env, str(path))  # appends without a second header
+    got = list(csv.DictReader(open(path)))
+    assert len(got) == 12 and got[0]["gpu"] == "test" and got[3]["level"] == "full"
+    assert float(got[0]["of_full"]) == 0.5 and got[0]["max_sm_mhz"] == "1980"
+
+
+def test_cli_needs_cuda_and_names_bad_options(capsys):
+    if not torch.cuda.is_available():
+        assert probes.main(["--shapes", "tiny-a"]) == 2
+        assert "need a CUDA device" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        probes.main(["--formats", "bitmap:warps9"])
+    assert "unknown format 'bitmap:warps9'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        probes.main(["--shapes", "gpt-9"])
+    assert "unknown shape" in capsys.readouterr().err
+
+
+def test_clock_sampler_without_a_gpu_reports_nothing():
+    sampler = SmClock(torch.device("cpu"))
+    with sampler:
+        sum(range(1000))
+    assert not sampler.available and sampler.median_mhz is None and sampler.samples == []
+    assert max_sm_clock(torch.device("cpu")) is None
+
+
+def test_unvalidated_options_stay_unvalidated_under_a_probe():
+    pcfg = probes.probe_configs("tiled_csl", LaunchConfig(nrows=16, words_per_stage=1024, dense_tiles=1))[0][1]
+    assert pcfg.validated() == replace(LaunchConfig(nrows=16, words_per_stage=1024, dense_tiles=1)).validated()
+    assert pcfg.validated() is (1 not in configs.UNVALIDATED_DENSE_TILES)
