@@ -12,7 +12,9 @@ over 132 SMs (32 GB/s per SM) it needs ~19 KB in flight per SM at 600 ns of DRAM
   * Tiled-CSL with two dense tiles: `stages - 2` (it scatters tile i + 1 while the tensor cores
     read tile i, so it waits for tile i + 1 first); with one dense tile (`dense_tiles=1`)
     `stages - 1`; 4 bytes per non-zero of the 128 x 64 tile, at most `words_per_stage` words (a
-    denser tile loads the rest synchronously, which this leaves out).
+    denser tile loads the rest synchronously, which this leaves out);
+  * either, with an L2 prefetch (`prefetch=P`): P tiles more, their whole runs, requested into L2
+    ahead of the copies (in flight to L2, not to shared memory).
 Resident blocks per SM: the least of shared memory (228 KB per SM, 1 KB reserved per block),
 registers (64K per SM, from the compiled kernel) and 16 blocks. The activations (a few KB per
 stage, read from L2 by every block) are left out: this counts the weight stream only. Fitted
@@ -62,12 +64,14 @@ def longest_run(density: float, tile: int) -> int:
     return min(tile, math.ceil(mean + 4.5 * sd))
 
 
-def tile_bytes(fmt: str, cfg: LaunchConfig, density: float) -> int:
-    """Weight bytes of one tile that the pipeline prefetches: a Tiled-CSL tile over its stage
-    buffer's `words_per_stage` loads the rest synchronously when it is scattered."""
+def tile_bytes(fmt: str, cfg: LaunchConfig, density: float, capped: bool = True) -> int:
+    """Weight bytes of one tile that the pipeline copies ahead: a Tiled-CSL tile over its stage
+    buffer's `words_per_stage` loads the rest synchronously when it is scattered (`capped`; an L2
+    prefetch asks for the whole run)."""
     if fmt == "bitmap":
         return 512 + math.ceil(4096 * density / 8) * 8 * 2
-    return min(math.ceil(8192 * density / 4) * 4, cfg.words_per_stage) * 4
+    words = math.ceil(8192 * density / 4) * 4
+    return min(words, cfg.words_per_stage) * 4 if capped else words * 4
 
 
 def depth(fmt: str, cfg: LaunchConfig) -> int:
@@ -81,10 +85,12 @@ def variants(fmt: str, nrows: int, sparsity: float) -> list[tuple[str, LaunchCon
     if fmt == "bitmap":
         fitted = replace(base, decode="fragment", value_cap=FIT).fitted(longest_run(1 - sparsity, 4096))
         return [("shipped rule", base), ("fitted, 3 stages", fitted),
-                ("fitted, 4 stages", replace(fitted, stages=4)), ("fitted, 6 stages", replace(fitted, stages=6))]
+                ("fitted, 4 stages", replace(fitted, stages=4)), ("fitted, 6 stages", replace(fitted, stages=6)),
+                ("shipped + L2 prefetch 4", replace(base, prefetch=4))]
     return [("shipped rule", base), ("6 stages x 1024 words", replace(base, stages=6, words_per_stage=1024, warps=4)),
             ("one dense tile", replace(base, dense_tiles=1)),
-            ("one dense tile, 6 x 1024", replace(base, dense_tiles=1, stages=6, words_per_stage=1024, warps=4))]
+            ("one dense tile, 6 x 1024", replace(base, dense_tiles=1, stages=6, words_per_stage=1024, warps=4)),
+            ("shipped + L2 prefetch 4", replace(base, prefetch=4))]
 
 
 def main() -> None:
@@ -113,9 +119,11 @@ def main() -> None:
                     blocks = min(SMEM_PER_SM // (smem + SMEM_RESERVED_PER_BLOCK),
                                  REGISTERS_PER_SM // (regs * cfg.threads), MAX_BLOCKS)
                     tile = tile_bytes(fmt, cfg, 1 - s)
-                    flight = blocks * depth(fmt, cfg) * tile / 1024
+                    ahead = cfg.prefetch * tile_bytes(fmt, cfg, 1 - s, capped=False)
+                    flight = blocks * (depth(fmt, cfg) * tile + ahead) / 1024
+                    tiles = f"{depth(fmt, cfg)}" + (f" + {cfg.prefetch} in L2" if cfg.prefetch else "")
                     print(f"{fmt:9} | {nrows:2} | {s:8.0%} | {label:24} | {cfg.stages:6} | {smem / 1024:7.1f} | {regs:4} "
-                          f"| {blocks:9} | {depth(fmt, cfg):21} | {tile / 1024:7.1f} | {flight:15.0f}")
+                          f"| {blocks:9} | {tiles:>21} | {tile / 1024:7.1f} | {flight:15.0f}")
 
 
 if __name__ == "__main__":

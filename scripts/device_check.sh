@@ -8,7 +8,8 @@
 #   1. environment: GPU, driver, torch, NVRTC                                       (~5 s)
 #   2. smoke: one small product per format against float64                         (~10 s)
 #      2b. the same for the options not yet validated on a GPU (configs.UNVALIDATED_*: the
-#      fitted bitmap value buffers, bitmap:fit; one dense Tiled-CSL tile, tiled_csl:dense1); if
+#      fitted bitmap value buffers, bitmap:fit; one dense Tiled-CSL tile, tiled_csl:dense1; the L2
+#      prefetch, bitmap:pf4 and tiled_csl:pf4); if
 #      they fail or hang, steps 3-7 leave them out (~10 s)
 #   3. pytest -m gpu: the kernels' correctness grid, every config variant, spmm/SparseLinear
 #      dispatch, torch.compile, CUDA graphs; CUDA-graph decoding of a sparse model  (~1 min)
@@ -86,7 +87,8 @@ if os.environ.get("SMOKE_UNVALIDATED") == "1":  # step 2b
     cases = ([(BitmapWeight, bitmap_cuda, {"decode": d}) for d in sorted(configs.UNVALIDATED_DECODES)]
              + [(TiledCSLWeight, tiled_csl_cuda, {"warps": w}) for w in sorted(configs.UNVALIDATED_WARPS)]
              + [(BitmapWeight, bitmap_cuda, {"value_cap": configs.FIT})] * (configs.FIT in configs.UNVALIDATED_VALUE_CAPS)
-             + [(TiledCSLWeight, tiled_csl_cuda, {"dense_tiles": t}) for t in sorted(configs.UNVALIDATED_DENSE_TILES)])
+             + [(TiledCSLWeight, tiled_csl_cuda, {"dense_tiles": t}) for t in sorted(configs.UNVALIDATED_DENSE_TILES)]
+             + [(cls, mod, {"prefetch": 4}) for cls, mod, _ in cases] * (4 in configs.UNVALIDATED_PREFETCH))
 for cls, mod, options in cases:
     for split in (1, 3):
         w = torch.randn(1000, 1500, device="cuda", dtype=torch.float16)
@@ -117,7 +119,8 @@ PENDING=$("$PY" -c "from flashllm.kernels import configs
 print(','.join([f'bitmap:{d}' for d in sorted(configs.UNVALIDATED_DECODES)]
                + [f'tiled_csl:warps{w}' for w in sorted(configs.UNVALIDATED_WARPS)]
                + ['bitmap:fit'] * (configs.FIT in configs.UNVALIDATED_VALUE_CAPS)
-               + [f'tiled_csl:dense{t}' for t in sorted(configs.UNVALIDATED_DENSE_TILES)]))")
+               + [f'tiled_csl:dense{t}' for t in sorted(configs.UNVALIDATED_DENSE_TILES)]
+               + ['bitmap:pf4', 'tiled_csl:pf4'] * (4 in configs.UNVALIDATED_PREFETCH)))")
 if [ -n "$PENDING" ]; then
   echo "pending: $PENDING"
   SMOKE_UNVALIDATED=1 timeout 90 "$PY" "$SMOKE_PY"
@@ -256,12 +259,14 @@ import os
 cases = ([(BitmapWeight, bitmap_cuda, {"decode": d}) for d in configs.DECODES]
          + [(BitmapWeight, bitmap_cuda, {"decode": d, "value_cap": configs.FIT}) for d in configs.DECODES]
          + [(TiledCSLWeight, tiled_csl_cuda, {"warps": w}) for w in configs.CSL_WARPS]
-         + [(TiledCSLWeight, tiled_csl_cuda, {"dense_tiles": 1})])
+         + [(TiledCSLWeight, tiled_csl_cuda, {"dense_tiles": 1})]
+         + [(BitmapWeight, bitmap_cuda, {"prefetch": 2}), (TiledCSLWeight, tiled_csl_cuda, {"prefetch": 2})])
 for cls, mod, options in cases:
     if not replace(configs.LaunchConfig(nrows=8), **options).validated() and \
             os.environ.get("FLASHLLM_CHECK_UNVALIDATED") != "1":
         continue
-    for m, k, n, s, split in ((70, 130, 3, 0.8, 1), (130, 200, 17, 0.0, 2), (200, 70, 9, 0.95, 1)):
+    # (the 700-column case: more tiles than the pipeline and the prefetch distance together)
+    for m, k, n, s, split in ((70, 130, 3, 0.8, 1), (130, 200, 17, 0.0, 2), (200, 70, 9, 0.95, 1), (70, 700, 5, 0.5, 1)):
         w = torch.randn(m, k, device="cuda", dtype=torch.float16)
         w[torch.rand(m, k, device="cuda") < s] = 0
         x = torch.randn(n, k, device="cuda", dtype=torch.float16)

@@ -105,8 +105,9 @@ def test_formats_accept_kernel_options():
     assert bench.parse_format("tiled_csl:dense1") == ("tiled_csl", {"dense_tiles": 1})
     assert bench.parse_format("bitmap:fit:stages6") == ("bitmap", {"value_cap": bench.FIT, "stages": 6})
     assert bench.parse_format("tiled_csl:dense1:stages2") == ("tiled_csl", {"dense_tiles": 1, "stages": 2})
+    assert bench.parse_format("bitmap:pf4") == ("bitmap", {"prefetch": 4})
     for bad in ("tiled_csl:scatter", "tiled_csl:fit", "bitmap:warps8", "bitmap:gather", "bitmap:dense1", "csc",
-                "csc:scatter", "bitmap:stages7", "tiled_csl:stages2"):  # 2 stages need one dense tile
+                "csc:scatter", "bitmap:stages7", "tiled_csl:stages2", "bitmap:pf3"):  # 2 stages need one dense tile
         with pytest.raises(ValueError, match="unknown format"):
             bench._finish_args(parse("--dry-run", "--formats", bad))
 
@@ -185,14 +186,20 @@ def test_bytes_in_flight_script_counts_each_pipelines_depth():
     script = Path(__file__).resolve().parents[1] / "scripts" / "bytes_in_flight.py"
     out = subprocess.run([sys.executable, str(script), "--regs", "64", "--nrows", "16", "--sparsity", "0.9"],
                          capture_output=True, text=True, check=True).stdout
-    rows = {}
+    rows, ahead = {}, {}
     for line in out.splitlines():
         cells = [c.strip() for c in line.split("|")]
         if len(cells) == 11 and cells[0] in ("bitmap", "tiled_csl"):
-            rows[(cells[0], cells[3])] = [float(c) for c in cells[4:]]
+            depth_cell, _, in_l2 = cells[8].partition(" + ")
+            ahead[(cells[0], cells[3])] = int(in_l2.split()[0]) if in_l2 else 0
+            rows[(cells[0], cells[3])] = [float(c) for c in cells[4:8] + [depth_cell] + cells[9:]]
     stages, smem, regs, blocks, depth, tile_kb, flight = rows[("tiled_csl", "shipped rule")]
     assert depth == stages - 2 and abs(flight - blocks * depth * tile_kb) <= 0.05 * blocks * depth + 0.5
     one = rows[("tiled_csl", "one dense tile")]
     assert one[4] == one[0] - 1 and one[1] < smem  # one tile in flight more, 16 KB less
     assert rows[("bitmap", "fitted, 6 stages")][4] == 5
-    assert all(r[6] > 0 for r in rows.values()) and len(rows) == 8
+    for fmt in ("bitmap", "tiled_csl"):  # the L2 prefetch adds 4 whole tiles per block, no shared memory
+        pf, shipped = rows[(fmt, "shipped + L2 prefetch 4")], rows[(fmt, "shipped rule")]
+        assert ahead[(fmt, "shipped + L2 prefetch 4")] == 4 and pf[1] == shipped[1]
+        assert pf[6] >= shipped[6] + 4 * pf[3] * pf[5] - 0.5
+    assert all(r[6] > 0 for r in rows.values()) and len(rows) == 10

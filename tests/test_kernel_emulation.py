@@ -450,6 +450,8 @@ def test_tuning_candidates_are_valid():
                     assert {c.warps for c in cands} == set(configs.CSL_WARPS) - configs.UNVALIDATED_WARPS
                     assert {c.dense_tiles for c in wide} == set(configs.CSL_DENSE_TILES)
                     assert {c.dense_tiles for c in cands} == set(configs.CSL_DENSE_TILES) - configs.UNVALIDATED_DENSE_TILES
+                assert {c.prefetch for c in wide} == {0, 4}
+                assert {c.prefetch for c in cands} == {0, 4} - configs.UNVALIDATED_PREFETCH
 
 
 def test_default_rule_picks_the_options_where_they_won():

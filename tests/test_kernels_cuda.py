@@ -162,6 +162,22 @@ def test_tiled_csl_one_dense_tile(dtype, sparsity, split_k, nrows, stages, words
     check("tiled_csl", 129, 1000, nrows + 3, sparsity, dtype, cfg)
 
 
+@unvalidated_if(4 in configs.UNVALIDATED_PREFETCH)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_l2_prefetch(fmt, dtype, sparsity, split_k):
+    # A hint, so the product must not change: a deep K (the loop's prefetches and their clamp at
+    # the block's last tile), a K shorter than the prefetch distance (the prologue's), and two
+    # bitmap strips or 8 Tiled-CSL warps (one dense tile with prefetch: test_every_tiled_csl_variant).
+    cfg = replace(configs.default_config(fmt, 17, max(sparsity, 0.5)), split_k=split_k, prefetch=4)
+    check(fmt, 200, 2000, 17, sparsity, dtype, cfg)
+    check(fmt, 130, 190, 9, sparsity, dtype, replace(cfg, prefetch=8))
+    other = replace(cfg, warps=8) if fmt == "tiled_csl" else replace(cfg, strips=2)
+    check(fmt, 300, 1000, 5, sparsity, dtype, other)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (63, 65, 2), (129, 130, 9), (257, 1000, 33), (1000, 257, 64),
                                    (4173, 520, 5), (70, 4100, 100), (130, 190, 200)])

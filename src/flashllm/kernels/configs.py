@@ -7,9 +7,10 @@ down_proj at N 16; see BENCHMARKS.md); everything else comes from `default_confi
 `auto_split_k`, whose rules follow those winners: one 64-row strip per bitmap block, 3 stages, the scatter decode from 85%
 sparsity at N <= 16, Tiled-CSL stages of 2-3K words, 8 warps at 75-85% and N <= 16, and as many K
 splits as keep each split 4 tiles deep, up to 16 (latency, not bandwidth, limits the kernels, so
-more resident blocks win). Two options are compiled (and emulated) but not yet run on a GPU, so
-nothing selects them unless asked: bitmap stage buffers fitted to the weight (`value_cap=FIT`) and
-one dense Tiled-CSL tile per block (`dense_tiles=1`). To tune more shapes or another GPU:
+more resident blocks win). Three options are compiled (and emulated) but not yet run on a GPU, so
+nothing selects them unless asked: bitmap stage buffers fitted to the weight (`value_cap=FIT`), one
+dense Tiled-CSL tile per block (`dense_tiles=1`) and an L2 prefetch of the weight a few tiles ahead
+of the copies (`prefetch`, both kernels). To tune more shapes or another GPU:
 
     flashllm bench kernels --tune --shapes opt-66b,llama-70b --n 1,8,16,32,64 \\
         --sparsity 0.5,0.7,0.8,0.9 --write-configs tuned.json
@@ -63,6 +64,11 @@ CSL_DENSE_TILES = (2, 1)
 # N = 16; from 70% 1536 or less). 0 (the default) is a full tile, 4096 values.
 VALUE_CAPS = (1024, 1536, 2048, 2560, 3072, 4096)
 FULL_TILE, FIT = 0, -1
+# L2 prefetch distance (both kernels, FLASHLLM_PREFETCH in cuda/common.cuh): thread 0 asks L2 to
+# fetch the compressed weight of the tile this many tiles past the shared-memory copies, one tile
+# per stage, so a block has more weight bytes in flight than its stages hold (the kernels measured
+# flat from 70% sparsity with 13-35 KB in flight per SM; BENCHMARKS.md). 0 = none.
+MAX_PREFETCH = 16
 # Options compiled (and, for the decode, emulated) but not yet run on a GPU: `flashllm bench kernels
 # --tune` offers them (its GPU run is where they get validated), the library's FLASHLLM_RETUNE path
 # does not, and nothing selects them by default. Empty these once scripts/device_check.sh has
@@ -75,6 +81,8 @@ UNVALIDATED_WARPS: frozenset[int] = frozenset()
 UNVALIDATED_VALUE_CAPS: frozenset[int] = frozenset({FIT})
 # One dense Tiled-CSL tile (written 2026-11-26, fourth session, without a GPU): compiled, never run.
 UNVALIDATED_DENSE_TILES: frozenset[int] = frozenset({1})
+# L2 prefetch (written 2026-11-26, fifth session, without a GPU): compiled, never run.
+UNVALIDATED_PREFETCH: frozenset[int] = frozenset(range(1, MAX_PREFETCH + 1))
 
 # Shared-memory layout constants, mirrored from the .cu files (the kernels trap if the launch
 # provides less shared memory than they lay out, so a drift shows as an error, not as corruption).
@@ -95,6 +103,7 @@ class LaunchConfig:
     warps: int = 4  # warps per block: bitmap 4; Tiled-CSL 4 or 8 (see CSL_WARPS)
     value_cap: int = FULL_TILE  # bitmap: values per stage buffer; FIT = fitted at launch (VALUE_CAPS)
     dense_tiles: int = 2  # Tiled-CSL: dense shared-memory tiles (CSL_DENSE_TILES); bitmap: 2 (unused)
+    prefetch: int = 0  # tiles past the copies whose weight L2 is asked to fetch (MAX_PREFETCH); 0 = none
 
     def validate(self, fmt: str) -> "LaunchConfig":
         if self.nrows not in NROWS:
@@ -103,6 +112,8 @@ class LaunchConfig:
             raise ValueError(f"split_k must be >= 0 (0 = automatic), got {self.split_k}")
         if self.decode not in DECODES:
             raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
+        if not 0 <= self.prefetch <= MAX_PREFETCH:
+            raise ValueError(f"prefetch must be 0..{MAX_PREFETCH} tiles, got {self.prefetch}")
         if fmt == "bitmap":
             if self.strips not in (1, 2) or (self.strips == 2 and self.nrows > 64):
                 raise ValueError(f"bitmap strips must be 1, or 2 with nrows <= 64; got {self}")
@@ -139,6 +150,8 @@ class LaunchConfig:
         the shared memory the launch will provide is exactly what the kernel lays out."""
         d = {"FLASHLLM_NROWS": self.nrows, "FLASHLLM_STAGES": self.stages,
              "FLASHLLM_SMEM_BYTES": self.smem_bytes(fmt)}
+        if self.prefetch:  # left out at 0, the kernels' default, so the cache keys stay the same
+            d["FLASHLLM_PREFETCH"] = self.prefetch
         if fmt == "bitmap":
             d["FLASHLLM_STRIPS"] = self.strips
             d["FLASHLLM_DECODE"] = DECODES.index(self.decode)
@@ -163,7 +176,8 @@ class LaunchConfig:
         fitted = self.value_cap != FULL_TILE  # FIT, or a cap it resolved to
         return (self.decode not in UNVALIDATED_DECODES and self.warps not in UNVALIDATED_WARPS
                 and not (fitted and FIT in UNVALIDATED_VALUE_CAPS)
-                and self.dense_tiles not in UNVALIDATED_DENSE_TILES)
+                and self.dense_tiles not in UNVALIDATED_DENSE_TILES
+                and self.prefetch not in UNVALIDATED_PREFETCH)
 
     def fitted(self, largest_run: Optional[int]) -> "LaunchConfig":
         """With value_cap=FIT, the config whose stage buffers hold `largest_run` values (the
@@ -372,6 +386,9 @@ def candidates(fmt: str, n: int, sparsity: float, unvalidated: bool = False) -> 
                 add(replace(base, stages=stages, decode=decode, value_cap=FIT))
             if base.nrows <= 64:  # two strips (the higher static ceiling) in the room fitting frees
                 add(replace(base, strips=2, stages=3, decode=decode, value_cap=FIT))
+            # L2 prefetch: weight bytes in flight beyond the stages, at no shared-memory cost.
+            add(replace(base, decode=decode, prefetch=4))
+            add(replace(base, decode=decode, value_cap=FIT, prefetch=4))
     else:
         for words in (1024, 2048, 3072, 4096, 6144):
             for stages in (3, 4):
@@ -385,6 +402,8 @@ def candidates(fmt: str, n: int, sparsity: float, unvalidated: bool = False) -> 
         # One dense tile: stages - 1 tiles in flight instead of stages - 2, in 16 KB less.
         for stages in (3, 4, 6) if sparsity >= 0.85 else (3, 4):
             add(replace(base, stages=stages, dense_tiles=1))
+        add(replace(base, prefetch=4))  # L2 prefetch, with either dense-tile pipeline
+        add(replace(base, dense_tiles=1, prefetch=4))
     return out
 
 
@@ -473,12 +492,19 @@ CHECKED_CAPS = ((8, 1, "fragment", 1536), (16, 1, "fragment", 2560), (16, 2, "fr
 # the shapes tuning offers (2 stages, the least this pipeline takes, included).
 CHECKED_SINGLE_DENSE = ((8, 3, 2048, 4), (16, 2, 1024, 4), (16, 4, 3072, 4), (16, 6, 1024, 4),
                         (16, 3, 2048, 8), (32, 3, 1024, 4), (64, 3, 4096, 4))
+# L2-prefetching variants compiled by the checks, one per code shape the prefetch touches (the
+# distance is a constant): bitmap (nrows, strips, decode, value cap), Tiled-CSL (nrows, warps,
+# dense tiles), all at the tuner's distance of 4 tiles.
+CHECKED_PREFETCH_BITMAP = ((8, 1, "fragment", 0), (16, 1, "fragment", 0), (16, 1, "scatter", 0),
+                           (16, 2, "fragment", 0), (16, 1, "fragment", 1536), (64, 1, "fragment", 0))
+CHECKED_PREFETCH_CSL = ((8, 4, 2), (16, 4, 2), (16, 8, 2), (16, 4, 1), (64, 4, 2))
 
 
 def checked_variants() -> list[tuple[str, LaunchConfig]]:
     """`shipped_variants` plus each with the other bitmap decodes or Tiled-CSL warp counts,
-    bitmap variants with fitted value buffers and one-dense-tile Tiled-CSL blocks (what tuning may
-    pick): what scripts/compile_check.sh compiles and the GPU tests run."""
+    bitmap variants with fitted value buffers, one-dense-tile Tiled-CSL blocks and L2-prefetching
+    variants of both (what tuning may pick): what scripts/compile_check.sh compiles and the GPU
+    tests run."""
     out = shipped_variants()
     two_strips = [("bitmap", LaunchConfig(nrows=16, strips=2, decode=d)) for d in DECODES]
     for fmt, cfg in list(out) + two_strips:  # two strips: a code shape the tuner may pick
@@ -490,6 +516,10 @@ def checked_variants() -> list[tuple[str, LaunchConfig]]:
     out += [("bitmap", LaunchConfig(nrows=n, strips=s, decode=d, value_cap=c)) for n, s, d, c in CHECKED_CAPS]
     out += [("tiled_csl", LaunchConfig(nrows=n, stages=st, words_per_stage=w, warps=wp, dense_tiles=1))
             for n, st, w, wp in CHECKED_SINGLE_DENSE]
+    out += [("bitmap", LaunchConfig(nrows=n, strips=s, decode=d, value_cap=c, prefetch=4))
+            for n, s, d, c in CHECKED_PREFETCH_BITMAP]
+    out += [("tiled_csl", LaunchConfig(nrows=n, words_per_stage=2048, warps=w, dense_tiles=t, prefetch=4))
+            for n, w, t in CHECKED_PREFETCH_CSL]
     return out
 
 

@@ -24,7 +24,7 @@
 // ldmatrix.x4 per 16x16 piece then reads the B fragments. Each lane's work is its word's popcount
 // (the warp waits for the fullest word); the warp zeroes its rows again after the mma.
 //
-// Extra compile-time parameters: FLASHLLM_STRIPS (1 or 2) strips of 64 rows per block;
+// Extra compile-time parameters (and FLASHLLM_PREFETCH, common.cuh): FLASHLLM_STRIPS (1 or 2) strips of 64 rows per block;
 // FLASHLLM_DECODE 0 (fragment assembly) or 1 (scatter into a dense tile); FLASHLLM_VALCAP, the
 // values a stage buffer holds per strip (default 4096, a full tile). A smaller buffer, fitted by
 // the launcher to the weight's largest tile (configs.VALUE_CAPS), leaves room for more resident
@@ -167,13 +167,15 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
   // test in each step had cut them into separate basic blocks: 10% more instructions, no overlap).
   bool valid[STRIPS];
   const int* tile_offsets[STRIPS];
-  const unsigned char* tile_masks[STRIPS];
+  const unsigned char* tile_masks0[STRIPS];  // the block's first tile's masks (prefetch)
+  const unsigned char* tile_masks[STRIPS];   // this thread's 16 bytes of them (copies)
 #pragma unroll
   for (int s = 0; s < STRIPS; ++s) {
     valid[s] = STRIPS == 1 || strip0 + s < MT;  // one strip: the grid has exactly MT blocks
     const size_t t0 = static_cast<size_t>(valid[s] ? strip0 + s : MT - 1) * KT + kt0;
     tile_offsets[s] = offsets + t0;
-    tile_masks[s] = masks + t0 * MASK_BYTES + (tid % (MASK_BYTES / 16)) * 16;
+    tile_masks0[s] = masks + t0 * MASK_BYTES;
+    tile_masks[s] = tile_masks0[s] + (tid % (MASK_BYTES / 16)) * 16;
   }
   const XStager xstage(x, ldx, n0, N, kx, tid);
 
@@ -204,6 +206,17 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
     }
     xstage.stage(stage + X_OFF, (kt0 + j) * GROUP);
   };
+  // FLASHLLM_PREFETCH: thread 0 asks L2 for tile t's masks and value run (bounds clamped like the
+  // copies'), PREFETCH tiles past the copies, so the copies find them in L2: more bytes in flight
+  // than the shared-memory stages hold. Its run bounds are loaded a stage ahead (pf_lo, pf_hi).
+  int pf_lo[STRIPS] = {}, pf_hi[STRIPS] = {};
+  auto prefetch = [&](int t, const int (&lo)[STRIPS], const int (&hi)[STRIPS]) {
+#pragma unroll
+    for (int s = 0; s < STRIPS; ++s) {
+      prefetch_l2(tile_masks0[s] + static_cast<size_t>(t) * MASK_BYTES, MASK_BYTES);
+      prefetch_l2(values + lo[s], static_cast<u32>(min(max(hi[s] - lo[s], 0), GROUP * GROUP)) * 2u);
+    }
+  };
 
   // Prologue: STAGES - 1 stages in flight, their offsets loaded together first. One commit per
   // stage, empty or not, keeps the wait_group arithmetic uniform.
@@ -223,6 +236,14 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
       nlo[s] = plo[STAGES - 1][s];
       nhi[s] = phi[STAGES - 1][s];
     }
+  }
+  if (PREFETCH > 0 && tid == 0) {  // the tiles between the prologue's copies and the loop's first prefetch
+    for (int t = STAGES - 1; t < min(STAGES - 1 + PREFETCH, nk); ++t) {
+      int lo[STRIPS], hi[STRIPS];
+      load_offsets(t, lo, hi);
+      prefetch(t, lo, hi);
+    }
+    if (STAGES - 1 + PREFETCH < nk) load_offsets(STAGES - 1 + PREFETCH, pf_lo, pf_hi);
   }
 
   // Lane constants: which mask half-word it decodes, where its 2 bits sit, the bits below them.
@@ -272,6 +293,10 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
     if (j < nk) {
       issue(j, st_issue, nlo, nhi);
       if (j + 1 < nk) load_offsets(j + 1, nlo, nhi);
+    }
+    if (PREFETCH > 0 && tid == 0 && j + PREFETCH < nk) {
+      prefetch(j + PREFETCH, pf_lo, pf_hi);
+      if (j + PREFETCH + 1 < nk) load_offsets(j + PREFETCH + 1, pf_lo, pf_hi);
     }
     cp_async_commit();
 

@@ -10,6 +10,8 @@
 //   FLASHLLM_NROWS  activation rows per block: 8, 16, 32, 64 or 128 (N is padded up to it)
 //   FLASHLLM_STAGES cp.async pipeline depth
 //   FLASHLLM_WARPS  warps per block (optional, default 4)
+//   FLASHLLM_PREFETCH tiles past the cp.async frontier whose compressed weight thread 0 asks L2 to
+//                   fetch, one tile per stage (optional, default 0 = none)
 // plus kernel-specific ones documented in each .cu file.
 //
 // Conventions shared by both kernels. The product is y = x @ W.T with x (N x K) and W (M x K).
@@ -48,6 +50,11 @@ constexpr u32 FULL = 0xffffffffu;
 
 constexpr int NROWS = FLASHLLM_NROWS;
 constexpr int STAGES = FLASHLLM_STAGES;
+#ifndef FLASHLLM_PREFETCH
+#define FLASHLLM_PREFETCH 0
+#endif
+constexpr int PREFETCH = FLASHLLM_PREFETCH;
+static_assert(PREFETCH >= 0 && PREFETCH <= 16, "PREFETCH");
 static_assert(NROWS == 8 || NROWS == 16 || NROWS == 32 || NROWS == 64 || NROWS == 128, "NROWS");
 static_assert(STAGES >= 2 && STAGES <= 6, "STAGES");
 // n16 tiles of activations per block; NROWS == 8 uses only the upper half of one A fragment.
@@ -79,6 +86,20 @@ __device__ __forceinline__ void cp_async16(u32 dst, const void* src, u32 src_byt
 // dense-tile reload path: removed, it also saves those moves.)
 __device__ __forceinline__ void cp_async16_full(u32 dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+}
+// Ask L2 to fetch [p, p + bytes) from DRAM now: a hint with no result and no wait, so a pipeline
+// can reach further ahead than its shared-memory stages allow (FLASHLLM_PREFETCH in the kernels).
+// One thread issues it; p is 16-byte aligned and bytes a multiple of 16. sm_90: one bulk prefetch
+// (TMA); older GPUs: one per 128-byte line, the last byte's line included.
+__device__ __forceinline__ void prefetch_l2(const void* p, u32 bytes) {
+  if (bytes == 0u) return;
+#if __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
+#else
+  const unsigned char* c = static_cast<const unsigned char*>(p);
+  for (u32 o = 0; o < bytes; o += 128u) asm volatile("prefetch.global.L2 [%0];\n" ::"l"(c + o) : "memory");
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(c + bytes - 1u) : "memory");
+#endif
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int PENDING>

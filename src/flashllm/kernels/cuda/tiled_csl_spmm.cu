@@ -157,6 +157,12 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
     xstage.stage(dst + WORDS_BYTES, (kt0 + j) * TILE_K);
     if (tid == 0) info[st] = RunInfo{lo, count};  // read after at least one barrier
   };
+  // FLASHLLM_PREFETCH: thread 0 asks L2 for tile t's words, PREFETCH tiles past the copies (see the
+  // bitmap kernel); the run's bounds are loaded a stage ahead (pf_lo, pf_hi).
+  int pf_lo = 0, pf_hi = 0;
+  auto prefetch = [&](int lo, int hi) {
+    prefetch_l2(words + lo, static_cast<u32>(min(max(hi - lo, 0), TILE_ELEMS)) * 4u);
+  };
   // Scatter the tile held by stage st into a dense buffer; a tile over CAPW words reloads the
   // stage's word buffer in pieces (block-uniform branch: every thread sees the same count).
   auto scatter = [&](int st, u16* d) {
@@ -190,6 +196,10 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
     nlo = plo[STAGES - 1];
     nhi = phi[STAGES - 1];
   }
+  if (PREFETCH > 0 && tid == 0) {  // the tiles between the prologue's copies and the loop's first prefetch
+    for (int t = STAGES - 1; t < min(STAGES - 1 + PREFETCH, nk); ++t) prefetch(tile_offsets[t], tile_offsets[t + 1]);
+    if (STAGES - 1 + PREFETCH < nk) load_offsets(STAGES - 1 + PREFETCH, pf_lo, pf_hi);
+  }
   if constexpr (SCATTER_AHEAD) {
     cp_async_wait<STAGES - 2>();
     __syncthreads();  // tile 0 landed, both dense tiles zeroed, info[0] visible
@@ -217,6 +227,10 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
     // Unconditional (clamped to the last tile): loaded under a branch, the bounds were kept on the
     // stack by some variants, and the store waited for the load it was meant to hide.
     load_offsets(min(j + 1, nk - 1), nlo, nhi);
+    if (PREFETCH > 0 && tid == 0 && j + PREFETCH < nk) {
+      prefetch(pf_lo, pf_hi);
+      if (j + PREFETCH + 1 < nk) load_offsets(j + PREFETCH + 1, pf_lo, pf_hi);
+    }
     cp_async_commit();
     const int dense_i = SCATTER_AHEAD ? i & 1 : 0;  // the dense tile holding tile i
     if constexpr (!SCATTER_AHEAD) {
