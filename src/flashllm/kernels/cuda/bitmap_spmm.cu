@@ -24,18 +24,19 @@
 // ldmatrix.x4 per 16x16 piece then reads the B fragments. Each lane's work is its word's popcount
 // (the warp waits for the fullest word); the warp zeroes its rows again after the mma.
 //
-// Extra compile-time parameters (and FLASHLLM_PREFETCH, common.cuh): FLASHLLM_STRIPS (1 or 2) strips of 64 rows per block;
-// FLASHLLM_DECODE 0 (fragment assembly) or 1 (scatter into a dense tile); FLASHLLM_VALCAP, the
-// values a stage buffer holds per strip (default 4096, a full tile). A smaller buffer, fitted by
-// the launcher to the weight's largest tile (configs.VALUE_CAPS), leaves room for more resident
-// blocks (the kernel is latency-bound; at 50% sparsity 9 blocks per SM fit instead of 6); a tile
-// with a longer run stops the kernel (trap) instead of being decoded from a truncated copy.
+// Extra compile-time parameters (besides common.cuh's): FLASHLLM_STRIPS (1 or 2) strips of 64
+// rows per block; FLASHLLM_DECODE 0 (fragment assembly) or 1 (scatter into a dense tile);
+// FLASHLLM_VALCAP, the values a stage buffer holds per strip (default 4096, a full tile). A smaller
+// buffer, fitted by the launcher to the weight's largest tile (configs.VALUE_CAPS), leaves room for
+// more resident blocks (the kernel is latency-bound; at 50% sparsity 9 blocks per SM fit instead
+// of 6); a tile with a longer run stops the kernel (trap) instead of being decoded from a
+// truncated copy.
 //
-// FLASHLLM_PROBE (diagnostics only, scripts/kernel_probes.py; the output is then not the product)
-// leaves out the later parts of the work so that timing each level shows where the time goes:
-// 1 streams the stages (copies, waits, barriers) and nothing else, 2 adds the per-warp scan (and
-// the scatter decode's scatter), 3 adds the B-fragment assembly but not the activations' loads and
-// the mma, 0 (default) is the kernel.
+// FLASHLLM_PROBE (diagnostics only, python -m flashllm.bench.probes; the output is then not the
+// product) leaves out the later parts of the work, so that timing each level shows where the time
+// goes: 1 streams the stages (copies, waits, barriers) and nothing else, 2 adds the per-warp scan
+// (and the scatter decode's scatter), 3 adds the B-fragment assembly but not the activations'
+// loads and the mma, 0 (default) is the kernel.
 #include "common.cuh"
 
 #ifndef FLASHLLM_STRIPS
@@ -237,7 +238,8 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
       nhi[s] = phi[STAGES - 1][s];
     }
   }
-  if (PREFETCH > 0 && tid == 0) {  // the tiles between the prologue's copies and the loop's first prefetch
+  // The tiles between the prologue's copies and the loop's first prefetch.
+  if (PREFETCH > 0 && tid == 0) {
     for (int t = STAGES - 1; t < min(STAGES - 1 + PREFETCH, nk); ++t) {
       int lo[STRIPS], hi[STRIPS];
       load_offsets(t, lo, hi);

@@ -89,15 +89,19 @@ __device__ __forceinline__ void cp_async16_full(u32 dst, const void* src) {
 }
 // Ask L2 to fetch [p, p + bytes) from DRAM now: a hint with no result and no wait, so a pipeline
 // can reach further ahead than its shared-memory stages allow (FLASHLLM_PREFETCH in the kernels).
-// One thread issues it; p is 16-byte aligned and bytes a multiple of 16. sm_90: one bulk prefetch
-// (TMA); older GPUs: one per 128-byte line, the last byte's line included.
+// One thread issues it; p is 16-byte aligned (the runs' copies need that too) and bytes is rounded
+// down to the 16 the bulk form requires. sm_90: one bulk prefetch (TMA); older GPUs: one per
+// 128-byte line, the last byte's line included.
 __device__ __forceinline__ void prefetch_l2(const void* p, u32 bytes) {
+  bytes &= ~15u;
   if (bytes == 0u) return;
 #if __CUDA_ARCH__ >= 900
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
 #else
   const unsigned char* c = static_cast<const unsigned char*>(p);
-  for (u32 o = 0; o < bytes; o += 128u) asm volatile("prefetch.global.L2 [%0];\n" ::"l"(c + o) : "memory");
+  for (u32 o = 0; o < bytes; o += 128u) {
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(c + o) : "memory");
+  }
   asm volatile("prefetch.global.L2 [%0];\n" ::"l"(c + bytes - 1u) : "memory");
 #endif
 }

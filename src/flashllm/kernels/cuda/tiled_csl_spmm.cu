@@ -24,9 +24,9 @@
 //
 // Extra compile-time parameter: FLASHLLM_CAPW, words per stage buffer (a multiple of 4); optional
 // FLASHLLM_WARPS 4 (default) or 8, FLASHLLM_DENSE_TILES 2 (default) or 1. FLASHLLM_PROBE
-// (diagnostics only, scripts/kernel_probes.py; the output is then not the product): 1 streams the
-// stages and reloads the pieces of dense tiles but scatters nothing, 2 adds the scatter and the
-// re-zeroing, without the ldmatrix and mma; 0 (default) is the kernel.
+// (diagnostics only, python -m flashllm.bench.probes; the output is then not the product): 1
+// streams the stages and reloads the pieces of dense tiles but scatters nothing, 2 adds the scatter
+// and the re-zeroing, without the ldmatrix and mma; 0 (default) is the kernel.
 #include "common.cuh"
 
 #ifndef FLASHLLM_CAPW
@@ -196,8 +196,11 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
     nlo = plo[STAGES - 1];
     nhi = phi[STAGES - 1];
   }
-  if (PREFETCH > 0 && tid == 0) {  // the tiles between the prologue's copies and the loop's first prefetch
-    for (int t = STAGES - 1; t < min(STAGES - 1 + PREFETCH, nk); ++t) prefetch(tile_offsets[t], tile_offsets[t + 1]);
+  // The tiles between the prologue's copies and the loop's first prefetch.
+  if (PREFETCH > 0 && tid == 0) {
+    for (int t = STAGES - 1; t < min(STAGES - 1 + PREFETCH, nk); ++t) {
+      prefetch(tile_offsets[t], tile_offsets[t + 1]);
+    }
     if (STAGES - 1 + PREFETCH < nk) load_offsets(STAGES - 1 + PREFETCH, pf_lo, pf_hi);
   }
   if constexpr (SCATTER_AHEAD) {
