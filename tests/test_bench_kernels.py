@@ -203,3 +203,22 @@ def test_bytes_in_flight_script_counts_each_pipelines_depth():
         assert ahead[(fmt, "shipped + L2 prefetch 4")] == 4 and pf[1] == shipped[1]
         assert pf[6] >= shipped[6] + 4 * pf[3] * pf[5] - 0.5
     assert all(r[6] > 0 for r in rows.values()) and len(rows) == 10
+
+
+def test_appending_to_a_csv_of_an_older_version_keeps_its_columns(tmp_path, capsys):
+    # A CSV begun before the sm_mhz column existed: new rows follow its header instead of shifting.
+    path = tmp_path / "kernels.csv"
+    old_fields = [f for f in bench.CSV_FIELDS if f != "sm_mhz"]
+    with open(path, "w", newline="") as fh:
+        csv.writer(fh).writerow(old_fields)
+    row = bench.Row(shape="tiny-a", out_features=192, in_features=256, n=1, sparsity=0.5, method="bitmap",
+                    time_us=12.5, speedup=1.1, ideal=1.8, gbps=10.0, frac_copy=0.1, err=0.0, timing="graph",
+                    config="cfg", sm_mhz=1980.0)
+    env = {"gpu": "g", "date": "d", "torch": "t", "cuda": "c", "flashllm": "f", "copy_gbps": 4000.0}
+    bench.write_csv([row], env, "fp16", str(path))
+    assert "no column for sm_mhz" in capsys.readouterr().err
+    got = list(csv.DictReader(open(path, newline="")))
+    assert list(got[0]) == old_fields and got[0]["time_us"] == "12.5" and got[0]["config"] == "cfg"
+    fresh = tmp_path / "new.csv"
+    bench.write_csv([row], env, "fp16", str(fresh))
+    assert list(csv.DictReader(open(fresh, newline="")))[0]["sm_mhz"] == "1980.0"

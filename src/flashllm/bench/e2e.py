@@ -7,6 +7,7 @@ and packed before the next one exists. Decoding uses `flashllm.decode.StaticDeco
 cache, one CUDA graph per step) for dense and sparse alike, so the comparison isolates the linear
 layers. With ``--predict``, each distinct linear shape is also timed alone, dense and sparse, and
 the speedup those kernel times predict for a whole decode step is printed next to the measured one.
+Each row records the SM clock NVML read during its timed generation (`sm_mhz`, bench/clocks.py).
 
     flashllm bench e2e --models llama-2-7b,llama-2-13b --sparsities 0.5,0.7,0.8 --batch 1,8,16,32
     flashllm bench e2e --big            # OPT-66B and OPT-175B at 80% on one GPU
@@ -16,7 +17,6 @@ the speedup those kernel times predict for a whole decode step is printed next t
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import platform
 from dataclasses import asdict, dataclass
@@ -25,6 +25,9 @@ from typing import Optional
 
 import torch
 from torch import nn
+
+from .clocks import SmClock
+from .csvlog import append_rows
 
 # Published architectures (Hugging Face config fields); no download needed.
 CONFIGS = {
@@ -168,6 +171,7 @@ class Row:
     device: str
     torch: str
     date: str
+    sm_mhz: float = float("nan")  # median SM clock during the timed generation (NVML; nan without it)
 
 
 def run_one(model: nn.Module, batch: int, prompt: int, new_tokens: int, vocab: int, device: torch.device,
@@ -179,7 +183,9 @@ def run_one(model: nn.Module, batch: int, prompt: int, new_tokens: int, vocab: i
     decoder.generate(ids, min(8, new_tokens))  # warm-up: allocator, cuBLAS handles, kernels
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    result = decoder.generate(ids, new_tokens)
+    clock = SmClock(device)
+    with clock:
+        result = decoder.generate(ids, new_tokens)
     total = result.prefill_seconds + result.decode_seconds
     return {
         "decode_tokens_per_s": result.decode_tokens_per_second,
@@ -188,6 +194,7 @@ def run_one(model: nn.Module, batch: int, prompt: int, new_tokens: int, vocab: i
         "step_ms": result.decode_seconds / max(new_tokens - 1, 1) * 1e3,
         "peak_memory_gib": (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0) / 2**30,
         "cuda_graph": result.cuda_graph,
+        "sm_mhz": clock.median_mhz or float("nan"),
     }
 
 
@@ -283,7 +290,8 @@ def _format_row(r: Row) -> str:
     return (f"{r.model:11s} {r.variant:8s} s={r.sparsity:.1f} b={r.batch:3d}: {r.decode_tokens_per_s:9.1f} tok/s, "
             f"step {r.step_ms:7.2f} ms, ttft {r.ttft_ms:7.1f} ms, peak {r.peak_memory_gib:6.1f} GiB, "
             f"linear weights {r.linear_weight_gib:6.2f} GiB, speedup {r.measured_speedup:.2f}x "
-            f"(predicted {r.predicted_speedup:.2f}x){'' if r.cuda_graph else ', eager'}")
+            f"(predicted {r.predicted_speedup:.2f}x){'' if r.cuda_graph else ', eager'}"
+            + ("" if r.sm_mhz != r.sm_mhz else f" @ {r.sm_mhz:.0f} MHz"))
 
 
 def _table(rows: list[Row]) -> str:
@@ -298,13 +306,7 @@ def _table(rows: list[Row]) -> str:
 
 def _write_csv(rows: list[Row], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fields = list(asdict(rows[0]))
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
+    append_rows(str(path), list(Row.__dataclass_fields__), (asdict(r) for r in rows))
 
 
 def _plot(rows: list[Row], path: Path) -> None:

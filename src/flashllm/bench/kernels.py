@@ -21,7 +21,6 @@ time goes inside a kernel: `python -m flashllm.bench.probes`.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import os
 import random
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 
 from ..kernels.configs import CSL_DENSE_TILES, CSL_WARPS, DECODES, FIT, LaunchConfig
 from .clocks import SmClock, max_sm_clock
+from .csvlog import append_rows
 
 # (name, out_features M, in_features K), grouped by model.
 SHAPES: dict[str, list[tuple[str, int, int]]] = {
@@ -441,15 +441,8 @@ CSV_FIELDS = ["gpu", "date", "torch", "cuda", "flashllm", "dtype", "shape", "out
 
 def write_csv(rows: list[Row], env: dict, dtype: str, path: str) -> None:
     """Long format, appended (with a header when the file is new), one line per measurement."""
-    new = not os.path.exists(path)
-    with open(path, "a", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
-        if new:
-            writer.writeheader()
-        for r in rows:
-            d = {k: v for k, v in asdict(r).items() if k in CSV_FIELDS}
-            writer.writerow({**d, **{k: env[k] for k in ("gpu", "date", "torch", "cuda", "flashllm", "copy_gbps")},
-                             "dtype": dtype})
+    run = {k: env[k] for k in ("gpu", "date", "torch", "cuda", "flashllm", "copy_gbps")}
+    append_rows(path, CSV_FIELDS, ({**asdict(r), **run, "dtype": dtype} for r in rows))
 
 
 def plot(rows: list[Row], env: dict, path: str) -> bool:

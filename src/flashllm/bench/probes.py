@@ -27,7 +27,6 @@ faster for that reason alone. Only the full level's output is the product (check
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 from ..kernels.configs import LaunchConfig
 from . import kernels as bench
 from .clocks import SmClock, max_sm_clock
+from .csvlog import append_rows
 
 # Probe levels per format, in the order of the work they add (FLASHLLM_PROBE values; 0 is the kernel).
 LEVELS = {
@@ -175,13 +175,8 @@ CSV_FIELDS = ["gpu", "date", "torch", "cuda", "flashllm", "copy_gbps", "max_sm_m
 
 
 def write_csv(rows: list[ProbeRow], env: dict, path: str) -> None:
-    new = not os.path.exists(path)
-    with open(path, "a", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
-        if new:
-            writer.writeheader()
-        for r in rows:
-            writer.writerow({**{k: env.get(k) for k in CSV_FIELDS[:7]}, **asdict(r)})
+    run = {k: env.get(k) for k in CSV_FIELDS[:7]}
+    append_rows(path, CSV_FIELDS, ({**run, **asdict(r)} for r in rows))
 
 
 def build_parser() -> argparse.ArgumentParser:
