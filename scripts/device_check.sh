@@ -3,6 +3,7 @@
 #
 #   bash scripts/device_check.sh            # on the device machine (the device tool sets $OUT)
 #   OUT=/tmp/out bash scripts/device_check.sh
+#   DEVICE_CHECK_PRESET=diagnose bash scripts/device_check.sh   # what binds the kernels (below)
 #
 # Steps (each under its own time limit; a failing step is reported and the next one still runs):
 #   1. environment: GPU, driver, torch, NVRTC                                       (~5 s)
@@ -38,6 +39,24 @@
 # an option for an A/B against the configured kernel).
 # DEVICE_CHECK_TESTS=0 skips step 3 (a profiling-only run).
 set -uo pipefail
+
+# DEVICE_CHECK_PRESET=diagnose: the one call that says what binds the kernels and whether the
+# pending options help (~4 minutes on an H200 with prebuilt cubins, 8.5 at most by its step
+# limits): the tests, a benchmark of the pending options against the defaults on two layers (N
+# 1/16, 50/80/90%, cuBLAS only), the probes, Nsight Compute at the GPU's own clock and the
+# sanitizers; no tuning (a second call: DEVICE_CHECK_TUNE=1 ...). If the pending options fail
+# their smoke test (step 2b), the benchmark and probes fall back to the defaults. Variables set in
+# the environment still win.
+if [ "${DEVICE_CHECK_PRESET:-}" = "diagnose" ]; then
+  : "${BENCH_SELECT:=--shapes llama-2-7b.up,opt-66b.qkv --n 1,16 --sparsity 0.5,0.8,0.9}"
+  : "${BENCH_BASELINES:=cublas}"
+  : "${BENCH_FORMATS:=bitmap,tiled_csl,bitmap:fit,bitmap:pf4,bitmap:fit:stages6,bitmap:fit:pf4,tiled_csl:dense1,tiled_csl:pf4,tiled_csl:dense1:stages6}"
+  : "${DEVICE_CHECK_PROBE:=1}" "${PROBE_FORMATS:=bitmap,tiled_csl,bitmap:pf4,bitmap:fit:stages6,tiled_csl:pf4,tiled_csl:dense1:stages6}"
+  : "${DEVICE_CHECK_NCU:=1}" "${NCU_CLOCK_CONTROL:=none}"
+  : "${PYTEST_LIMIT:=170}" "${BENCH_LIMIT:=90}" "${PROBE_LIMIT:=90}" "${NCU_LIMIT:=60}" "${SANITIZER_LIMIT:=45}"
+elif [ -n "${DEVICE_CHECK_PRESET:-}" ]; then
+  echo "unknown DEVICE_CHECK_PRESET=${DEVICE_CHECK_PRESET} (known: diagnose)"; exit 2
+fi
 
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./out}"
@@ -132,6 +151,9 @@ fi
 # A failing or hanging option would cost the later steps their time or their CUDA context: leave
 # the unvalidated options out of them then.
 if [ "${STATUS[smoke_unvalidated]}" = 0 ]; then UNVALIDATED=1; else UNVALIDATED=0; echo "leaving the unvalidated options out of the steps below"; fi
+if [ "$UNVALIDATED" = 0 ] && [ "${DEVICE_CHECK_PRESET:-}" = diagnose ]; then
+  BENCH_FORMATS="bitmap,tiled_csl,bitmap:stages6,tiled_csl:stages6"; PROBE_FORMATS="bitmap,tiled_csl"
+fi
 export FLASHLLM_CHECK_UNVALIDATED=$UNVALIDATED
 
 if [ "${DEVICE_CHECK_TESTS:-1}" = "1" ]; then
