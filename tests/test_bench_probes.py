@@ -93,3 +93,39 @@ def test_unvalidated_options_stay_unvalidated_under_a_probe():
     pcfg = probes.probe_configs("tiled_csl", LaunchConfig(nrows=16, words_per_stage=1024, dense_tiles=1))[0][1]
     assert pcfg.validated() == replace(LaunchConfig(nrows=16, words_per_stage=1024, dense_tiles=1)).validated()
     assert pcfg.validated() is (1 not in configs.UNVALIDATED_DENSE_TILES)
+
+
+def test_clock_sampler_collects_while_inside_and_stops_after(monkeypatch):
+    # NVML is not on a CPU machine: a stand-in with the same two calls checks the sampling thread.
+    from flashllm.bench import clocks
+
+    class FakeNvml:
+        def __init__(self):
+            self.reads = 0
+
+        def handle(self, device):
+            return "gpu0"
+
+        def clock(self, handle, max_clock=False):
+            if max_clock:
+                return 1980
+            self.reads += 1
+            return 1755 if self.reads % 2 else 1980
+
+    fake = FakeNvml()
+    monkeypatch.setattr(clocks, "_load", lambda: fake)
+    sampler = SmClock(torch.device("cuda"), interval_s=0.001)
+    assert sampler.available and max_sm_clock(torch.device("cuda")) == 1980
+    import time
+
+    with sampler:
+        time.sleep(0.05)
+    count = len(sampler.samples)
+    assert count >= 3 and set(sampler.samples) <= {1755, 1980}
+    assert sampler.median_mhz in (1755.0, 1980.0, (1755 + 1980) / 2)
+    time.sleep(0.01)
+    assert len(sampler.samples) == count  # the thread stopped at exit
+    first = sampler.samples
+    with sampler:  # reusable: a fresh set of samples
+        time.sleep(0.01)
+    assert sampler.samples is not first and len(sampler.samples) > 0 and len(first) == count
