@@ -152,7 +152,7 @@ def find_loop(code: list[Ins], strips: int = 1) -> Loop:
     inner = []
     for i, ins in enumerate(body):
         t2 = ins.branch_target
-        if t2 is not None and t2 < ins.addr and i < len(body) - 1:
+        if t2 is not None and t2 < ins.addr and i < len(body) - 1 and t2 in addr:
             inner.append((addr[t2], i))
     first_ldsm = next(i for i, ins in enumerate(body) if ins.op.startswith("LDSM") and i > commit)
     scan_end = inner[0][0] if inner and inner[0][0] < first_ldsm else first_ldsm
