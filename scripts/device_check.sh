@@ -8,10 +8,10 @@
 # Steps (each under its own time limit; a failing step is reported and the next one still runs):
 #   1. environment: GPU, driver, torch, NVRTC                                       (~5 s)
 #   2. smoke: one small product per format against float64                         (~10 s)
-#      2b. the same for the options not yet validated on a GPU (configs.UNVALIDATED_*: the
-#      fitted bitmap value buffers, bitmap:fit; one dense Tiled-CSL tile, tiled_csl:dense1; the L2
-#      prefetch, bitmap:pf4 and tiled_csl:pf4); if
-#      they fail or hang, steps 3-7 leave them out (~10 s)
+#      2b. the same for each option not yet validated on a GPU, one at a time
+#      (`python -m flashllm.kernels.configs pending`: the fitted bitmap value buffers, bitmap:fit;
+#      one dense Tiled-CSL tile, tiled_csl:dense1; the L2 prefetch, bitmap:pf4 and tiled_csl:pf4);
+#      one that fails or hangs is left out of steps 3-7, the others run there   (~10 s each)
 #   3. pytest -m gpu: the kernels' correctness grid, every config variant, spmm/SparseLinear
 #      dispatch, torch.compile, CUDA graphs; CUDA-graph decoding of a sparse model  (~1 min)
 #   4. DEVICE_CHECK_TUNE=1: tune the launch configs on the --quick shapes (tuned.json, tune.log);
@@ -44,9 +44,9 @@ set -uo pipefail
 # pending options help (~4 minutes on an H200 with prebuilt cubins, 8.5 at most by its step
 # limits): the tests, a benchmark of the pending options against the defaults on two layers (N
 # 1/16, 50/80/90%, cuBLAS only), the probes, Nsight Compute at the GPU's own clock and the
-# sanitizers; no tuning (a second call: DEVICE_CHECK_TUNE=1 ...). If the pending options fail
-# their smoke test (step 2b), the benchmark and probes fall back to the defaults. Variables set in
-# the environment still win.
+# sanitizers; no tuning (a second call: DEVICE_CHECK_TUNE=1 ...). A pending option that fails its
+# smoke test (step 2b) is left out of every later step, the others stay. Variables set in the
+# environment still win.
 if [ "${DEVICE_CHECK_PRESET:-}" = "diagnose" ]; then
   : "${BENCH_SELECT:=--shapes llama-2-7b.up,opt-66b.qkv --n 1,16 --sparsity 0.5,0.8,0.9}"
   : "${BENCH_BASELINES:=cublas}"
@@ -97,17 +97,15 @@ SMOKE_PY=/tmp/flashllm_smoke.py
 cat > "$SMOKE_PY" <<'EOF'
 import os, time, torch
 from dataclasses import replace
+from flashllm.bench.kernels import parse_format
 from flashllm.formats import BitmapWeight, TiledCSLWeight
 from flashllm.kernels import bitmap_cuda, configs, tiled_csl_cuda, launch
 torch.manual_seed(0)
 ok = True
-cases = [(BitmapWeight, bitmap_cuda, {}), (TiledCSLWeight, tiled_csl_cuda, {})]
-if os.environ.get("SMOKE_UNVALIDATED") == "1":  # step 2b
-    cases = ([(BitmapWeight, bitmap_cuda, {"decode": d}) for d in sorted(configs.UNVALIDATED_DECODES)]
-             + [(TiledCSLWeight, tiled_csl_cuda, {"warps": w}) for w in sorted(configs.UNVALIDATED_WARPS)]
-             + [(BitmapWeight, bitmap_cuda, {"value_cap": configs.FIT})] * (configs.FIT in configs.UNVALIDATED_VALUE_CAPS)
-             + [(TiledCSLWeight, tiled_csl_cuda, {"dense_tiles": t}) for t in sorted(configs.UNVALIDATED_DENSE_TILES)]
-             + [(cls, mod, {"prefetch": 4}) for cls, mod, _ in cases] * (4 in configs.UNVALIDATED_PREFETCH))
+# The defaults, or (step 2b) one pending option's benchmark names, e.g. "bitmap:pf4,tiled_csl:pf4".
+FORMATS = {"bitmap": (BitmapWeight, bitmap_cuda), "tiled_csl": (TiledCSLWeight, tiled_csl_cuda)}
+cases = [(*FORMATS[fmt], options) for fmt, options in
+         map(parse_format, os.environ.get("SMOKE_FORMATS", "bitmap,tiled_csl").split(","))]
 for cls, mod, options in cases:
     for split in (1, 3):
         w = torch.randn(1000, 1500, device="cuda", dtype=torch.float16)
@@ -132,36 +130,44 @@ EOF
 timeout 120 "$PY" "$SMOKE_PY"
 STATUS[smoke]=$?
 
-step "2b. smoke: the options not yet validated on a GPU"
-# The benchmark's names for them (bitmap:scatter, tiled_csl:warps8, ...), empty when none is pending.
-PENDING=$("$PY" -c "from flashllm.kernels import configs
-print(','.join([f'bitmap:{d}' for d in sorted(configs.UNVALIDATED_DECODES)]
-               + [f'tiled_csl:warps{w}' for w in sorted(configs.UNVALIDATED_WARPS)]
-               + ['bitmap:fit'] * (configs.FIT in configs.UNVALIDATED_VALUE_CAPS)
-               + [f'tiled_csl:dense{t}' for t in sorted(configs.UNVALIDATED_DENSE_TILES)]
-               + ['bitmap:pf4', 'tiled_csl:pf4'] * (4 in configs.UNVALIDATED_PREFETCH)))")
-if [ -n "$PENDING" ]; then
-  echo "pending: $PENDING"
-  SMOKE_UNVALIDATED=1 timeout 90 "$PY" "$SMOKE_PY"
-  STATUS[smoke_unvalidated]=$?
-else
-  echo "none pending (configs.UNVALIDATED_* are empty)"
-  STATUS[smoke_unvalidated]=0
-fi
-# A failing or hanging option would cost the later steps their time or their CUDA context: leave
-# the unvalidated options out of them then.
-if [ "${STATUS[smoke_unvalidated]}" = 0 ]; then UNVALIDATED=1; else UNVALIDATED=0; echo "leaving the unvalidated options out of the steps below"; fi
-if [ "$UNVALIDATED" = 0 ] && [ "${DEVICE_CHECK_PRESET:-}" = diagnose ]; then
-  BENCH_FORMATS="bitmap,tiled_csl,bitmap:stages6,tiled_csl:stages6"; PROBE_FORMATS="bitmap,tiled_csl"
-fi
-export FLASHLLM_CHECK_UNVALIDATED=$UNVALIDATED
+step "2b. smoke: the options not yet validated on a GPU, one by one"
+# configs.pending_options: "<option> <benchmark names>" per line (fit bitmap:fit, ...). An option
+# that fails or hangs here would cost the later steps their time or their CUDA context: the steps
+# below leave it out (FLASHLLM_SKIP_OPTIONS, pytest -m "not unvalidated_<option>") and keep the
+# others. PENDING: the benchmark names of the options that passed.
+PENDING=""; FAILED=""; MARKS="gpu"
+STATUS[smoke_unvalidated]=0
+while read -r option formats; do
+  [ -z "$option" ] && continue
+  echo "-- $option ($formats)"
+  if SMOKE_FORMATS="$formats" timeout 60 "$PY" "$SMOKE_PY" < /dev/null; then
+    PENDING="${PENDING:+$PENDING,}$formats"
+  else
+    FAILED="${FAILED:+$FAILED,}$option"; MARKS="$MARKS and not unvalidated_$option"; STATUS[smoke_unvalidated]=1
+  fi
+done <<< "$("$PY" -m flashllm.kernels.configs pending)"
+echo "pending options that passed: ${PENDING:-none}; failed: ${FAILED:-none}"
+export FLASHLLM_SKIP_OPTIONS="$FAILED"
+# Drop the entries of a --formats list that use a failed option.
+keep_formats() {
+  "$PY" -c "import os, sys
+from dataclasses import replace
+from flashllm.bench.kernels import parse_format
+from flashllm.kernels import configs
+skip = set(filter(None, os.environ.get('FLASHLLM_SKIP_OPTIONS', '').split(',')))
+def uses_skipped(name):
+    fmt, options = parse_format(name)
+    base = configs.LaunchConfig(nrows=16, words_per_stage=2048 if fmt == 'tiled_csl' else 0)
+    return bool(set(configs.unvalidated_options(replace(base, **options))) & skip)
+print(','.join(n for n in sys.argv[1].split(',') if n and not uses_skipped(n)))" "$1"
+}
+[ -n "${BENCH_FORMATS:-}" ] && BENCH_FORMATS=$(keep_formats "$BENCH_FORMATS")
+[ -n "${PROBE_FORMATS:-}" ] && PROBE_FORMATS=$(keep_formats "$PROBE_FORMATS")
 
 if [ "${DEVICE_CHECK_TESTS:-1}" = "1" ]; then
   step "3. GPU tests"
   PYTEST_TIMEOUT=()
   "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_TIMEOUT=(--timeout 120)
-  MARKS="gpu"
-  [ "$UNVALIDATED" = 1 ] || MARKS="gpu and not unvalidated"
   timeout "${PYTEST_LIMIT:-300}" "$PY" -m pytest tests/test_kernels_cuda.py tests/test_decode.py -m "$MARKS" -q -rfEs \
     -p no:cacheprovider "${PYTEST_TIMEOUT[@]}" --maxfail 20 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 40
   STATUS[pytest]=${PIPESTATUS[0]}
@@ -172,7 +178,7 @@ if [ "${DEVICE_CHECK_TUNE:-0}" = "1" ]; then
   timeout "${TUNE_LIMIT:-240}" "$PY" -m flashllm.bench.kernels --tune \
     --shapes "${TUNE_SHAPES:-opt-66b.qkv,opt-66b.out,llama-3-70b.down,llama-2-7b.up}" \
     --n "${TUNE_N:-1,16,64}" --sparsity "${TUNE_SPARSITY:-0.5,0.8}" --warmup 5 --rep 20 \
-    --write-configs "$OUT/tuned.json" $([ "$UNVALIDATED" = 1 ] || echo --validated-only) 2>&1 | tee "$OUT/tune.log" | grep -v "^#\|^  " | tail -n 60
+    --write-configs "$OUT/tuned.json" ${FAILED:+--skip-options "$FAILED"} 2>&1 | tee "$OUT/tune.log" | grep -v "^#\|^  " | tail -n 60
   STATUS[tune]=${PIPESTATUS[0]}
   [ -f "$OUT/tuned.json" ] && export FLASHLLM_KERNEL_CONFIGS="$OUT/tuned.json"
 fi
@@ -180,7 +186,7 @@ fi
 BENCH_SELECT="${BENCH_SELECT:---quick}"
 step "5. benchmark ($BENCH_SELECT${FLASHLLM_KERNEL_CONFIGS:+, tuned configs})"
 BENCH_FORMATS_DEFAULT="bitmap,tiled_csl"
-[ "$UNVALIDATED" = 1 ] && [ -n "$PENDING" ] && BENCH_FORMATS_DEFAULT="$BENCH_FORMATS_DEFAULT,$PENDING"
+[ -n "$PENDING" ] && BENCH_FORMATS_DEFAULT="$BENCH_FORMATS_DEFAULT,$PENDING"
 # shellcheck disable=SC2086
 timeout "${BENCH_LIMIT:-300}" "$PY" -m flashllm.bench.kernels $BENCH_SELECT --baselines "${BENCH_BASELINES:-cublas,csr,2:4}" \
   --formats "${BENCH_FORMATS:-$BENCH_FORMATS_DEFAULT}" --out "$OUT" --warmup 10 --rep 60 2>&1 | tee "$OUT/bench.log" | grep -v "^  " | tail -n 90
@@ -207,7 +213,7 @@ fi
 if [ "${DEVICE_CHECK_PROBE:-0}" = "1" ]; then
   step "5c. probes: where the time goes (DEVICE_CHECK_PROBE=1)"
   PROBE_FORMATS_DEFAULT="bitmap,tiled_csl"
-  [ "$UNVALIDATED" = 1 ] && [ -n "$PENDING" ] && PROBE_FORMATS_DEFAULT="$PROBE_FORMATS_DEFAULT,$PENDING"
+  [ -n "$PENDING" ] && PROBE_FORMATS_DEFAULT="$PROBE_FORMATS_DEFAULT,$PENDING"
   # shellcheck disable=SC2086
   timeout "${PROBE_LIMIT:-150}" "$PY" -m flashllm.bench.probes ${PROBE_SELECT:-} --formats "${PROBE_FORMATS:-$PROBE_FORMATS_DEFAULT}" \
     --csv "$OUT/probes.csv" 2>&1 | tee "$OUT/probes.log" | tail -n 60
@@ -239,8 +245,8 @@ for cls, mod, s, options in [(BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragme
                              (TiledCSLWeight, tiled_csl_cuda, 0.8, {"warps": 8}),
                              (TiledCSLWeight, tiled_csl_cuda, 0.9, {"warps": 4, "dense_tiles": 1})]:
     cfg = replace(configs.get_config(arch, mod.FORMAT, 11008, 4096, 16, s), **options)
-    if not cfg.validated() and os.environ.get("FLASHLLM_CHECK_UNVALIDATED") != "1":
-        continue
+    if set(configs.unvalidated_options(cfg)) & set(os.environ.get("FLASHLLM_SKIP_OPTIONS", "").split(",")):
+        continue  # failed its smoke test (step 2b)
     w = torch.randn(11008, 4096, device="cuda", dtype=torch.float16)
     w[torch.rand_like(w, dtype=torch.float32) < s] = 0
     work.append((mod, cls.from_dense(w), cfg))
@@ -284,9 +290,9 @@ cases = ([(BitmapWeight, bitmap_cuda, {"decode": d}) for d in configs.DECODES]
          + [(TiledCSLWeight, tiled_csl_cuda, {"dense_tiles": 1})]
          + [(BitmapWeight, bitmap_cuda, {"prefetch": 2}), (TiledCSLWeight, tiled_csl_cuda, {"prefetch": 2})])
 for cls, mod, options in cases:
-    if not replace(configs.LaunchConfig(nrows=8), **options).validated() and \
-            os.environ.get("FLASHLLM_CHECK_UNVALIDATED") != "1":
-        continue
+    if set(configs.unvalidated_options(replace(configs.LaunchConfig(nrows=8), **options))) & \
+            set(os.environ.get("FLASHLLM_SKIP_OPTIONS", "").split(",")):
+        continue  # failed its smoke test (step 2b)
     # (the 700-column case: more tiles than the pipeline and the prefetch distance together)
     for m, k, n, s, split in ((70, 130, 3, 0.8, 1), (130, 200, 17, 0.0, 2), (200, 70, 9, 0.95, 1), (70, 700, 5, 0.5, 1)):
         w = torch.randn(m, k, device="cuda", dtype=torch.float16)

@@ -24,6 +24,15 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().view(int_type), b.contiguous().view(int_type))
 
 
+def pytest_configure(config):
+    # One marker per kernel option a GPU run validates on its own (configs.unvalidated_options):
+    # scripts/device_check.sh deselects `unvalidated_<name>` for an option that failed its smoke test.
+    from flashllm.kernels.configs import OPTION_NAMES
+
+    for name in OPTION_NAMES:
+        config.addinivalue_line("markers", f"unvalidated_{name}: covers the pending kernel option {name}")
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed():
     # Fresh data every run (no fixed seed), but print it so a failure can be reproduced.

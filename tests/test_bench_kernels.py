@@ -112,6 +112,13 @@ def test_formats_accept_kernel_options():
             bench._finish_args(parse("--dry-run", "--formats", bad))
 
 
+def test_skip_options_name_pending_options():
+    assert bench._finish_args(parse("--dry-run", "--skip-options", "fit, prefetch")).skip_options == ["fit", "prefetch"]
+    assert bench._finish_args(parse("--dry-run")).skip_options == []
+    with pytest.raises(ValueError, match="unknown --skip-options"):
+        bench._finish_args(parse("--dry-run", "--skip-options", "turbo"))
+
+
 def test_tune_reports_each_option_tuned_on_its_own():
     from flashllm.kernels.configs import LaunchConfig
 

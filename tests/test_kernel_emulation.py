@@ -499,6 +499,23 @@ def test_fit_picks_the_smallest_cap_that_holds_the_longest_run():
     assert replace(fit, value_cap=2048).validated() == fit.validated()  # what FIT resolves to counts as FIT
 
 
+def test_pending_options_are_named_one_by_one():
+    # device_check.sh smoke-tests each pending option on its own, by these names and benchmark entries.
+    from flashllm.bench.kernels import parse_format
+
+    pending = configs.pending_options()
+    for name, formats in pending.items():
+        assert name in configs.OPTION_NAMES and formats
+        for entry in formats:  # each entry runs exactly that option (on the default launch)
+            fmt, options = parse_format(entry)
+            base = LaunchConfig(nrows=16, words_per_stage=2048 if fmt == "tiled_csl" else 0)
+            assert configs.unvalidated_options(replace(base, **options)) == [name]
+    both = LaunchConfig(nrows=16, value_cap=configs.FIT, prefetch=4)
+    assert set(configs.unvalidated_options(both)) == {"fit", "prefetch"} & set(pending)
+    assert both.validated() == (not ({"fit", "prefetch"} & set(pending)))
+    assert configs.unvalidated_options(LaunchConfig(nrows=16)) == []
+
+
 def test_value_caps_are_checked():
     with pytest.raises(ValueError, match="value_cap must be"):
         LaunchConfig(nrows=16, value_cap=1000).validate("bitmap")

@@ -515,6 +515,7 @@ def tune(args) -> int:
     arch = configs.arch_key(torch.cuda.get_device_capability(device))
     gen = torch.Generator(device=device).manual_seed(args.seed)
     timer = _timer(device, args.warmup, args.rep)
+    skip = set(args.skip_options)
     table: dict[tuple, configs.LaunchConfig] = {}
     for name, m, k in resolve_shapes(args.shapes):
         for n in args.n:
@@ -529,9 +530,11 @@ def tune(args) -> int:
                     kt = -(-k // 64)
                     # The benchmark's own timing (graph replay, L2 flushed), so the winners are
                     # what `flashllm bench kernels` will measure.
+                    candidates = [c for c in configs.tuning_candidates(fmt, n, s, kt, unvalidated=not args.validated_only)
+                                  if not set(configs.unvalidated_options(c)) & skip]
                     best, best_ms, timings = launch.tune(
                         lambda c, module=module, x=x, weight=weight: module.linear(x, weight, None, c),
-                        configs.tuning_candidates(fmt, n, s, kt, unvalidated=not args.validated_only),
+                        candidates,
                         timer=lambda fn: timer(_graphed(fn, device)[0]),
                         check=lambda y, ref=ref: launch.output_problem(y, ref),  # unvalidated options are tried
                     )
@@ -585,6 +588,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--write-configs", default=None, help="with --tune: JSON table to merge the winners into")
     parser.add_argument("--validated-only", action="store_true",
                         help="with --tune: leave out the options not yet validated on a GPU (configs.UNVALIDATED_*)")
+    parser.add_argument("--skip-options", default="",
+                        help="with --tune: leave out these pending options (configs.pending_options names, "
+                             "e.g. fit,prefetch)")
 
 
 def _finish_args(args) -> argparse.Namespace:
@@ -605,6 +611,12 @@ def _finish_args(args) -> argparse.Namespace:
         args.sparsity = _parse_list(args.sparsity, float)
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     args.baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    args.skip_options = [o.strip() for o in args.skip_options.split(",") if o.strip()]
+    from ..kernels.configs import OPTION_NAMES
+
+    unknown = sorted(set(args.skip_options) - set(OPTION_NAMES))
+    if unknown:
+        raise ValueError(f"unknown --skip-options {unknown}: options are {list(OPTION_NAMES)}")
     for f in args.formats:
         parse_format(f)  # raises on an unknown name
     if args.device is None:

@@ -173,11 +173,7 @@ class LaunchConfig:
 
     def validated(self) -> bool:
         """Whether every option has passed the GPU tests (see the UNVALIDATED_* sets)."""
-        fitted = self.value_cap != FULL_TILE  # FIT, or a cap it resolved to
-        return (self.decode not in UNVALIDATED_DECODES and self.warps not in UNVALIDATED_WARPS
-                and not (fitted and FIT in UNVALIDATED_VALUE_CAPS)
-                and self.dense_tiles not in UNVALIDATED_DENSE_TILES
-                and self.prefetch not in UNVALIDATED_PREFETCH)
+        return not unvalidated_options(self)
 
     def fitted(self, largest_run: Optional[int]) -> "LaunchConfig":
         """With value_cap=FIT, the config whose stage buffers hold `largest_run` values (the
@@ -200,6 +196,46 @@ class LaunchConfig:
 
     def rows_per_block(self, fmt: str) -> int:
         return 64 * self.strips if fmt == "bitmap" else 128
+
+
+def unvalidated_options(cfg: LaunchConfig) -> list[str]:
+    """The names of `cfg`'s options that have not passed a GPU run yet (`pending_options`): a GPU
+    run validates them one by one, and the tests mark each as `unvalidated_<name>`."""
+    names = []
+    if cfg.decode in UNVALIDATED_DECODES:
+        names.append(cfg.decode)
+    if cfg.warps in UNVALIDATED_WARPS:
+        names.append(f"warps{cfg.warps}")
+    if cfg.value_cap != FULL_TILE and FIT in UNVALIDATED_VALUE_CAPS:  # FIT, or a cap it resolved to
+        names.append("fit")
+    if cfg.dense_tiles in UNVALIDATED_DENSE_TILES:
+        names.append(f"dense{cfg.dense_tiles}")
+    if cfg.prefetch in UNVALIDATED_PREFETCH:
+        names.append("prefetch")
+    return names
+
+
+# Every name `unvalidated_options` can return (the tests register a marker for each).
+OPTION_NAMES = (*DECODES, *(f"warps{w}" for w in CSL_WARPS), "fit", *(f"dense{t}" for t in CSL_DENSE_TILES),
+                "prefetch")
+
+
+def pending_options() -> dict[str, list[str]]:
+    """Each option still pending -> the `flashllm bench kernels --formats` entries that run it under
+    the configured launch: scripts/device_check.sh smoke-tests each option on its own by these, then
+    benchmarks, probes and tunes only those that passed."""
+    out: dict[str, list[str]] = {}
+    for d in sorted(UNVALIDATED_DECODES):
+        out[d] = [f"bitmap:{d}"]
+    for w in sorted(UNVALIDATED_WARPS):
+        out[f"warps{w}"] = [f"tiled_csl:warps{w}"]
+    if FIT in UNVALIDATED_VALUE_CAPS:
+        out["fit"] = ["bitmap:fit"]
+    for t in sorted(UNVALIDATED_DENSE_TILES):
+        out[f"dense{t}"] = [f"tiled_csl:dense{t}"]
+    if 4 in UNVALIDATED_PREFETCH:
+        out["prefetch"] = ["bitmap:pf4", "tiled_csl:pf4"]
+    return out
 
 
 # (arch, format, shape class or "*", n bucket, sparsity band) -> config.
@@ -524,6 +560,13 @@ def checked_variants() -> list[tuple[str, LaunchConfig]]:
 
 
 if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["pending"]:
+        # `python -m flashllm.kernels.configs pending`: "<option> <formats,...>" per pending option.
+        for name, formats in pending_options().items():
+            print(name, ",".join(formats))
+        raise SystemExit(0)
     # `python -m flashllm.kernels.configs`: one line per checked variant, "<source> <-D flags>".
     for fmt, cfg in checked_variants():
         source = "bitmap_spmm.cu" if fmt == "bitmap" else "tiled_csl_spmm.cu"
