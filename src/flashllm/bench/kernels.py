@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..kernels.configs import CSL_DENSE_TILES, CSL_WARPS, DECODES, FIT, LaunchConfig
+from ..kernels.configs import CSL_DENSE_TILES, CSL_WARPS, DECODES, FIT, OPTION_NAMES, LaunchConfig
 from .clocks import SmClock, max_sm_clock
 from .csvlog import append_rows
 
@@ -331,6 +331,7 @@ def run(args) -> tuple[list[Row], dict]:
         with clock:
             ms = timer(fn)
         return ms, clock.median_mhz or float("nan")
+
     gen = torch.Generator(device=device).manual_seed(args.seed)
     rows: list[Row] = []
     points = sampled_points(args)
@@ -612,8 +613,6 @@ def _finish_args(args) -> argparse.Namespace:
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     args.baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     args.skip_options = [o.strip() for o in args.skip_options.split(",") if o.strip()]
-    from ..kernels.configs import OPTION_NAMES
-
     unknown = sorted(set(args.skip_options) - set(OPTION_NAMES))
     if unknown:
         raise ValueError(f"unknown --skip-options {unknown}: options are {list(OPTION_NAMES)}")

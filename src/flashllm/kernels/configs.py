@@ -66,8 +66,9 @@ VALUE_CAPS = (1024, 1536, 2048, 2560, 3072, 4096)
 FULL_TILE, FIT = 0, -1
 # L2 prefetch distance (both kernels, FLASHLLM_PREFETCH in cuda/common.cuh): thread 0 asks L2 to
 # fetch the compressed weight of the tile this many tiles past the shared-memory copies, one tile
-# per stage, so a block has more weight bytes in flight than its stages hold (the kernels measured
-# flat from 70% sparsity with 13-35 KB in flight per SM; BENCHMARKS.md). 0 = none.
+# per stage, so a block has more weight bytes in flight than its stages hold (the measured speedups
+# stay flat from 70% sparsity, where the shipped launches keep 13-35 KB in flight per SM;
+# BENCHMARKS.md). 0 = none.
 MAX_PREFETCH = 16
 # Options compiled (and, for the decode, emulated) but not yet run on a GPU: `flashllm bench kernels
 # --tune` offers them (its GPU run is where they get validated), the library's FLASHLLM_RETUNE path
