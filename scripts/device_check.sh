@@ -35,7 +35,7 @@
 # base, so its durations are not the benchmark's). SANITIZER_TOOLS="memcheck"
 # skips racecheck, SANITIZER_TOOLS=none both. BENCH_BASELINES (default: all) limits the benchmark's
 # baselines; BENCH_FORMATS its flashllm methods (default: bitmap,tiled_csl, plus the pending options
-# under the same launch when step 2b passed; bitmap:fragment,bitmap:scatter,tiled_csl:warps4,... force
+# that passed step 2b, under the same launch; bitmap:fragment,bitmap:scatter,tiled_csl:warps4,... force
 # an option for an A/B against the configured kernel).
 # DEVICE_CHECK_TESTS=0 skips step 3 (a profiling-only run).
 set -uo pipefail
