@@ -10,6 +10,7 @@ warps; those not yet validated on a GPU are marked `unvalidated`).
 
 from __future__ import annotations
 
+import csv
 import importlib
 import subprocess
 import sys
@@ -384,8 +385,6 @@ def test_probe_builds_do_no_math_and_their_full_level_is_the_product(method, tmp
     csv_path = tmp_path / "probes.csv"
     assert main(["--shapes", "tiny-a", "--n", "1,17", "--sparsity", "0.9", "--formats", method,
                  "--warmup", "1", "--rep", "3", "--csv", str(csv_path)]) == 0
-    import csv
-
     rows = list(csv.DictReader(open(csv_path)))
     assert [r["level"] for r in rows[:len(probe_configs(fmt, cfg))]] == [lv for lv, _ in probe_configs(fmt, cfg)]
     full = [r for r in rows if r["level"] == "full"]
