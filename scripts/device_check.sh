@@ -76,6 +76,11 @@ step() { echo; echo "=== [$(( $(date +%s) - T0 ))s] $*"; }
 
 step "1. environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1 | head -n 3
+# Whether the SM clock is pinned (application or locked clocks) or free to boost, and its limits:
+# a kernel's time means little without it (BENCHMARKS.md, fifth session).
+nvidia-smi -q -d CLOCK,PERFORMANCE > "$OUT/clocks.txt" 2>&1
+grep -iE "^ *(SM|Graphics) *:|Applications Clocks|Default Applications|Max Clocks|Clocks Event Reasons|Active|Locked|Idle|Power Cap|HW Slowdown|Sync Boost|SW Thermal" \
+  "$OUT/clocks.txt" | head -n 30
 timeout 60 "$PY" - <<'EOF'
 import torch, flashllm
 from flashllm.kernels import launch
