@@ -156,14 +156,11 @@ export FLASHLLM_SKIP_OPTIONS="$FAILED"
 # Drop the entries of a --formats list that use a failed option.
 keep_formats() {
   "$PY" -c "import os, sys
-from dataclasses import replace
-from flashllm.bench.kernels import parse_format
+from flashllm.bench.kernels import example_config, parse_format
 from flashllm.kernels import configs
 skip = set(filter(None, os.environ.get('FLASHLLM_SKIP_OPTIONS', '').split(',')))
 def uses_skipped(name):
-    fmt, options = parse_format(name)
-    base = configs.LaunchConfig(nrows=16, words_per_stage=2048 if fmt == 'tiled_csl' else 0)
-    return bool(set(configs.unvalidated_options(replace(base, **options))) & skip)
+    return bool(set(configs.unvalidated_options(example_config(*parse_format(name)))) & skip)
 print(','.join(n for n in sys.argv[1].split(',') if n and not uses_skipped(n)))" "$1"
 }
 [ -n "${BENCH_FORMATS:-}" ] && BENCH_FORMATS=$(keep_formats "$BENCH_FORMATS")

@@ -501,15 +501,13 @@ def test_fit_picks_the_smallest_cap_that_holds_the_longest_run():
 
 def test_pending_options_are_named_one_by_one():
     # device_check.sh smoke-tests each pending option on its own, by these names and benchmark entries.
-    from flashllm.bench.kernels import parse_format
+    from flashllm.bench.kernels import example_config, parse_format
 
     pending = configs.pending_options()
     for name, formats in pending.items():
         assert name in configs.OPTION_NAMES and formats
         for entry in formats:  # each entry runs exactly that option (on the default launch)
-            fmt, options = parse_format(entry)
-            base = LaunchConfig(nrows=16, words_per_stage=2048 if fmt == "tiled_csl" else 0)
-            assert configs.unvalidated_options(replace(base, **options)) == [name]
+            assert configs.unvalidated_options(example_config(*parse_format(entry))) == [name]
     both = LaunchConfig(nrows=16, value_cap=configs.FIT, prefetch=4)
     assert set(configs.unvalidated_options(both)) == {"fit", "prefetch"} & set(pending)
     assert both.validated() == (not ({"fit", "prefetch"} & set(pending)))

@@ -148,6 +148,29 @@ def _graphed(fn: Callable[[], object], device: torch.device) -> tuple[Callable[[
         return fn, "eager"
 
 
+Timed = Callable[[Callable[[], object]], tuple[float, float]]
+
+
+def start_run(device: torch.device, warmup_ms: int, rep_ms: int) -> tuple[Timed, dict]:
+    """A run's timer, `timed(fn)` -> (median ms, median SM clock in MHz while timed, nan without
+    NVML), and its environment (GPU, versions, date, measured copy bandwidth, maximum SM clock),
+    printed as the run's header line."""
+    timer = _timer(device, warmup_ms, rep_ms)
+    clock = SmClock(device)
+    env = environment(device)
+    env["copy_gbps"] = copy_bandwidth(device, timer)
+    env["max_sm_mhz"] = max_sm_clock(device)
+    print(f"# {env['gpu']} | torch {env['torch']} | CUDA {env['cuda']} | copy {env['copy_gbps']:.0f} GB/s "
+          f"| max SM clock {env['max_sm_mhz'] or 'n/a'} MHz | {env['date']}", flush=True)
+
+    def timed(fn) -> tuple[float, float]:
+        with clock:
+            ms = timer(fn)
+        return ms, clock.median_mhz or float("nan")
+
+    return timed, env
+
+
 def copy_bandwidth(device: torch.device, timer) -> float:
     """GB/s of a large device-to-device copy, bytes read plus bytes written."""
     nbytes = (1 << 30) if device.type == "cuda" else (64 << 20)
@@ -234,14 +257,19 @@ def parse_format(name: str) -> tuple[str, dict]:
         field, value = FORMAT_OPTIONS[opt]
         options[field] = value
     if problem is None and options:
-        probe = LaunchConfig(nrows=16, words_per_stage=2048 if fmt == "tiled_csl" else 0)
         try:
-            replace(probe, **options).validate(fmt)
+            example_config(fmt, options).validate(fmt)
         except ValueError as err:
             problem = str(err)
     if problem:
         raise ValueError(f"unknown format {name!r}: {problem}")
     return fmt, options
+
+
+def example_config(fmt: str, options: dict) -> LaunchConfig:
+    """`options` (a `parse_format` result) applied to a representative launch of `fmt`: what the
+    options are validated on, and what says which pending options an entry runs."""
+    return replace(LaunchConfig(nrows=16, words_per_stage=2048 if fmt == "tiled_csl" else 0), **options)
 
 
 def baseline_methods(w: torch.Tensor, x: torch.Tensor, baselines: list[str], sparsity: float) -> list[Method]:
@@ -319,19 +347,7 @@ def run(args) -> tuple[list[Row], dict]:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     fast = device.type == "cuda" and not args.reference and dtype != torch.float32
-    timer = _timer(device, args.warmup, args.rep)
-    clock = SmClock(device)
-    env = environment(device)
-    env["copy_gbps"] = copy_bandwidth(device, timer)
-    env["max_sm_mhz"] = max_sm_clock(device)
-    print(f"# {env['gpu']} | torch {env['torch']} | CUDA {env['cuda']} | copy {env['copy_gbps']:.0f} GB/s "
-          f"| max SM clock {env['max_sm_mhz'] or 'n/a'} MHz | {env['date']}", flush=True)
-
-    def timed(fn) -> tuple[float, float]:
-        with clock:
-            ms = timer(fn)
-        return ms, clock.median_mhz or float("nan")
-
+    timed, env = start_run(device, args.warmup, args.rep)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     rows: list[Row] = []
     points = sampled_points(args)
@@ -531,8 +547,8 @@ def tune(args) -> int:
                     kt = -(-k // 64)
                     # The benchmark's own timing (graph replay, L2 flushed), so the winners are
                     # what `flashllm bench kernels` will measure.
-                    candidates = [c for c in configs.tuning_candidates(fmt, n, s, kt, unvalidated=not args.validated_only)
-                                  if not set(configs.unvalidated_options(c)) & skip]
+                    offered = configs.tuning_candidates(fmt, n, s, kt, unvalidated=not args.validated_only)
+                    candidates = [c for c in offered if not set(configs.unvalidated_options(c)) & skip]
                     best, best_ms, timings = launch.tune(
                         lambda c, module=module, x=x, weight=weight: module.linear(x, weight, None, c),
                         candidates,

@@ -38,7 +38,6 @@ import torch.nn.functional as F
 
 from ..kernels.configs import LaunchConfig
 from . import kernels as bench
-from .clocks import SmClock, max_sm_clock
 from .csvlog import append_rows
 
 # Probe levels per format, in the order of the work they add (FLASHLLM_PROBE values; 0 is the kernel).
@@ -89,25 +88,16 @@ def probe_configs(fmt: str, cfg: LaunchConfig) -> list[tuple[str, ProbeConfig]]:
 
 def run(args) -> tuple[list[ProbeRow], dict]:
     from ..formats import get_format
-    from ..kernels import bitmap_cuda, configs, launch, tiled_csl_cuda
+    from ..kernels import bitmap_cuda, configs, tiled_csl_cuda
 
     device = torch.device(args.device)
     dtype = bench.DTYPES[args.dtype]
-    timer = bench._timer(device, args.warmup, args.rep)
-    clock = SmClock(device)
-    env = bench.environment(device)
-    env["copy_gbps"] = bench.copy_bandwidth(device, timer)
-    env["max_sm_mhz"] = max_sm_clock(device)
-    print(f"# {env['gpu']} | torch {env['torch']} | CUDA {env['cuda']} | copy {env['copy_gbps']:.0f} GB/s | "
-          f"max SM clock {env['max_sm_mhz'] or 'n/a'} MHz | {env['date']}", flush=True)
+    timed_call, env = bench.start_run(device, args.warmup, args.rep)
     arch = configs.arch_key(torch.cuda.get_device_capability(device))
     gen = torch.Generator(device=device).manual_seed(args.seed)
 
-    def timed(fn) -> tuple[float, float]:
-        graphed, _ = bench._graphed(fn, device)
-        with clock:
-            ms = timer(graphed)
-        return ms, clock.median_mhz or float("nan")
+    def timed(fn) -> tuple[float, float]:  # graph replays, as `flashllm bench kernels` times them
+        return timed_call(bench._graphed(fn, device)[0])
 
     rows: list[ProbeRow] = []
     for name, m, k in bench.resolve_shapes(args.shapes):
@@ -132,9 +122,7 @@ def run(args) -> tuple[list[ProbeRow], dict]:
                         err = float("nan") if pcfg.probe else \
                             ((got - expected).norm() / expected.norm().clamp_min(1e-30)).item()
                         ms, mhz = timed(run_once)
-                        fitted = module.KERNEL.fit_buffers(pcfg, tensors)
-                        kernel = launch.get_kernel(module.KERNEL.source, module.KERNEL.kernel, fitted.defines(fmt),
-                                                   dtype, device, fitted.smem_bytes(fmt), fitted.threads)
+                        kernel = module.KERNEL.compiled(module.KERNEL.fit_buffers(pcfg, tensors), dtype, device)
                         measured.append((level, ms, mhz, kernel.occupancy, err))
                     full_ms = measured[-1][1]
                     launched = str(module.KERNEL.fit_buffers(cfg, tensors))  # fitted buffers resolved

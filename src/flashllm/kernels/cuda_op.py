@@ -140,6 +140,11 @@ class CudaKernel:
                              f"({longest} values); use value_cap=configs.FIT to size it from the weight")
         return cfg
 
+    def compiled(self, cfg: configs.LaunchConfig, dtype: torch.dtype, device: torch.device) -> launch.CompiledKernel:
+        """The kernel variant `cfg` (fitted buffers resolved) builds, compiled and loaded once."""
+        return launch.get_kernel(self.source, self.kernel, cfg.defines(self.format), dtype, device,
+                                 cfg.smem_bytes(self.format), cfg.threads)
+
     def run(self, x2d: torch.Tensor, tensors: list[torch.Tensor], out_features: int, in_features: int,
             bias: Optional[torch.Tensor] = None, config: Optional[configs.LaunchConfig] = None,
             out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -156,8 +161,7 @@ class CudaKernel:
         xk, ldx, kx = launch.prepare_activations(x2d, in_features)
         bias = None if bias is None else bias.contiguous()
         mt, kt = self.grid(out_features, in_features)
-        kernel = launch.get_kernel(self.source, self.kernel, cfg.defines(self.format), x2d.dtype, x2d.device,
-                                   cfg.smem_bytes(self.format), cfg.threads)
+        kernel = self.compiled(cfg, x2d.dtype, x2d.device)
         blocks_m = -(-mt // cfg.strips)
         blocks_n = -(-n // cfg.nrows)
         split = cfg.split_k
