@@ -32,8 +32,8 @@ if [ "${FULL:-0}" = "1" ]; then
   cp "$LIST.all" "$LIST"
 else
   # The pipeline depth and stage size change constants, not code: keep the first variant of each
-  # (source, NROWS, STRIPS, DECODE, WARPS, VALCAP, DENSE_TILES, PREFETCH).
-  awk '{ key = $1; for (i = 2; i <= NF; i++) if ($i ~ /NROWS|STRIPS|DECODE|WARPS|VALCAP|DENSE_TILES|PREFETCH/) key = key " " $i;
+  # (source, NROWS, STRIPS, DECODE, WARPS, VALCAP, DENSE_TILES, PREFETCH, FIXUP).
+  awk '{ key = $1; for (i = 2; i <= NF; i++) if ($i ~ /NROWS|STRIPS|DECODE|WARPS|VALCAP|DENSE_TILES|PREFETCH|FIXUP/) key = key " " $i;
          if (!(key in seen)) { seen[key] = 1; print } }' "$LIST.all" > "$LIST"
 fi
 # The split-K epilogue has no tile parameters.

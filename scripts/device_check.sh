@@ -10,7 +10,8 @@
 #   2. smoke: one small product per format against float64                         (~10 s)
 #      2b. the same for each option not yet validated on a GPU, one at a time
 #      (`python -m flashllm.kernels.configs pending`: the fitted bitmap value buffers, bitmap:fit;
-#      one dense Tiled-CSL tile, tiled_csl:dense1; the L2 prefetch, bitmap:pf4 and tiled_csl:pf4);
+#      one dense Tiled-CSL tile, tiled_csl:dense1; the L2 prefetch, bitmap:pf4 and tiled_csl:pf4;
+#      split-K ended by the last block, bitmap:fixup and tiled_csl:fixup);
 #      one that fails or hangs is left out of steps 3-7, the others run there   (~10 s each)
 #   3. pytest -m gpu: the kernels' correctness grid, every config variant, spmm/SparseLinear
 #      dispatch, torch.compile, CUDA graphs; CUDA-graph decoding of a sparse model  (~1 min)
@@ -50,7 +51,7 @@ set -uo pipefail
 if [ "${DEVICE_CHECK_PRESET:-}" = "diagnose" ]; then
   : "${BENCH_SELECT:=--shapes llama-2-7b.up,opt-66b.qkv --n 1,16 --sparsity 0.5,0.8,0.9}"
   : "${BENCH_BASELINES:=cublas}"
-  : "${BENCH_FORMATS:=bitmap,tiled_csl,bitmap:fit,bitmap:pf4,bitmap:fit:stages6,bitmap:fit:pf4,tiled_csl:dense1,tiled_csl:pf4,tiled_csl:dense1:stages6}"
+  : "${BENCH_FORMATS:=bitmap,tiled_csl,bitmap:fit,bitmap:pf4,bitmap:fit:stages6,bitmap:fit:pf4,bitmap:fixup,tiled_csl:dense1,tiled_csl:pf4,tiled_csl:dense1:stages6,tiled_csl:fixup}"
   : "${DEVICE_CHECK_PROBE:=1}" "${PROBE_FORMATS:=bitmap,tiled_csl,bitmap:pf4,bitmap:fit:stages6,tiled_csl:pf4,tiled_csl:dense1:stages6}"
   : "${DEVICE_CHECK_NCU:=1}" "${NCU_CLOCK_CONTROL:=none}"
   : "${PYTEST_LIMIT:=170}" "${BENCH_LIMIT:=90}" "${PROBE_LIMIT:=90}" "${NCU_LIMIT:=60}" "${SANITIZER_LIMIT:=45}"
@@ -112,7 +113,7 @@ FORMATS = {"bitmap": (BitmapWeight, bitmap_cuda), "tiled_csl": (TiledCSLWeight, 
 cases = [(*FORMATS[fmt], options) for fmt, options in
          map(parse_format, os.environ.get("SMOKE_FORMATS", "bitmap,tiled_csl").split(","))]
 for cls, mod, options in cases:
-    for split in (1, 3):
+    for split in (1, 3, 3):  # split-K twice: what a launch leaves behind (fixup: its workspace) must not change the next
         w = torch.randn(1000, 1500, device="cuda", dtype=torch.float16)
         w[torch.rand_like(w, dtype=torch.float32) < 0.8] = 0
         x = torch.randn(17, 1500, device="cuda", dtype=torch.float16)
@@ -290,7 +291,8 @@ cases = ([(BitmapWeight, bitmap_cuda, {"decode": d}) for d in configs.DECODES]
          + [(BitmapWeight, bitmap_cuda, {"decode": d, "value_cap": configs.FIT}) for d in configs.DECODES]
          + [(TiledCSLWeight, tiled_csl_cuda, {"warps": w}) for w in configs.CSL_WARPS]
          + [(TiledCSLWeight, tiled_csl_cuda, {"dense_tiles": 1})]
-         + [(BitmapWeight, bitmap_cuda, {"prefetch": 2}), (TiledCSLWeight, tiled_csl_cuda, {"prefetch": 2})])
+         + [(BitmapWeight, bitmap_cuda, {"prefetch": 2}), (TiledCSLWeight, tiled_csl_cuda, {"prefetch": 2})]
+         + [(BitmapWeight, bitmap_cuda, {"fixup": True}), (TiledCSLWeight, tiled_csl_cuda, {"fixup": True})])
 for cls, mod, options in cases:
     if set(configs.unvalidated_options(replace(configs.LaunchConfig(nrows=8), **options))) & \
             set(os.environ.get("FLASHLLM_SKIP_OPTIONS", "").split(",")):

@@ -452,6 +452,8 @@ def test_tuning_candidates_are_valid():
                     assert {c.dense_tiles for c in cands} == set(configs.CSL_DENSE_TILES) - configs.UNVALIDATED_DENSE_TILES
                 assert {c.prefetch for c in wide} == {0, 4}
                 assert {c.prefetch for c in cands} == {0, 4} - configs.UNVALIDATED_PREFETCH
+                assert {c.fixup for c in wide} == {False, True}
+                assert {c.fixup for c in cands} == {False, True} - configs.UNVALIDATED_FIXUP
 
 
 def test_default_rule_picks_the_options_where_they_won():
@@ -512,6 +514,37 @@ def test_pending_options_are_named_one_by_one():
     assert set(configs.unvalidated_options(both)) == {"fit", "prefetch"} & set(pending)
     assert both.validated() == (not ({"fit", "prefetch"} & set(pending)))
     assert configs.unvalidated_options(LaunchConfig(nrows=16)) == []
+
+
+# --- split-K ended by the last block (LaunchConfig.fixup) ---------------------------------------------
+def test_fixup_is_a_compile_option_of_both_kernels():
+    for fmt, base in (("bitmap", LaunchConfig(nrows=16)), ("tiled_csl", LaunchConfig(nrows=16, words_per_stage=2048))):
+        on = replace(base, fixup=True).validate(fmt)
+        assert on.defines(fmt) == {**base.defines(fmt), "FLASHLLM_FIXUP": 1}  # off: the old cache keys
+        assert on.smem_bytes(fmt) == base.smem_bytes(fmt)  # its flag reuses the pipeline's memory
+        assert on.validated() == (True not in configs.UNVALIDATED_FIXUP)
+        assert any(f == fmt and c.fixup for f, c in configs.checked_variants())
+    with pytest.raises(ValueError, match="fixup must be True or False"):
+        LaunchConfig(nrows=16, fixup=1).validate("bitmap")
+
+
+def test_splitk_workspace_is_zeroed_once_kept_per_stream_and_grown_geometrically(monkeypatch):
+    # The kernels leave the workspace zero, so it is zeroed only when allocated; on the CPU the same
+    # bookkeeping runs on host tensors (streams are plain handles here).
+    monkeypatch.setattr(launch, "_WORKSPACES", {})
+    monkeypatch.setattr(launch, "_RETIRED", [])
+    cpu = torch.device("cpu")
+    first = launch.splitk_workspace(cpu, 7, floats=100, tiles=10)
+    assert first.sums.dtype == torch.float32 and first.counters.dtype == torch.int32
+    assert first.sums.numel() == 100 and first.counters.numel() == 10
+    assert not first.sums.any() and not first.counters.any()
+    assert launch.splitk_workspace(cpu, 7, floats=50, tiles=10) is first  # big enough: reused as is
+    other = launch.splitk_workspace(cpu, 8, floats=50, tiles=3)  # another stream: its own
+    assert other is not first and other.sums.numel() == 50
+    grown = launch.splitk_workspace(cpu, 7, floats=120, tiles=4)
+    assert grown.sums.numel() == 200 and grown.counters.numel() == 10  # doubled; counters unchanged
+    assert launch._RETIRED == [first]  # a graph captured with it may still replay: never freed
+    assert launch.splitk_workspace(cpu, 7, floats=1000, tiles=11).sums.numel() == 1000  # more than double
 
 
 def test_value_caps_are_checked():

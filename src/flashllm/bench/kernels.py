@@ -237,11 +237,13 @@ def sparse_methods(w: torch.Tensor, x: torch.Tensor, formats: list[str], fast: b
 # Kernel options a --formats entry may add after a colon: "bitmap:scatter", "tiled_csl:warps8",
 # "bitmap:fit" sizes the stage buffers to the weight's largest tile (configs.FIT), "tiled_csl:dense1"
 # runs one dense tile per block (configs.CSL_DENSE_TILES), "stages6" a 6-deep pipeline, "pf4" an L2
-# prefetch 4 tiles ahead (configs.MAX_PREFETCH); several combine ("bitmap:fit:stages6").
+# prefetch 4 tiles ahead (configs.MAX_PREFETCH), "fixup" ends split-K in the last block of each
+# output tile (one launch instead of memset, kernel and finalize); several combine ("bitmap:fit:stages6").
 FORMAT_OPTIONS = {**{d: ("decode", d) for d in DECODES}, **{f"warps{w}": ("warps", w) for w in CSL_WARPS},
                   "fit": ("value_cap", FIT), **{f"dense{t}": ("dense_tiles", t) for t in CSL_DENSE_TILES},
                   **{f"stages{s}": ("stages", s) for s in range(2, 7)},
-                  **{f"pf{p}": ("prefetch", p) for p in (0, 1, 2, 4, 8, 16)}}
+                  **{f"pf{p}": ("prefetch", p) for p in (0, 1, 2, 4, 8, 16)},
+                  "fixup": ("fixup", True)}
 
 
 def parse_format(name: str) -> tuple[str, dict]:

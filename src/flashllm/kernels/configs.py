@@ -7,10 +7,11 @@ down_proj at N 16; see BENCHMARKS.md); everything else comes from `default_confi
 `auto_split_k`, whose rules follow those winners: one 64-row strip per bitmap block, 3 stages, the scatter decode from 85%
 sparsity at N <= 16, Tiled-CSL stages of 2-3K words, 8 warps at 75-85% and N <= 16, and as many K
 splits as keep each split 4 tiles deep, up to 16 (latency, not bandwidth, limits the kernels, so
-more resident blocks win). Three options are compiled (and emulated) but not yet run on a GPU, so
+more resident blocks win). Four options are compiled (and checked on the CPU) but not yet run on a GPU, so
 nothing selects them unless asked: bitmap stage buffers fitted to the weight (`value_cap=FIT`), one
-dense Tiled-CSL tile per block (`dense_tiles=1`) and an L2 prefetch of the weight a few tiles ahead
-of the copies (`prefetch`, both kernels). To tune more shapes or another GPU:
+dense Tiled-CSL tile per block (`dense_tiles=1`), an L2 prefetch of the weight a few tiles ahead
+of the copies (`prefetch`, both kernels) and split-K ended by the last block of each output tile
+instead of a memset and a finalize launch (`fixup`, both kernels). To tune more shapes or another GPU:
 
     flashllm bench kernels --tune --shapes opt-66b,llama-70b --n 1,8,16,32,64 \\
         --sparsity 0.5,0.7,0.8,0.9 --write-configs tuned.json
@@ -84,6 +85,13 @@ UNVALIDATED_VALUE_CAPS: frozenset[int] = frozenset({FIT})
 UNVALIDATED_DENSE_TILES: frozenset[int] = frozenset({1})
 # L2 prefetch (written 2026-11-26, fifth session, without a GPU): compiled, never run.
 UNVALIDATED_PREFETCH: frozenset[int] = frozenset(range(1, MAX_PREFETCH + 1))
+# The split-K ending in the last block (`fixup`, both kernels, FLASHLLM_FIXUP in cuda/common.cuh;
+# written 2026-11-26, sixth session, without a GPU): compiled, never run. Without it the split
+# blocks add into a workspace a memset zeroed and a third launch rounds it (splitk_finalize.cu);
+# with it the last block of each output tile to arrive rounds the tile and re-zeroes its workspace
+# for the next call (launch.splitk_workspace): one launch instead of three. It only removes work,
+# so once validated it should become the default (LaunchConfig.fixup = True).
+UNVALIDATED_FIXUP: frozenset[bool] = frozenset({True})
 
 # Shared-memory layout constants, mirrored from the .cu files (the kernels trap if the launch
 # provides less shared memory than they lay out, so a drift shows as an error, not as corruption).
@@ -105,6 +113,7 @@ class LaunchConfig:
     value_cap: int = FULL_TILE  # bitmap: values per stage buffer; FIT = fitted at launch (VALUE_CAPS)
     dense_tiles: int = 2  # Tiled-CSL: dense shared-memory tiles (CSL_DENSE_TILES); bitmap: 2 (unused)
     prefetch: int = 0  # tiles past the copies whose weight L2 is asked to fetch (MAX_PREFETCH); 0 = none
+    fixup: bool = False  # split-K: the last block of an output tile rounds it (no memset, no finalize)
 
     def validate(self, fmt: str) -> "LaunchConfig":
         if self.nrows not in NROWS:
@@ -115,6 +124,8 @@ class LaunchConfig:
             raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
         if not 0 <= self.prefetch <= MAX_PREFETCH:
             raise ValueError(f"prefetch must be 0..{MAX_PREFETCH} tiles, got {self.prefetch}")
+        if not isinstance(self.fixup, bool):
+            raise ValueError(f"fixup must be True or False, got {self.fixup!r}")
         if fmt == "bitmap":
             if self.strips not in (1, 2) or (self.strips == 2 and self.nrows > 64):
                 raise ValueError(f"bitmap strips must be 1, or 2 with nrows <= 64; got {self}")
@@ -153,6 +164,8 @@ class LaunchConfig:
              "FLASHLLM_SMEM_BYTES": self.smem_bytes(fmt)}
         if self.prefetch:  # left out at 0, the kernels' default, so the cache keys stay the same
             d["FLASHLLM_PREFETCH"] = self.prefetch
+        if self.fixup:  # likewise
+            d["FLASHLLM_FIXUP"] = 1
         if fmt == "bitmap":
             d["FLASHLLM_STRIPS"] = self.strips
             d["FLASHLLM_DECODE"] = DECODES.index(self.decode)
@@ -213,12 +226,14 @@ def unvalidated_options(cfg: LaunchConfig) -> list[str]:
         names.append(f"dense{cfg.dense_tiles}")
     if cfg.prefetch in UNVALIDATED_PREFETCH:
         names.append("prefetch")
+    if cfg.fixup in UNVALIDATED_FIXUP:
+        names.append("fixup")
     return names
 
 
 # Every name `unvalidated_options` can return (the tests register a marker for each).
 OPTION_NAMES = (*DECODES, *(f"warps{w}" for w in CSL_WARPS), "fit", *(f"dense{t}" for t in CSL_DENSE_TILES),
-                "prefetch")
+                "prefetch", "fixup")
 
 
 def pending_options() -> dict[str, list[str]]:
@@ -236,6 +251,8 @@ def pending_options() -> dict[str, list[str]]:
         out[f"dense{t}"] = [f"tiled_csl:dense{t}"]
     if 4 in UNVALIDATED_PREFETCH:
         out["prefetch"] = ["bitmap:pf4", "tiled_csl:pf4"]
+    if True in UNVALIDATED_FIXUP:
+        out["fixup"] = ["bitmap:fixup", "tiled_csl:fixup"]
     return out
 
 
@@ -426,6 +443,9 @@ def candidates(fmt: str, n: int, sparsity: float, unvalidated: bool = False) -> 
             # L2 prefetch: weight bytes in flight beyond the stages, at no shared-memory cost.
             add(replace(base, decode=decode, prefetch=4))
             add(replace(base, decode=decode, value_cap=FIT, prefetch=4))
+        # The split-K ending in the last block: splitting gets cheaper, so the best split may move.
+        add(replace(base, fixup=True))
+        add(replace(base, value_cap=FIT, fixup=True))
     else:
         for words in (1024, 2048, 3072, 4096, 6144):
             for stages in (3, 4):
@@ -441,6 +461,7 @@ def candidates(fmt: str, n: int, sparsity: float, unvalidated: bool = False) -> 
             add(replace(base, stages=stages, dense_tiles=1))
         add(replace(base, prefetch=4))  # L2 prefetch, with either dense-tile pipeline
         add(replace(base, dense_tiles=1, prefetch=4))
+        add(replace(base, fixup=True))
     return out
 
 
@@ -535,12 +556,17 @@ CHECKED_SINGLE_DENSE = ((8, 3, 2048, 4), (16, 2, 1024, 4), (16, 4, 3072, 4), (16
 CHECKED_PREFETCH_BITMAP = ((8, 1, "fragment", 0), (16, 1, "fragment", 0), (16, 1, "scatter", 0),
                            (16, 2, "fragment", 0), (16, 1, "fragment", 1536), (64, 1, "fragment", 0))
 CHECKED_PREFETCH_CSL = ((8, 4, 2), (16, 4, 2), (16, 8, 2), (16, 4, 1), (64, 4, 2))
+# Variants ending split-K in the last block, one per epilogue shape (rows per block x NROWS, warps):
+# bitmap (nrows, strips, decode), Tiled-CSL (nrows, warps, dense tiles).
+CHECKED_FIXUP_BITMAP = ((8, 1, "fragment"), (16, 1, "fragment"), (16, 1, "scatter"), (16, 2, "fragment"),
+                        (32, 1, "fragment"), (64, 1, "fragment"), (128, 1, "fragment"))
+CHECKED_FIXUP_CSL = ((8, 4, 2), (16, 4, 2), (16, 8, 2), (16, 4, 1), (64, 4, 2))
 
 
 def checked_variants() -> list[tuple[str, LaunchConfig]]:
     """`shipped_variants` plus each with the other bitmap decodes or Tiled-CSL warp counts,
-    bitmap variants with fitted value buffers, one-dense-tile Tiled-CSL blocks and L2-prefetching
-    variants of both (what tuning may pick): what scripts/compile_check.sh compiles and the GPU
+    bitmap variants with fitted value buffers, one-dense-tile Tiled-CSL blocks, and L2-prefetching
+    and last-block split-K variants of both (what tuning may pick): what scripts/compile_check.sh compiles and the GPU
     tests run."""
     out = shipped_variants()
     two_strips = [("bitmap", LaunchConfig(nrows=16, strips=2, decode=d)) for d in DECODES]
@@ -557,6 +583,9 @@ def checked_variants() -> list[tuple[str, LaunchConfig]]:
             for n, s, d, c in CHECKED_PREFETCH_BITMAP]
     out += [("tiled_csl", LaunchConfig(nrows=n, words_per_stage=2048, warps=w, dense_tiles=t, prefetch=4))
             for n, w, t in CHECKED_PREFETCH_CSL]
+    out += [("bitmap", LaunchConfig(nrows=n, strips=s, decode=d, fixup=True)) for n, s, d in CHECKED_FIXUP_BITMAP]
+    out += [("tiled_csl", LaunchConfig(nrows=n, words_per_stage=2048, warps=w, dense_tiles=t, fixup=True))
+            for n, w, t in CHECKED_FIXUP_CSL]
     return out
 
 

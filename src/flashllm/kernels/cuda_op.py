@@ -171,9 +171,14 @@ class CudaKernel:
             split = configs.auto_split_k(kt, blocks_m * blocks_n, sms * max(kernel.occupancy, 1),
                                          min(n, cfg.nrows), in_features, bytes_per_element)
         splits, per_split = launch.split_plan(kt, split)
-        ws = torch.zeros((n, out_features), dtype=torch.float32, device=x2d.device) if splits > 1 else None
         with torch.cuda.device(x2d.device):
             stream = launch.current_stream(x2d.device)
+            ws = counters = None
+            if splits > 1 and cfg.fixup:  # the last block of each output tile rounds it
+                workspace = launch.splitk_workspace(x2d.device, stream, n * out_features, blocks_m * blocks_n)
+                ws, counters = workspace.sums, workspace.counters
+            elif splits > 1:  # a memset, the blocks add, a finalize launch rounds
+                ws = torch.zeros((n, out_features), dtype=torch.float32, device=x2d.device)
             kernel.launch(
                 (blocks_m, splits, blocks_n),
                 [
@@ -181,10 +186,12 @@ class CudaKernel:
                     ptr(xk), *(ptr(t) for t in tensors), ptr(bias), ptr(y), ptr(ws),
                     # sizes
                     i32(out_features), i32(n), i32(ldx), i32(kx), i32(kt), i32(mt), i32(per_split),
+                    # last: the split-K arrival counters (fixup), so the other parameters keep their offsets
+                    ptr(counters),
                 ],
                 stream,
             )
-            if ws is not None:
+            if ws is not None and counters is None:
                 launch.run_splitk_finalize(ws, bias, y, stream)
         return y
 

@@ -527,6 +527,43 @@ def split_plan(k_tiles: int, split_k: int) -> tuple[int, int]:
     return -(-k_tiles // per), per
 
 
+@dataclass(frozen=True)
+class SplitKWorkspace:
+    sums: torch.Tensor  # fp32 partial sums, (N, M) row-major from the start; zero between launches
+    counters: torch.Tensor  # int32, one per output tile: blocks arrived; zero between launches
+
+
+_WORKSPACES: dict[tuple[str, int], SplitKWorkspace] = {}
+_RETIRED: list[SplitKWorkspace] = []
+_WORKSPACE_LOCK = threading.Lock()
+
+
+def splitk_workspace(device: torch.device, stream: int, floats: int, tiles: int) -> SplitKWorkspace:
+    """Zeroed partial sums (at least `floats`) and arrival counters (at least `tiles`) for split-K
+    launches that end in their last block (`LaunchConfig.fixup`) on `stream`.
+
+    The kernels leave both zero again, so they are zeroed once, when allocated, instead of by a
+    memset per call (the launch `fixup` saves, with the finalize one). One workspace per stream:
+    launches on one stream run in order, while two streams sharing one would race. A workspace that
+    grows is kept, never freed: a CUDA graph captured with it keeps its address. Allocated while a
+    graph is captured, it comes from the graph's memory pool and its zeroing is captured too (it then
+    runs again at each replay, on a workspace that is already zero)."""
+    key = (str(device), stream)
+    with _WORKSPACE_LOCK:
+        ws = _WORKSPACES.get(key)
+        if ws is not None and ws.sums.numel() >= floats and ws.counters.numel() >= tiles:
+            return ws
+        if ws is not None:  # grown geometrically: few retired workspaces, at most the size of the last
+            _RETIRED.append(ws)
+            have_floats, have_tiles = ws.sums.numel(), ws.counters.numel()
+            floats = have_floats if floats <= have_floats else max(floats, 2 * have_floats)
+            tiles = have_tiles if tiles <= have_tiles else max(tiles, 2 * have_tiles)
+        ws = SplitKWorkspace(torch.zeros(max(floats, 1), dtype=torch.float32, device=device),
+                             torch.zeros(max(tiles, 1), dtype=torch.int32, device=device))
+        _WORKSPACES[key] = ws
+        return ws
+
+
 def run_splitk_finalize(ws: torch.Tensor, bias: Optional[torch.Tensor], y: torch.Tensor, stream: int) -> None:
     kernel = get_kernel("splitk_finalize.cu", "flashllm_splitk_finalize", {}, y.dtype, y.device, 0, threads=256)
     total = y.numel()

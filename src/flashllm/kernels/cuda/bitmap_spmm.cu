@@ -130,7 +130,16 @@ __device__ __forceinline__ void scatter_half(u32 word, u32 src, u32 dst) {
 }  // namespace bitmap
 }  // namespace flashllm
 
-extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_spmm(
+// The 128-row build with the split-K fixup spilled 3 registers under NVRTC at ptxas's default cap
+// of 128; its shared memory (over 80 KB) allows only 2 resident blocks anyway, and telling ptxas so
+// lifts the cap (the other variants keep the bounds they were validated with).
+#if FLASHLLM_FIXUP && FLASHLLM_NROWS == 128
+#define FLASHLLM_BITMAP_BOUNDS __launch_bounds__(flashllm::THREADS, 2)
+#else
+#define FLASHLLM_BITMAP_BOUNDS __launch_bounds__(flashllm::THREADS)
+#endif
+
+extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
     // pointers
     const u16* __restrict__ x,               // (N, ldx) activations, row-major
     const unsigned char* __restrict__ masks,  // tiles * 512 bytes
@@ -142,7 +151,9 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
     // sizes
     int M, int N, int ldx, int kx,  // kx: valid activation columns, a multiple of 8
     int KT, int MT,                 // group tiles along K and along M
-    int kt_per_split) {
+    int kt_per_split,
+    // last, so that the parameters above keep their offsets in the variants without it
+    int* __restrict__ counters) {  // FIXUP: zeroed split-K arrival counts, one per output tile
   using namespace flashllm;
   using namespace flashllm::bitmap;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -401,4 +412,10 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_bitmap_
                   N, bias, y, ws);
       }
   }
+#if FLASHLLM_FIXUP  // (an `if constexpr` would do, but it changes the other variants' SASS)
+  if (ws != nullptr) {
+    splitk_fixup<STRIPS * GROUP>(ws, counters, bias, y, M, N, KT, kt_per_split,
+                                 reinterpret_cast<volatile int*>(smem));
+  }
+#endif
 }

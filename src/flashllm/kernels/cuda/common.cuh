@@ -12,6 +12,8 @@
 //   FLASHLLM_WARPS  warps per block (optional, default 4)
 //   FLASHLLM_PREFETCH tiles past the cp.async frontier whose compressed weight thread 0 asks L2 to
 //                   fetch, one tile per stage (optional, default 0 = none)
+//   FLASHLLM_FIXUP  1 = split-K ends in the last block of each output tile (`splitk_fixup`), 0 = in
+//                   a separate finalize launch (optional, default 0)
 // plus kernel-specific ones documented in each .cu file.
 //
 // Conventions shared by both kernels. The product is y = x @ W.T with x (N x K) and W (M x K).
@@ -54,6 +56,9 @@ constexpr int STAGES = FLASHLLM_STAGES;
 #define FLASHLLM_PREFETCH 0
 #endif
 constexpr int PREFETCH = FLASHLLM_PREFETCH;
+#ifndef FLASHLLM_FIXUP
+#define FLASHLLM_FIXUP 0
+#endif
 static_assert(PREFETCH >= 0 && PREFETCH <= 16, "PREFETCH");
 static_assert(NROWS == 8 || NROWS == 16 || NROWS == 32 || NROWS == 64 || NROWS == 128, "NROWS");
 static_assert(STAGES >= 2 && STAGES <= 6, "STAGES");
@@ -365,6 +370,61 @@ __device__ __forceinline__ void store_acc(const float* acc, int m8, int n16, int
         if (pair) atomicAdd(ws + i + 1, v1);
       }
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Split-K ending in the last block (FLASHLLM_FIXUP)
+// ---------------------------------------------------------------------------------------------
+// Every block of an output tile has added its partial sums into the fp32 workspace (store_acc);
+// the last of them to arrive rounds the tile (bias included) into y and writes zeros back, so the
+// workspace is zero again for the next launch without a memset (kernels/launch.py keeps one per
+// stream, zeroed once). `counters` holds one arrival count per output tile (blockIdx.x, blockIdx.z),
+// also left at zero. Every block along K runs (none returns early: launch.split_plan), the block
+// owns rows [ROWS * blockIdx.x, + ROWS) x activation rows [NROWS * blockIdx.z, + NROWS), clipped
+// to M x N, and `flag` is 4 bytes of shared memory the block no longer uses. The memory order is
+// the classic one of a last-block reduction: the adds are fenced before the block counts itself
+// in, and the last block fences again before it reads the workspace from L2 (.cg: no stale L1).
+__device__ __forceinline__ float ld_cg_f32(const float* p) {
+  float v;
+  asm volatile("ld.global.cg.f32 %0, [%1];\n" : "=f"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_cg_f32(float* p, float v) {
+  asm volatile("st.global.cg.f32 [%0], %1;\n" ::"l"(p), "f"(v) : "memory");
+}
+
+template <int ROWS>
+__device__ __forceinline__ void splitk_fixup(float* __restrict__ ws, int* __restrict__ counters,
+                                             const u16* __restrict__ bias, u16* __restrict__ y,
+                                             int M, int N, int KT, int kt_per_split, volatile int* flag) {
+  // The tile and the split count follow from the launch, the same way for both kernels.
+  const int tid = threadIdx.x;
+  const int m0 = blockIdx.x * ROWS;
+  const int n0 = blockIdx.z * NROWS;
+  const int splits = (KT + kt_per_split - 1) / kt_per_split;  // blocks along K that run
+  __threadfence();  // this thread's adds are visible GPU-wide ...
+  __syncthreads();
+  if (tid == 0) {
+    __threadfence();  // ... and, through the barrier, ordered before the count (release)
+    const int tile = blockIdx.z * gridDim.x + blockIdx.x;
+    const int arrived = atomicAdd(counters + tile, 1);
+    const bool last = arrived == splits - 1;
+    if (last) counters[tile] = 0;  // every other block of the tile has counted itself in already
+    *flag = last ? 1 : 0;
+  }
+  __syncthreads();
+  if (*flag == 0) return;
+  __threadfence();  // (acquire) the other blocks' adds, counted in before ours, are in L2
+  const int rows = min(ROWS, M - m0);
+  const int cols = min(NROWS, N - n0);
+  for (int i = tid; i < rows * cols; i += THREADS) {
+    const int m = m0 + i % rows;  // consecutive threads along M: coalesced
+    const size_t at = static_cast<size_t>(n0 + i / rows) * M + m;
+    float v = ld_cg_f32(ws + at);
+    if (bias != nullptr) v += to_float(bias[m]);
+    y[at] = from_float(v);
+    st_cg_f32(ws + at, 0.f);
   }
 }
 

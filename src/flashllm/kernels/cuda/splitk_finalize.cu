@@ -1,7 +1,8 @@
 // Split-K epilogue: y = round(ws + bias) for the fp32 workspace the split blocks added into.
-// A separate launch (instead of a last-block fixup inside the main kernels) keeps the main kernels
-// free of inter-block synchronization; its cost is one read of N x M floats and one write of the
-// output, small next to the weight for the decode batch sizes split-K is chosen for.
+// A separate launch keeps the main kernels free of inter-block synchronization; its cost is one
+// read of N x M floats and one write of the output, small next to the weight for the decode batch
+// sizes split-K is chosen for, plus the launch itself and the workspace's memset, which
+// FLASHLLM_FIXUP (splitk_fixup in common.cuh, pending a GPU run) saves by ending in the last block.
 // The tile parameters of common.cuh do not apply here; fixed values keep it compiling.
 #ifndef FLASHLLM_NROWS
 #define FLASHLLM_NROWS 16

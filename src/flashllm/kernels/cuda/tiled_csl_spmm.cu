@@ -117,7 +117,9 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
     // sizes
     int M, int N, int ldx, int kx,  // kx: valid activation columns, a multiple of 8
     int KT, int MT,                 // tiles along K and along M
-    int kt_per_split) {
+    int kt_per_split,
+    // last, so that the parameters above keep their offsets in the variants without it
+    int* __restrict__ counters) {  // FIXUP: zeroed split-K arrival counts, one per output tile
   using namespace flashllm;
   using namespace flashllm::csl;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -285,4 +287,9 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
     for (int nt = 0; nt < NT; ++nt)
       store_acc(acc[mt][nt], strip * TILE_M + warp * WARP_ROWS + mt * 8, n0 + nt * 16, lane, M, N,
                 bias, y, ws);
+#if FLASHLLM_FIXUP  // (an `if constexpr` would do, but it changes the other variants' SASS)
+  if (ws != nullptr) {
+    splitk_fixup<TILE_M>(ws, counters, bias, y, M, N, KT, kt_per_split, reinterpret_cast<volatile int*>(smem));
+  }
+#endif
 }
