@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from flashllm.formats import BitmapWeight, TiledCSLWeight
-from flashllm.kernels import bitmap_cuda, configs, emulation as E, launch, tiled_csl_cuda
+from flashllm.kernels import bitmap_cuda, configs, cuda_module, emulation as E, launch, tiled_csl_cuda
 from flashllm.kernels.configs import LaunchConfig
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -394,6 +394,12 @@ def test_invalid_configs_are_refused():
     assert one.defines("tiled_csl")["FLASHLLM_DENSE_TILES"] == 1 and "FLASHLLM_DENSE_TILES" not in two.defines("tiled_csl")
 
 
+def test_cuda_module_by_format_name():
+    assert cuda_module("bitmap") is bitmap_cuda and cuda_module("tiled_csl") is tiled_csl_cuda
+    with pytest.raises(ValueError, match="no CUDA kernel for format 'csr'"):
+        cuda_module("csr")
+
+
 def test_auto_split_k():
     # few row blocks: split until the SM slots are filled four times over, at most 16 ways
     assert configs.auto_split_k(k_tiles=112, blocks_mn=112, slots=132 * 4, n=16, in_features=7168,
@@ -586,7 +592,7 @@ def test_retuning_checks_candidates_against_the_formats_own_decode(fmt, gen):
     # FLASHLLM_RETUNE times candidates on a user's first call; each is first compared with this.
     from flashllm.formats import get_format
 
-    module = bitmap_cuda if fmt == "bitmap" else tiled_csl_cuda
+    module = cuda_module(fmt)
     dense = pruned(100, 150, 0.7, torch.float16, gen)
     w = get_format(fmt).from_dense(dense)
     x, bias = torch.randn(5, 150, generator=gen).half(), torch.randn(100, generator=gen).half()

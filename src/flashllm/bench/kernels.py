@@ -217,9 +217,9 @@ def sparse_methods(w: torch.Tensor, x: torch.Tensor, formats: list[str], fast: b
         fmt, options = parse_format(name)
         weight = get_format(fmt).from_dense(w)
         if fast:
-            from ..kernels import bitmap_cuda, configs, tiled_csl_cuda
+            from ..kernels import configs, cuda_module
 
-            module = bitmap_cuda if fmt == "bitmap" else tiled_csl_cuda
+            module = cuda_module(fmt)
             arch = configs.arch_key(torch.cuda.get_device_capability(x.device))
             tensors = list(weight.tensors().values())
             cfg = configs.get_config(arch, fmt, *weight.shape, x.shape[0],
@@ -524,7 +524,7 @@ def _option_bests(fmt: str, timings) -> str:
 
 def tune(args) -> int:
     from ..formats import get_format
-    from ..kernels import bitmap_cuda, configs, launch, tiled_csl_cuda
+    from ..kernels import configs, cuda_module, launch
 
     device = torch.device(args.device)
     if device.type != "cuda":
@@ -544,7 +544,7 @@ def tune(args) -> int:
                 ref = x.float() @ w.float().T
                 # The candidates cover every option, so "bitmap:scatter" tunes as "bitmap".
                 for fmt in dict.fromkeys(parse_format(f)[0] for f in args.formats):
-                    module = bitmap_cuda if fmt == "bitmap" else tiled_csl_cuda
+                    module = cuda_module(fmt)
                     weight = get_format(fmt).from_dense(w)
                     kt = -(-k // 64)
                     # The benchmark's own timing (graph replay, L2 flushed), so the winners are

@@ -88,7 +88,7 @@ def probe_configs(fmt: str, cfg: LaunchConfig) -> list[tuple[str, ProbeConfig]]:
 
 def run(args) -> tuple[list[ProbeRow], dict]:
     from ..formats import get_format
-    from ..kernels import bitmap_cuda, configs, tiled_csl_cuda
+    from ..kernels import configs, cuda_module
 
     device = torch.device(args.device)
     dtype = bench.DTYPES[args.dtype]
@@ -109,7 +109,7 @@ def run(args) -> tuple[list[ProbeRow], dict]:
                 expected = F.linear(x, w).float()
                 for method in args.formats:
                     fmt, options = bench.parse_format(method)
-                    module = bitmap_cuda if fmt == "bitmap" else tiled_csl_cuda
+                    module = cuda_module(fmt)
                     weight = get_format(fmt).from_dense(w)
                     tensors = list(weight.tensors().values())
                     cfg = configs.get_config(arch, fmt, m, k, n, module.KERNEL.sparsity_of(tensors, m, k))

@@ -24,6 +24,17 @@ def register_cuda_kernels() -> None:
     FAST_KERNELS[(TiledCSLWeight.format_code, "cuda")] = tiled_csl_cuda.fast_kernel
 
 
+def cuda_module(fmt: str):
+    """The CUDA kernel module of the format named `fmt` (`bitmap_cuda` or `tiled_csl_cuda`): its
+    `KERNEL`, `linear` and launch configurations. Importing it loads nothing (see above)."""
+    from . import bitmap_cuda, tiled_csl_cuda
+
+    modules = {bitmap_cuda.FORMAT: bitmap_cuda, tiled_csl_cuda.FORMAT: tiled_csl_cuda}
+    if fmt not in modules:
+        raise ValueError(f"no CUDA kernel for format {fmt!r}; there are kernels for {sorted(modules)}")
+    return modules[fmt]
+
+
 def unregister_cuda_kernels() -> None:
     from ..formats import BitmapWeight, TiledCSLWeight
 
@@ -34,4 +45,5 @@ def unregister_cuda_kernels() -> None:
 if os.environ.get(ENV_FLAG, "1") != "0":
     register_cuda_kernels()
 
-__all__ = ["ENV_FLAG", "FAST_KERNELS", "kernel_path", "register_cuda_kernels", "spmm", "unregister_cuda_kernels"]
+__all__ = ["ENV_FLAG", "FAST_KERNELS", "cuda_module", "kernel_path", "register_cuda_kernels", "spmm",
+           "unregister_cuda_kernels"]
