@@ -28,6 +28,8 @@
 #   6. DEVICE_CHECK_NCU=1: Nsight Compute sections, one launch per kernel option (ncu.log) (~20 s)
 #   7. compute-sanitizer memcheck and racecheck on small shapes                    (~1 min)
 #   8. DEVICE_CHECK_E2E=1: Llama-2-7B decode, dense vs 50%/80% (e2e.csv, e2e.png)   (~1 min)
+#      E2E_OPTIONS=fixup (any FLASHLLM_KERNEL_OPTIONS value) runs it again with those kernel
+#      options forced, into the same CSV: an end-to-end A/B                       (~1 min)
 # Writes device_check.log under $OUT (./out when unset) and everything else into $OUT/results.tgz
 # (the device tool returns at most 8 files). The last lines printed are the summary.
 # Step limits in seconds: PYTEST_LIMIT (300), TUNE_LIMIT (240), BENCH_LIMIT (300), NCU_LIMIT (150),
@@ -328,11 +330,17 @@ if [ "${DEVICE_CHECK_E2E:-0}" = "1" ]; then
   timeout "${E2E_LIMIT:-240}" "$PY" -m flashllm.cli bench e2e --models llama-2-7b --sparsities 0.5,0.8 --batch 1,16 \
     --new-tokens 64 --predict --csv "$OUT/e2e.csv" --plot "$OUT/e2e.png" 2>&1 | tee "$OUT/e2e.log" | tail -n 20
   STATUS[e2e]=${PIPESTATUS[0]}
+  if [ -n "${E2E_OPTIONS:-}" ]; then
+    timeout "${E2E_LIMIT:-240}" "$PY" -m flashllm.cli bench e2e --models llama-2-7b --sparsities 0.5,0.8 --batch 1,16 \
+      --new-tokens 64 --predict --kernel-options "$E2E_OPTIONS" --csv "$OUT/e2e.csv" --plot "$OUT/e2e_options.png" \
+      2>&1 | tee "$OUT/e2e_options.log" | tail -n 20
+    STATUS[e2e_options]=${PIPESTATUS[0]}
+  fi
 fi
 
 step "summary ($(( $(date +%s) - T0 ))s)"
 [ -f "$OUT/pytest_gpu.log" ] && grep -E "passed|failed|error" "$OUT/pytest_gpu.log" | tail -n 1
-for k in env smoke smoke_unvalidated pytest tune bench sweep bench_bf16 probes ncu memcheck racecheck e2e; do
+for k in env smoke smoke_unvalidated pytest tune bench sweep bench_bf16 probes ncu memcheck racecheck e2e e2e_options; do
   [ -n "${STATUS[$k]+x}" ] && printf '  %-18s %s\n' "$k" "$([ "${STATUS[$k]}" = 0 ] && echo ok || echo "FAILED (exit ${STATUS[$k]})")"
 done
 # flashllm's geomeans and the option A/B (the CSV has cuSPARSE and 2:4 too)

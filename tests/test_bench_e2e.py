@@ -1,4 +1,5 @@
 import csv
+import warnings
 
 import pytest
 import torch
@@ -31,6 +32,22 @@ def test_tiny_e2e_run_writes_rows_and_plot(tmp_path, capsys):
     assert float(rows[1]["linear_weight_gib"]) < float(rows[0]["linear_weight_gib"])
     assert png.stat().st_size > 1000
     assert "| tiny | flashllm | 50% | 1 |" in capsys.readouterr().out
+
+
+def test_forced_kernel_options_are_checked_first_and_recorded(tmp_path, monkeypatch, capsys):
+    from flashllm.kernels import configs
+
+    monkeypatch.setenv(configs.FORCED_OPTIONS_ENV, "")  # restored after the test: main sets it
+    monkeypatch.setattr(configs, "_forced", {})
+    csv_path = tmp_path / "e2e.csv"
+    common = ["bench", "e2e", "--tiny", "--batch", "1", "--sparsities", "0.5", "--new-tokens", "2",
+              "--dtype", "float32", "--csv", str(csv_path), "--plot", str(tmp_path / "e2e.png")]
+    assert main([*common, "--kernel-options", "fixpu"]) != 0  # before any model is built
+    assert "unknown entry 'fixpu'" in capsys.readouterr().err and not csv_path.exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "not yet validated on a GPU" while fixup is pending
+        assert main([*common, "--kernel-options", "fixup"]) == 0
+    assert [r["format"] for r in csv.DictReader(csv_path.open())] == ["dense", "bitmap [fixup]"]
 
 
 def test_unknown_model_is_refused():

@@ -534,6 +534,30 @@ def test_fixup_is_a_compile_option_of_both_kernels():
         LaunchConfig(nrows=16, fixup=1).validate("bitmap")
 
 
+def test_forced_options_apply_on_top_of_the_table_per_format(monkeypatch):
+    # FLASHLLM_KERNEL_OPTIONS: "option" for both formats, "format:option" for one; the table's or
+    # the rule's choice is kept for everything else.
+    monkeypatch.setattr(configs, "_forced", {})
+    monkeypatch.setenv(configs.FORCED_OPTIONS_ENV, "fixup, bitmap:fit, tiled_csl:dense1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bitmap = configs.get_config("sm90", "bitmap", 11008, 4096, 16, 0.5)
+        csl = configs.get_config("sm90", "tiled_csl", 11008, 4096, 16, 0.8)
+    assert bitmap == replace(configs.TUNED[("sm90", "bitmap", "m16k-k8k", 16, "50")], fixup=True, value_cap=configs.FIT)
+    assert csl.fixup and csl.dense_tiles == 1 and csl.value_cap == configs.FULL_TILE
+    pending = {"fit", "fixup", "dense1"} & set(configs.pending_options())
+    assert [str(w.message).count("not yet validated") for w in caught] == ([1] if pending else [])
+    monkeypatch.setenv(configs.FORCED_OPTIONS_ENV, "tiled_csl:scatter")
+    with pytest.raises(ValueError, match="FLASHLLM_KERNEL_OPTIONS: Tiled-CSL needs"):
+        configs.get_config("sm90", "tiled_csl", 4096, 4096, 16, 0.8)
+    assert configs.forced_options("bitmap") == {}  # the other format's launches are untouched
+    monkeypatch.setenv(configs.FORCED_OPTIONS_ENV, "csr:fixup")
+    with pytest.raises(ValueError, match="unknown entry 'csr:fixup'"):
+        configs.get_config("sm90", "bitmap", 4096, 4096, 16, 0.8)
+    monkeypatch.setenv(configs.FORCED_OPTIONS_ENV, "")
+    assert not configs.get_config("sm90", "bitmap", 4096, 4096, 16, 0.8).fixup
+
+
 def test_splitk_workspace_is_zeroed_once_kept_per_stream_and_grown_geometrically(monkeypatch):
     # The kernels leave the workspace zero, so it is zeroed only when allocated; on the CPU the same
     # bookkeeping runs on host tensors (streams are plain handles here).

@@ -11,6 +11,7 @@ Each row records the SM clock NVML read during its timed generation (`sm_mhz`, b
 
     flashllm bench e2e --models llama-2-7b,llama-2-13b --sparsities 0.5,0.7,0.8 --batch 1,8,16,32
     flashllm bench e2e --big            # OPT-66B and OPT-175B at 80% on one GPU
+    flashllm bench e2e --kernel-options fixup   # the sparse runs with a kernel option forced (A/B)
     flashllm bench e2e --tiny           # a CPU smoke run of the harness itself
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -213,6 +215,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time each linear shape alone and print the speedup it predicts")
     parser.add_argument("--big", action="store_true", help="OPT-66B and OPT-175B at 80%% (sparse only), one GPU")
     parser.add_argument("--tiny", action="store_true", help="a small CPU-sized model: checks the harness")
+    parser.add_argument("--kernel-options", help="force kernel options on every sparse product, e.g. fixup or "
+                        "bitmap:fit (sets FLASHLLM_KERNEL_OPTIONS; recorded in the format column)")
     parser.add_argument("--csv", type=Path, default=Path("bench-results/e2e.csv"), help="rows are appended")
     parser.add_argument("--plot", type=Path, default=Path("bench-results/e2e.png"))
 
@@ -237,6 +241,13 @@ def main(args: argparse.Namespace) -> int:
     if args.big:
         plans = [("opt-66b", [0.8]), ("opt-175b", [0.8])]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    from ..kernels.configs import FORCED_OPTIONS_ENV, forced_options
+
+    if args.kernel_options is not None:
+        os.environ[FORCED_OPTIONS_ENV] = args.kernel_options
+    forced_options(args.format)  # a misspelt option fails here, not after the models are built
+    forced = os.environ.get(FORCED_OPTIONS_ENV, "").strip()
+    sparse_label = f"{args.format} [{forced}]" if forced else args.format
     date = datetime.date.today().isoformat()
     rows: list[Row] = []
     for name, variants in plans:
@@ -267,7 +278,7 @@ def main(args: argparse.Namespace) -> int:
                 else:
                     predicted = measured = float("nan")
                 rows.append(Row(name, "dense" if sparsity is None else "flashllm", sparsity or 0.0,
-                                "dense" if sparsity is None else args.format, batch, prompt, new,
+                                "dense" if sparsity is None else sparse_label, batch, prompt, new,
                                 predicted_speedup=predicted, measured_speedup=measured, linear_weight_gib=weight_gib,
                                 device=device_name, torch=torch.__version__, date=date, **stats))
                 print(_format_row(rows[-1]), flush=True)

@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..kernels.configs import CSL_DENSE_TILES, CSL_WARPS, DECODES, FIT, OPTION_NAMES, LaunchConfig
+from ..kernels.configs import FIT, OPTION_NAMES, OPTION_SPELLINGS, LaunchConfig
 from .clocks import SmClock, max_sm_clock
 from .csvlog import append_rows
 
@@ -234,16 +234,10 @@ def sparse_methods(w: torch.Tensor, x: torch.Tensor, formats: list[str], fast: b
     return out
 
 
-# Kernel options a --formats entry may add after a colon: "bitmap:scatter", "tiled_csl:warps8",
-# "bitmap:fit" sizes the stage buffers to the weight's largest tile (configs.FIT), "tiled_csl:dense1"
-# runs one dense tile per block (configs.CSL_DENSE_TILES), "stages6" a 6-deep pipeline, "pf4" an L2
-# prefetch 4 tiles ahead (configs.MAX_PREFETCH), "fixup" ends split-K in the last block of each
-# output tile (one launch instead of memset, kernel and finalize); several combine ("bitmap:fit:stages6").
-FORMAT_OPTIONS = {**{d: ("decode", d) for d in DECODES}, **{f"warps{w}": ("warps", w) for w in CSL_WARPS},
-                  "fit": ("value_cap", FIT), **{f"dense{t}": ("dense_tiles", t) for t in CSL_DENSE_TILES},
-                  **{f"stages{s}": ("stages", s) for s in range(2, 7)},
-                  **{f"pf{p}": ("prefetch", p) for p in (0, 1, 2, 4, 8, 16)},
-                  "fixup": ("fixup", True)}
+# Kernel options a --formats entry may add after a colon (configs.OPTION_SPELLINGS): "bitmap:scatter",
+# "tiled_csl:warps8", "bitmap:fit", "tiled_csl:dense1", "stages6", "pf4", "fixup"; several combine
+# ("bitmap:fit:stages6").
+FORMAT_OPTIONS = OPTION_SPELLINGS
 
 
 def parse_format(name: str) -> tuple[str, dict]:

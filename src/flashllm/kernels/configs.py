@@ -23,7 +23,9 @@ stall of about a second, opt-in) and its winner appended to the file. A user's f
 autotunes otherwise: a missing key falls back to `default_config`.
 
 Lookup order: ``TUNED[(arch, format, shape_class, n_bucket, band)]``, the same with shape class
-``"*"``, then `default_config` (with a one-time warning on architectures outside `RULE_FITTED`).
+``"*"``, then `default_config` (with a one-time warning on architectures outside `RULE_FITTED`);
+``FLASHLLM_KERNEL_OPTIONS`` (e.g. ``fixup`` or ``bitmap:fit``) then forces options on the result
+(`forced_options`).
 ``split_k == 0`` means "choose at launch from the occupancy" (see `auto_split_k`), so a wildcard
 entry serves every layer shape.
 """
@@ -212,6 +214,48 @@ class LaunchConfig:
         return 64 * self.strips if fmt == "bitmap" else 128
 
 
+# Kernel options by short name: the suffixes of `flashllm bench kernels --formats` entries
+# ("bitmap:scatter", "tiled_csl:warps8", "bitmap:fit:stages6") and the entries of
+# FLASHLLM_KERNEL_OPTIONS (`forced_options`). "fit" sizes bitmap stage buffers to the weight's
+# largest tile (FIT), "dense1" runs one dense Tiled-CSL tile per block, "stages6" a 6-deep
+# pipeline, "pf4" an L2 prefetch 4 tiles ahead, "fixup" ends split-K in the last block.
+OPTION_SPELLINGS: dict[str, tuple[str, object]] = {
+    **{d: ("decode", d) for d in DECODES}, **{f"warps{w}": ("warps", w) for w in CSL_WARPS},
+    "fit": ("value_cap", FIT), **{f"dense{t}": ("dense_tiles", t) for t in CSL_DENSE_TILES},
+    **{f"stages{s}": ("stages", s) for s in range(2, 7)},
+    **{f"pf{p}": ("prefetch", p) for p in (0, 1, 2, 4, 8, 16)},
+    "fixup": ("fixup", True),
+}
+FORCED_OPTIONS_ENV = "FLASHLLM_KERNEL_OPTIONS"
+_forced: dict[str, dict[str, dict]] = {}
+
+
+def forced_options(fmt: str) -> dict:
+    """The LaunchConfig fields that FLASHLLM_KERNEL_OPTIONS forces on every launch of format `fmt`
+    (on top of the table or the rule), e.g. "fixup" (both formats) or "bitmap:fit,tiled_csl:dense1"
+    (a format's own options): the way to run a whole model, `flashllm bench e2e` included, with an
+    option for an A/B. Unknown names raise; options not yet validated on a GPU warn once."""
+    text = os.environ.get(FORCED_OPTIONS_ENV, "").strip()
+    if text not in _forced:
+        per_format: dict[str, dict] = {"bitmap": {}, "tiled_csl": {}}
+        for entry in filter(None, (e.strip() for e in text.split(","))):
+            target, _, name = entry.rpartition(":")
+            if target not in ("", *per_format) or name not in OPTION_SPELLINGS:
+                raise ValueError(f"{FORCED_OPTIONS_ENV}={text!r}: unknown entry {entry!r}; entries are an "
+                                 f"option or format:option, options {sorted(OPTION_SPELLINGS)}, formats "
+                                 f"{sorted(per_format)}")
+            field, value = OPTION_SPELLINGS[name]
+            for f in (target,) if target else per_format:
+                per_format[f][field] = value
+        pending = sorted({n for f, opts in per_format.items() if opts
+                          for n in unvalidated_options(replace(LaunchConfig(nrows=16), **opts))})
+        if pending:
+            warnings.warn(f"flashllm: {FORCED_OPTIONS_ENV}={text!r} forces options not yet validated on a GPU: "
+                          f"{', '.join(pending)}", stacklevel=3)
+        _forced[text] = per_format
+    return _forced[text].get(fmt, {})
+
+
 def unvalidated_options(cfg: LaunchConfig) -> list[str]:
     """The names of `cfg`'s options that have not passed a GPU run yet (`pending_options`): a GPU
     run validates them one by one, and the tests mark each as `unvalidated_<name>`."""
@@ -397,6 +441,13 @@ def get_config(arch: str, fmt: str, out_features: int, in_features: int, n: int,
                 stacklevel=3,
             )
         cfg = default_config(fmt, n, sparsity)
+    forced = forced_options(fmt)
+    if forced:
+        cfg = replace(cfg, **forced)
+        try:
+            cfg.validate(fmt)
+        except ValueError as err:
+            raise ValueError(f"{FORCED_OPTIONS_ENV}: {err}") from None
     # Entries are per bucket; a batch smaller than the bucket's nrows still fits, a larger one
     # (only possible for the last bucket) runs several blocks along N.
     return cfg.validate(fmt)
