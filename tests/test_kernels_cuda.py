@@ -210,9 +210,9 @@ def test_splitk_fixup(fmt, dtype, sparsity):
 @pending(fixup=True)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_splitk_fixup_in_a_cuda_graph(fmt):
-    # Captured on a stream that has no workspace yet: it is allocated (and zeroed) inside the
-    # capture, and the replays must keep finding it zero; the eager calls on the default stream,
-    # with and without fixup, in between must not disturb it.
+    # Captured on torch's capture stream, whose workspace (the first time) is allocated and zeroed
+    # inside the capture; the replays must keep finding it zero, and the eager calls on the
+    # default stream in between, with and without fixup, must not disturb it.
     cls, module = FORMATS[fmt]
     w = random_weight(1000, 2048, 0.8, torch.float16)
     weight = cls.from_dense(w)

@@ -7,8 +7,8 @@ down_proj at N 16; see BENCHMARKS.md); everything else comes from `default_confi
 `auto_split_k`, whose rules follow those winners: one 64-row strip per bitmap block, 3 stages, the scatter decode from 85%
 sparsity at N <= 16, Tiled-CSL stages of 2-3K words, 8 warps at 75-85% and N <= 16, and as many K
 splits as keep each split 4 tiles deep, up to 16 (latency, not bandwidth, limits the kernels, so
-more resident blocks win). Four options are compiled (and checked on the CPU) but not yet run on a GPU, so
-nothing selects them unless asked: bitmap stage buffers fitted to the weight (`value_cap=FIT`), one
+more resident blocks win). Four options are compiled (and checked on the CPU) but not yet run on a
+GPU, so nothing selects them unless asked: bitmap stage buffers fitted to the weight (`value_cap=FIT`), one
 dense Tiled-CSL tile per block (`dense_tiles=1`), an L2 prefetch of the weight a few tiles ahead
 of the copies (`prefetch`, both kernels) and split-K ended by the last block of each output tile
 instead of a memset and a finalize launch (`fixup`, both kernels). To tune more shapes or another GPU:
@@ -617,8 +617,8 @@ CHECKED_FIXUP_CSL = ((8, 4, 2), (16, 4, 2), (16, 8, 2), (16, 4, 1), (64, 4, 2))
 def checked_variants() -> list[tuple[str, LaunchConfig]]:
     """`shipped_variants` plus each with the other bitmap decodes or Tiled-CSL warp counts,
     bitmap variants with fitted value buffers, one-dense-tile Tiled-CSL blocks, and L2-prefetching
-    and last-block split-K variants of both (what tuning may pick): what scripts/compile_check.sh compiles and the GPU
-    tests run."""
+    and last-block split-K variants of both (what tuning may pick): what scripts/compile_check.sh
+    compiles and the GPU tests run."""
     out = shipped_variants()
     two_strips = [("bitmap", LaunchConfig(nrows=16, strips=2, decode=d)) for d in DECODES]
     for fmt, cfg in list(out) + two_strips:  # two strips: a code shape the tuner may pick

@@ -543,7 +543,7 @@ def splitk_workspace(device: torch.device, stream: int, floats: int, tiles: int)
     launches that end in their last block (`LaunchConfig.fixup`) on `stream`.
 
     The kernels leave both zero again, so they are zeroed once, when allocated, instead of by a
-    memset per call (the launch `fixup` saves, with the finalize one). One workspace per stream:
+    memset before every call: that launch and the finalize one are what `fixup` saves. One per stream:
     launches on one stream run in order, while two streams sharing one would race. A workspace that
     grows is kept, never freed: a CUDA graph captured with it keeps its address. Allocated while a
     graph is captured, it comes from the graph's memory pool and its zeroing is captured too (it then
