@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+from dataclasses import replace
 
 import pytest
+import torch
 
 from flashllm.bench import kernels as bench
 
@@ -229,3 +231,20 @@ def test_appending_to_a_csv_of_an_older_version_keeps_its_columns(tmp_path, caps
     fresh = tmp_path / "new.csv"
     bench.write_csv([row], env, "fp16", str(fresh))
     assert list(csv.DictReader(open(fresh, newline="")))[0]["sm_mhz"] == "1980.0"
+
+
+def test_configured_launch_is_the_librarys_choice_with_the_entrys_options(monkeypatch):
+    # What `flashllm bench kernels` and the probes launch for a --formats entry (GPU-only there).
+    from flashllm.formats import get_format
+    from flashllm.kernels import configs
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    w = torch.randn(4096, 11008, dtype=torch.float16)
+    w[torch.rand(w.shape) < 0.8] = 0
+    for fmt in ("bitmap", "tiled_csl"):
+        weight = get_format(fmt).from_dense(w)
+        chosen = configs.get_config("sm90", fmt, 4096, 11008, 16, 0.8)
+        assert bench.configured_launch(weight, 16, {}, torch.device("cpu")) == chosen
+        _, options = bench.parse_format(f"{fmt}:fixup:pf4")
+        assert bench.configured_launch(weight, 16, options, torch.device("cpu")) == \
+            replace(chosen, fixup=True, prefetch=4)

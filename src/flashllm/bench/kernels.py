@@ -207,6 +207,19 @@ class Method:
     capture: bool = True  # time graph replays; library baselines that may not capture run eagerly
 
 
+def configured_launch(weight, n: int, options: dict, device: torch.device) -> LaunchConfig:
+    """The launch the library picks for `weight` at `n` activation rows on `device`, with a
+    --formats entry's `options` (a `parse_format` result) forced on it: e.g. "bitmap:scatter" is
+    the chosen launch with the other decode, for an A/B."""
+    from ..kernels import configs, cuda_module
+
+    tensors = list(weight.tensors().values())
+    sparsity = cuda_module(weight.name).KERNEL.sparsity_of(tensors, *weight.shape)
+    cfg = configs.get_config(configs.arch_key(torch.cuda.get_device_capability(device)), weight.name,
+                             *weight.shape, n, sparsity)
+    return replace(cfg, **options).validate(weight.name) if options else cfg
+
+
 def sparse_methods(w: torch.Tensor, x: torch.Tensor, formats: list[str], fast: bool) -> list[Method]:
     """flashllm's formats: the CUDA kernels when `fast`, otherwise the reference path (`spmm`)."""
     from ..formats import get_format
@@ -217,16 +230,11 @@ def sparse_methods(w: torch.Tensor, x: torch.Tensor, formats: list[str], fast: b
         fmt, options = parse_format(name)
         weight = get_format(fmt).from_dense(w)
         if fast:
-            from ..kernels import configs, cuda_module
+            from ..kernels import cuda_module
 
-            module = cuda_module(fmt)
-            arch = configs.arch_key(torch.cuda.get_device_capability(x.device))
-            tensors = list(weight.tensors().values())
-            cfg = configs.get_config(arch, fmt, *weight.shape, x.shape[0],
-                                     module.KERNEL.sparsity_of(tensors, *weight.shape))
-            if options:  # e.g. "bitmap:scatter": the chosen launch with another option, for an A/B
-                cfg = replace(cfg, **options).validate(fmt)
-            out.append(Method(name, lambda m=module, wt=weight, c=cfg: m.linear(x, wt, None, c), weight.nbytes, str(cfg)))
+            cfg = configured_launch(weight, x.shape[0], options, x.device)
+            out.append(Method(name, lambda m=cuda_module(fmt), wt=weight, c=cfg: m.linear(x, wt, None, c),
+                              weight.nbytes, str(cfg)))
         elif not options:  # the reference path has no kernel options to compare
             # The reference path itself, even where `spmm` would pick a registered kernel.
             out.append(Method(f"{fmt} (reference)", lambda wt=weight: reference_linear(
@@ -234,23 +242,18 @@ def sparse_methods(w: torch.Tensor, x: torch.Tensor, formats: list[str], fast: b
     return out
 
 
-# Kernel options a --formats entry may add after a colon (configs.OPTION_SPELLINGS): "bitmap:scatter",
-# "tiled_csl:warps8", "bitmap:fit", "tiled_csl:dense1", "stages6", "pf4", "fixup"; several combine
-# ("bitmap:fit:stages6").
-FORMAT_OPTIONS = OPTION_SPELLINGS
-
-
 def parse_format(name: str) -> tuple[str, dict]:
     """"tiled_csl:warps8" -> ("tiled_csl", {"warps": 8}): a format and launch options that override
-    the chosen configuration (FORMAT_OPTIONS)."""
+    the chosen configuration (configs.OPTION_SPELLINGS: "bitmap:scatter", "tiled_csl:dense1", "pf4",
+    "fixup", ...; several combine, as in "bitmap:fit:stages6")."""
     fmt, *opts = name.split(":")
     options: dict = {}
     problem = None if fmt in FORMATS else f"formats are {FORMATS}"
     for opt in opts:
-        if opt not in FORMAT_OPTIONS:
-            problem = f"options are {sorted(FORMAT_OPTIONS)}"
+        if opt not in OPTION_SPELLINGS:
+            problem = f"options are {sorted(OPTION_SPELLINGS)}"
             break
-        field, value = FORMAT_OPTIONS[opt]
+        field, value = OPTION_SPELLINGS[opt]
         options[field] = value
     if problem is None and options:
         try:

@@ -30,7 +30,7 @@ import argparse
 import os
 import statistics
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
@@ -88,12 +88,11 @@ def probe_configs(fmt: str, cfg: LaunchConfig) -> list[tuple[str, ProbeConfig]]:
 
 def run(args) -> tuple[list[ProbeRow], dict]:
     from ..formats import get_format
-    from ..kernels import configs, cuda_module
+    from ..kernels import cuda_module
 
     device = torch.device(args.device)
     dtype = bench.DTYPES[args.dtype]
     timed_call, env = bench.start_run(device, args.warmup, args.rep)
-    arch = configs.arch_key(torch.cuda.get_device_capability(device))
     gen = torch.Generator(device=device).manual_seed(args.seed)
 
     def timed(fn) -> tuple[float, float]:  # graph replays, as `flashllm bench kernels` times them
@@ -112,8 +111,7 @@ def run(args) -> tuple[list[ProbeRow], dict]:
                     module = cuda_module(fmt)
                     weight = get_format(fmt).from_dense(w)
                     tensors = list(weight.tensors().values())
-                    cfg = configs.get_config(arch, fmt, m, k, n, module.KERNEL.sparsity_of(tensors, m, k))
-                    cfg = replace(cfg, **options).validate(fmt)
+                    cfg = bench.configured_launch(weight, n, options, device)
                     floor_ms = weight.nbytes / (env["copy_gbps"] * 1e9) * 1e3
                     measured = []
                     for level, pcfg in probe_configs(fmt, cfg):
