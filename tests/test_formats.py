@@ -25,6 +25,17 @@ def test_round_trip_bit_exact(cls, dtype, sparsity, shape):
     assert packed.dtype == dtype and packed.shape == shape
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.97, 1.0])
+def test_bitmap_decodes_the_same_a_strip_at_a_time(monkeypatch, dtype, sparsity):
+    """`to_dense` gathers a bounded number of strips per step; one strip per step changes nothing."""
+    w = random_sparse(257, 1025, sparsity, dtype)
+    packed = BitmapWeight.from_dense(w)
+    whole = packed.to_dense()
+    monkeypatch.setattr(bitmap, "DECODE_CHUNK", 1)
+    assert same_bits(packed.to_dense(), w) and same_bits(whole, w)
+
+
 @pytest.mark.parametrize("cls", FORMAT_CLASSES, ids=lambda c: c.name)
 def test_negative_zero_is_a_zero(cls):
     w = torch.tensor([[1.5, -0.0, 0.0, -2.0]], dtype=torch.float16)
