@@ -159,11 +159,11 @@ export FLASHLLM_SKIP_OPTIONS="$FAILED"
 # Drop the entries of a --formats list that use a failed option.
 keep_formats() {
   "$PY" -c "import os, sys
-from flashllm.bench.kernels import example_config, parse_format
+from flashllm.bench.kernels import parse_format
 from flashllm.kernels import configs
 skip = set(filter(None, os.environ.get('FLASHLLM_SKIP_OPTIONS', '').split(',')))
 def uses_skipped(name):
-    return bool(set(configs.unvalidated_options(example_config(*parse_format(name)))) & skip)
+    return bool(set(configs.unvalidated_options(configs.example_config(*parse_format(name)))) & skip)
 print(','.join(n for n in sys.argv[1].split(',') if n and not uses_skipped(n)))" "$1"
 }
 [ -n "${BENCH_FORMATS:-}" ] && BENCH_FORMATS=$(keep_formats "$BENCH_FORMATS")

@@ -509,7 +509,8 @@ def test_fit_picks_the_smallest_cap_that_holds_the_longest_run():
 
 def test_pending_options_are_named_one_by_one():
     # device_check.sh smoke-tests each pending option on its own, by these names and benchmark entries.
-    from flashllm.bench.kernels import example_config, parse_format
+    from flashllm.bench.kernels import parse_format
+    from flashllm.kernels.configs import example_config
 
     pending = configs.pending_options()
     for name, formats in pending.items():
@@ -548,9 +549,13 @@ def test_forced_options_apply_on_top_of_the_table_per_format(monkeypatch):
     pending = {"fit", "fixup", "dense1"} & set(configs.pending_options())
     assert [str(w.message).count("not yet validated") for w in caught] == ([1] if pending else [])
     monkeypatch.setenv(configs.FORCED_OPTIONS_ENV, "tiled_csl:scatter")
-    with pytest.raises(ValueError, match="FLASHLLM_KERNEL_OPTIONS: Tiled-CSL needs"):
+    with pytest.raises(ValueError, match="FLASHLLM_KERNEL_OPTIONS=.tiled_csl:scatter.: Tiled-CSL needs"):
         configs.get_config("sm90", "tiled_csl", 4096, 4096, 16, 0.8)
+    with pytest.raises(ValueError, match="unknown option 'scatter'|Tiled-CSL needs"):
+        configs.forced_options("bitmap")  # a bad entry fails every launch, not only its format's
+    monkeypatch.setenv(configs.FORCED_OPTIONS_ENV, "tiled_csl:stages4")
     assert configs.forced_options("bitmap") == {}  # the other format's launches are untouched
+    assert configs.forced_options("tiled_csl") == {"stages": 4}
     monkeypatch.setenv(configs.FORCED_OPTIONS_ENV, "csr:fixup")
     with pytest.raises(ValueError, match="unknown entry 'csr:fixup'"):
         configs.get_config("sm90", "bitmap", 4096, 4096, 16, 0.8)

@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..kernels.configs import FIT, OPTION_NAMES, OPTION_SPELLINGS, LaunchConfig
+from ..kernels.configs import FIT, OPTION_NAMES, LaunchConfig, parse_options
 from .clocks import SmClock, max_sm_clock
 from .csvlog import append_rows
 
@@ -247,28 +247,12 @@ def parse_format(name: str) -> tuple[str, dict]:
     the chosen configuration (configs.OPTION_SPELLINGS: "bitmap:scatter", "tiled_csl:dense1", "pf4",
     "fixup", ...; several combine, as in "bitmap:fit:stages6")."""
     fmt, *opts = name.split(":")
-    options: dict = {}
-    problem = None if fmt in FORMATS else f"formats are {FORMATS}"
-    for opt in opts:
-        if opt not in OPTION_SPELLINGS:
-            problem = f"options are {sorted(OPTION_SPELLINGS)}"
-            break
-        field, value = OPTION_SPELLINGS[opt]
-        options[field] = value
-    if problem is None and options:
-        try:
-            example_config(fmt, options).validate(fmt)
-        except ValueError as err:
-            problem = str(err)
-    if problem:
-        raise ValueError(f"unknown format {name!r}: {problem}")
-    return fmt, options
-
-
-def example_config(fmt: str, options: dict) -> LaunchConfig:
-    """`options` (a `parse_format` result) applied to a representative launch of `fmt`: what the
-    options are validated on, and what says which pending options an entry runs."""
-    return replace(LaunchConfig(nrows=16, words_per_stage=2048 if fmt == "tiled_csl" else 0), **options)
+    try:
+        if fmt not in FORMATS:
+            raise ValueError(f"formats are {FORMATS}")
+        return fmt, parse_options(fmt, opts)
+    except ValueError as err:
+        raise ValueError(f"unknown format {name!r}: {err}") from None
 
 
 def baseline_methods(w: torch.Tensor, x: torch.Tensor, baselines: list[str], sparsity: float) -> list[Method]:

@@ -36,7 +36,7 @@ import json
 import os
 import warnings
 from dataclasses import asdict, dataclass, replace
-from typing import Optional
+from typing import Iterable, Optional
 
 NROWS = (8, 16, 32, 64, 128)
 N_BUCKETS = (1, 8, 16, 32, 64, 128, 256)
@@ -230,25 +230,49 @@ FORCED_OPTIONS_ENV = "FLASHLLM_KERNEL_OPTIONS"
 _forced: dict[str, dict[str, dict]] = {}
 
 
+def example_config(fmt: str, options: dict) -> LaunchConfig:
+    """`options` (LaunchConfig fields) applied to a representative launch of `fmt`: what options
+    are checked on, and what says which pending options they run."""
+    return replace(LaunchConfig(nrows=16, words_per_stage=2048 if fmt == "tiled_csl" else 0), **options)
+
+
+def parse_options(fmt: str, names: Iterable[str]) -> dict:
+    """Option names (OPTION_SPELLINGS) -> the LaunchConfig fields they set on a launch of `fmt`.
+    Raises ValueError naming an unknown option, or the reason `fmt` cannot run the combination."""
+    options: dict = {}
+    for name in names:
+        if name not in OPTION_SPELLINGS:
+            raise ValueError(f"unknown option {name!r}; options are {sorted(OPTION_SPELLINGS)}")
+        field, value = OPTION_SPELLINGS[name]
+        options[field] = value
+    if options:
+        example_config(fmt, options).validate(fmt)
+    return options
+
+
 def forced_options(fmt: str) -> dict:
     """The LaunchConfig fields that FLASHLLM_KERNEL_OPTIONS forces on every launch of format `fmt`
     (on top of the table or the rule), e.g. "fixup" (both formats) or "bitmap:fit,tiled_csl:dense1"
     (a format's own options): the way to run a whole model, `flashllm bench e2e` included, with an
-    option for an A/B. Unknown names raise; options not yet validated on a GPU warn once."""
+    option for an A/B. Unknown names, and options a format cannot run, raise; options not yet
+    validated on a GPU warn once."""
     text = os.environ.get(FORCED_OPTIONS_ENV, "").strip()
     if text not in _forced:
-        per_format: dict[str, dict] = {"bitmap": {}, "tiled_csl": {}}
+        names: dict[str, list[str]] = {"bitmap": [], "tiled_csl": []}
         for entry in filter(None, (e.strip() for e in text.split(","))):
             target, _, name = entry.rpartition(":")
-            if target not in ("", *per_format) or name not in OPTION_SPELLINGS:
+            if target not in ("", *names) or name not in OPTION_SPELLINGS:
                 raise ValueError(f"{FORCED_OPTIONS_ENV}={text!r}: unknown entry {entry!r}; entries are an "
                                  f"option or format:option, options {sorted(OPTION_SPELLINGS)}, formats "
-                                 f"{sorted(per_format)}")
-            field, value = OPTION_SPELLINGS[name]
-            for f in (target,) if target else per_format:
-                per_format[f][field] = value
+                                 f"{sorted(names)}")
+            for f in (target,) if target else names:
+                names[f].append(name)
+        try:
+            per_format = {f: parse_options(f, opts) for f, opts in names.items()}
+        except ValueError as err:
+            raise ValueError(f"{FORCED_OPTIONS_ENV}={text!r}: {err}") from None
         pending = sorted({n for f, opts in per_format.items() if opts
-                          for n in unvalidated_options(replace(LaunchConfig(nrows=16), **opts))})
+                          for n in unvalidated_options(example_config(f, opts))})
         if pending:
             warnings.warn(f"flashllm: {FORCED_OPTIONS_ENV}={text!r} forces options not yet validated on a GPU: "
                           f"{', '.join(pending)}", stacklevel=3)
