@@ -32,7 +32,7 @@ def test_bitmap_decodes_the_same_a_strip_at_a_time(monkeypatch, dtype, sparsity)
     w = random_sparse(257, 1025, sparsity, dtype)
     packed = BitmapWeight.from_dense(w)
     whole = packed.to_dense()
-    monkeypatch.setattr(bitmap, "DECODE_CHUNK", 1)
+    monkeypatch.setattr(bitmap, "CPU_DECODE_CHUNK", 1)
     assert same_bits(packed.to_dense(), w) and same_bits(whole, w)
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import flashllm
 from flashllm.formats import BitmapWeight, TiledCSLWeight
+from flashllm.formats import bitmap as bitmap_format
 from flashllm.kernels import FAST_KERNELS, configs, launch
 from flashllm.kernels import bitmap_cuda, tiled_csl_cuda
 from flashllm.kernels.configs import LaunchConfig
@@ -323,13 +324,17 @@ def test_spmm_uses_the_kernel(fmt, cuda_kernels, monkeypatch):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", (*DTYPES, torch.float32))
-def test_formats_round_trip_on_the_gpu(fmt, dtype):
-    """Encoding and the reference path's decoding run on CUDA tensors too, bit for bit."""
+def test_formats_round_trip_on_the_gpu(fmt, dtype, monkeypatch):
+    """Encoding and the reference path's decoding run on CUDA tensors too, bit for bit (the bitmap
+    decoding both in one step and a strip per step)."""
     cls, _ = FORMATS[fmt]
     for shape, sparsity in (((257, 1025), 0.5), ((129, 65), 0.95), ((64, 64), 0.0), ((3, 5), 1.0)):
         w = random_weight(*shape, sparsity, dtype)
         packed = cls.from_dense(w)
         assert packed.device.type == "cuda" and torch.equal(packed.to_dense(), w)
+        with monkeypatch.context() as patch:
+            patch.setattr(bitmap_format, "DECODE_CHUNK", 1)
+            assert torch.equal(packed.to_dense(), w)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

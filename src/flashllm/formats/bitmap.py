@@ -48,7 +48,10 @@ BLOCK = 8
 VALUE_ALIGN = 8
 TILE_ELEMS = GROUP_M * GROUP_K
 MASK_BYTES_PER_TILE = TILE_ELEMS // 8
-DECODE_CHUNK = 1 << 20  # elements
+# Elements `to_dense` decodes per step: its int64 sources take 8 bytes each. Small on the CPU, where
+# they then stay in cache; large on a GPU, where every step is a few kernel launches.
+CPU_DECODE_CHUNK = 1 << 20
+DECODE_CHUNK = 1 << 26
 
 # (strip, m-tile, block-row, row, k-tile, mma-col, block-col, col) -> storage order
 # (strip, k-tile, mma-row, mma-col, block-col, block-row, row, col) and back.
@@ -152,8 +155,8 @@ class BitmapWeight(SparseWeight):
         first = _bytes_in_dense_order(first, tm, tk)
         values = torch.cat([self.values.new_zeros(1), self.values])
         dense = torch.empty(tm * GROUP_M * tk * GROUP_K, dtype=self.dtype, device=values.device)
-        # Strips at a time, so the int64 sources never outgrow a few MiB (and stay in cache).
-        step = max(1, DECODE_CHUNK // (GROUP_M * tk * GROUP_K)) * GROUP_M * tk * GROUP_K // 8
+        chunk = CPU_DECODE_CHUNK if values.device.type == "cpu" else DECODE_CHUNK
+        step = max(1, chunk // (GROUP_M * tk * GROUP_K)) * GROUP_M * tk * GROUP_K // 8  # whole strips
         for start in range(0, masks.numel(), step):
             source = F.embedding(masks[start : start + step], rank)
             source += first[start : start + step, None]
