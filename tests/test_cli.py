@@ -38,6 +38,12 @@ def test_prune_generate_eval_round_trip(tiny_model_dir, tmp_path, calib_file, ca
     manifest = read_manifest(out)
     assert set(manifest["sparse_layers"].values()) == {"tiled_csl"}
     assert manifest["info"]["method"] == "magnitude"
+    # The streaming conversion reports what the in-memory path does: zeros, then bytes.
+    printed = capsys.readouterr().out.splitlines()
+    layers = len(manifest["sparse_layers"])
+    assert printed[0].startswith(f"magnitude 60%: {layers} layers, 60.00% of ")
+    assert printed[1].startswith(f"{layers} linear layers -> tiled_csl: ")
+    assert printed[2] == f"wrote {out}"
 
     wanda = tmp_path / "wanda"
     assert main(["prune", str(tiny_model_dir), "--sparsity", "2:4", "--method", "wanda", "--out", str(wanda),

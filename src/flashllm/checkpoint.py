@@ -18,6 +18,7 @@ import copy
 import json
 import os
 import shutil
+import time
 import warnings
 from contextlib import ExitStack
 from pathlib import Path
@@ -384,6 +385,7 @@ def convert_checkpoint(
     writer = _ShardWriter(dst, max_shard_bytes)
     summary = PruneSummary(method, str(target))
     packed = _Packed(format_cls)
+    started = time.perf_counter()
     with ExitStack() as stack:
         tensors = _dense_tensors(src, stack)
         unknown = sorted(set(tensors) - known)
@@ -400,12 +402,14 @@ def convert_checkpoint(
             _convert_blockwise(skeleton, tensors, load, linears, target, method, calibration, packed,
                                writer, device, progress, summary, prune_options)
     writer.close()
+    summary.seconds = time.perf_counter() - started
     stats = {
         "dense_linear_bytes": packed.dense_bytes,
         "compressed_linear_bytes": packed.compressed_bytes,
         "info": {"method": method, "sparsity": str(target), "source": str(src),
                  "calibration": f"{summary.calibration_samples} x {summary.calibration_seqlen} tokens"
-                 if summary.calibration_tokens else None},
+                 if summary.calibration_tokens else None,
+                 "pruned": str(summary)},
     }
     _write_manifest(dst, packed.layers, {}, stats)
     return dst

@@ -122,9 +122,9 @@ def _read_text(path: Path) -> str:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .checkpoint import convert_checkpoint, save_pretrained
+    from .checkpoint import convert_checkpoint, read_manifest, save_pretrained
     from .hf import ModelSource, load_model, load_tokenizer
-    from .nn import sparsify_
+    from .nn import SparsifySummary, sparsify_
     from .prune import prune_
 
     model_path = Path(args.model)
@@ -134,6 +134,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         calibration = _calibration(args, load_tokenizer(ModelSource(model_path)))
         out = convert_checkpoint(model_path, args.out, args.sparsity, args.format, args.method, calibration,
                                  dtype=args.dtype, device=args.device)
+        manifest = read_manifest(out)
+        print(manifest["info"]["pruned"])
+        print(SparsifySummary(args.format, len(manifest["sparse_layers"]), manifest["dense_linear_bytes"],
+                              manifest["compressed_linear_bytes"]))
         print(f"wrote {out}")
         return 0
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
