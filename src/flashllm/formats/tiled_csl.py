@@ -26,6 +26,7 @@ Layout version 1 (everything a kernel must know lives in this block):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .base import (
     FormatError,
@@ -134,20 +135,24 @@ class TiledCSLWeight(SparseWeight):
         values, locations = split_words(words, self.dtype)
         if bool(((locations < 0) | (locations > SENTINEL)).any()):
             raise FormatError(f"tiled_csl locations fall outside the {TILE_M}x{TILE_K} tile (corrupted data)")
-        tile_of_word = torch.arange(tm * tk, device=words.device).repeat_interleave(steps)
-        key = tile_of_word * (SENTINEL + 1) + locations
         real = locations != SENTINEL
-        step = key.diff()
         # Within a tile: non-zeros strictly increasing, then only sentinels, fewer than one vector.
-        if bool((step < 0).any()) or bool(((step == 0) & real[1:]).any()):
+        # A pair of neighbouring words is checked unless the second one starts a tile.
+        starts = torch.zeros(words.numel() + 1, dtype=torch.bool, device=words.device)
+        starts[offsets.to(torch.int64)] = True
+        step = locations.diff()
+        if bool((~starts[1:-1] & ((step < 0) | ((step == 0) & real[1:]))).any()):
             raise FormatError("tiled_csl locations are repeated or out of order within a tile (corrupted data)")
-        real_per_tile = torch.zeros(tm * tk, dtype=torch.int64, device=words.device)
-        real_per_tile.index_add_(0, tile_of_word, real.to(torch.int64))
-        if bool((steps - real_per_tile >= WORD_ALIGN).any()) or bool((values[~real] != 0).any()):
+        real_before = F.pad(real.cumsum(0), (1, 0))
+        real_per_tile = real_before[offsets[1:].to(torch.int64)] - real_before[offsets[:-1].to(torch.int64)]
+        if bool((steps - real_per_tile >= WORD_ALIGN).any()) or bool(((values != 0) & ~real).any()):
             raise FormatError("tiled_csl padding is malformed (corrupted data)")
         if not bool(torch.isfinite(values).all()):
             raise FormatError("tiled_csl values hold inf or NaN (corrupted data)")
-        rows = tile_of_word // tk * TILE_M + locations // TILE_K
-        cols = tile_of_word % tk * TILE_K + locations % TILE_K
-        if bool((real & ((rows >= self.shape[0]) | (cols >= self.shape[1]))).any()):
-            raise FormatError("tiled_csl stores non-zeros in the padding (corrupted data)")
+        if tm * TILE_M != self.shape[0] or tk * TILE_K != self.shape[1]:  # else there is no padding
+            tile_of_word = torch.arange(tm * tk, device=words.device).repeat_interleave(
+                steps, output_size=words.numel())
+            rows = tile_of_word // tk * TILE_M + locations // TILE_K
+            cols = tile_of_word % tk * TILE_K + locations % TILE_K
+            if bool((real & ((rows >= self.shape[0]) | (cols >= self.shape[1]))).any()):
+                raise FormatError("tiled_csl stores non-zeros in the padding (corrupted data)")
