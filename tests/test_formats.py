@@ -246,6 +246,38 @@ def test_csl_corrupted_locations_are_refused():
         TiledCSLWeight.from_state_dict({**state, "words": tiled_csl.make_words(values, far)})
 
 
+@pytest.mark.parametrize("corruption", ["swap", "repeat", "real after sentinel", "sentinel value", "extra sentinels"])
+def test_csl_corruption_inside_a_later_tile_is_refused(corruption):
+    # Two tiles; the second holds 5 non-zeros, so its run is 5 words and 3 sentinels. Order resets
+    # at each tile start (valid data decreases there); inside a tile it may not.
+    w = torch.zeros(128, 128, dtype=torch.float16)
+    w[:, :64] = random_sparse(128, 64, 0.7, torch.float16)
+    for r, c in ((0, 3), (2, 10), (50, 1), (90, 63), (127, 0)):
+        w[r, 64 + c] = r + c + 1.0
+    state = TiledCSLWeight.from_dense(w).state_dict()
+    values, locations = tiled_csl.split_words(state["words"], torch.float16)
+    start, sentinel = int(state["offsets"][1]), int(state["offsets"][1]) + 5
+    assert locations[start] == 3 and bool((locations[sentinel:] == tiled_csl.SENTINEL).all())
+    words, offsets = None, state["offsets"]
+    if corruption == "swap":
+        locations[start], locations[start + 1] = locations[start + 1].clone(), locations[start].clone()
+    elif corruption == "repeat":
+        locations[start + 1] = locations[start]
+    elif corruption == "real after sentinel":
+        locations[sentinel - 1], locations[sentinel] = locations[sentinel].clone(), locations[sentinel - 1].clone()
+    elif corruption == "sentinel value":
+        values[sentinel + 1] = 1.0
+    else:  # a whole extra vector of sentinels in the second tile
+        pad = tiled_csl.make_words(torch.zeros(4, dtype=torch.float16), torch.full((4,), tiled_csl.SENTINEL))
+        words = torch.cat([state["words"], pad])
+        offsets = offsets.clone()
+        offsets[2] += 4
+    words = tiled_csl.make_words(values, locations) if words is None else words
+    with pytest.raises(FormatError, match="repeated or out of order|padding is malformed"):
+        TiledCSLWeight.from_state_dict({**state, "words": words, "offsets": offsets})
+    assert same_bits(TiledCSLWeight.from_state_dict(state).to_dense(), w)  # the intact data loads
+
+
 def test_csl_values_in_padding_are_refused():
     w = random_sparse(100, 50, 0.0, torch.float16)
     padded = torch.zeros(128, 64, dtype=torch.float16)
