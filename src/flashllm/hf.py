@@ -30,12 +30,8 @@ class ModelSource:
 
 
 def _require_transformers():
-    try:
-        import transformers  # noqa: F401
-    except ImportError as err:  # pragma: no cover - depends on the install
-        raise ImportError(
-            "this needs Hugging Face transformers: pip install 'flashllm[hf]'"
-        ) from err
+    if importlib.util.find_spec("transformers") is None:  # pragma: no cover - depends on the install
+        raise ImportError("this needs Hugging Face transformers: pip install 'flashllm[hf]'")
 
 
 def smollm2_gguf() -> Path:
