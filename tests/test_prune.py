@@ -296,3 +296,76 @@ def test_decoder_blocks_are_found_generically():
     for arch, expected in [("llama", "model.layers"), ("opt", "model.decoder.layers"), ("gpt2", "transformer.h")]:
         name, blocks = decoder_blocks(tiny_model(arch, layers=3))
         assert name == expected and len(blocks) == 3
+
+
+def _prune_counting(model, method, calib, monkeypatch, reuse: bool) -> int:
+    """Prune `model`; how many times a linear layer's forward computed an output."""
+    from flashllm.prune import sequential
+
+    computed = 0
+    linear_forward = nn.Linear.forward
+
+    def counting(self, x):
+        nonlocal computed
+        computed += 1
+        return linear_forward(self, x)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(nn.Linear, "forward", counting)
+        if not reuse:
+            patch.setattr(sequential, "output_cache_budget", lambda device: 0)
+        prune_(model, 0.5, method, calibration=calib, progress=False, batch_size=3)
+    return computed
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_reusing_pruned_outputs_changes_nothing_but_the_work(arch, method, monkeypatch):
+    # Later passes through a block reuse what its pruned parts computed in earlier ones: the same
+    # weights to the bit, with fewer linear products.
+    model = tiny_model(arch, layers=3)
+    twin = copy.deepcopy(model)
+    calib = calibration()
+    reused = _prune_counting(model, method, calib, monkeypatch, reuse=True)
+    recomputed = _prune_counting(twin, method, calib, monkeypatch, reuse=False)
+    for (name, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert reused < 0.75 * recomputed
+    assert all(type(m).forward is m.forward.__func__ for m in model.modules() if isinstance(m, nn.Linear))
+
+
+class _InPlaceBlock(nn.Module):
+    """A block that scales its first layer's output in place, and calls its second layer twice."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.up = nn.Linear(width, 2 * width)
+        self.down = nn.Linear(2 * width, width)
+
+    def forward(self, x):
+        h = self.up(x)
+        h.mul_(0.5)  # modifies the output `up` returned
+        return x + self.down(torch.relu(h)) - 0.1 * self.down(torch.tanh(h))
+
+
+class _InPlaceModel(nn.Module):
+    def __init__(self, width: int = 32, blocks: int = 3):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, width)
+        self.blocks = nn.ModuleList(_InPlaceBlock(width) for _ in range(blocks))
+
+    def forward(self, ids, use_cache=False):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_reused_outputs_survive_in_place_changes_and_repeated_calls(monkeypatch):
+    model = _InPlaceModel().eval()
+    twin = copy.deepcopy(model)
+    calib = calibration()
+    _prune_counting(model, "wanda", calib, monkeypatch, reuse=True)
+    _prune_counting(twin, "wanda", calib, monkeypatch, reuse=False)
+    for (name, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items()):
+        assert torch.equal(a, b), name

