@@ -116,9 +116,12 @@ class _PrunedOutputs:
             call = self.calls.get(id(module), 0)
             self.calls[id(module)] = call + 1
             key = (id(module), self.batch, call)
-            kept = self.outputs.get(key)
-            if kept is not None and _versions(kept[0]) == kept[1]:
-                return kept[0]
+            kept = self.outputs.pop(key, None)
+            if kept is not None:
+                if _versions(kept[0]) == kept[1]:
+                    self.outputs[key] = kept
+                    return kept[0]
+                self.nbytes -= _nbytes(kept[0])  # modified in place since: compute it again
             out = original(*args, **kwargs)
             versions = _versions(out)
             size = _nbytes(out)
