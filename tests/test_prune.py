@@ -300,9 +300,9 @@ def test_decoder_blocks_are_found_generically():
 
 def _prune_counting(model, method, calib, monkeypatch, reuse: bool) -> int:
     """Prune `model`; how many times a linear layer's forward computed an output."""
-    from flashllm.prune import sequential
-
     from transformers.pytorch_utils import Conv1D
+
+    from flashllm.prune import sequential
 
     computed = 0
 
