@@ -138,13 +138,14 @@ class TiledCSLWeight(SparseWeight):
         real = locations != SENTINEL
         # Within a tile: non-zeros strictly increasing, then only sentinels, fewer than one vector.
         # A pair of neighbouring words is checked unless the second one starts a tile.
+        first_word = offsets.to(torch.int64)
         starts = torch.zeros(words.numel() + 1, dtype=torch.bool, device=words.device)
-        starts[offsets.to(torch.int64)] = True
+        starts[first_word] = True
         step = locations.diff()
         if bool((~starts[1:-1] & ((step < 0) | ((step == 0) & real[1:]))).any()):
             raise FormatError("tiled_csl locations are repeated or out of order within a tile (corrupted data)")
         real_before = F.pad(real.cumsum(0), (1, 0))
-        real_per_tile = real_before[offsets[1:].to(torch.int64)] - real_before[offsets[:-1].to(torch.int64)]
+        real_per_tile = real_before[first_word[1:]] - real_before[first_word[:-1]]
         if bool((steps - real_per_tile >= WORD_ALIGN).any()) or bool(((values != 0) & ~real).any()):
             raise FormatError("tiled_csl padding is malformed (corrupted data)")
         if not bool(torch.isfinite(values).all()):

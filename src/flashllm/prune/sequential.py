@@ -270,10 +270,8 @@ def prune_sequentially(
     desc: str,
     enter_block: Optional[BlockHook] = None,
     leave_block: Optional[BlockHook] = None,
-    cache_outputs: bool = True,
 ) -> None:
-    """Prune ``layers`` block by block, each from statistics of its inputs in the pruned model.
-    `cache_outputs=False` recomputes the pruned layers in every pass (same results, more work)."""
+    """Prune ``layers`` block by block, each from statistics of its inputs in the pruned model."""
     blocks_name, blocks = decoder_blocks(model)
     block_of = {id(m): i for i, block in enumerate(blocks) for m in block.modules()}
     outside = [name for name, module in layers if id(module) not in block_of]
@@ -288,7 +286,7 @@ def prune_sequentially(
     last = max(i for i, chosen in enumerate(per_block) if chosen)
 
     calls = _capture_inputs(model, blocks[0], calibration, batch_size)
-    reuse = _PrunedOutputs(output_cache_budget(calls[0].hidden.device) if cache_outputs else 0)
+    reuse = _PrunedOutputs(output_cache_budget(calls[0].hidden.device))
     for i in tqdm(range(last + 1), desc=desc, unit="block", disable=not progress):
         if enter_block is not None:
             enter_block(i, blocks[i])
