@@ -69,6 +69,32 @@ def test_progress_total_is_the_windows_run(chars, max_length, stride, monkeypatc
     assert seen["run"] == seen["total"] == 1 + max(0, math.ceil((chars - max_length) / stride))
 
 
+class _WithoutLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward knows no `logits_to_keep` (older or hand-written models)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def forward(self, input_ids, use_cache=False):
+        return self.model(input_ids, use_cache=use_cache)
+
+
+@pytest.mark.parametrize("max_length, stride", [(64, 16), (50, 37)])
+def test_lm_head_runs_only_on_scored_positions(max_length, stride):
+    model, text = tiny_model(), random_text(300)
+    rows = []
+    handle = model.lm_head.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[-2]))
+    got = perplexity(model, ByteTokenizer(), text, max_length=max_length, stride=stride, progress=False)
+    handle.remove()
+    # Every token after the first is scored once; each window also keeps its last position.
+    assert sum(rows) == len(text) - 1 + len(rows)
+    full = perplexity(_WithoutLogitsToKeep(model), ByteTokenizer(), text, max_length=max_length,
+                      stride=stride, progress=False)
+    assert math.isclose(got, full, rel_tol=1e-5)
+
+
 def test_one_window_is_the_model_loss():
     model, text = tiny_model(), random_text(90)
     ids = torch.tensor([ByteTokenizer()(text)["input_ids"]])

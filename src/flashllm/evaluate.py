@@ -10,6 +10,7 @@ The model is called like any Hugging Face causal LM, so dense, pruned and packed
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Optional
 
@@ -56,6 +57,7 @@ def perplexity(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
     nll, scored, prev_end = 0.0, 0, 0
     # Windows until one reaches the last token, so the progress bar's total is the work done.
     windows = 1 + -(-max(ids.numel() - max_length, 0) // stride)
@@ -63,10 +65,13 @@ def perplexity(
         for begin in tqdm(range(0, windows * stride, stride), desc="perplexity", disable=not progress):
             end = min(begin + max_length, ids.numel())
             window = ids[begin:end].to(device)
-            logits = model(window.unsqueeze(0), use_cache=False).logits[0]
             # Position p predicts token p + 1; score only targets this window adds.
             first = max(prev_end, begin + 1) - begin
-            log_probs = torch.log_softmax(logits[first - 1 : -1].float(), dim=-1)
+            kept = window.numel() - first + 1
+            # The LM head only for the positions scored: half its work at the default stride.
+            extra = {"logits_to_keep": kept} if keeps_logits else {}
+            logits = model(window.unsqueeze(0), use_cache=False, **extra).logits[0, -kept:]
+            log_probs = torch.log_softmax(logits[:-1].float(), dim=-1)
             targets = window[first:]
             nll -= float(log_probs.gather(1, targets.unsqueeze(1)).double().sum())
             scored += targets.numel()

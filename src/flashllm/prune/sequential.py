@@ -11,12 +11,14 @@ Inside a block, the layers are pruned in stages, in the order the forward reache
 the layers that read one same input tensor (q/k/v, gate/up), whose statistics are computed once.
 A calibration pass runs the block until it reaches a not-yet-pruned layer fed by a different input,
 then stops; that stage is pruned, and the next pass sees its pruned outputs. A Llama block takes five
-passes (q/k/v, o, gate/up, down, then the output), and two things keep that cheap. What an earlier
+passes (q/k/v, o, gate/up, down, then the output), and three things keep that cheap. What an earlier
 stage pruned would compute the same output again in every later pass (everything before it is
 fixed by then), so those outputs are kept per batch and reused (`_PrunedOutputs`; whole attention
-or MLP modules once all their layers are pruned). And once the first batch has shown which layers
-make up a stage, later batches stop as soon as the last of them has its input. On SmolLM2 that is
-1.7x less time than rerunning every pass in full, with the same pruned weights to the bit.
+or MLP modules once all their layers are pruned). A stage's own layers need only their input in
+their pass, so they skip their product and return zeros. And once the first batch has shown which
+layers make up a stage, later batches stop as soon as the last of them has its input. Each linear
+layer then computes its output once per batch, as a single forward of the pruned model would, and
+the pruned weights are the same to the bit as when every pass runs in full.
 
 The blocks are found generically, as the longest `nn.ModuleList` of identical modules that hold
 linear layers (Llama, Qwen2, OPT, GPT-2 and most Hugging Face decoders), and are called with the
@@ -86,6 +88,7 @@ class _PrunedOutputs:
         self.calls: dict[int, int] = {}
         self.wrapped: list[tuple[nn.Module, Optional[Callable]]] = []
         self.pending_inside: dict[nn.Module, set[nn.Module]] = {}
+        self.keeping = True
 
     def enter(self, block: nn.Module, pending: dict[nn.Module, str]) -> None:
         """Start a block whose layers `pending` are about to be pruned."""
@@ -98,6 +101,11 @@ class _PrunedOutputs:
         """Called before each batch's pass through the block."""
         self.batch = batch
         self.calls.clear()
+        self.keeping = True
+
+    def stop_keeping(self) -> None:
+        """The rest of this pass computes on stand-in values (see `_calibrate_stage`): keep none of it."""
+        self.keeping = False
 
     def pruned(self, layer: nn.Module, still_pending: dict[nn.Module, str]) -> None:
         """`layer` was just pruned: it, and every submodule left with nothing to prune, now reuse."""
@@ -125,7 +133,7 @@ class _PrunedOutputs:
             out = original(*args, **kwargs)
             versions = _versions(out)
             size = _nbytes(out)
-            if versions is not None and self.nbytes + size <= self.budget:
+            if self.keeping and versions is not None and self.nbytes + size <= self.budget:
                 self.outputs[key] = (out, versions)
                 self.nbytes += size
             return out
@@ -214,18 +222,31 @@ def _capture_inputs(model: nn.Module, first: nn.Module, calibration: torch.Tenso
     return calls
 
 
+# Tests switch this off to check that the stand-in outputs change nothing.
+STAND_IN_STAGE_OUTPUTS = True
+
+
 def _calibrate_stage(
     block: nn.Module, calls: list[_BlockCall], pending: dict[nn.Module, str], make_statistic: MakeStatistic,
     reuse: _PrunedOutputs,
 ) -> tuple[list[nn.Module], Statistic | None]:
-    """Run the block over every batch up to the next stage; its layers and their shared statistic."""
+    """Run the block over every batch up to the next stage; its layers and their shared statistic.
+
+    The stage's layers compute nothing: by the time one runs, the stage's input exists, and the pass
+    only goes on to find the stage's other layers (which read that same tensor) and the layer that
+    ends it. So each multiplies one row, to learn its output's width and dtype, and returns zeros;
+    what the block computes after that is never used, and `reuse` keeps none of it. (Which layers a
+    pass reaches could in principle depend on those values; no decoder we know branches that way,
+    and the tests compare against full outputs on Llama, Qwen2, OPT and GPT-2.)
+    """
     stage: list[nn.Module] = []
     statistic: Statistic | None = None
     stage_input: torch.Tensor | None = None
     seen: set[nn.Module] = set()
     known = False  # the first batch found the stage; later ones stop once all of it has its input
+    stand_in: dict[nn.Module, torch.Size] = {}  # stage layers running on one row: their full output shape
 
-    def hook(module, args):
+    def before(module, args):
         nonlocal statistic, stage_input
         x = args[0]
         if stage_input is None:
@@ -240,8 +261,18 @@ def _calibrate_stage(
         seen.add(module)
         if known and len(seen) == len(stage):
             raise _Stop
+        if not STAND_IN_STAGE_OUTPUTS or not is_linear(module):
+            return None
+        reuse.stop_keeping()
+        stand_in[module] = x.shape[:-1]
+        return (x.reshape(-1, x.shape[-1])[:1], *args[1:])
 
-    handles = [module.register_forward_pre_hook(hook) for module in pending]
+    def after(module, args, out):
+        shape = stand_in.pop(module, None)
+        return None if shape is None else out.new_zeros(*shape, out.shape[-1])
+
+    handles = [module.register_forward_pre_hook(before) for module in pending]
+    handles += [module.register_forward_hook(after) for module in pending]
     try:
         for index, call in enumerate(calls):
             stage_input = None
