@@ -8,7 +8,7 @@ import flashllm
 from flashllm.layers import dense_weight, linear_layers
 from flashllm.prune import METHODS, prune_
 from flashllm.prune.magnitude import magnitude_prune_
-from flashllm.prune.patterns import parse_sparsity
+from flashllm.prune.patterns import lowest_k_mask, lowest_score_mask, parse_sparsity
 from flashllm.prune.sequential import decoder_blocks, prune_sequentially
 from flashllm.prune.sparsegpt import Hessian, sparsegpt_prune_
 from flashllm.prune.wanda import FeatureNorms, wanda_prune_
@@ -134,6 +134,88 @@ def test_sparsegpt_prunes_dead_inputs_first():
     hessian.add(x)
     mask = sparsegpt_prune_(w, parse_sparsity(0.25), hessian.matrix(), blocksize=32)
     assert mask[:, :8].all() and int(mask.sum()) == 128
+
+
+def _sorted_lowest(score: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """Reference selection: the first k of a stable sort."""
+    order = score.argsort(dim=dim, stable=True).narrow(dim, 0, k)
+    return torch.zeros_like(score, dtype=torch.bool).scatter_(dim, order, True)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 13), (64, 200)])
+@pytest.mark.parametrize("values", ["random", "few", "zeros"])
+def test_selections_match_a_stable_sort(shape, values):
+    # A linear-time selection replaces sorting; with ties it must pick what a stable sort picks.
+    score = {"random": torch.rand(shape), "few": torch.randint(0, 3, shape).float(),
+             "zeros": torch.zeros(shape).index_fill_(1, torch.tensor([0]), -0.0)}[values]
+    numel, rows = score.numel(), shape[0]
+    for k in sorted({0, 1, numel // 3, numel - 1, numel}):
+        expected = _sorted_lowest(score.flatten(), k, 0).view(shape)
+        assert torch.equal(lowest_k_mask(score, k), expected), k
+        assert torch.equal(lowest_k_mask(score.t(), k), _sorted_lowest(score.t().flatten(), k, 0).view(shape[::-1]))
+    for fraction in [0.0, 0.3, 0.5, 0.95]:
+        mask = lowest_score_mask(score, parse_sparsity(fraction), per_row=True)
+        total = int(round(fraction * numel))
+        k, extra = divmod(total, rows)
+        expected = _sorted_lowest(score, k, 1)
+        if extra:  # the rows whose next-lowest score is lowest (stable by row) lose one more
+            nxt = score.argsort(dim=1, stable=True)[:, k]
+            chosen = score.gather(1, nxt[:, None]).squeeze(1).argsort(stable=True)[:extra]
+            expected[chosen, nxt[chosen]] = True
+        assert torch.equal(mask, expected), fraction
+        assert int(mask.sum()) == total
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_non_finite_weights_are_rejected(method):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.up_proj' holds NaN or inf weights"):
+        prune_(model, 0.5, method, progress=False, **prune_kwargs(method))
+    with pytest.raises(ValueError, match="NaN"):
+        lowest_score_mask(torch.tensor([[1.0, float("nan")]]), parse_sparsity(0.5), per_row=True)
+
+
+def _textbook_sparsegpt(w: torch.Tensor, hessian: torch.Tensor, sparsity, blocksize: int) -> tuple:
+    """SparseGPT without lazy updates, in float64: every column's error updates all later columns at
+    once; the mask of each block is chosen from the weights as updated so far."""
+    w, h = w.double().clone(), hessian.double().clone()
+    rows, cols = w.shape
+    dead = h.diagonal() == 0
+    h.diagonal()[dead] = 1
+    h.diagonal().mul_(1.01)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        if not sparsity.is_nm:
+            score = w[:, i1:i2].square() / hinv.diagonal()[i1:i2].square() * (~dead[i1:i2])
+            k = sparsity.zeros_in(rows * i2) - sparsity.zeros_in(rows * i1)
+            mask[:, i1:i2] = _sorted_lowest(score.flatten(), k, 0).view(score.shape)
+        for i in range(i1, i2):
+            if sparsity.is_nm and (i - i1) % sparsity.m == 0:
+                g = slice(i, i + sparsity.m)
+                score = w[:, g].square() / hinv.diagonal()[g].square() * (~dead[g])
+                mask[:, g] = lowest_score_mask(score, sparsity, per_row=True)
+            err = torch.where(mask[:, i], w[:, i], 0) / hinv[i, i]
+            w[:, i:] -= err[:, None] * hinv[i, i:]
+            w[:, i] = torch.where(mask[:, i], 0, w[:, i])
+    return w, mask
+
+
+@pytest.mark.parametrize("shape, sparsity, blocksize", [((48, 80), 0.5, 32), ((33, 70), 0.7, 16), ((40, 64), "2:4", 16)])
+def test_sparsegpt_matches_the_textbook_algorithm(shape, sparsity, blocksize):
+    w, x = _uneven_layer(*shape, 400)
+    x[:, 7] = 0  # a dead input
+    hessian = Hessian(shape[1], x.device)
+    hessian.add(x)
+    target = parse_sparsity(sparsity)
+    expected, expected_mask = _textbook_sparsegpt(w, hessian.matrix(), target, blocksize)
+    mask = sparsegpt_prune_(w, target, hessian.matrix(), blocksize=blocksize)
+    assert torch.equal(mask, expected_mask)
+    assert bool((w[mask] == 0).all())
+    torch.testing.assert_close(w.double(), expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])

@@ -443,6 +443,7 @@ class _Packed:
 
 def _stream_magnitude(tensors, load, linears, target, packed, writer, device, progress, summary) -> None:
     from .prune.magnitude import magnitude_prune_
+    from .prune.patterns import check_finite_weight
 
     by_weight = {f"{name}.weight": name for name in linears}
     for key in tqdm(list(tensors), desc=f"converting to {packed.format_cls.name}", disable=not progress):
@@ -453,7 +454,7 @@ def _stream_magnitude(tensors, load, linears, target, packed, writer, device, pr
         weight = load(key, device)
         # Conv1D (GPT-2) stores the weight transposed; formats take (out_features x in_features).
         weight = weight.t().contiguous() if is_conv1d(linears[name]) else weight.clone()
-        magnitude_prune_(weight, target)
+        magnitude_prune_(check_finite_weight(name, weight), target)
         summary.layers.append(name)
         summary.zeros += int((weight == 0).sum())
         summary.weights += weight.numel()

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..layers import FilterFn, dense_weight, is_linear, linear_layers
 from .magnitude import magnitude_prune_
-from .patterns import Sparsity, check_nm_shape, parse_sparsity
+from .patterns import Sparsity, check_finite_weight, check_nm_shape, parse_sparsity
 from .sequential import BlockHook, prune_sequentially
 from .sparsegpt import Hessian, check_options, sparsegpt_prune_
 from .wanda import FeatureNorms, wanda_prune_
@@ -90,7 +90,7 @@ def prune_(
     start = time.perf_counter()
     if method == "magnitude":
         for name, module in tqdm(layers, desc=f"pruning ({method})", disable=not progress):
-            magnitude_prune_(dense_weight(module).data, target)
+            magnitude_prune_(check_finite_weight(name, dense_weight(module).data), target)
             _record(summary, name, module)
     else:
         calibrated_prune_(model, layers, target, method, calibration, summary, progress=progress,
@@ -121,7 +121,7 @@ def calibrated_prune_(
         check_options(target, blocksize, percdamp, damping)
 
     def prune_layer(name: str, module: nn.Module, statistic) -> None:
-        weight = dense_weight(module).data
+        weight = check_finite_weight(name, dense_weight(module).data)
         if method == "wanda":
             wanda_prune_(weight, target, statistic.norms())
         else:

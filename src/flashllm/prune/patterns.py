@@ -58,13 +58,21 @@ def check_nm_shape(sparsity: Sparsity, in_features: int, name: str) -> None:
         )
 
 
+def check_finite_weight(name: str, weight: torch.Tensor) -> torch.Tensor:
+    """`weight`, once it is known to hold no NaN or inf (which no score can rank)."""
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"layer {name!r} holds NaN or inf weights; pruning needs finite weights")
+    return weight
+
+
 def lowest_score_mask(score: torch.Tensor, sparsity: Sparsity, per_row: bool) -> torch.Tensor:
     """Bool mask of the weights to zero: the lowest scores, per layer, per row, or per N:M group.
 
     Per row, each row loses ``round(s * numel) // rows`` weights and some rows one more, so the
-    layer's count is exact as well. Ties break by position (a stable sort), so the counts are exact
+    layer's count is exact as well. Ties break by position (as a stable sort orders them), so the counts are exact
     and the result deterministic.
     """
+    _check_scores(score)
     rows, cols = score.shape
     if sparsity.is_nm:
         groups = score.reshape(rows, cols // sparsity.m, sparsity.m)
@@ -76,11 +84,12 @@ def lowest_score_mask(score: torch.Tensor, sparsity: Sparsity, per_row: bool) ->
         # more, so the layer total is exact too (rows * round(s * cols) would drift from it).
         total = sparsity.zeros_in(score.numel())
         k, extra = divmod(total, rows)
-        order = score.argsort(dim=1, stable=True)
-        mask = torch.zeros_like(score, dtype=torch.bool).scatter_(1, order[:, :k], True)
+        mask = _lowest_k(score, k)
         if extra:
-            candidates = order[:, k]
-            chosen = score.gather(1, candidates[:, None]).squeeze(1).argsort(stable=True)[:extra]
+            # Each row's next candidate: the first weight, by position, holding its (k+1)-th score.
+            next_score = score.kthvalue(k + 1, dim=1).values
+            candidates = ((score == next_score[:, None]) & ~mask).int().argmax(dim=1)
+            chosen = next_score.argsort(stable=True)[:extra]
             mask[chosen, candidates[chosen]] = True
         return mask
     return lowest_k_mask(score, sparsity.zeros_in(score.numel()))
@@ -88,5 +97,25 @@ def lowest_score_mask(score: torch.Tensor, sparsity: Sparsity, per_row: bool) ->
 
 def lowest_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask, shaped like ``score``, of its ``k`` lowest entries; ties break by position."""
-    drop = score.flatten().argsort(stable=True)[:k]
-    return torch.zeros(score.numel(), dtype=torch.bool, device=score.device).index_fill_(0, drop, True).view(score.shape)
+    _check_scores(score)
+    return _lowest_k(score.reshape(1, -1), k).view(score.shape)
+
+
+def _check_scores(score: torch.Tensor) -> None:
+    if bool(score.isnan().any()):
+        raise ValueError("pruning scores hold NaN: the weights or the calibration statistics hold NaN or inf")
+
+
+def _lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:
+    """The k lowest entries of each row, ties broken by position, as a stable sort would pick them.
+
+    A selection (kthvalue) finds each row's k-th score in linear time where a sort takes n log n:
+    everything below it goes, and of the entries equal to it the first few by position.
+    """
+    if k <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    kth = score.kthvalue(k, dim=1, keepdim=True).values
+    below = score < kth
+    at = score == kth
+    wanted = k - below.sum(dim=1, keepdim=True)
+    return below | (at & (at.cumsum(dim=1) <= wanted))

@@ -62,20 +62,25 @@ def _inverse_cholesky(hessian: torch.Tensor, percdamp: float, damping: str) -> t
         h.diagonal().add_(percdamp * h.diagonal().mean())
     else:
         h.diagonal().mul_(1 + percdamp)
-    lower, info = torch.linalg.cholesky_ex(h)
+    # With J the order-reversing permutation and J H J = L Lᵀ, H⁻¹ = (J L⁻ᵀ J)(J L⁻¹ J), and J L⁻¹ J
+    # is upper triangular with a positive diagonal: it is the factor, from one Cholesky
+    # decomposition and one triangular solve instead of two decompositions and an inverse.
+    lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
     if info:
         raise ValueError(
             f"the damped Hessian is not positive definite (percdamp={percdamp}); raise percdamp "
             "or calibrate on more tokens"
         )
-    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
 
 
 @contextmanager
 def _one_cpu_thread(device: torch.device):
-    # The column loop is thousands of small dependent ops and the factorisations are small: on CPU,
-    # splitting them across threads costs more in synchronisation than it gains (measured 5-30x
-    # slower with 2 threads than with 1 when other processes share the cores).
+    # The column loop is thousands of small dependent ops: on CPU, splitting each across threads
+    # costs more in synchronisation than it gains (measured 5-30x slower with 2 threads than with
+    # 1 when other processes share the cores). The factorisation before it is one large operation
+    # and keeps every thread (1.8x faster with 2 than with 1 on a 1536 x 1536 Hessian).
     if device.type != "cpu":
         yield
         return
@@ -106,9 +111,8 @@ def sparsegpt_prune_(
     if hessian.shape != (cols, cols):
         raise ValueError(f"hessian must have shape ({cols}, {cols}) for a weight of shape {(rows, cols)}, got {tuple(hessian.shape)}")
     check_options(sparsity, blocksize, percdamp, damping)
-    with _one_cpu_thread(weight.device):
-        w = weight.float().clone()
-        mask = _prune_columns(w, sparsity, hessian.to(w.device, torch.float32), blocksize, percdamp, damping)
+    w = weight.float().clone()
+    mask = _prune_columns(w, sparsity, hessian.to(w.device, torch.float32), blocksize, percdamp, damping)
     weight.copy_(w.to(weight.dtype))
     return mask
 
@@ -126,27 +130,32 @@ def _prune_columns(w: torch.Tensor, sparsity: Sparsity, hessian: torch.Tensor, b
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
+        # The block's columns as rows: the column loop below then reads and writes contiguous
+        # memory, two operations per column.
+        w1 = w[:, i1:i2].t().contiguous()
+        err1 = torch.empty_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
-        d = hinv1.diagonal()
-        mask1 = mask[:, i1:i2]
-        alive = (~dead[i1:i2]).float()
-        if not sparsity.is_nm:
+        d = hinv1.diagonal()[:, None]
+        alive = (~dead[i1:i2]).float()[:, None]
+        if sparsity.is_nm:
+            mask1 = torch.zeros_like(w1, dtype=torch.bool)
+        else:
             score = w1.square() / d.square() * alive
             k = sparsity.zeros_in(rows * i2) - sparsity.zeros_in(rows * i1)
-            mask1.copy_(lowest_k_mask(score, k))
-        for i in range(i2 - i1):
-            if sparsity.is_nm and i % sparsity.m == 0:
-                group = slice(i, i + sparsity.m)
-                score = w1[:, group].square() / d[group].square() * alive[group]
-                mask1[:, group] = lowest_score_mask(score, sparsity, per_row=True)
-            col = w1[:, i]
-            q = col.masked_fill(mask1[:, i], 0)
-            err = (col - q) / d[i]
-            w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)
-            w1[:, i] = q
-            err1[:, i] = err
-        w[:, i1:i2] = w1
-        w[:, i2:].sub_(err1 @ hinv[i1:i2, i2:])
+            mask1 = lowest_k_mask(score.t(), k).t().contiguous()  # ties break in the weight's order
+        # A column's error is (w - w_pruned) / d: w / d where pruned, and w / inf = 0 where kept.
+        divisor = torch.where(mask1, d, torch.inf)
+        with _one_cpu_thread(w.device):
+            for i in range(i2 - i1):
+                if sparsity.is_nm and i % sparsity.m == 0:
+                    group = slice(i, i + sparsity.m)
+                    score = w1[group].square() / d[group].square() * alive[group]
+                    mask1[group] = lowest_score_mask(score.t(), sparsity, per_row=True).t()
+                    divisor[group] = torch.where(mask1[group], d[group], torch.inf)
+                torch.div(w1[i], divisor[i], out=err1[i])
+                w1[i:].addr_(hinv1[i, i:], err1[i], alpha=-1)
+        w1.masked_fill_(mask1, 0)  # exact zeros: w - (w / d) * d need not round to 0
+        w[:, i1:i2] = w1.t()
+        mask[:, i1:i2] = mask1.t()
+        w[:, i2:].sub_(err1.t() @ hinv[i1:i2, i2:])
     return mask
