@@ -48,7 +48,7 @@ BLOCK = 8
 VALUE_ALIGN = 8
 TILE_ELEMS = GROUP_M * GROUP_K
 MASK_BYTES_PER_TILE = TILE_ELEMS // 8
-# Elements `to_dense` decodes per step: its int64 sources take 8 bytes each. Small on the CPU, where
+# Elements `to_dense` decodes per step: its sources take 4 bytes each (8 past 2^31 values). Small on the CPU, where
 # they then stay in cache; large on a GPU, where every step is a few kernel launches.
 CPU_DECODE_CHUNK = 1 << 20
 DECODE_CHUNK = 1 << 26
@@ -75,14 +75,15 @@ def _bit_weights(device: torch.device) -> torch.Tensor:
     return _BIT_WEIGHTS[key]
 
 
-def _byte_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per mask byte value: (256, 8) int64, bit b's rank among the set bits plus one, or -2**62 when
-    bit b is clear; and (256, 1) int64, the number of set bits."""
-    key = str(device)
+def _byte_tables(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per mask byte value: (256, 8), bit b's rank among the set bits plus one, or the most negative
+    `dtype` number when bit b is clear (so adding any source offset leaves it negative); and
+    (256, 1), the number of set bits."""
+    key = (str(device), dtype)
     if key not in _BYTE_TABLES:
         bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
-        rank = torch.where(bits.bool(), bits.cumsum(1) - bits + 1, -(2**62))
-        _BYTE_TABLES[key] = (rank.to(device), bits.sum(1, keepdim=True).to(device))
+        rank = torch.where(bits.bool(), bits.cumsum(1) - bits + 1, torch.iinfo(dtype).min)
+        _BYTE_TABLES[key] = (rank.to(device, dtype), bits.sum(1, keepdim=True).to(device, dtype))
     return _BYTE_TABLES[key]
 
 
@@ -143,12 +144,14 @@ class BitmapWeight(SparseWeight):
         # Each element's source is the first value of its mask byte plus its rank in the byte: the
         # popcount arithmetic a kernel lane does. Ranks are computed in the dense weight's order, so
         # one gather writes the result without a pass to reorder it; clear bits land on index 0,
-        # a zero put in front of the values. (F.embedding and take are the fastest CPU lookups.)
+        # a zero put in front of the values. Indices are int32 whenever the values allow: half the
+        # bytes of every pass. (F.embedding and index_select are the fastest lookups on a CPU.)
         tm, tk = _grid(self.shape)
-        rank, popcount = _byte_tables(self.masks.device)
+        index = torch.int32 if self.values.numel() < 2**31 - 1 else torch.int64
+        rank, popcount = _byte_tables(self.masks.device, index)
         masks = self.masks.to(torch.int32)
         per_byte = F.embedding(masks, popcount).view(tm * tk, MASK_BYTES_PER_TILE)
-        first = per_byte.cumsum(dim=1)
+        first = per_byte.cumsum(dim=1, dtype=index)
         first -= per_byte
         first += self.offsets[:-1, None]
         masks = _bytes_in_dense_order(masks, tm, tk)
@@ -161,7 +164,7 @@ class BitmapWeight(SparseWeight):
             source = F.embedding(masks[start : start + step], rank)
             source += first[start : start + step, None]
             source.clamp_(min=0)
-            torch.take(values, source, out=dense[start * 8 : (start + step) * 8].view(source.shape))
+            torch.index_select(values, 0, source.view(-1), out=dense[start * 8 : (start + step) * 8])
         return dense.view(tm * GROUP_M, tk * GROUP_K)[: self.shape[0], : self.shape[1]]
 
     @property
