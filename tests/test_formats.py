@@ -28,12 +28,15 @@ def test_round_trip_bit_exact(cls, dtype, sparsity, shape):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.97, 1.0])
 def test_bitmap_decodes_the_same_a_strip_at_a_time(monkeypatch, dtype, sparsity):
-    """`to_dense` gathers a bounded number of strips per step; one strip per step changes nothing."""
+    """`to_dense` gathers a bounded number of strips per step; one strip per step changes nothing, nor
+    do int64 sources."""
     w = random_sparse(257, 1025, sparsity, dtype)
     packed = BitmapWeight.from_dense(w)
     whole = packed.to_dense()
     monkeypatch.setattr(bitmap, "CPU_DECODE_CHUNK", 1)
     assert same_bits(packed.to_dense(), w) and same_bits(whole, w)
+    monkeypatch.setattr(bitmap, "INT32_SOURCES", 0)  # the int64 sources of weights past 2^31 values
+    assert same_bits(packed.to_dense(), w)
 
 
 @pytest.mark.parametrize("cls", FORMAT_CLASSES, ids=lambda c: c.name)

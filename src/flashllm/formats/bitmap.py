@@ -52,6 +52,8 @@ MASK_BYTES_PER_TILE = TILE_ELEMS // 8
 # they then stay in cache; large on a GPU, where every step is a few kernel launches.
 CPU_DECODE_CHUNK = 1 << 20
 DECODE_CHUNK = 1 << 26
+# Weights with fewer values than this decode with int32 sources (index 0 is the zero put in front).
+INT32_SOURCES = 2**31 - 1
 
 # (strip, m-tile, block-row, row, k-tile, mma-col, block-col, col) -> storage order
 # (strip, k-tile, mma-row, mma-col, block-col, block-row, row, col) and back.
@@ -147,7 +149,7 @@ class BitmapWeight(SparseWeight):
         # a zero put in front of the values. Indices are int32 whenever the values allow: half the
         # bytes of every pass. (F.embedding and index_select are the fastest lookups on a CPU.)
         tm, tk = _grid(self.shape)
-        index = torch.int32 if self.values.numel() < 2**31 - 1 else torch.int64
+        index = torch.int32 if self.values.numel() < INT32_SOURCES else torch.int64
         rank, popcount = _byte_tables(self.masks.device, index)
         masks = self.masks.to(torch.int32)
         per_byte = F.embedding(masks, popcount).view(tm * tk, MASK_BYTES_PER_TILE)
