@@ -30,11 +30,13 @@ def tiny_model(arch: str = "llama", layers: int = 2) -> nn.Module:
                               max_position_embeddings=128, word_embed_proj_dim=64, **common)
         model = tf.OPTForCausalLM(config)
     else:
-        kind = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}
-        config_cls, model_cls = kind[arch]
-        config = config_cls(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                            num_key_value_heads=2, max_position_embeddings=128, **common)
-        model = model_cls(config)
+        extra = {"qwen3": dict(head_dim=16), "phi3": {}, "gpt_neox": {},
+                 "qwen2_moe": dict(moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4,
+                                   num_experts_per_tok=2)}.get(arch, {})
+        config = tf.AutoConfig.for_model(arch, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                         **extra, **common)
+        model = tf.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for _, module in linear_layers(model):
             # torch's normal_ draws an exact 0 now and then; zero counts must come from pruning alone.
@@ -407,7 +409,9 @@ def _prune_counting(model, method, calib, monkeypatch, reuse: bool) -> int:
     return rows
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+# Beyond ARCHS: fused q/k/v and gate/up (Phi-3), q/k norms (Qwen3), parallel attention and MLP
+# (GPT-NeoX), a routed MoE with a shared expert (Qwen2-MoE).
+@pytest.mark.parametrize("arch", [*ARCHS, "phi3", "qwen3", "gpt_neox", "qwen2_moe"])
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_reusing_pruned_outputs_changes_nothing_but_the_work(arch, method, monkeypatch):
     # Later passes through a block reuse what its pruned parts computed in earlier ones, and a
