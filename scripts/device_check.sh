@@ -25,11 +25,15 @@
 #      out (python -m flashllm.bench.probes; PROBE_SELECT replaces its default layers, N and
 #      sparsities, PROBE_FORMATS its methods, e.g. bitmap,bitmap:fit:stages6; probes.csv), with
 #      the SM clock during each timing                                              (~1 min)
+#      5d. the prefill path: the reference decode against the bitmap expansion kernel
+#      (cuda/bitmap_expand.cu, checked bit for bit and timed; flashllm bench formats)  (~20 s)
 #   6. DEVICE_CHECK_NCU=1: Nsight Compute sections, one launch per kernel option (ncu.log) (~20 s)
 #   7. compute-sanitizer memcheck and racecheck on small shapes                    (~1 min)
 #   8. DEVICE_CHECK_E2E=1: Llama-2-7B decode, dense vs 50%/80% (e2e.csv, e2e.png)   (~1 min)
 #      E2E_OPTIONS=fixup (any FLASHLLM_KERNEL_OPTIONS value) runs it again with those kernel
 #      options forced, into the same CSV: an end-to-end A/B                       (~1 min)
+#      E2E_EXPAND=1 runs it again with FLASHLLM_EXPAND=1 (prefill by the expansion kernel:
+#      the time to first token), into e2e_expand.csv                             (~1 min)
 # Writes device_check.log under $OUT (./out when unset) and everything else into $OUT/results.tgz
 # (the device tool returns at most 8 files). The last lines printed are the summary.
 # Step limits in seconds: PYTEST_LIMIT (300), TUNE_LIMIT (240), BENCH_LIMIT (300), NCU_LIMIT (150),
@@ -225,6 +229,11 @@ if [ "${DEVICE_CHECK_PROBE:-0}" = "1" ]; then
   STATUS[probes]=${PIPESTATUS[0]}
 fi
 
+step "5d. the prefill path: reference decode vs the bitmap expansion kernel"
+timeout "${FORMATS_LIMIT:-90}" "$PY" -m flashllm.cli bench formats --shapes "${FORMATS_SHAPES:-4096x4096,11008x4096}" \
+  --sparsities 0.5,0.8 --reps 5 2>&1 | tee "$OUT/formats.log" | tail -n 12
+STATUS[formats]=${PIPESTATUS[0]}
+
 if [ "${DEVICE_CHECK_NCU:-0}" = "1" ]; then
   step "6. Nsight Compute (DEVICE_CHECK_NCU=1)"
   NCU_PY=/tmp/flashllm_ncu.py
@@ -309,6 +318,11 @@ for cls, mod, options in cases:
             cfg = replace(cfg, words_per_stage=256)  # the piecewise reload path
         y = mod.linear(x, cls.from_dense(w), torch.randn(m, device="cuda", dtype=torch.float16), cfg)
         torch.cuda.synchronize()
+for m, k, s in ((70, 130, 0.8), (130, 200, 0.0), (65, 1000, 0.5)):  # the prefill path's expansion
+    w = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    w[torch.rand(m, k, device="cuda") < s] = 0
+    bitmap_cuda.expand(BitmapWeight.from_dense(w))
+    torch.cuda.synchronize()
 print("sanitizer workload done")
 EOF
 export FLASHLLM_LINEINFO=1
@@ -336,11 +350,17 @@ if [ "${DEVICE_CHECK_E2E:-0}" = "1" ]; then
       2>&1 | tee "$OUT/e2e_options.log" | tail -n 20
     STATUS[e2e_options]=${PIPESTATUS[0]}
   fi
+  if [ "${E2E_EXPAND:-0}" = "1" ]; then
+    FLASHLLM_EXPAND=1 timeout "${E2E_LIMIT:-240}" "$PY" -m flashllm.cli bench e2e --models llama-2-7b --sparsities 0.5,0.8 \
+      --batch 1,16 --new-tokens 64 --predict --csv "$OUT/e2e_expand.csv" --plot "$OUT/e2e_expand.png" \
+      2>&1 | tee "$OUT/e2e_expand.log" | tail -n 20
+    STATUS[e2e_expand]=${PIPESTATUS[0]}
+  fi
 fi
 
 step "summary ($(( $(date +%s) - T0 ))s)"
 [ -f "$OUT/pytest_gpu.log" ] && grep -E "passed|failed|error" "$OUT/pytest_gpu.log" | tail -n 1
-for k in env smoke smoke_unvalidated pytest tune bench sweep bench_bf16 probes ncu memcheck racecheck e2e e2e_options; do
+for k in env smoke smoke_unvalidated pytest tune bench sweep bench_bf16 probes formats ncu memcheck racecheck e2e e2e_options e2e_expand; do
   [ -n "${STATUS[$k]+x}" ] && printf '  %-18s %s\n' "$k" "$([ "${STATUS[$k]}" = 0 ] && echo ok || echo "FAILED (exit ${STATUS[$k]})")"
 done
 # flashllm's geomeans and the option A/B (the CSV has cuSPARSE and 2:4 too)

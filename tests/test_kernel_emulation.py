@@ -106,6 +106,16 @@ def test_bitmap_lanes_decode_exactly(decode, dtype, sparsity, shape, gen):
     assert torch.equal(decoded.view(torch.int16), w.to_dense().view(torch.int16)), f"seed {gen.initial_seed()}"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("shape", (*SHAPES, (257, 1025)))
+def test_bitmap_expand_writes_the_dense_weight(dtype, sparsity, shape, gen):
+    # The prefill path's expansion kernel: every element of M x K stored once, with the right bits.
+    w = BitmapWeight.from_dense(pruned(*shape, sparsity, dtype, gen))
+    expected = w.to_dense().view(torch.int16).to(torch.int64) & 0xFFFF
+    assert torch.equal(E.bitmap_expanded(w), expected), f"seed {gen.initial_seed()}"
+
+
 def test_bitmap_decodes_give_the_same_registers(gen):
     w = BitmapWeight.from_dense(pruned(130, 200, 0.7, torch.bfloat16, gen))
     assert torch.equal(E.bitmap_fragments(w, decode="fragment"), E.bitmap_fragments(w, decode="scatter"))
@@ -533,6 +543,19 @@ def test_fixup_is_a_compile_option_of_both_kernels():
         assert any(f == fmt and c.fixup for f, c in configs.checked_variants())
     with pytest.raises(ValueError, match="fixup must be True or False"):
         LaunchConfig(nrows=16, fixup=1).validate("bitmap")
+
+
+def test_expansion_kernel_switch(monkeypatch):
+    # Off by default until a GPU run validates it; FLASHLLM_EXPAND forces either way, and nothing
+    # else is accepted.
+    for flag, validated, expected in [("", False, False), ("", True, True), ("1", False, True), ("0", True, False)]:
+        monkeypatch.setenv(configs.EXPAND_ENV, flag)
+        monkeypatch.setattr(configs, "EXPAND_VALIDATED", validated)
+        assert configs.expand_enabled() is expected
+    monkeypatch.setenv(configs.EXPAND_ENV, "yes")
+    with pytest.raises(ValueError, match="FLASHLLM_EXPAND='yes'"):
+        configs.expand_enabled()
+    assert bitmap_cuda.KERNEL.expand is bitmap_cuda.expand_tensors and tiled_csl_cuda.KERNEL.expand is None
 
 
 def test_forced_options_apply_on_top_of_the_table_per_format(monkeypatch):

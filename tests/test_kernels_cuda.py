@@ -346,7 +346,41 @@ def test_spmm_declines_what_it_does_not_serve(fmt, cuda_kernels):
     torch.testing.assert_close(flashllm.spmm(x32, cls.from_dense(w32)), F.linear(x32, w32))
     w16 = random_weight(64, 64, 0.5, torch.float16)
     big = torch.randn(configs.MAX_FAST_N + 1, 64, device="cuda", dtype=torch.float16)
-    assert FAST_KERNELS[(cls.format_code, "cuda")](big, list(cls.from_dense(w16).tensors().values()), 64, 64, None) is None
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(configs.EXPAND_ENV, "0")  # prefill-sized products go to the reference path
+        assert FAST_KERNELS[(cls.format_code, "cuda")](big, list(cls.from_dense(w16).tensors().values()), 64, 64,
+                                                       None) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (63, 65), (129, 200), (257, 1025), (1000, 4104)])
+def test_bitmap_expand_kernel(dtype, shape):
+    # The prefill path's expansion: every element written (the output is poisoned), bit for bit.
+    for sparsity in SPARSITIES:
+        packed = BitmapWeight.from_dense(random_weight(*shape, sparsity, dtype))
+        out = torch.full(shape, float("nan"), device="cuda", dtype=dtype)
+        dense = bitmap_cuda.expand(packed, out=out)
+        torch.cuda.synchronize()
+        assert dense.data_ptr() == out.data_ptr()
+        assert torch.equal(dense.view(torch.int16), packed.to_dense().view(torch.int16)), (shape, sparsity)
+        assert torch.equal(bitmap_cuda.expand(packed), packed.to_dense())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_products_expand_with_the_kernel(dtype, cuda_kernels, monkeypatch):
+    monkeypatch.setenv(configs.EXPAND_ENV, "1")
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the reference path ran although the expansion kernel is on")
+
+    monkeypatch.setattr(spmm_module, "reference_linear", no_reference)
+    w = random_weight(300, 520, 0.7, dtype)
+    bias = torch.randn(300, device="cuda", dtype=dtype)
+    x = torch.randn(2, configs.MAX_FAST_N // 2 + 3, 520, device="cuda", dtype=dtype)  # more rows than MAX_FAST_N
+    y = flashllm.spmm(x, BitmapWeight.from_dense(w), bias)
+    ref = x.double() @ w.double().T + bias.double()
+    assert y.shape == (*x.shape[:-1], 300)
+    assert (y.double() - ref).norm() <= 2 * (F.linear(x, w, bias).double() - ref).norm() + 1e-6
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -5,6 +5,9 @@
 
 Decoding is what the reference path does on every call, so its time bounds how fast a model runs
 where no fast kernel exists. Medians of wall-clock runs (synchronized on the GPU), fresh random data.
+On a GPU, bitmap weights in fp16/bf16 are also expanded by the CUDA kernel that products above
+`FLASHLLM_KERNEL_MAX_N` rows can use (`configs.expand_enabled`), with its bandwidth (compressed
+bytes read plus dense bytes written, per second) as a fraction of a copy's of the dense weight.
 """
 
 from __future__ import annotations
@@ -32,6 +35,29 @@ def _median_seconds(fn, device: torch.device, reps: int) -> float:
     return statistics.median(times)
 
 
+def _kernel_seconds(fn, device: torch.device, reps: int) -> float:
+    """Median of CUDA-event timings with L2 flushed between runs (a launch takes tens of
+    microseconds, about what a synchronized wall-clock timing adds); wall clock without triton."""
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        return _median_seconds(fn, device, reps)
+    return float(do_bench(fn, warmup=10, rep=50, return_mode="median")) / 1e3
+
+
+def _expander(device: torch.device, dtype: torch.dtype):
+    """`bitmap_cuda.expand` where it can run here, else None."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return None
+    from ..kernels import bitmap_cuda, launch
+
+    ok, why = launch.availability()
+    if not ok:
+        print(f"(no expansion kernel: {why})")
+        return None
+    return bitmap_cuda.expand
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", default="4096x4096,8192x28672", help="comma-separated MxK")
     parser.add_argument("--sparsities", default="0.5,0.8")
@@ -44,8 +70,9 @@ def main(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype)
     print(f"device {device}, dtype {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    print("| shape | sparsity | format | bytes / dense | encode s | decode s | validate s |")
-    print("|---|---|---|---|---|---|---|")
+    expand = _expander(device, dtype)
+    print("| shape | sparsity | format | bytes / dense | encode s | decode s | validate s | expand kernel s | expand GB/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes.split(","):
         m, k = (int(v) for v in shape.lower().split("x"))
         for sparsity in (float(v) for v in args.sparsities.split(",")):
@@ -57,8 +84,16 @@ def main(args: argparse.Namespace) -> int:
                 encode = _median_seconds(lambda cls=cls, w=weight: cls.from_dense(w), device, args.reps)
                 decode = _median_seconds(packed.to_dense, device, args.reps)
                 validate = _median_seconds(lambda cls=cls, st=state: cls.from_state_dict(st), device, args.reps)
+                kernel = " | "
+                if expand is not None and name == "bitmap":
+                    if not torch.equal(expand(packed), packed.to_dense()):
+                        raise SystemExit(f"the bitmap expansion kernel disagrees with to_dense at {m}x{k}, {sparsity:.0%}")
+                    seconds = _kernel_seconds(lambda p=packed: expand(p), device, args.reps)
+                    copy = _kernel_seconds(weight.clone, device, args.reps)  # the dense weight read + written
+                    rate = (packed.nbytes + packed.dense_nbytes) / seconds
+                    kernel = f"{seconds:.5f} | {rate / 1e9:.0f} ({rate / (2 * packed.dense_nbytes / copy):.0%} of copy)"
                 print(f"| {m}x{k} | {sparsity:.0%} | {name} | {packed.nbytes / packed.dense_nbytes:.3f} | "
-                      f"{encode:.3f} | {decode:.4f} | {validate:.3f} |", flush=True)
+                      f"{encode:.3f} | {decode:.4f} | {validate:.3f} | {kernel} |", flush=True)
                 del packed, state
             del weight
     return 0

@@ -57,6 +57,8 @@ class CudaKernel:
     tensors: tuple[TensorSpec, ...]
     payload: str  # the tensor whose length grows with the non-zeros
     runs: Optional[str] = None  # the tile-run offsets that size fitted stage buffers (configs.FIT)
+    # (tensors, out_features, in_features) -> the dense weight, for products above MAX_FAST_N rows
+    expand: Optional[Callable[[list[torch.Tensor], int, int], torch.Tensor]] = None
     _declined: set = field(default_factory=set, compare=False, repr=False)
 
     def grid(self, out_features: int, in_features: int) -> tuple[int, int]:
@@ -210,14 +212,19 @@ class CudaKernel:
         if len(tensors) != len(self.tensors):
             raise ValueError(f"the {self.format} format has {len(self.tensors)} tensors, got {len(tensors)}")
         x2d = x.reshape(-1, in_features)
-        if x2d.shape[0] > configs.MAX_FAST_N:
-            return None  # prefill-sized batches: decode once + dense GEMM is the faster plan
+        # Prefill-sized batches: decode once + dense GEMM is the faster plan, by the expansion
+        # kernel where there is one (and it is on), else by the reference path.
+        prefill = x2d.shape[0] > configs.MAX_FAST_N
+        if prefill and (self.expand is None or not configs.expand_enabled()):
+            return None
         if torch.cuda.get_device_capability(x.device) < launch.MIN_CAPABILITY:
             return self._decline(f"compute capability {torch.cuda.get_device_capability(x.device)} < 8.0")
         misaligned = any(s.aligned and t.data_ptr() % 16 for s, t in zip(self.tensors, tensors))
         if misaligned or not all(t.is_contiguous() for t in tensors):
             return self._decline("weight tensors not contiguous or not 16-byte aligned")
         try:
+            if prefill:
+                return torch.nn.functional.linear(x, self.expand(tensors, out_features, in_features), bias)
             y = self.run(x2d, tensors, out_features, in_features, bias)
         except launch.KernelUnavailable as exc:
             return self._decline(str(exc))

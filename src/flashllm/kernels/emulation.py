@@ -17,6 +17,9 @@ can compare the result with `to_dense` bit for bit and with a float64 product:
   ldmatrix addressing of `load_a_frags`, including the bitmap kernel's N <= 8 path whose one x4
   serves two k16 steps, each accumulating into its own rows (`_run_blocks` folds them as
   `fold_steps` does).
+* `bitmap_expanded`: `cuda/bitmap_expand.cu`, the prefill path's expansion to a dense weight:
+  each thread's two mask bytes, the block-wide scan of their popcounts, the (row, column) each
+  byte's row piece lands on, and the stores that stop at M and K.
 * `mma_m16n8k16`: the tensor-core instruction at register level, with the fragment layouts the PTX
   ISA documents; `bitmap_kernel` / `tiled_csl_kernel` chain everything with the kernels' split-K
   partition, blocks along N and the epilogue's (n, m) mapping.
@@ -359,6 +362,45 @@ def bitmap_decoded(w: BitmapWeight, stale: Optional[int] = 0x7E00, decode: str =
 # ---------------------------------------------------------------------------------------------
 # Tiled-CSL
 # ---------------------------------------------------------------------------------------------
+def bitmap_expanded(w: BitmapWeight) -> torch.Tensor:
+    """The dense weight `flashllm_bitmap_expand` writes (as value bits in `w`'s dtype, M x K)."""
+    m, k = w.shape
+    k_tiles = -(-k // GROUP_K)
+    tiles = w.offsets.numel() - 1
+    masks = w.masks.to(torch.int64).view(tiles, 256, 2)
+    pair = masks[:, :, 0] | masks[:, :, 1] << 8  # the little-endian 16-bit load of each thread
+    count = popc(pair)
+    warp_count = count.view(tiles, 8, LANES)
+    inclusive = warp_count.cumsum(dim=2)  # the shuffle scan
+    warp_totals = inclusive[:, :, -1]
+    earlier_warps = warp_totals.cumsum(dim=1) - warp_totals
+    source = (w.offsets[:-1, None, None].to(torch.int64) + inclusive - warp_count + earlier_warps[:, :, None])
+    source = source.view(tiles, 256)
+    values = w.values.view(_HALF_BITS[w.dtype]).to(torch.int64) & 0xFFFF
+    tile = torch.arange(tiles)[:, None]
+    t = torch.arange(256)[None, :]
+    tile_row, tile_col = tile // k_tiles, tile % k_tiles
+    dense = torch.full((m, k), -1, dtype=torch.int64)  # anything not stored stays -1: a test catches it
+    for j in range(2):
+        b = 2 * t + j
+        byte = (pair >> (8 * j)) & 0xFF
+        row = tile_row * 64 + (b >> 7) * 16 + ((b >> 3) & 1) * 8 + (b & 7)
+        col = tile_col * 64 + ((b >> 5) & 3) * 16 + ((b >> 4) & 1) * 8
+        nxt = source.clone()
+        for c in range(8):
+            bit = (byte >> c) & 1
+            read = torch.where(bit.bool(), nxt, 0)  # only set bits load (no run has values past its end)
+            piece = torch.where(bit.bool(), values[read], 0) if values.numel() else torch.zeros_like(nxt)
+            nxt = nxt + bit
+            keep = (row < m) & (col + c < k)
+            dense[row[keep], (col + c)[keep]] = piece[keep]
+        source = nxt
+    return dense
+
+
+_HALF_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
 def swizzle(loc: torch.Tensor) -> torch.Tensor:
     """`csl::swizzle`: clamp to the sentinel slot, then 16-byte chunk ^= row % 8."""
     loc = loc.clamp(max=TILE_ELEMS)
