@@ -545,7 +545,7 @@ def test_fixup_is_a_compile_option_of_both_kernels():
         LaunchConfig(nrows=16, fixup=1).validate("bitmap")
 
 
-def test_expansion_kernel_switch(monkeypatch):
+def test_expansion_kernel_switch(monkeypatch, cuda_kernels):
     # Off by default until a GPU run validates it; FLASHLLM_EXPAND forces either way, and nothing
     # else is accepted.
     for flag, validated, expected in [("", False, False), ("", True, True), ("1", False, True), ("0", True, False)]:
@@ -556,6 +556,12 @@ def test_expansion_kernel_switch(monkeypatch):
     with pytest.raises(ValueError, match="FLASHLLM_EXPAND='yes'"):
         configs.expand_enabled()
     assert bitmap_cuda.KERNEL.expand is bitmap_cuda.expand_tensors and tiled_csl_cuda.KERNEL.expand is None
+    from flashllm.kernels import kernel_path
+
+    for flag in ("0", "1"):
+        monkeypatch.setenv(configs.EXPAND_ENV, flag)
+        assert ("expansion kernel" in kernel_path("bitmap", "cuda")) == (flag == "1")
+        assert "expansion kernel" not in kernel_path("tiled_csl", "cuda")
 
 
 def test_forced_options_apply_on_top_of_the_table_per_format(monkeypatch):

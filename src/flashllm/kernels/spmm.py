@@ -93,10 +93,12 @@ def kernel_path(format_name: str, device_type: str) -> str:
     code = get_format(format_name).format_code
     if (code, device_type) in FAST_KERNELS:
         if device_type == "cuda":
-            from .configs import MAX_FAST_N
+            from .configs import MAX_FAST_N, expand_enabled
 
+            above = ("the expansion kernel + cuBLAS above that" if format_name == "bitmap" and expand_enabled()
+                     else "reference otherwise")
             return (f"fast CUDA kernel for fp16/bf16 and up to {MAX_FAST_N} rows on compute capability "
-                    "8.0+; reference otherwise")
+                    f"8.0+; {above}")
         return f"fast {device_type.upper()} kernel"
     if device_type == "cuda":
         return "reference (decode + dense GEMM): the CUDA kernels are off (FLASHLLM_CUDA_KERNELS=0)"
