@@ -36,9 +36,10 @@ else
   awk '{ key = $1; for (i = 2; i <= NF; i++) if ($i ~ /NROWS|STRIPS|DECODE|WARPS|VALCAP|DENSE_TILES|PREFETCH|FIXUP/) key = key " " $i;
          if (!(key in seen)) { seen[key] = 1; print } }' "$LIST.all" > "$LIST"
 fi
-# The split-K epilogue and the bitmap expansion (prefill) have no tile parameters.
+# The split-K epilogue and the expansion kernels (prefill) have no tile parameters.
 echo "splitk_finalize.cu" >> "$LIST"
 echo "bitmap_expand.cu" >> "$LIST"
+echo "tiled_csl_expand.cu" >> "$LIST"
 # The diagnostic probe builds (FLASHLLM_PROBE, python -m flashllm.bench.probes), one code shape each.
 for p in 1 2 3; do for d in 0 1; do
   echo "bitmap_spmm.cu -DFLASHLLM_NROWS=16 -DFLASHLLM_STAGES=3 -DFLASHLLM_STRIPS=1 -DFLASHLLM_DECODE=$d -DFLASHLLM_PROBE=$p"

@@ -25,8 +25,8 @@
 #      out (python -m flashllm.bench.probes; PROBE_SELECT replaces its default layers, N and
 #      sparsities, PROBE_FORMATS its methods, e.g. bitmap,bitmap:fit:stages6; probes.csv), with
 #      the SM clock during each timing                                              (~1 min)
-#      5d. the prefill path: the reference decode against the bitmap expansion kernel
-#      (cuda/bitmap_expand.cu, checked bit for bit and timed; flashllm bench formats)  (~20 s)
+#      5d. the prefill path: the reference decode against the expansion kernels
+#      (cuda/*_expand.cu, checked bit for bit and timed; flashllm bench formats)      (~20 s)
 #   6. DEVICE_CHECK_NCU=1: Nsight Compute sections, one launch per kernel option (ncu.log) (~20 s)
 #   7. compute-sanitizer memcheck and racecheck on small shapes                    (~1 min)
 #   8. DEVICE_CHECK_E2E=1: Llama-2-7B decode, dense vs 50%/80% (e2e.csv, e2e.png)   (~1 min)
@@ -229,7 +229,7 @@ if [ "${DEVICE_CHECK_PROBE:-0}" = "1" ]; then
   STATUS[probes]=${PIPESTATUS[0]}
 fi
 
-step "5d. the prefill path: reference decode vs the bitmap expansion kernel"
+step "5d. the prefill path: reference decode vs the expansion kernels"
 timeout "${FORMATS_LIMIT:-90}" "$PY" -m flashllm.cli bench formats --shapes "${FORMATS_SHAPES:-4096x4096,11008x4096}" \
   --sparsities 0.5,0.8 --reps 5 2>&1 | tee "$OUT/formats.log" | tail -n 12
 STATUS[formats]=${PIPESTATUS[0]}
@@ -318,10 +318,11 @@ for cls, mod, options in cases:
             cfg = replace(cfg, words_per_stage=256)  # the piecewise reload path
         y = mod.linear(x, cls.from_dense(w), torch.randn(m, device="cuda", dtype=torch.float16), cfg)
         torch.cuda.synchronize()
-for m, k, s in ((70, 130, 0.8), (130, 200, 0.0), (65, 1000, 0.5)):  # the prefill path's expansion
+for m, k, s in ((70, 130, 0.8), (130, 200, 0.0), (65, 1000, 0.5)):  # the prefill path's expansions
     w = torch.randn(m, k, device="cuda", dtype=torch.float16)
     w[torch.rand(m, k, device="cuda") < s] = 0
     bitmap_cuda.expand(BitmapWeight.from_dense(w))
+    tiled_csl_cuda.expand(TiledCSLWeight.from_dense(w))
     torch.cuda.synchronize()
 print("sanitizer workload done")
 EOF

@@ -109,11 +109,13 @@ def test_bitmap_lanes_decode_exactly(decode, dtype, sparsity, shape, gen):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 @pytest.mark.parametrize("shape", (*SHAPES, (257, 1025)))
-def test_bitmap_expand_writes_the_dense_weight(dtype, sparsity, shape, gen):
-    # The prefill path's expansion kernel: every element of M x K stored once, with the right bits.
-    w = BitmapWeight.from_dense(pruned(*shape, sparsity, dtype, gen))
-    expected = w.to_dense().view(torch.int16).to(torch.int64) & 0xFFFF
-    assert torch.equal(E.bitmap_expanded(w), expected), f"seed {gen.initial_seed()}"
+def test_expansion_kernels_write_the_dense_weight(dtype, sparsity, shape, gen):
+    # The prefill path's expansion kernels: every element of M x K stored, with the right bits.
+    dense = pruned(*shape, sparsity, dtype, gen)
+    expected = dense.view(torch.int16).to(torch.int64) & 0xFFFF
+    expected[dense == 0] = 0  # -0.0 is stored as a zero
+    assert torch.equal(E.bitmap_expanded(BitmapWeight.from_dense(dense)), expected), f"seed {gen.initial_seed()}"
+    assert torch.equal(E.tiled_csl_expanded(TiledCSLWeight.from_dense(dense)), expected), f"seed {gen.initial_seed()}"
 
 
 def test_bitmap_decodes_give_the_same_registers(gen):
@@ -555,13 +557,18 @@ def test_expansion_kernel_switch(monkeypatch, cuda_kernels):
     monkeypatch.setenv(configs.EXPAND_ENV, "yes")
     with pytest.raises(ValueError, match="FLASHLLM_EXPAND='yes'"):
         configs.expand_enabled()
-    assert bitmap_cuda.KERNEL.expand is bitmap_cuda.expand_tensors and tiled_csl_cuda.KERNEL.expand is None
+    for module in (bitmap_cuda, tiled_csl_cuda):
+        cls = BitmapWeight if module is bitmap_cuda else TiledCSLWeight
+        with pytest.raises(ValueError, match="expansion kernel needs CUDA tensors"):
+            module.expand(cls.from_dense(torch.randn(70, 90, dtype=torch.float16)))
+        with pytest.raises(TypeError, match="takes float16 or bfloat16"):
+            module.expand(cls.from_dense(torch.randn(70, 90)))
     from flashllm.kernels import kernel_path
 
     for flag in ("0", "1"):
         monkeypatch.setenv(configs.EXPAND_ENV, flag)
-        assert ("expansion kernel" in kernel_path("bitmap", "cuda")) == (flag == "1")
-        assert "expansion kernel" not in kernel_path("tiled_csl", "cuda")
+        for fmt in ("bitmap", "tiled_csl"):
+            assert ("expansion kernel" in kernel_path(fmt, "cuda")) == (flag == "1")
 
 
 def test_forced_options_apply_on_top_of_the_table_per_format(monkeypatch):

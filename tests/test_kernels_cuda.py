@@ -352,22 +352,25 @@ def test_spmm_declines_what_it_does_not_serve(fmt, cuda_kernels):
                                                        None) is None
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (63, 65), (129, 200), (257, 1025), (1000, 4104)])
-def test_bitmap_expand_kernel(dtype, shape):
+def test_expansion_kernel(fmt, dtype, shape):
     # The prefill path's expansion: every element written (the output is poisoned), bit for bit.
+    cls, module = FORMATS[fmt]
     for sparsity in SPARSITIES:
-        packed = BitmapWeight.from_dense(random_weight(*shape, sparsity, dtype))
+        packed = cls.from_dense(random_weight(*shape, sparsity, dtype))
         out = torch.full(shape, float("nan"), device="cuda", dtype=dtype)
-        dense = bitmap_cuda.expand(packed, out=out)
+        dense = module.expand(packed, out=out)
         torch.cuda.synchronize()
         assert dense.data_ptr() == out.data_ptr()
         assert torch.equal(dense.view(torch.int16), packed.to_dense().view(torch.int16)), (shape, sparsity)
-        assert torch.equal(bitmap_cuda.expand(packed), packed.to_dense())
+        assert torch.equal(module.expand(packed), packed.to_dense())
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_prefill_products_expand_with_the_kernel(dtype, cuda_kernels, monkeypatch):
+def test_prefill_products_expand_with_the_kernel(fmt, dtype, cuda_kernels, monkeypatch):
     monkeypatch.setenv(configs.EXPAND_ENV, "1")
 
     def no_reference(*args, **kwargs):
@@ -377,7 +380,7 @@ def test_prefill_products_expand_with_the_kernel(dtype, cuda_kernels, monkeypatc
     w = random_weight(300, 520, 0.7, dtype)
     bias = torch.randn(300, device="cuda", dtype=dtype)
     x = torch.randn(2, configs.MAX_FAST_N // 2 + 3, 520, device="cuda", dtype=dtype)  # more rows than MAX_FAST_N
-    y = flashllm.spmm(x, BitmapWeight.from_dense(w), bias)
+    y = flashllm.spmm(x, FORMATS[fmt][0].from_dense(w), bias)
     ref = x.double() @ w.double().T + bias.double()
     assert y.shape == (*x.shape[:-1], 300)
     assert (y.double() - ref).norm() <= 2 * (F.linear(x, w, bias).double() - ref).norm() + 1e-6

@@ -5,8 +5,8 @@
 
 Decoding is what the reference path does on every call, so its time bounds how fast a model runs
 where no fast kernel exists. Medians of wall-clock runs (synchronized on the GPU), fresh random data.
-On a GPU, bitmap weights in fp16/bf16 are also expanded by the CUDA kernel that products above
-`FLASHLLM_KERNEL_MAX_N` rows can use (`configs.expand_enabled`), with its bandwidth (compressed
+On a GPU, fp16/bf16 weights are also expanded by the CUDA kernels that products above
+`FLASHLLM_KERNEL_MAX_N` rows can use (`configs.expand_enabled`), with their bandwidth (compressed
 bytes read plus dense bytes written, per second) as a fraction of a copy's of the dense weight.
 """
 
@@ -46,16 +46,16 @@ def _kernel_seconds(fn, device: torch.device, reps: int) -> float:
 
 
 def _expander(device: torch.device, dtype: torch.dtype):
-    """`bitmap_cuda.expand` where it can run here, else None."""
+    """format name -> its `expand` (cuda_module(name).expand) where the kernels can run here, else None."""
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return None
-    from ..kernels import bitmap_cuda, launch
+    from ..kernels import cuda_module, launch
 
     ok, why = launch.availability()
     if not ok:
-        print(f"(no expansion kernel: {why})")
+        print(f"(no expansion kernels: {why})")
         return None
-    return bitmap_cuda.expand
+    return lambda name: cuda_module(name).expand
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,10 +85,11 @@ def main(args: argparse.Namespace) -> int:
                 decode = _median_seconds(packed.to_dense, device, args.reps)
                 validate = _median_seconds(lambda cls=cls, st=state: cls.from_state_dict(st), device, args.reps)
                 kernel = " | "
-                if expand is not None and name == "bitmap":
-                    if not torch.equal(expand(packed), packed.to_dense()):
-                        raise SystemExit(f"the bitmap expansion kernel disagrees with to_dense at {m}x{k}, {sparsity:.0%}")
-                    seconds = _kernel_seconds(lambda p=packed: expand(p), device, args.reps)
+                if expand is not None:
+                    run = expand(name)
+                    if not torch.equal(run(packed), packed.to_dense()):
+                        raise SystemExit(f"the {name} expansion kernel disagrees with to_dense at {m}x{k}, {sparsity:.0%}")
+                    seconds = _kernel_seconds(lambda p=packed: run(p), device, args.reps)
                     copy = _kernel_seconds(weight.clone, device, args.reps)  # the dense weight read + written
                     rate = (packed.nbytes + packed.dense_nbytes) / seconds
                     kernel = f"{seconds:.5f} | {rate / 1e9:.0f} ({rate / (2 * packed.dense_nbytes / copy):.0%} of copy)"

@@ -46,21 +46,21 @@ BANDS = ((0.6, "50"), (0.75, "70"), (0.85, "80"), (1.01, "90"))
 # Above this many activation rows the reference path (decode once, one dense GEMM) is used: the
 # product is no longer memory-bound and the fast kernels would re-decode the weight per 128 rows.
 MAX_FAST_N = int(os.environ.get("FLASHLLM_KERNEL_MAX_N", "256"))
-# There, a bitmap weight can be expanded by one CUDA kernel (cuda/bitmap_expand.cu: one pass, the
+# There, the weight can be expanded by one CUDA kernel per format (cuda/*_expand.cu: one pass, the
 # compressed bytes in and the dense bytes out) instead of the reference decode's torch passes.
-# Written 2026-11-27 without a GPU: compiled with nvcc 13.0 for sm_80/sm_90 and emulated bit for
-# bit (emulation.bitmap_expanded), never run. Until a GPU run of tests/test_kernels_cuda.py passes
-# with it (scripts/device_check.sh runs them), the reference decode stays the default;
-# FLASHLLM_EXPAND=1 turns the kernel on before that, FLASHLLM_EXPAND=0 keeps it off after.
+# Written 2026-11-27 without a GPU: compiled with nvcc 13.0 for sm_80/sm_90a and emulated bit for
+# bit (emulation.bitmap_expanded, tiled_csl_expanded), never run. Until a GPU run of
+# tests/test_kernels_cuda.py passes with them (scripts/device_check.sh runs it), the reference
+# decode stays the default; FLASHLLM_EXPAND=1 turns the kernels on before, FLASHLLM_EXPAND=0 off after.
 EXPAND_VALIDATED = False
 EXPAND_ENV = "FLASHLLM_EXPAND"
 
 
 def expand_enabled() -> bool:
-    """Whether prefill-sized bitmap products expand the weight with the CUDA kernel."""
+    """Whether prefill-sized products expand the weight with the formats' CUDA kernels."""
     flag = os.environ.get(EXPAND_ENV, "")
     if flag not in ("", "0", "1"):
-        raise ValueError(f"{EXPAND_ENV}={flag!r}: use 1 (expand with the CUDA kernel) or 0 (the reference decode)")
+        raise ValueError(f"{EXPAND_ENV}={flag!r}: use 1 (expand with the CUDA kernels) or 0 (the reference decode)")
     return flag == "1" or (flag == "" and EXPAND_VALIDATED)
 
 

@@ -18,6 +18,7 @@ from . import configs, launch
 from .launch import i32, ptr
 
 DTYPES = (torch.float16, torch.bfloat16)
+EXPAND_THREADS = 256  # the expansion kernels' block (cuda/*_expand.cu)
 
 
 def largest_run(offsets: torch.Tensor) -> Optional[int]:
@@ -57,8 +58,9 @@ class CudaKernel:
     tensors: tuple[TensorSpec, ...]
     payload: str  # the tensor whose length grows with the non-zeros
     runs: Optional[str] = None  # the tile-run offsets that size fitted stage buffers (configs.FIT)
-    # (tensors, out_features, in_features) -> the dense weight, for products above MAX_FAST_N rows
-    expand: Optional[Callable[[list[torch.Tensor], int, int], torch.Tensor]] = None
+    # The source of `flashllm_<format>_expand`, which writes the dense weight for products above
+    # MAX_FAST_N rows (`expand`); None: those run the reference decode.
+    expand_source: Optional[str] = None
     _declined: set = field(default_factory=set, compare=False, repr=False)
 
     def grid(self, out_features: int, in_features: int) -> tuple[int, int]:
@@ -71,26 +73,57 @@ class CudaKernel:
             raise ValueError(f"x must be (N, {in_features}), got {tuple(x2d.shape)}")
         if x2d.dtype not in DTYPES:
             raise TypeError(f"the {self.label} CUDA kernel takes float16 or bfloat16, got {x2d.dtype}")
-        if len(tensors) != len(self.tensors):
-            names = ", ".join(s.name for s in self.tensors)
-            raise ValueError(f"the {self.format} format has {len(self.tensors)} tensors ({names}), got {len(tensors)}")
-        mt, kt = self.grid(out_features, in_features)
-        for spec, t in zip(self.tensors, tensors):
-            dtype = spec.dtype or x2d.dtype
-            if t.device != x2d.device:
-                raise ValueError(f"{self.format} {spec.name} is on {t.device}, x on {x2d.device}")
-            if t.dtype != dtype or t.dim() != 1 or not t.is_contiguous():
-                raise TypeError(f"{self.format} {spec.name} must be a contiguous 1-D {dtype} tensor, "
-                                f"got {t.dtype} {tuple(t.shape)}")
-            if spec.numel is not None and t.numel() != spec.numel(mt, kt):
-                raise ValueError(f"{self.format} {spec.name} has {t.numel()} entries; a ({out_features} x "
-                                 f"{in_features}) weight needs {spec.numel(mt, kt)}")
-            launch.check_aligned(f"{self.format} {spec.name}", t, 16 if spec.aligned else 4)
+        self.check_tensors(tensors, out_features, in_features, x2d.dtype, x2d.device, "x")
         if bias is not None and (bias.shape != (out_features,) or bias.dtype != x2d.dtype or bias.device != x2d.device):
             raise ValueError(f"bias must be ({out_features},) {x2d.dtype} on {x2d.device}, "
                              f"got {tuple(bias.shape)} {bias.dtype}")
         if not x2d.is_cuda:
             raise ValueError(f"the {self.label} CUDA kernel needs CUDA tensors; x is on {x2d.device}")
+
+    def check_tensors(self, tensors: list[torch.Tensor], out_features: int, in_features: int, dtype: torch.dtype,
+                      device: torch.device, what: str) -> None:
+        """Raise unless `tensors` are this format's, for a weight of that shape and dtype on `device`
+        (where `what`, the product's input or output, is)."""
+        if len(tensors) != len(self.tensors):
+            names = ", ".join(s.name for s in self.tensors)
+            raise ValueError(f"the {self.format} format has {len(self.tensors)} tensors ({names}), got {len(tensors)}")
+        mt, kt = self.grid(out_features, in_features)
+        for spec, t in zip(self.tensors, tensors):
+            expected = spec.dtype or dtype
+            if t.device != device:
+                raise ValueError(f"{self.format} {spec.name} is on {t.device}, {what} on {device}")
+            if t.dtype != expected or t.dim() != 1 or not t.is_contiguous():
+                raise TypeError(f"{self.format} {spec.name} must be a contiguous 1-D {expected} tensor, "
+                                f"got {t.dtype} {tuple(t.shape)}")
+            if spec.numel is not None and t.numel() != spec.numel(mt, kt):
+                raise ValueError(f"{self.format} {spec.name} has {t.numel()} entries; a ({out_features} x "
+                                 f"{in_features}) weight needs {spec.numel(mt, kt)}")
+            launch.check_aligned(f"{self.format} {spec.name}", t, 16 if spec.aligned else 4)
+
+    def expand(self, tensors: list[torch.Tensor], out_features: int, in_features: int, dtype: torch.dtype,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The dense (out_features x in_features) `dtype` weight these tensors store, written by one
+        launch of the format's expansion kernel (`expand_source`) on torch's current stream, into
+        `out` when given: what a product above MAX_FAST_N rows multiplies with cuBLAS."""
+        if self.expand_source is None:
+            raise ValueError(f"the {self.format} format has no expansion kernel")
+        if dtype not in DTYPES:
+            raise TypeError(f"the {self.label} expansion kernel takes float16 or bfloat16, got {dtype}")
+        device = tensors[0].device if tensors else torch.device("cpu")
+        if device.type != "cuda":
+            raise ValueError(f"the {self.label} expansion kernel needs CUDA tensors, got {device}")
+        if out is None:
+            out = torch.empty(out_features, in_features, dtype=dtype, device=device)
+        elif out.shape != (out_features, in_features) or out.dtype != dtype or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous ({out_features}, {in_features}) {dtype} tensor, "
+                             f"got {tuple(out.shape)} {out.dtype}")
+        self.check_tensors(tensors, out_features, in_features, dtype, out.device, "out")
+        kernel = launch.get_kernel(self.expand_source, f"flashllm_{self.format}_expand", {}, dtype, out.device, 0,
+                                   threads=EXPAND_THREADS)
+        kt = self.grid(out_features, in_features)[1]
+        params = [*(ptr(t) for t in tensors), ptr(out), i32(out_features), i32(in_features), i32(kt)]
+        kernel.launch((self.grid(out_features, in_features)[0] * kt, 1, 1), params, launch.current_stream(out.device))
+        return out
 
     def tensor(self, tensors: list[torch.Tensor], name: str) -> torch.Tensor:
         """The format tensor called `name` among `tensors` (in `self.tensors` order)."""
@@ -215,7 +248,7 @@ class CudaKernel:
         # Prefill-sized batches: decode once + dense GEMM is the faster plan, by the expansion
         # kernel where there is one (and it is on), else by the reference path.
         prefill = x2d.shape[0] > configs.MAX_FAST_N
-        if prefill and (self.expand is None or not configs.expand_enabled()):
+        if prefill and (self.expand_source is None or not configs.expand_enabled()):
             return None
         if torch.cuda.get_device_capability(x.device) < launch.MIN_CAPABILITY:
             return self._decline(f"compute capability {torch.cuda.get_device_capability(x.device)} < 8.0")
@@ -224,7 +257,7 @@ class CudaKernel:
             return self._decline("weight tensors not contiguous or not 16-byte aligned")
         try:
             if prefill:
-                return torch.nn.functional.linear(x, self.expand(tensors, out_features, in_features), bias)
+                return torch.nn.functional.linear(x, self.expand(tensors, out_features, in_features, x.dtype), bias)
             y = self.run(x2d, tensors, out_features, in_features, bias)
         except launch.KernelUnavailable as exc:
             return self._decline(str(exc))

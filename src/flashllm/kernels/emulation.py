@@ -19,7 +19,8 @@ can compare the result with `to_dense` bit for bit and with a float64 product:
   `fold_steps` does).
 * `bitmap_expanded`: `cuda/bitmap_expand.cu`, the prefill path's expansion to a dense weight:
   each thread's two mask bytes, the block-wide scan of their popcounts, the (row, column) each
-  byte's row piece lands on, and the stores that stop at M and K.
+  byte's row piece lands on, and the stores that stop at M and K; `tiled_csl_expanded` the same
+  for `cuda/tiled_csl_expand.cu`: the scatter into the zeroed shared tile, the rows written out.
 * `mma_m16n8k16`: the tensor-core instruction at register level, with the fragment layouts the PTX
   ISA documents; `bitmap_kernel` / `tiled_csl_kernel` chain everything with the kernels' split-K
   partition, blocks along N and the epilogue's (n, m) mapping.
@@ -399,6 +400,27 @@ def bitmap_expanded(w: BitmapWeight) -> torch.Tensor:
 
 
 _HALF_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def tiled_csl_expanded(w: TiledCSLWeight) -> torch.Tensor:
+    """The dense weight `flashllm_tiled_csl_expand` writes (as value bits in `w`'s dtype, M x K)."""
+    m, k = w.shape
+    k_tiles = -(-k // TILE_K)
+    tiles = w.offsets.numel() - 1
+    chunks = TILE_ELEMS // 8
+    words = w.words.to(torch.int64) & 0xFFFFFFFF
+    shared = torch.zeros(tiles, (chunks + 1) * 8, dtype=torch.int64)  # the zeroed tile + the sentinel slot
+    tile_of_word = torch.arange(tiles).repeat_interleave(w.offsets.diff().to(torch.int64))
+    shared[tile_of_word, words >> 16] = words & 0xFFFF
+    c = torch.arange(chunks)
+    tile = torch.arange(tiles)[:, None]
+    row = tile // k_tiles * TILE_M + c // (TILE_K // 8)
+    col = tile % k_tiles * TILE_K + (c % (TILE_K // 8)) * 8
+    dense = torch.full((m, k), -1, dtype=torch.int64)  # anything not stored stays -1: a test catches it
+    for e in range(8):
+        keep = (row < m) & (col + e < k)
+        dense[row[keep], (col + e)[keep]] = shared[:, c * 8 + e][keep]
+    return dense
 
 
 def swizzle(loc: torch.Tensor) -> torch.Tensor:

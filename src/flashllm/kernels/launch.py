@@ -636,7 +636,7 @@ def tune(run, candidates, reps: int = 20, timer=None, check=None):
 
 def prebuild(arch: str, folder: Optional[str] = None, checked: bool = False) -> int:
     """Compile every shipped variant (with `checked`, every variant the GPU tests run:
-    `configs.checked_variants`), both dtypes, the split-K epilogue and the bitmap expansion for
+    `configs.checked_variants`), both dtypes, the split-K epilogue and the expansion kernels for
     `arch` into the on-disk cache, on any machine with NVRTC (no GPU needed). Carrying the folder
     to a GPU machine with the same NVRTC version (and FLASHLLM_CACHE_DIR pointing at it) skips its
     compiles."""
@@ -646,7 +646,8 @@ def prebuild(arch: str, folder: Optional[str] = None, checked: bool = False) -> 
         os.environ["FLASHLLM_CACHE_DIR"] = folder
     compiler = nvrtc()
     count = 0
-    jobs = [("splitk_finalize.cu", "flashllm_splitk_finalize", {}), ("bitmap_expand.cu", "flashllm_bitmap_expand", {})]
+    jobs = [("splitk_finalize.cu", "flashllm_splitk_finalize", {}), ("bitmap_expand.cu", "flashllm_bitmap_expand", {}),
+            ("tiled_csl_expand.cu", "flashllm_tiled_csl_expand", {})]
     for fmt, cfg in configs.checked_variants() if checked else configs.shipped_variants():
         source = "bitmap_spmm.cu" if fmt == "bitmap" else "tiled_csl_spmm.cu"
         jobs.append((source, f"flashllm_{fmt}_spmm", cfg.defines(fmt)))

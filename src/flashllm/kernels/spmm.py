@@ -95,8 +95,7 @@ def kernel_path(format_name: str, device_type: str) -> str:
         if device_type == "cuda":
             from .configs import MAX_FAST_N, expand_enabled
 
-            above = ("the expansion kernel + cuBLAS above that" if format_name == "bitmap" and expand_enabled()
-                     else "reference otherwise")
+            above = "the expansion kernel + cuBLAS above that" if expand_enabled() else "reference otherwise"
             return (f"fast CUDA kernel for fp16/bf16 and up to {MAX_FAST_N} rows on compute capability "
                     f"8.0+; {above}")
         return f"fast {device_type.upper()} kernel"

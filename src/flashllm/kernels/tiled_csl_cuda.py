@@ -25,10 +25,12 @@ KERNEL = CudaKernel(
         TensorSpec("offsets", torch.int32, lambda mt, kt: mt * kt + 1),
     ),
     payload="words",
+    expand_source="tiled_csl_expand.cu",
 )
 fast_kernel = KERNEL.fast_kernel
 
-__all__ = ["DTYPES", "FORMAT", "KERNEL", "check_inputs", "configs", "fast_kernel", "linear", "tiled_csl_linear"]
+__all__ = ["DTYPES", "FORMAT", "KERNEL", "check_inputs", "configs", "expand", "fast_kernel", "linear",
+           "tiled_csl_linear"]
 
 
 def check_inputs(x2d: torch.Tensor, words: torch.Tensor, offsets: torch.Tensor, out_features: int,
@@ -48,3 +50,9 @@ def linear(x2d: torch.Tensor, weight: TiledCSLWeight, bias: Optional[torch.Tenso
            config: Optional[configs.LaunchConfig] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`tiled_csl_linear` on a `TiledCSLWeight`."""
     return tiled_csl_linear(x2d, weight.words, weight.offsets, *weight.shape, bias, config, out)
+
+
+def expand(weight: TiledCSLWeight, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`weight.to_dense()` by the CUDA expansion kernel (``cuda/tiled_csl_expand.cu``), into `out`
+    when given: what products above MAX_FAST_N rows multiply (see `configs.expand_enabled`)."""
+    return KERNEL.expand(list(weight.tensors().values()), *weight.shape, weight.dtype, out)
