@@ -117,15 +117,19 @@ def test_reconstruction_error_orders_sparsegpt_wanda_magnitude(sparsity, damping
     assert error["sparsegpt"] < error["wanda"] < error["magnitude"], error
 
 
-def test_statistics_match_their_definitions():
-    x = torch.randn(3, 50, 16) * torch.rand(16)
-    norms, hessian = FeatureNorms(16, x.device), Hessian(16, x.device)
+@pytest.mark.parametrize("features", [16, 300, 577])  # one block; blocks of 128 and a ragged one; of 145
+def test_statistics_match_their_definitions(features):
+    x = torch.randn(3, 50, features) * torch.rand(features)
+    norms, hessian = FeatureNorms(features, x.device), Hessian(features, x.device)
     norms.add(x[:1])
     norms.add(x[1:])
-    hessian.add(x)
-    flat = x.reshape(-1, 16).double()
+    hessian.add(x[:2])
+    hessian.add(x[2:])
+    flat = x.reshape(-1, features).double()
     torch.testing.assert_close(norms.norms().double(), flat.norm(dim=0), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(hessian.matrix().double(), 2 * flat.t() @ flat / 150, rtol=1e-5, atol=1e-5)
+    matrix = hessian.matrix()
+    torch.testing.assert_close(matrix.double(), 2 * flat.t() @ flat / 150, rtol=1e-5, atol=1e-5)
+    assert torch.equal(matrix, matrix.t())
     assert norms.tokens == hessian.tokens == 150
 
 

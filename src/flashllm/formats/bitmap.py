@@ -48,8 +48,8 @@ BLOCK = 8
 VALUE_ALIGN = 8
 TILE_ELEMS = GROUP_M * GROUP_K
 MASK_BYTES_PER_TILE = TILE_ELEMS // 8
-# Elements `to_dense` decodes per step: its sources take 4 bytes each (8 past 2^31 values). Small on the CPU, where
-# they then stay in cache; large on a GPU, where every step is a few kernel launches.
+# Elements `to_dense` decodes per step: its sources take 4 bytes each (8 past 2^31 values). Small
+# on the CPU, where they then stay in cache; large on a GPU, where every step is a few launches.
 CPU_DECODE_CHUNK = 1 << 20
 DECODE_CHUNK = 1 << 26
 # Weights with fewer values than this decode with int32 sources (index 0 is the zero put in front).

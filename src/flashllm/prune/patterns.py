@@ -69,8 +69,8 @@ def lowest_score_mask(score: torch.Tensor, sparsity: Sparsity, per_row: bool) ->
     """Bool mask of the weights to zero: the lowest scores, per layer, per row, or per N:M group.
 
     Per row, each row loses ``round(s * numel) // rows`` weights and some rows one more, so the
-    layer's count is exact as well. Ties break by position (as a stable sort orders them), so the counts are exact
-    and the result deterministic.
+    layer's count is exact as well. Ties break by position (as a stable sort orders them), so the
+    counts are exact and the result deterministic. NaN scores raise.
     """
     _check_scores(score)
     rows, cols = score.shape

@@ -237,7 +237,8 @@ def _calibrate_stage(
     ends it. So each multiplies one row, to learn its output's width and dtype, and returns zeros;
     what the block computes after that is never used, and `reuse` keeps none of it. (Which layers a
     pass reaches could in principle depend on those values; no decoder we know branches that way,
-    and the tests compare against full outputs on Llama, Qwen2, OPT and GPT-2.)
+    and the tests compare against full outputs on Llama, Qwen2, Qwen3, Phi-3, OPT, GPT-2,
+    GPT-NeoX and Qwen2-MoE.)
     """
     stage: list[nn.Module] = []
     statistic: Statistic | None = None
