@@ -13,6 +13,11 @@
 // block column (b >> 4) & 1 of its 16 x 16 tensor-core tile, whose column is (b >> 5) & 3 and
 // row b >> 7 within the 64 x 64 tile.
 
+// 16 bytes moved by one instruction (NVRTC's built-in vector types are not relied on).
+struct alignas(16) Chunk16 {
+  unsigned int x, y, z, w;
+};
+
 extern "C" __global__ void __launch_bounds__(256) flashllm_bitmap_expand(
     const unsigned char* __restrict__ masks,   // tiles * 512, 2-byte aligned
     const unsigned short* __restrict__ values,  // the non-zeros, tile runs at `offsets`
@@ -60,12 +65,12 @@ extern "C" __global__ void __launch_bounds__(256) flashllm_bitmap_expand(
     if (row >= M) continue;  // the padding holds no values (validated at load), so nothing is skipped
     unsigned short* out = dense + static_cast<long long>(row) * K + col;
     if (vector_ok && col + 8 <= K) {
-      uint4 v;
+      Chunk16 v;
       v.x = piece[0] | (static_cast<unsigned int>(piece[1]) << 16);
       v.y = piece[2] | (static_cast<unsigned int>(piece[3]) << 16);
       v.z = piece[4] | (static_cast<unsigned int>(piece[5]) << 16);
       v.w = piece[6] | (static_cast<unsigned int>(piece[7]) << 16);
-      *reinterpret_cast<uint4*>(out) = v;
+      *reinterpret_cast<Chunk16*>(out) = v;
     } else {
 #pragma unroll
       for (int c = 0; c < 8; ++c)
