@@ -51,10 +51,12 @@ def run_demo(args: argparse.Namespace) -> dict:
     dense_linear = sum(dense_weight(m).numel() * dense_weight(m).element_size() for _, m in linears)
     eval_ids = tokenizer(default_text("evaluation"), verbose=False)["input_ids"][: args.eval_tokens]
     eval_text = tokenizer.decode(eval_ids)
+    # Non-overlapping windows, as in the SparseGPT and Wanda papers (and scripts/prune_smollm2.py):
+    # every token computed once, half the work of the sliding window `perplexity` defaults to.
     window = min(1024, len(eval_ids))
 
     _say(f"2. Dense model: perplexity on {len(eval_ids):,} held-out tokens, then a generation")
-    dense_ppl = perplexity(model, tokenizer, eval_text, max_length=window)
+    dense_ppl = perplexity(model, tokenizer, eval_text, max_length=window, stride=window)
     dense_gen = generate_text(model, tokenizer, args.prompt, args.max_new_tokens)
 
     _say(f"3. Pruning {len(linears)} linear layers ({args.method}, {args.sparsity})")
@@ -75,7 +77,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         model = from_pretrained(folder, device=device, dtype=dtype)
 
     _say("5. Sparse model, reloaded from the checkpoint: perplexity, then the same generation")
-    sparse_ppl = perplexity(model, tokenizer, eval_text, max_length=window)
+    sparse_ppl = perplexity(model, tokenizer, eval_text, max_length=window, stride=window)
     sparse_gen = generate_text(model, tokenizer, args.prompt, args.max_new_tokens)
 
     rows = [
