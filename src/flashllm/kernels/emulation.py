@@ -361,7 +361,7 @@ def bitmap_decoded(w: BitmapWeight, stale: Optional[int] = 0x7E00, decode: str =
 
 
 # ---------------------------------------------------------------------------------------------
-# Tiled-CSL
+# The expansion kernels (prefill: the dense weight written out for cuBLAS)
 # ---------------------------------------------------------------------------------------------
 def bitmap_expanded(w: BitmapWeight) -> torch.Tensor:
     """The dense weight `flashllm_bitmap_expand` writes (as value bits in `w`'s dtype, M x K)."""
@@ -377,7 +377,7 @@ def bitmap_expanded(w: BitmapWeight) -> torch.Tensor:
     earlier_warps = warp_totals.cumsum(dim=1) - warp_totals
     source = (w.offsets[:-1, None, None].to(torch.int64) + inclusive - warp_count + earlier_warps[:, :, None])
     source = source.view(tiles, 256)
-    values = w.values.view(_HALF_BITS[w.dtype]).to(torch.int64) & 0xFFFF
+    values = w.values.view(torch.int16).to(torch.int64) & 0xFFFF  # fp16 and bf16 alike: bits
     tile = torch.arange(tiles)[:, None]
     t = torch.arange(256)[None, :]
     tile_row, tile_col = tile // k_tiles, tile % k_tiles
@@ -397,9 +397,6 @@ def bitmap_expanded(w: BitmapWeight) -> torch.Tensor:
             dense[row[keep], (col + c)[keep]] = piece[keep]
         source = nxt
     return dense
-
-
-_HALF_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
 def tiled_csl_expanded(w: TiledCSLWeight) -> torch.Tensor:
@@ -423,6 +420,9 @@ def tiled_csl_expanded(w: TiledCSLWeight) -> torch.Tensor:
     return dense
 
 
+# ---------------------------------------------------------------------------------------------
+# Tiled-CSL
+# ---------------------------------------------------------------------------------------------
 def swizzle(loc: torch.Tensor) -> torch.Tensor:
     """`csl::swizzle`: clamp to the sentinel slot, then 16-byte chunk ^= row % 8."""
     loc = loc.clamp(max=TILE_ELEMS)
