@@ -27,6 +27,8 @@
 #      the SM clock during each timing                                              (~1 min)
 #      5d. the prefill path: the reference decode against the expansion kernels
 #      (cuda/*_expand.cu, checked bit for bit and timed; flashllm bench formats)      (~20 s)
+#      DEVICE_CHECK_CROSSOVER=1: fused kernels against expansion + cuBLAS at N 32-512
+#      (CROSSOVER_N), where FLASHLLM_KERNEL_MAX_N should sit (crossover/)          (~1 min)
 #   6. DEVICE_CHECK_NCU=1: Nsight Compute sections, one launch per kernel option (ncu.log) (~20 s)
 #   7. compute-sanitizer memcheck and racecheck on small shapes                    (~1 min)
 #   8. DEVICE_CHECK_E2E=1: Llama-2-7B decode, dense vs 50%/80% (e2e.csv, e2e.png)   (~1 min)
@@ -230,9 +232,15 @@ if [ "${DEVICE_CHECK_PROBE:-0}" = "1" ]; then
 fi
 
 step "5d. the prefill path: reference decode vs the expansion kernels"
-timeout "${FORMATS_LIMIT:-90}" "$PY" -m flashllm.cli bench formats --shapes "${FORMATS_SHAPES:-4096x4096,11008x4096}" \
+timeout "${FORMATS_LIMIT:-60}" "$PY" -m flashllm.cli bench formats --shapes "${FORMATS_SHAPES:-4096x4096,11008x4096}" \
   --sparsities 0.5,0.8 --reps 5 2>&1 | tee "$OUT/formats.log" | tail -n 12
 STATUS[formats]=${PIPESTATUS[0]}
+if [ "${DEVICE_CHECK_CROSSOVER:-0}" = "1" ]; then
+  timeout "${CROSSOVER_LIMIT:-150}" "$PY" -m flashllm.bench.kernels --shapes "${CROSSOVER_SHAPES:-llama-2-7b.up,opt-66b.qkv}" \
+    --n "${CROSSOVER_N:-32,64,128,256,512}" --sparsity 0.5,0.8 --baselines cublas --formats bitmap,tiled_csl --expand \
+    --out "$OUT/crossover" --warmup 10 --rep 40 2>&1 | tee "$OUT/crossover.log" | grep -v "^  " | tail -n 40
+  STATUS[crossover]=${PIPESTATUS[0]}
+fi
 
 if [ "${DEVICE_CHECK_NCU:-0}" = "1" ]; then
   step "6. Nsight Compute (DEVICE_CHECK_NCU=1)"
@@ -361,7 +369,8 @@ fi
 
 step "summary ($(( $(date +%s) - T0 ))s)"
 [ -f "$OUT/pytest_gpu.log" ] && grep -E "passed|failed|error" "$OUT/pytest_gpu.log" | tail -n 1
-for k in env smoke smoke_unvalidated pytest tune bench sweep bench_bf16 probes formats ncu memcheck racecheck e2e e2e_options e2e_expand; do
+for k in env smoke smoke_unvalidated pytest tune bench sweep bench_bf16 probes formats crossover ncu memcheck racecheck \
+         e2e e2e_options e2e_expand; do
   [ -n "${STATUS[$k]+x}" ] && printf '  %-18s %s\n' "$k" "$([ "${STATUS[$k]}" = 0 ] && echo ok || echo "FAILED (exit ${STATUS[$k]})")"
 done
 # flashllm's geomeans and the option A/B (the CSV has cuSPARSE and 2:4 too)

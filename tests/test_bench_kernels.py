@@ -248,3 +248,22 @@ def test_configured_launch_is_the_librarys_choice_with_the_entrys_options(monkey
         _, options = bench.parse_format(f"{fmt}:fixup:pf4")
         assert bench.configured_launch(weight, 16, options, torch.device("cpu")) == \
             replace(chosen, fixup=True, prefetch=4)
+
+
+def test_expand_adds_the_prefill_path_where_the_kernels_run(monkeypatch):
+    # "<format>:expand" (expansion kernel + cuBLAS) beside each plain format, on the GPU only: the
+    # CPU has no kernels, and its reference path is already decode + GEMM.
+    from flashllm.kernels import bitmap_cuda, tiled_csl_cuda
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    w = torch.randn(100, 130, dtype=torch.float16)
+    w[torch.rand(w.shape) < 0.7] = 0
+    x = torch.randn(300, 130, dtype=torch.float16)
+    names = [m.name for m in bench.sparse_methods(w, x, ["bitmap", "tiled_csl:warps8"], fast=True, expand=True)]
+    assert names == ["bitmap", "bitmap:expand", "tiled_csl:warps8"]
+    for module in (bitmap_cuda, tiled_csl_cuda):  # what the method calls: the real product, CPU-emulated
+        monkeypatch.setattr(module, "expand", lambda weight: weight.to_dense())
+    method = bench.sparse_methods(w, x, ["bitmap"], fast=True, expand=True)[1]
+    torch.testing.assert_close(method.run().float(), (x.float() @ w.float().t()), rtol=1e-2, atol=1e-2)
+    assert [m.name for m in bench.sparse_methods(w, x, ["bitmap"], fast=False, expand=True)] == ["bitmap (reference)"]
+    assert bench.build_parser().parse_args(["--expand"]).expand

@@ -220,8 +220,11 @@ def configured_launch(weight, n: int, options: dict, device: torch.device) -> La
     return replace(cfg, **options).validate(weight.name) if options else cfg
 
 
-def sparse_methods(w: torch.Tensor, x: torch.Tensor, formats: list[str], fast: bool) -> list[Method]:
-    """flashllm's formats: the CUDA kernels when `fast`, otherwise the reference path (`spmm`)."""
+def sparse_methods(w: torch.Tensor, x: torch.Tensor, formats: list[str], fast: bool,
+                   expand: bool = False) -> list[Method]:
+    """flashllm's formats: the CUDA kernels when `fast`, otherwise the reference path (`spmm`).
+    With `expand`, each format without options also as "<format>:expand": its expansion kernel then
+    cuBLAS, the prefill path (`configs.expand_enabled`), timed against the fused kernel."""
     from ..formats import get_format
     from ..kernels.spmm import reference_linear
 
@@ -235,6 +238,9 @@ def sparse_methods(w: torch.Tensor, x: torch.Tensor, formats: list[str], fast: b
             cfg = configured_launch(weight, x.shape[0], options, x.device)
             out.append(Method(name, lambda m=cuda_module(fmt), wt=weight, c=cfg: m.linear(x, wt, None, c),
                               weight.nbytes, str(cfg)))
+            if expand and not options:
+                out.append(Method(f"{fmt}:expand", lambda m=cuda_module(fmt), wt=weight: F.linear(x, m.expand(wt)),
+                                  weight.nbytes, "expansion kernel + cuBLAS"))
         elif not options:  # the reference path has no kernel options to compare
             # The reference path itself, even where `spmm` would pick a registered kernel.
             out.append(Method(f"{fmt} (reference)", lambda wt=weight: reference_linear(
@@ -357,7 +363,7 @@ def run(args) -> tuple[list[Row], dict]:
                     continue
                 w = random_pruned(m, k, s, dtype, device, gen)
                 expected = F.linear(x, w).float()
-                methods = sparse_methods(w, x, args.formats, fast) + baseline_methods(w, x, args.baselines, s)
+                methods = sparse_methods(w, x, args.formats, fast, args.expand) + baseline_methods(w, x, args.baselines, s)
                 for method in methods:
                     try:
                         got = method.run().float()
@@ -565,6 +571,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--formats", default=",".join(FORMATS),
                         help="flashllm formats to time; bitmap:scatter or tiled_csl:warps8 time a kernel with "
                              "that option under the same launch (an A/B)")
+    parser.add_argument("--expand", action="store_true",
+                        help="also time each format's expansion kernel + cuBLAS (the path of products above "
+                             "FLASHLLM_KERNEL_MAX_N rows) as <format>:expand, for the crossover with the fused kernel")
     parser.add_argument("--baselines", default=",".join(BASELINES), help="cublas, csr (cuSPARSE), 2:4 (at 0.5 only)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp16",
                         help="fp32 times only the baselines and the reference path (the kernels take fp16/bf16)")
