@@ -50,12 +50,13 @@
 set -uo pipefail
 
 # DEVICE_CHECK_PRESET=diagnose: the one call that says what binds the kernels and whether the
-# pending options help (~4 minutes on an H200 with prebuilt cubins, 8.5 at most by its step
+# pending options help (~4.5 minutes on an H200 with prebuilt cubins, 9 at most by its step
 # limits): the tests, a benchmark of the pending options against the defaults on two layers (N
-# 1/16, 50/80/90%, cuBLAS only), the probes, Nsight Compute at the GPU's own clock and the
-# sanitizers; no tuning (a second call: DEVICE_CHECK_TUNE=1 ...). A pending option that fails its
-# smoke test (step 2b) is left out of every later step, the others stay. Variables set in the
-# environment still win.
+# 1/16, 50/80/90%, cuBLAS only), the probes, the expansion kernels against the reference decode,
+# Nsight Compute at the GPU's own clock and the sanitizers; no tuning (a second call:
+# DEVICE_CHECK_TUNE=1 ..., with DEVICE_CHECK_CROSSOVER=1 or DEVICE_CHECK_E2E=1 E2E_EXPAND=1). A
+# pending option that fails its smoke test (step 2b) is left out of every later step, the others
+# stay. Variables set in the environment still win.
 if [ "${DEVICE_CHECK_PRESET:-}" = "diagnose" ]; then
   : "${BENCH_SELECT:=--shapes llama-2-7b.up,opt-66b.qkv --n 1,16 --sparsity 0.5,0.8,0.9}"
   : "${BENCH_BASELINES:=cublas}"
@@ -63,6 +64,7 @@ if [ "${DEVICE_CHECK_PRESET:-}" = "diagnose" ]; then
   : "${DEVICE_CHECK_PROBE:=1}" "${PROBE_FORMATS:=bitmap,tiled_csl,bitmap:pf4,bitmap:fit:stages6,tiled_csl:pf4,tiled_csl:dense1:stages6}"
   : "${DEVICE_CHECK_NCU:=1}" "${NCU_CLOCK_CONTROL:=none}"
   : "${PYTEST_LIMIT:=170}" "${BENCH_LIMIT:=90}" "${PROBE_LIMIT:=90}" "${NCU_LIMIT:=60}" "${SANITIZER_LIMIT:=45}"
+  : "${FORMATS_LIMIT:=45}"
 elif [ -n "${DEVICE_CHECK_PRESET:-}" ]; then
   echo "unknown DEVICE_CHECK_PRESET=${DEVICE_CHECK_PRESET} (known: diagnose)"; exit 2
 fi
