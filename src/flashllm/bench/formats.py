@@ -78,6 +78,8 @@ def main(args: argparse.Namespace) -> int:
         for sparsity in (float(v) for v in args.sparsities.split(",")):
             weight = torch.randn(m, k, device=device).to(dtype)
             weight.masked_fill_(torch.rand(m, k, device=device) < sparsity, 0)
+            # the dense weight read and written, what the expansion's bandwidth is compared with
+            copy = None if expand is None else _kernel_seconds(weight.clone, device, args.reps)
             for name, cls in FORMATS.items():
                 packed = cls.from_dense(weight)
                 state = packed.state_dict()
@@ -90,7 +92,6 @@ def main(args: argparse.Namespace) -> int:
                     if not torch.equal(run(packed), packed.to_dense()):
                         raise SystemExit(f"the {name} expansion kernel disagrees with to_dense at {m}x{k}, {sparsity:.0%}")
                     seconds = _kernel_seconds(lambda p=packed: run(p), device, args.reps)
-                    copy = _kernel_seconds(weight.clone, device, args.reps)  # the dense weight read + written
                     rate = (packed.nbytes + packed.dense_nbytes) / seconds
                     kernel = f"{seconds:.5f} | {rate / 1e9:.0f} ({rate / (2 * packed.dense_nbytes / copy):.0%} of copy)"
                 print(f"| {m}x{k} | {sparsity:.0%} | {name} | {packed.nbytes / packed.dense_nbytes:.3f} | "

@@ -31,6 +31,8 @@ KERNEL = CudaKernel(
     expand_source="bitmap_expand.cu",
 )
 fast_kernel = KERNEL.fast_kernel
+# `weight.to_dense()` by cuda/bitmap_expand.cu: what products above MAX_FAST_N rows multiply.
+expand = KERNEL.expand_weight
 
 __all__ = ["DTYPES", "FORMAT", "KERNEL", "bitmap_linear", "check_inputs", "configs", "expand", "fast_kernel",
            "linear"]
@@ -54,8 +56,3 @@ def linear(x2d: torch.Tensor, weight: BitmapWeight, bias: Optional[torch.Tensor]
     """`bitmap_linear` on a `BitmapWeight`."""
     return bitmap_linear(x2d, weight.masks, weight.values, weight.offsets, *weight.shape, bias, config, out)
 
-
-def expand(weight: BitmapWeight, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """`weight.to_dense()` by the CUDA expansion kernel (``cuda/bitmap_expand.cu``), into `out`
-    when given: what products above MAX_FAST_N rows multiply (see `configs.expand_enabled`)."""
-    return KERNEL.expand(list(weight.tensors().values()), *weight.shape, weight.dtype, out)

@@ -120,10 +120,14 @@ class CudaKernel:
         self.check_tensors(tensors, out_features, in_features, dtype, out.device, "out")
         kernel = launch.get_kernel(self.expand_source, f"flashllm_{self.format}_expand", {}, dtype, out.device, 0,
                                    threads=EXPAND_THREADS)
-        kt = self.grid(out_features, in_features)[1]
+        mt, kt = self.grid(out_features, in_features)
         params = [*(ptr(t) for t in tensors), ptr(out), i32(out_features), i32(in_features), i32(kt)]
-        kernel.launch((self.grid(out_features, in_features)[0] * kt, 1, 1), params, launch.current_stream(out.device))
+        kernel.launch((mt * kt, 1, 1), params, launch.current_stream(out.device))
         return out
+
+    def expand_weight(self, weight, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`weight.to_dense()` of this format's weight object, by `expand`, into `out` when given."""
+        return self.expand(list(weight.tensors().values()), *weight.shape, weight.dtype, out)
 
     def tensor(self, tensors: list[torch.Tensor], name: str) -> torch.Tensor:
         """The format tensor called `name` among `tensors` (in `self.tensors` order)."""

@@ -28,6 +28,8 @@ KERNEL = CudaKernel(
     expand_source="tiled_csl_expand.cu",
 )
 fast_kernel = KERNEL.fast_kernel
+# `weight.to_dense()` by cuda/tiled_csl_expand.cu: what products above MAX_FAST_N rows multiply.
+expand = KERNEL.expand_weight
 
 __all__ = ["DTYPES", "FORMAT", "KERNEL", "check_inputs", "configs", "expand", "fast_kernel", "linear",
            "tiled_csl_linear"]
@@ -51,8 +53,3 @@ def linear(x2d: torch.Tensor, weight: TiledCSLWeight, bias: Optional[torch.Tenso
     """`tiled_csl_linear` on a `TiledCSLWeight`."""
     return tiled_csl_linear(x2d, weight.words, weight.offsets, *weight.shape, bias, config, out)
 
-
-def expand(weight: TiledCSLWeight, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """`weight.to_dense()` by the CUDA expansion kernel (``cuda/tiled_csl_expand.cu``), into `out`
-    when given: what products above MAX_FAST_N rows multiply (see `configs.expand_enabled`)."""
-    return KERNEL.expand(list(weight.tensors().values()), *weight.shape, weight.dtype, out)

@@ -92,7 +92,7 @@ def lowest_score_mask(score: torch.Tensor, sparsity: Sparsity, per_row: bool) ->
             chosen = next_score.argsort(stable=True)[:extra]
             mask[chosen, candidates[chosen]] = True
         return mask
-    return lowest_k_mask(score, sparsity.zeros_in(score.numel()))
+    return _lowest_k(score.reshape(1, -1), sparsity.zeros_in(score.numel())).view(score.shape)
 
 
 def lowest_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
