@@ -92,7 +92,7 @@ def test_clock_sampler_without_a_gpu_reports_nothing():
 def test_unvalidated_options_stay_unvalidated_under_a_probe():
     pcfg = probes.probe_configs("tiled_csl", LaunchConfig(nrows=16, words_per_stage=1024, dense_tiles=1))[0][1]
     assert pcfg.validated() == replace(LaunchConfig(nrows=16, words_per_stage=1024, dense_tiles=1)).validated()
-    assert pcfg.validated() is (1 not in configs.UNVALIDATED_DENSE_TILES)
+    assert pcfg.validated() is ("dense1" not in configs.UNVALIDATED)
 
 
 def test_clock_sampler_collects_while_inside_and_stops_after(monkeypatch):

@@ -462,16 +462,17 @@ def test_tuning_candidates_are_valid():
                 assert all(c.validated() for c in cands)
                 if fmt == "bitmap":
                     assert {c.decode for c in wide} == set(configs.DECODES)
-                    assert {c.decode for c in cands} == set(configs.DECODES) - configs.UNVALIDATED_DECODES
+                    assert {c.decode for c in cands} == {d for d in configs.DECODES if d not in configs.UNVALIDATED}
                 else:
                     assert {c.warps for c in wide} == set(configs.CSL_WARPS)
-                    assert {c.warps for c in cands} == set(configs.CSL_WARPS) - configs.UNVALIDATED_WARPS
+                    assert {c.warps for c in cands} == {w for w in configs.CSL_WARPS if f"warps{w}" not in configs.UNVALIDATED}
                     assert {c.dense_tiles for c in wide} == set(configs.CSL_DENSE_TILES)
-                    assert {c.dense_tiles for c in cands} == set(configs.CSL_DENSE_TILES) - configs.UNVALIDATED_DENSE_TILES
+                    assert {c.dense_tiles for c in cands} == {t for t in configs.CSL_DENSE_TILES
+                                                         if f"dense{t}" not in configs.UNVALIDATED}
                 assert {c.prefetch for c in wide} == {0, 4}
-                assert {c.prefetch for c in cands} == {0, 4} - configs.UNVALIDATED_PREFETCH
+                assert {c.prefetch for c in cands} == ({0} if "prefetch" in configs.UNVALIDATED else {0, 4})
                 assert {c.fixup for c in wide} == {False, True}
-                assert {c.fixup for c in cands} == {False, True} - configs.UNVALIDATED_FIXUP
+                assert {c.fixup for c in cands} == ({False} if "fixup" in configs.UNVALIDATED else {False, True})
 
 
 def test_default_rule_picks_the_options_where_they_won():
@@ -515,7 +516,7 @@ def test_fit_picks_the_smallest_cap_that_holds_the_longest_run():
         [1024, 1024, 1536, 2560, 3072, configs.FULL_TILE, configs.FULL_TILE]
     assert fit.fitted(None).value_cap == configs.FULL_TILE  # unknown (CUDA-graph capture): full tiles
     assert LaunchConfig(nrows=16, value_cap=1536).fitted(4000).value_cap == 1536  # only FIT is resolved
-    assert fit.validated() == (configs.FIT not in configs.UNVALIDATED_VALUE_CAPS)
+    assert fit.validated() == ("fit" not in configs.UNVALIDATED)
     assert replace(fit, value_cap=2048).validated() == fit.validated()  # what FIT resolves to counts as FIT
 
 
@@ -541,7 +542,7 @@ def test_fixup_is_a_compile_option_of_both_kernels():
         on = replace(base, fixup=True).validate(fmt)
         assert on.defines(fmt) == {**base.defines(fmt), "FLASHLLM_FIXUP": 1}  # off: the old cache keys
         assert on.smem_bytes(fmt) == base.smem_bytes(fmt)  # its flag reuses the pipeline's memory
-        assert on.validated() == (True not in configs.UNVALIDATED_FIXUP)
+        assert on.validated() == ("fixup" not in configs.UNVALIDATED)
         assert any(f == fmt and c.fixup for f, c in configs.checked_variants())
     with pytest.raises(ValueError, match="fixup must be True or False"):
         LaunchConfig(nrows=16, fixup=1).validate("bitmap")

@@ -596,7 +596,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time candidate launch configs instead of benchmarking (--warmup/--rep per candidate)")
     parser.add_argument("--write-configs", default=None, help="with --tune: JSON table to merge the winners into")
     parser.add_argument("--validated-only", action="store_true",
-                        help="with --tune: leave out the options not yet validated on a GPU (configs.UNVALIDATED_*)")
+                        help="with --tune: leave out the options not yet validated on a GPU (configs.UNVALIDATED)")
     parser.add_argument("--skip-options", default="",
                         help="with --tune: leave out these pending options (configs.pending_options names, "
                              "e.g. fit,prefetch)")

@@ -36,7 +36,7 @@ import json
 import os
 import warnings
 from dataclasses import asdict, dataclass, replace
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 NROWS = (8, 16, 32, 64, 128)
 N_BUCKETS = (1, 8, 16, 32, 64, 128, 256)
@@ -91,27 +91,22 @@ FULL_TILE, FIT = 0, -1
 # stay flat from 70% sparsity, where the shipped launches keep 13-35 KB in flight per SM;
 # BENCHMARKS.md). 0 = none.
 MAX_PREFETCH = 16
-# Options compiled (and, for the decode, emulated) but not yet run on a GPU: `flashllm bench kernels
-# --tune` offers them (its GPU run is where they get validated), the library's FLASHLLM_RETUNE path
-# does not, and nothing selects them by default. Empty these once scripts/device_check.sh has
-# passed with them (its step 2b smoke-tests exactly these). The scatter decode and 8-warp Tiled-CSL
-# blocks passed on an H200 on 2026-11-26 (GPU tests, memcheck, racecheck): none is pending.
-UNVALIDATED_DECODES: frozenset[str] = frozenset()
-UNVALIDATED_WARPS: frozenset[int] = frozenset()
-# Fitted bitmap value buffers (FIT, written 2026-11-26 in a session without a GPU): compiled and
-# modelled, never run.
-UNVALIDATED_VALUE_CAPS: frozenset[int] = frozenset({FIT})
-# One dense Tiled-CSL tile (written 2026-11-26, fourth session, without a GPU): compiled, never run.
-UNVALIDATED_DENSE_TILES: frozenset[int] = frozenset({1})
-# L2 prefetch (written 2026-11-26, fifth session, without a GPU): compiled, never run.
-UNVALIDATED_PREFETCH: frozenset[int] = frozenset(range(1, MAX_PREFETCH + 1))
-# The split-K ending in the last block (`fixup`, both kernels, FLASHLLM_FIXUP in cuda/common.cuh;
-# written 2026-11-26, sixth session, without a GPU): compiled, never run. Without it the split
-# blocks add into a workspace a memset zeroed and a third launch rounds it (splitk_finalize.cu);
-# with it the last block of each output tile to arrive rounds the tile and re-zeroes its workspace
-# for the next call (launch.splitk_workspace): one launch instead of three. It only removes work,
-# so once validated it should become the default (LaunchConfig.fixup = True).
-UNVALIDATED_FIXUP: frozenset[bool] = frozenset({True})
+# Options compiled (and, for the decode, emulated) but not yet run on a GPU, by their names in
+# KERNEL_OPTIONS: `flashllm bench kernels --tune` offers them (its GPU run is where they get
+# validated), the library's FLASHLLM_RETUNE path does not, and nothing selects them by default.
+# Remove a name once scripts/device_check.sh has passed with it (its step 2b smoke-tests exactly
+# these). The scatter decode and 8-warp Tiled-CSL blocks passed on an H200 on 2026-11-26 (GPU
+# tests, memcheck, racecheck). Pending, all written in sessions without a GPU, compiled, never run:
+# - "fit": fitted bitmap value buffers (FIT; also modelled);
+# - "dense1": one dense Tiled-CSL tile;
+# - "prefetch": the L2 prefetch, both kernels;
+# - "fixup": the split-K ending in the last block (both kernels, FLASHLLM_FIXUP in cuda/common.cuh).
+#   Without it the split blocks add into a workspace a memset zeroed and a third launch rounds it
+#   (splitk_finalize.cu); with it the last block of each output tile to arrive rounds the tile and
+#   re-zeroes its workspace for the next call (launch.splitk_workspace): one launch instead of
+#   three. It only removes work, so once validated it should become the default
+#   (LaunchConfig.fixup = True).
+UNVALIDATED: frozenset[str] = frozenset({"fit", "dense1", "prefetch", "fixup"})
 
 # Shared-memory layout constants, mirrored from the .cu files (the kernels trap if the launch
 # provides less shared memory than they lay out, so a drift shows as an error, not as corruption).
@@ -206,7 +201,7 @@ class LaunchConfig:
         return 32 * self.warps
 
     def validated(self) -> bool:
-        """Whether every option has passed the GPU tests (see the UNVALIDATED_* sets)."""
+        """Whether every option has passed the GPU tests (see UNVALIDATED)."""
         return not unvalidated_options(self)
 
     def fitted(self, largest_run: Optional[int]) -> "LaunchConfig":
@@ -298,48 +293,41 @@ def forced_options(fmt: str) -> dict:
     return _forced[text].get(fmt, {})
 
 
+@dataclass(frozen=True)
+class KernelOption:
+    """A kernel option as validation tracks it: `name` (in UNVALIDATED, and the tests' marker
+    `unvalidated_<name>`), whether a launch uses it, and the `flashllm bench kernels --formats`
+    entries that run it under the configured launch."""
+
+    name: str
+    used_by: Callable[[LaunchConfig], bool]
+    bench: tuple[str, ...]
+
+
+KERNEL_OPTIONS: tuple[KernelOption, ...] = (
+    *(KernelOption(d, lambda c, d=d: c.decode == d, (f"bitmap:{d}",)) for d in DECODES),
+    *(KernelOption(f"warps{w}", lambda c, w=w: c.warps == w, (f"tiled_csl:warps{w}",)) for w in CSL_WARPS),
+    KernelOption("fit", lambda c: c.value_cap != FULL_TILE, ("bitmap:fit",)),  # FIT, or a cap it resolved to
+    *(KernelOption(f"dense{t}", lambda c, t=t: c.dense_tiles == t, (f"tiled_csl:dense{t}",))
+      for t in CSL_DENSE_TILES),
+    KernelOption("prefetch", lambda c: c.prefetch > 0, ("bitmap:pf4", "tiled_csl:pf4")),
+    KernelOption("fixup", lambda c: c.fixup, ("bitmap:fixup", "tiled_csl:fixup")),
+)
+OPTION_NAMES = tuple(o.name for o in KERNEL_OPTIONS)
+assert UNVALIDATED <= set(OPTION_NAMES), UNVALIDATED - set(OPTION_NAMES)
+
+
 def unvalidated_options(cfg: LaunchConfig) -> list[str]:
-    """The names of `cfg`'s options that have not passed a GPU run yet (`pending_options`): a GPU
-    run validates them one by one, and the tests mark each as `unvalidated_<name>`."""
-    names = []
-    if cfg.decode in UNVALIDATED_DECODES:
-        names.append(cfg.decode)
-    if cfg.warps in UNVALIDATED_WARPS:
-        names.append(f"warps{cfg.warps}")
-    if cfg.value_cap != FULL_TILE and FIT in UNVALIDATED_VALUE_CAPS:  # FIT, or a cap it resolved to
-        names.append("fit")
-    if cfg.dense_tiles in UNVALIDATED_DENSE_TILES:
-        names.append(f"dense{cfg.dense_tiles}")
-    if cfg.prefetch in UNVALIDATED_PREFETCH:
-        names.append("prefetch")
-    if cfg.fixup in UNVALIDATED_FIXUP:
-        names.append("fixup")
-    return names
-
-
-# Every name `unvalidated_options` can return (the tests register a marker for each).
-OPTION_NAMES = (*DECODES, *(f"warps{w}" for w in CSL_WARPS), "fit", *(f"dense{t}" for t in CSL_DENSE_TILES),
-                "prefetch", "fixup")
+    """The names of `cfg`'s options that have not passed a GPU run yet (UNVALIDATED): a GPU run
+    validates them one by one, and the tests mark each as `unvalidated_<name>`."""
+    return [o.name for o in KERNEL_OPTIONS if o.name in UNVALIDATED and o.used_by(cfg)]
 
 
 def pending_options() -> dict[str, list[str]]:
     """Each option still pending -> the `flashllm bench kernels --formats` entries that run it under
     the configured launch: scripts/device_check.sh smoke-tests each option on its own by these, then
     benchmarks, probes and tunes only those that passed."""
-    out: dict[str, list[str]] = {}
-    for d in sorted(UNVALIDATED_DECODES):
-        out[d] = [f"bitmap:{d}"]
-    for w in sorted(UNVALIDATED_WARPS):
-        out[f"warps{w}"] = [f"tiled_csl:warps{w}"]
-    if FIT in UNVALIDATED_VALUE_CAPS:
-        out["fit"] = ["bitmap:fit"]
-    for t in sorted(UNVALIDATED_DENSE_TILES):
-        out[f"dense{t}"] = [f"tiled_csl:dense{t}"]
-    if 4 in UNVALIDATED_PREFETCH:
-        out["prefetch"] = ["bitmap:pf4", "tiled_csl:pf4"]
-    if True in UNVALIDATED_FIXUP:
-        out["fixup"] = ["bitmap:fixup", "tiled_csl:fixup"]
-    return out
+    return {o.name: list(o.bench) for o in KERNEL_OPTIONS if o.name in UNVALIDATED}
 
 
 # (arch, format, shape class or "*", n bucket, sparsity band) -> config.
@@ -511,7 +499,7 @@ def auto_split_k(k_tiles: int, blocks_mn: int, slots: int, n: int, in_features: 
 
 def candidates(fmt: str, n: int, sparsity: float, unvalidated: bool = False) -> list[LaunchConfig]:
     """What `--tune` and FLASHLLM_RETUNE time: the default and its neighbours (with `unvalidated`,
-    also the options in the UNVALIDATED_* sets). split_k is left at 0 here; the
+    also the options in UNVALIDATED). split_k is left at 0 here; the
     tuner crosses each with splits around the automatic choice."""
     base = default_config(fmt, n, sparsity)
     out = [base]
