@@ -386,6 +386,76 @@ def test_prefill_products_expand_with_the_kernel(fmt, dtype, cuda_kernels, monke
     assert (y.double() - ref).norm() <= 2 * (F.linear(x, w, bias).double() - ref).norm() + 1e-6
 
 
+# --- the first-use check (kernels/self_check.py) ------------------------------------------------------
+@pytest.fixture
+def fresh_checks():
+    """Every variant checked again, and every decline warned again, in this test and after it."""
+    def clear():
+        for _, module in FORMATS.values():
+            module.KERNEL._verdicts.clear()
+            module.KERNEL._declined.clear()
+    clear()
+    yield
+    clear()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_first_use_check_passes_the_variants_products_pick(fmt, dtype, cuda_kernels, fresh_checks, recwarn):
+    cls, module = FORMATS[fmt]
+    for sparsity in (0.5, 0.9):
+        w = random_weight(300, 520, sparsity, dtype)
+        packed = cls.from_dense(w)
+        for n in (1, 8, 16, 33, 64):
+            x = torch.randn(n, 520, device="cuda", dtype=dtype)
+            y = flashllm.spmm(x, packed)
+            ref = x.double() @ w.double().T
+            assert (y.double() - ref).norm() <= 2 * (F.linear(x, w).double() - ref).norm() + 1e-6
+    verdicts = module.KERNEL._verdicts
+    assert len(verdicts) >= 2 and all(v is None for v in verdicts.values()), verdicts
+    assert not [w for w in recwarn if "first-use" in str(w.message)]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_variant_failing_its_first_use_check_is_never_used(fmt, cuda_kernels, fresh_checks, monkeypatch):
+    from flashllm.kernels import self_check
+
+    cls, module = FORMATS[fmt]
+    real = self_check.check_variant
+
+    def with_a_planted_fault(kernel, cfg, dtype, device):
+        def run(*args):
+            y = kernel.run(*args)
+            y[0, 0] += 100
+            return y
+        return real(kernel, cfg, dtype, device, run=run)
+
+    monkeypatch.setattr(self_check, "check_variant", with_a_planted_fault)
+    ran = []
+    monkeypatch.setattr(spmm_module, "reference_linear",
+                        lambda *a, _real=spmm_module.reference_linear, **k: ran.append(1) or _real(*a, **k))
+    w = random_weight(96, 160, 0.8, torch.float16)
+    x = torch.randn(5, 160, device="cuda", dtype=torch.float16)
+    with pytest.warns(UserWarning, match="failed the first-use check on this GPU: max error"):
+        y = flashllm.spmm(x, cls.from_dense(w))
+    torch.testing.assert_close(y, F.linear(x, w), rtol=1e-2, atol=1e-2)
+    assert ran and all("max error" in v for v in module.KERNEL._verdicts.values())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_an_expansion_kernel_failing_its_check_is_never_used(fmt, cuda_kernels, fresh_checks, monkeypatch):
+    from flashllm.kernels import self_check
+
+    monkeypatch.setenv(configs.EXPAND_ENV, "1")
+    assert self_check.check_expansion(FORMATS[fmt][1].KERNEL, torch.float16, torch.device("cuda")) is None
+    monkeypatch.setattr(self_check, "check_expansion", lambda kernel, dtype, device: "planted")
+    w = random_weight(96, 160, 0.8, torch.float16)
+    x = torch.randn(configs.MAX_FAST_N + 5, 160, device="cuda", dtype=torch.float16)
+    with pytest.warns(UserWarning, match="expansion kernel failed the first-use check on this GPU: planted"):
+        y = flashllm.spmm(x, FORMATS[fmt][0].from_dense(w))
+    torch.testing.assert_close(y, F.linear(x, w), rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_sparse_linear_module(fmt, cuda_kernels):
     linear = torch.nn.Linear(300, 200, device="cuda", dtype=torch.bfloat16)

@@ -3,18 +3,19 @@
 A `CudaKernel` describes one format's kernel (its source, tile grid and tensors); `run` always runs
 it and raises for inputs it cannot take, `fast_kernel` is the `flashllm::sparse_linear` entry,
 returning None (so the reference path runs) for inputs the kernel does not serve: float32, old
-GPUs, batches above `configs.MAX_FAST_N`, misaligned tensors or no NVRTC, warning once per reason.
+GPUs, batches above `configs.MAX_FAST_N`, misaligned tensors, no NVRTC, or a kernel variant that
+failed its first-use check on this GPU (`self_check`), warning once per reason.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
 
-from . import configs, launch
+from . import configs, launch, self_check
 from .launch import i32, ptr
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -62,6 +63,8 @@ class CudaKernel:
     # MAX_FAST_N rows (`expand`); None: those run the reference decode.
     expand_source: Optional[str] = None
     _declined: set = field(default_factory=set, compare=False, repr=False)
+    # (variant, dtype, device index) -> what its first-use check found (None: right); see self_check.
+    _verdicts: dict = field(default_factory=dict, compare=False, repr=False)
 
     def grid(self, out_features: int, in_features: int) -> tuple[int, int]:
         return -(-out_features // self.tile[0]), -(-in_features // self.tile[1])
@@ -234,6 +237,27 @@ class CudaKernel:
                 launch.run_splitk_finalize(ws, bias, y, stream)
         return y
 
+    def first_use_problem(self, cfg: Optional[configs.LaunchConfig], dtype: torch.dtype,
+                          device: torch.device) -> Optional[str]:
+        """What the first-use check (`self_check`) found wrong with variant `cfg` on `device`, or
+        with the expansion kernel when `cfg` is None; None when it is right, when checks are off
+        (FLASHLLM_SELF_CHECK=0), or while a CUDA graph is being captured (a check synchronizes: the
+        variant runs unchecked there and is checked at its next call outside a capture)."""
+        if not self_check.enabled():
+            return None
+        index = device.index if device.index is not None or device.type != "cuda" else torch.cuda.current_device()
+        key = (None if cfg is None else replace(cfg, split_k=0), dtype, index)
+        if key in self._verdicts:
+            return self._verdicts[key]
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        if cfg is None:
+            verdict = self_check.check_expansion(self, dtype, device)
+        else:
+            verdict = self_check.check_variant(self, cfg, dtype, device)
+        self._verdicts[key] = verdict
+        return verdict
+
     def _decline(self, reason: str) -> None:
         if reason not in self._declined:
             self._declined.add(reason)
@@ -261,8 +285,15 @@ class CudaKernel:
             return self._decline("weight tensors not contiguous or not 16-byte aligned")
         try:
             if prefill:
+                problem = self.first_use_problem(None, x.dtype, x.device)
+                if problem:
+                    return self._decline(f"its expansion kernel failed the first-use check on this GPU: {problem}")
                 return torch.nn.functional.linear(x, self.expand(tensors, out_features, in_features, x.dtype), bias)
-            y = self.run(x2d, tensors, out_features, in_features, bias)
+            cfg = self.fit_buffers(self.resolve_config(x2d, tensors, out_features, in_features, bias, None), tensors)
+            problem = self.first_use_problem(cfg, x.dtype, x.device)
+            if problem:
+                return self._decline(f"variant {cfg} failed the first-use check on this GPU: {problem}")
+            y = self.run(x2d, tensors, out_features, in_features, bias, cfg)
         except launch.KernelUnavailable as exc:
             return self._decline(str(exc))
         return y.reshape(*x.shape[:-1], out_features)
