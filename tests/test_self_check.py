@@ -132,3 +132,11 @@ def test_each_variant_is_checked_once_and_the_switch_turns_it_off(monkeypatch):
     assert kernel.first_use_problem(replace(cfg, stages=2), torch.float16, cpu) is None
     assert len(calls) == 3
     assert configs.default_config("bitmap", 16, 0.5).validate("bitmap")  # the configs the check takes
+
+
+def test_info_says_whether_variants_are_checked(monkeypatch, cuda_kernels):
+    from flashllm.kernels import kernel_path
+
+    assert "each variant checked on first use" in kernel_path("bitmap", "cuda")
+    monkeypatch.setenv(self_check.ENV, "0")
+    assert "first-use checks off" in kernel_path("tiled_csl", "cuda")

@@ -95,9 +95,13 @@ def kernel_path(format_name: str, device_type: str) -> str:
         if device_type == "cuda":
             from .configs import MAX_FAST_N, expand_enabled
 
+            from . import self_check
+
             above = "the expansion kernel + cuBLAS above that" if expand_enabled() else "reference otherwise"
+            check = "each variant checked on first use" if self_check.enabled() else \
+                f"first-use checks off by {self_check.ENV}=0"
             return (f"fast CUDA kernel for fp16/bf16 and up to {MAX_FAST_N} rows on compute capability "
-                    f"8.0+; {above}")
+                    f"8.0+ ({check}); {above}")
         return f"fast {device_type.upper()} kernel"
     if device_type == "cuda":
         return "reference (decode + dense GEMM): the CUDA kernels are off (FLASHLLM_CUDA_KERNELS=0)"
