@@ -2,6 +2,7 @@
 
     python scripts/prune_smollm2.py                       # the full table (hours on a 2-core CPU)
     python scripts/prune_smollm2.py --methods sparsegpt --sparsities 50%    # one run
+    python scripts/prune_smollm2.py --methods wanda --sparsities 70% --owl 5,0.08 10,0.2   # OWL, per block
 
 Every run starts from the pristine dense weights. Calibration windows come from the calibration
 split of the Python documentation topics (`flashllm.data`), perplexity from the held-out split, in
@@ -27,7 +28,7 @@ from flashllm.evaluate import perplexity
 from flashllm.hf import load_dense_model
 
 ROOT = Path(__file__).resolve().parent.parent
-COLUMNS = ["method", "sparsity", "damping", "calibration", "prune_s", "ppl", "ratio", "achieved"]
+COLUMNS = ["method", "sparsity", "damping", "owl", "calibration", "prune_s", "ppl", "ratio", "achieved"]
 
 
 def cpu_name() -> str:
@@ -58,6 +59,8 @@ def markdown_table(rows: list[dict]) -> str:
     ]
     for r in rows:
         method = r["method"] if r["damping"] in ("", "relative") else f"{r['method']} ({r['damping']} damping)"
+        if r.get("owl"):
+            method += f" + OWL {r['owl']}"
         lines.append(
             f"| {method} | {r['sparsity']} | {r['calibration'] or '-'} | "
             f"{r['prune_s'] if r['method'] != 'dense' else '-'} | {r['ppl']:.2f} | {r['ratio']:.2f} |"
@@ -67,7 +70,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def find(rows, method, sparsity, damping="relative"):
     for r in rows:
-        if r["method"] == method and r["sparsity"] == sparsity and r["damping"] in ("", damping):
+        if r["method"] == method and r["sparsity"] == sparsity and r["damping"] in ("", damping) and not r.get("owl"):
             return r
     return None
 
@@ -186,7 +189,11 @@ def main(argv=None) -> None:
     parser.add_argument("--blocksize", type=int, default=128)
     parser.add_argument("--mean-damping-at", nargs="*", default=["50%"],
                         help="sparsities at which SparseGPT also runs with the paper's mean damping")
+    parser.add_argument("--owl", nargs="*", default=[], metavar="THRESHOLD,SPREAD",
+                        help="also run each calibrated method at each unstructured sparsity with these OWL settings")
     parser.add_argument("--window", type=int, default=1024, help="perplexity window (and stride), tokens")
+    parser.add_argument("--eval-tokens", type=int, default=0,
+                        help="score only the first this many held-out tokens (the demo's 4096; default: all)")
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--docs", default="docs/pruning.md", help="markdown report to write ('' for none)")
     args = parser.parse_args(argv)
@@ -196,6 +203,8 @@ def main(argv=None) -> None:
     model, tokenizer = load_dense_model(args.model)
     pristine = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     eval_text = default_text("evaluation")
+    if args.eval_tokens:  # as `flashllm demo` does
+        eval_text = tokenizer.decode(tokenizer(eval_text, verbose=False)["input_ids"][: args.eval_tokens])
     eval_tokens = len(tokenizer(eval_text, verbose=False)["input_ids"])
     calibration = calibration_data(tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
 
@@ -203,22 +212,25 @@ def main(argv=None) -> None:
         return perplexity(model, tokenizer, eval_text, max_length=args.window, stride=args.window)
 
     dense = evaluate()
-    rows = [dict(method="dense", sparsity="0%", damping="", calibration="", prune_s=0.0, ppl=dense, ratio=1.0,
-                 achieved=0.0)]
+    rows = [dict(method="dense", sparsity="0%", damping="", owl="", calibration="", prune_s=0.0, ppl=dense,
+                 ratio=1.0, achieved=0.0)]
     print(markdown_table(rows), flush=True)
-    runs = [(m, s, "relative") for m in args.methods for s in args.sparsities]
+    runs = [(m, s, "relative", "") for m in args.methods for s in args.sparsities]
     if "sparsegpt" in args.methods:
-        runs += [("sparsegpt", s, "mean") for s in args.mean_damping_at]
-    for method, sparsity, damping in runs:
+        runs += [("sparsegpt", s, "mean", "") for s in args.mean_damping_at]
+    runs += [(m, s, "relative", o) for o in args.owl for m in args.methods for s in args.sparsities
+             if m != "magnitude" and not flashllm.prune.parse_sparsity(s).is_nm]
+    for method, sparsity, damping, owl in runs:
         model.load_state_dict(pristine)
         summary = flashllm.prune_(
             model, sparsity, method, calibration=None if method == "magnitude" else calibration,
             blocksize=args.blocksize, percdamp=args.percdamp, damping=damping,
+            owl=flashllm.OWL(*map(float, owl.split(","))) if owl else False,
         )
         print(summary, flush=True)
         ppl = evaluate()
         rows.append(dict(
-            method=method, sparsity=summary.sparsity, damping=damping if method == "sparsegpt" else "",
+            method=method, sparsity=summary.sparsity, damping=damping if method == "sparsegpt" else "", owl=owl,
             calibration=f"{summary.calibration_samples} x {summary.calibration_seqlen}" if summary.calibration_tokens else "",
             prune_s=round(summary.seconds, 1), ppl=ppl, ratio=ppl / dense, achieved=round(summary.achieved, 4),
         ))

@@ -125,18 +125,24 @@ def test_bad_checkpoints(tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_blockwise_calibrated_conversion_matches_in_memory_pruning(tmp_path, arch, method):
-    """Converting one block at a time gives the same weights as pruning the loaded model."""
+@pytest.mark.parametrize("owl", [False, True])
+def test_blockwise_calibrated_conversion_matches_in_memory_pruning(tmp_path, arch, method, owl):
+    """Converting one block at a time gives the same weights as pruning the loaded model (with OWL,
+    each block is read, scored, released and read again)."""
     import copy
+
+    from flashllm.prune import OWL
 
     dense = build(arch)
     dense.save_pretrained(tmp_path / "dense")
     calibration = torch.randint(0, VOCAB, (6, 24))
+    options = {"owl": OWL(threshold=2.0, spread=0.1)} if owl else {}
     out = convert_checkpoint(tmp_path / "dense", tmp_path / "sparse", 0.5, "bitmap", method, calibration,
-                             device="cpu", max_shard_bytes=40_000, progress=False)
+                             device="cpu", max_shard_bytes=40_000, progress=False, **options)
     loaded = from_pretrained(out, device="cpu", progress=False)
     reference = copy.deepcopy(dense)
-    prune_(reference, 0.5, method, calibration=calibration, progress=False)
+    summary = prune_(reference, 0.5, method, calibration=calibration, progress=False, **options)
+    assert ("OWL:" in read_manifest(out)["info"]["pruned"]) == owl == bool(summary.block_sparsity)
     ids = torch.randint(0, VOCAB, (2, 8))
     assert torch.allclose(logits(loaded, ids), logits(reference, ids), atol=1e-4)
     manifest = read_manifest(out)

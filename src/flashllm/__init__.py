@@ -1,7 +1,7 @@
 """flashllm: unstructured-sparse LLM weights, loaded compressed and computed dense.
 
     import flashllm
-    flashllm.prune_(model, 0.5)                      # write zeros (magnitude, wanda, sparsegpt)
+    flashllm.prune_(model, 0.5)                      # write zeros (magnitude, wanda, sparsegpt; owl=True)
     summary = flashllm.sparsify_(model, "bitmap")    # swap nn.Linear for SparseLinear
     y = flashllm.spmm(x, flashllm.BitmapWeight.from_dense(w))
 """
@@ -14,12 +14,13 @@ from .evaluate import perplexity
 from .formats import FORMATS, BitmapWeight, FormatError, SparseWeight, TiledCSLWeight, get_format
 from .kernels import spmm
 from .nn import SparseLinear, SparsifySummary, sparsify_
-from .prune import PruneSummary, prune_
+from .prune import OWL, PruneSummary, prune_
 
 __all__ = [
     "FORMATS",
     "BitmapWeight",
     "FormatError",
+    "OWL",
     "PruneSummary",
     "SparseLinear",
     "SparseWeight",

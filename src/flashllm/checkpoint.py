@@ -354,8 +354,9 @@ def convert_checkpoint(
     ``magnitude`` streams the checkpoint tensor by tensor: peak memory is about one dense layer plus
     one output shard. ``wanda`` and ``sparsegpt`` need activations: the embeddings and one decoder
     block at a time are loaded onto `device` (CUDA when available), calibrated on `calibration`
-    token ids, pruned, packed, written and freed before the next block is read. `prune_options`
-    (batch_size, blocksize, percdamp, damping) go to `flashllm.prune_`. Either way a model whose
+    token ids, pruned, packed, written and freed before the next block is read (with ``owl``, each
+    block is read twice: its outlier ratio first, on the dense model, then its pruning). `prune_options`
+    (batch_size, blocksize, percdamp, damping, owl) go to `flashllm.prune_`. Either way a model whose
     dense weights exceed host or GPU memory can be converted.
     """
     from transformers import AutoConfig
@@ -368,6 +369,9 @@ def convert_checkpoint(
         raise FileNotFoundError(f"{src} is not a Hugging Face model folder (no config.json)")
     if method not in METHODS:
         raise ValueError(f"unknown pruning method {method!r}; choose one of {list(METHODS)}")
+    if method == "magnitude" and prune_options.get("owl"):
+        raise ValueError("OWL weighs blocks by Wanda scores from calibration data: use method 'wanda' or "
+                         "'sparsegpt' with owl")
     target = parse_sparsity(sparsity)
     format_cls = get_format(format)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -501,6 +505,11 @@ def _convert_blockwise(skeleton, tensors, load, linears, target, method, calibra
         for key in per_block.get(i, []):
             _assign(skeleton, key, load(key, device))
 
+    def release(i: int, block: nn.Module) -> None:  # after OWL's pass: drop what `enter` read
+        for key in per_block.get(i, []):
+            module_name, _, attr = key.rpartition(".")
+            _assign(skeleton, key, torch.empty_like(getattr(skeleton.get_submodule(module_name), attr), device="meta"))
+
     def leave(i: int, block: nn.Module) -> None:
         for name, module in linears.items():
             if block_of(name + ".") == i:
@@ -514,7 +523,7 @@ def _convert_blockwise(skeleton, tensors, load, linears, target, method, calibra
 
     options = {"batch_size": 8, "blocksize": 128, "percdamp": 0.01, "damping": "relative", **prune_options}
     calibrated_prune_(skeleton, list(linears.items()), target, method, calibration, summary, progress=progress,
-                      enter_block=enter, leave_block=leave, **options)
+                      enter_block=enter, leave_block=leave, release_block=release, **options)
     for i in range(len(blocks)):  # blocks after the last pruned one are copied as they are
         if i not in done:
             enter(i, blocks[i])

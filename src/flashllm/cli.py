@@ -99,6 +99,9 @@ def _add_prune_options(parser: argparse.ArgumentParser, sparsity_default=None) -
     parser.add_argument("--sparsity", type=_sparsity, default=sparsity_default, required=sparsity_default is None,
                         help="fraction of zeros per layer in [0, 1), or an N:M pattern such as 2:4")
     parser.add_argument("--method", choices=METHODS, default="wanda", help="pruning method (default: %(default)s)")
+    parser.add_argument("--owl", action="store_true",
+                        help="OWL: each decoder block's sparsity by its share of outlier weights, the mean kept "
+                             "(wanda, sparsegpt; unstructured)")
     parser.add_argument("--format", type=_format, default="bitmap", help="bitmap or tiled_csl")
     parser.add_argument("--calib-samples", type=_positive, default=64, help="calibration sequences")
     parser.add_argument("--calib-seqlen", type=_positive, default=512, help="tokens per calibration sequence")
@@ -133,7 +136,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         # magnitude, one decoder block at a time for the calibrated methods.
         calibration = _calibration(args, load_tokenizer(ModelSource(model_path)))
         out = convert_checkpoint(model_path, args.out, args.sparsity, args.format, args.method, calibration,
-                                 dtype=args.dtype, device=args.device)
+                                 dtype=args.dtype, device=args.device, owl=args.owl)
         manifest = read_manifest(out)
         print(manifest["info"]["pruned"])
         print(SparsifySummary(args.format, len(manifest["sparse_layers"]), manifest["dense_linear_bytes"],
@@ -141,12 +144,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"wrote {out}")
         return 0
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-    summary = prune_(model, args.sparsity, args.method, calibration=_calibration(args, tokenizer))
+    summary = prune_(model, args.sparsity, args.method, calibration=_calibration(args, tokenizer), owl=args.owl)
     print(summary)
     print(sparsify_(model, args.format))
     info = {"method": args.method, "sparsity": str(args.sparsity), "source": str(args.model),
             "calibration": f"{summary.calibration_samples} x {summary.calibration_seqlen} tokens, seed {args.seed}"
-            if summary.calibration_tokens else None}
+            if summary.calibration_tokens else None, "pruned": str(summary)}
     save_pretrained(model, args.out, tokenizer=tokenizer, info=info)
     print(f"wrote {args.out}")
     return 0

@@ -63,7 +63,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     calibration = None
     if args.method != "magnitude":
         calibration = calibration_data(tokenizer, args.calib_samples, args.calib_seqlen, args.seed)
-    pruned = prune_(model, args.sparsity, args.method, calibration=calibration)
+    pruned = prune_(model, args.sparsity, args.method, calibration=calibration, owl=args.owl)
     _say(f"   {pruned}")
 
     _say(f"4. Packing into the {args.format} format and saving a compressed checkpoint")
