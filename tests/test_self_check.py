@@ -124,13 +124,14 @@ def test_each_variant_is_checked_once_and_the_switch_turns_it_off(monkeypatch):
     cpu = torch.device("cpu")
     cfg = LaunchConfig(nrows=16, split_k=4)
     assert kernel.first_use_problem(cfg, torch.float16, cpu) == "planted"
-    assert kernel.first_use_problem(replace(cfg, split_k=2), torch.float16, cpu) == "planted"  # same variant
+    assert kernel.first_use_problem(cfg, torch.float16, cpu) == "planted"  # remembered
     assert kernel.first_use_problem(None, torch.float16, cpu) is None  # the expansion kernel
     assert kernel.first_use_problem(replace(cfg, stages=4), torch.float16, cpu) == "planted"
-    assert calls == [cfg, None, replace(cfg, stages=4)]
+    assert kernel.first_use_problem(cfg, torch.bfloat16, cpu) == "planted"
+    assert calls == [cfg, None, replace(cfg, stages=4), cfg]
     monkeypatch.setenv(self_check.ENV, "0")
     assert kernel.first_use_problem(replace(cfg, stages=2), torch.float16, cpu) is None
-    assert len(calls) == 3
+    assert len(calls) == 4
     assert configs.default_config("bitmap", 16, 0.5).validate("bitmap")  # the configs the check takes
 
 

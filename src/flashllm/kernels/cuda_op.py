@@ -10,7 +10,7 @@ failed its first-use check on this GPU (`self_check`), warning once per reason.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -63,7 +63,7 @@ class CudaKernel:
     # MAX_FAST_N rows (`expand`); None: those run the reference decode.
     expand_source: Optional[str] = None
     _declined: set = field(default_factory=set, compare=False, repr=False)
-    # (variant, dtype, device index) -> what its first-use check found (None: right); see self_check.
+    # (launch config, dtype, device index) -> what its first-use check found (None: right); self_check.
     _verdicts: dict = field(default_factory=dict, compare=False, repr=False)
 
     def grid(self, out_features: int, in_features: int) -> tuple[int, int]:
@@ -246,7 +246,7 @@ class CudaKernel:
         if not self_check.enabled():
             return None
         index = device.index if device.index is not None or device.type != "cuda" else torch.cuda.current_device()
-        key = (None if cfg is None else replace(cfg, split_k=0), dtype, index)
+        key = (cfg, dtype, index)  # split_k included: a few more checks, no copy of cfg per product
         if key in self._verdicts:
             return self._verdicts[key]
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
