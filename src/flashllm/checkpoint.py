@@ -362,6 +362,7 @@ def convert_checkpoint(
     from transformers import AutoConfig
 
     from .prune import METHODS, PruneSummary
+    from .prune.owl import NEEDS_CALIBRATION
     from .prune.patterns import check_nm_shape, parse_sparsity
 
     src, dst = Path(src), Path(dst)
@@ -370,8 +371,7 @@ def convert_checkpoint(
     if method not in METHODS:
         raise ValueError(f"unknown pruning method {method!r}; choose one of {list(METHODS)}")
     if method == "magnitude" and prune_options.get("owl"):
-        raise ValueError("OWL weighs blocks by Wanda scores from calibration data: use method 'wanda' or "
-                         "'sparsegpt' with owl")
+        raise ValueError(NEEDS_CALIBRATION)
     target = parse_sparsity(sparsity)
     format_cls = get_format(format)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

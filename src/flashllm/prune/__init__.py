@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..layers import FilterFn, dense_weight, is_linear, linear_layers
 from .magnitude import magnitude_prune_
-from .owl import OWL, OutlierCount, block_sparsities
+from .owl import NEEDS_CALIBRATION, OWL, OutlierCount, block_sparsities
 from .patterns import Sparsity, check_finite_weight, check_nm_shape, parse_sparsity
 from .sequential import BlockHook, prune_sequentially
 from .sparsegpt import Hessian, check_options, sparsegpt_prune_
@@ -100,8 +100,7 @@ def prune_(
     start = time.perf_counter()
     if method == "magnitude":
         if owl:
-            raise ValueError("OWL weighs blocks by Wanda scores from calibration data: use method 'wanda' or "
-                             "'sparsegpt' with owl=True")
+            raise ValueError(NEEDS_CALIBRATION)
         for name, module in tqdm(layers, desc=f"pruning ({method})", disable=not progress):
             magnitude_prune_(check_finite_weight(name, dense_weight(module).data), target)
             _record(summary, name, module)
@@ -139,7 +138,7 @@ def calibrated_prune_(
         check_options(target, blocksize, percdamp, damping)
     options = OWL() if owl is True else owl or None
     if options is not None and not isinstance(options, OWL):
-        raise TypeError(f"owl must be True, False or a flashllm.prune.OWL, got {owl!r}")
+        raise TypeError(f"owl must be True, False or a flashllm.OWL, got {owl!r}")
     if options is not None:
         options.check(target)
     per_layer: dict[str, Sparsity] = {}

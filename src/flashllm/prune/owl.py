@@ -24,6 +24,8 @@ from .patterns import Sparsity
 
 # Rows of |W| * ||X|| scored at a time when counting outliers (bounds the temporary).
 ROWS_PER_STEP = 1024
+NEEDS_CALIBRATION = ("OWL weighs blocks by Wanda scores from calibration data: use method 'wanda' or 'sparsegpt' "
+                     "with owl")
 
 
 @dataclass(frozen=True)
