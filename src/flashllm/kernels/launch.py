@@ -145,7 +145,9 @@ class Nvrtc:
             raise RuntimeError(f"{what} failed: {self.lib.nvrtcGetErrorString(result).decode()}")
 
     def compile(self, source: str, name: str, options: Sequence[str], headers: dict[str, str],
-                cubin: bool) -> bytes:
+                cubin: bool, log_sink: Optional[list] = None) -> bytes:
+        """The cubin (or PTX) of `source`; the compiler's log is appended to `log_sink` if given
+        (with ``--ptxas-options=-v`` among the options: registers, stack frame and spills)."""
         c = ctypes
         prog = c.c_void_p()
         header_texts = (c.c_char_p * len(headers))(*(t.encode() for t in headers.values()))
@@ -166,6 +168,8 @@ class Nvrtc:
                 raise RuntimeError(
                     f"NVRTC failed to compile {name} with {' '.join(options)}:\n{log.value.decode()}"
                 )
+            if log_sink is not None:
+                log_sink.append(log.value.decode(errors="replace"))
             get_size, get = (
                 (self.lib.nvrtcGetCUBINSize, self.lib.nvrtcGetCUBIN)
                 if cubin
