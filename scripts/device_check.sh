@@ -69,7 +69,7 @@ elif [ -n "${DEVICE_CHECK_PRESET:-}" ]; then
   echo "unknown DEVICE_CHECK_PRESET=${DEVICE_CHECK_PRESET} (known: diagnose)"; exit 2
 fi
 
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 OUT="${OUT:-./out}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
