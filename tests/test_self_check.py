@@ -19,6 +19,7 @@ KERNELS = {"bitmap": bitmap_cuda.KERNEL, "tiled_csl": tiled_csl_cuda.KERNEL}
 VARIANTS = [
     ("bitmap", LaunchConfig(nrows=16)),
     ("bitmap", LaunchConfig(nrows=8, strips=2, decode="scatter", value_cap=1024)),
+    ("bitmap", LaunchConfig(nrows=128)),  # N = 131: two blocks along N
     ("tiled_csl", LaunchConfig(nrows=16, words_per_stage=2048)),
     ("tiled_csl", LaunchConfig(nrows=32, words_per_stage=256)),  # the dense tile reloads in pieces
 ]
@@ -45,6 +46,12 @@ def emulated_run(fmt):
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 def test_a_right_variant_passes(fmt, cfg, dtype):
     assert self_check.check_variant(KERNELS[fmt], cfg, dtype, torch.device("cpu"), run=emulated_run(fmt)) is None
+
+
+@pytest.mark.parametrize("fmt,cfg", configs.shipped_variants(), ids=str)
+def test_every_shipped_variant_passes_in_emulation(fmt, cfg):
+    # A right kernel must never be declined: the check's data fits every launch the table can pick.
+    assert self_check.check_variant(KERNELS[fmt], cfg, torch.float16, torch.device("cpu"), run=emulated_run(fmt)) is None
 
 
 def test_the_check_weight_covers_what_breaks_kernels():
