@@ -194,8 +194,18 @@ class CudaKernel:
 
         Runs the kernel unconditionally (raises `launch.KernelUnavailable` where it cannot run).
         `out`, if given, is the (N, out_features) contiguous result buffer (tests poison it first)."""
+        cfg = self.launch_config(x2d, tensors, out_features, in_features, bias, config)
+        return self._launch(x2d, tensors, out_features, in_features, bias, cfg, out)
+
+    def launch_config(self, x2d: torch.Tensor, tensors: list[torch.Tensor], out_features: int, in_features: int,
+                      bias: Optional[torch.Tensor], config: Optional[configs.LaunchConfig]) -> configs.LaunchConfig:
+        """The launch `run` makes for these inputs (`config`, or the table's or the rule's, with
+        fitted buffers resolved), after raising for inputs no kernel could take."""
         self.check_inputs(x2d, tensors, out_features, in_features, bias)
-        cfg = self.fit_buffers(self.resolve_config(x2d, tensors, out_features, in_features, bias, config), tensors)
+        return self.fit_buffers(self.resolve_config(x2d, tensors, out_features, in_features, bias, config), tensors)
+
+    def _launch(self, x2d: torch.Tensor, tensors: list[torch.Tensor], out_features: int, in_features: int,
+                bias: Optional[torch.Tensor], cfg: configs.LaunchConfig, out: Optional[torch.Tensor]) -> torch.Tensor:
         n = x2d.shape[0]
         y = launch.output_buffer(out, n, out_features, x2d)
         if n == 0:
@@ -289,11 +299,11 @@ class CudaKernel:
                 if problem:
                     return self._decline(f"its expansion kernel failed the first-use check on this GPU: {problem}")
                 return torch.nn.functional.linear(x, self.expand(tensors, out_features, in_features, x.dtype), bias)
-            cfg = self.fit_buffers(self.resolve_config(x2d, tensors, out_features, in_features, bias, None), tensors)
+            cfg = self.launch_config(x2d, tensors, out_features, in_features, bias, None)
             problem = self.first_use_problem(cfg, x.dtype, x.device)
             if problem:
                 return self._decline(f"variant {cfg} failed the first-use check on this GPU: {problem}")
-            y = self.run(x2d, tensors, out_features, in_features, bias, cfg)
+            y = self._launch(x2d, tensors, out_features, in_features, bias, cfg, None)
         except launch.KernelUnavailable as exc:
             return self._decline(str(exc))
         return y.reshape(*x.shape[:-1], out_features)
