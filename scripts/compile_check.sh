@@ -98,15 +98,13 @@ echo "compile_check: $n_ok / $n_all variants compiled cleanly"
 nvrtc_ok=1
 PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" "$PY" - <<'EOF' || nvrtc_ok=0
 import re, sys, torch
-from flashllm.kernels import configs, launch
+from flashllm.kernels import launch
 try:
     compiler = launch.nvrtc()
 except launch.KernelUnavailable as exc:
     print(f"NVRTC check skipped: {exc}")
     sys.exit(0)
-jobs = [("splitk_finalize.cu", "flashllm_splitk_finalize", {}), ("bitmap_expand.cu", "flashllm_bitmap_expand", {}),
-        ("tiled_csl_expand.cu", "flashllm_tiled_csl_expand", {})]
-jobs += [(f"{fmt}_spmm.cu", f"flashllm_{fmt}_spmm", cfg.defines(fmt)) for fmt, cfg in configs.checked_variants()]
+jobs = launch.build_jobs(checked=True)
 headers = {launch.HEADER: launch.kernel_source(launch.HEADER)}
 bad = total = 0
 for arch in ("sm_80", "sm_90"):

@@ -13,8 +13,6 @@ from . import configs
 from .cuda_op import DTYPES, CudaKernel, TensorSpec
 
 FORMAT = "bitmap"
-
-
 KERNEL = CudaKernel(
     format=FORMAT,
     label="bitmap",
@@ -55,4 +53,3 @@ def linear(x2d: torch.Tensor, weight: BitmapWeight, bias: Optional[torch.Tensor]
            config: Optional[configs.LaunchConfig] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`bitmap_linear` on a `BitmapWeight`."""
     return bitmap_linear(x2d, weight.masks, weight.values, weight.offsets, *weight.shape, bias, config, out)
-

@@ -644,22 +644,28 @@ def prebuild(arch: str, folder: Optional[str] = None, checked: bool = False) -> 
     `arch` into the on-disk cache, on any machine with NVRTC (no GPU needed). Carrying the folder
     to a GPU machine with the same NVRTC version (and FLASHLLM_CACHE_DIR pointing at it) skips its
     compiles."""
-    from . import configs
-
     if folder is not None:
         os.environ["FLASHLLM_CACHE_DIR"] = folder
     compiler = nvrtc()
     count = 0
-    jobs = [("splitk_finalize.cu", "flashllm_splitk_finalize", {}), ("bitmap_expand.cu", "flashllm_bitmap_expand", {}),
-            ("tiled_csl_expand.cu", "flashllm_tiled_csl_expand", {})]
-    for fmt, cfg in configs.checked_variants() if checked else configs.shipped_variants():
-        source = "bitmap_spmm.cu" if fmt == "bitmap" else "tiled_csl_spmm.cu"
-        jobs.append((source, f"flashllm_{fmt}_spmm", cfg.defines(fmt)))
-    for source, name, defines in jobs:
+    for source, name, defines in build_jobs(checked):
         for dtype in _DTYPE_CODES:
             compile_image(source, name, compile_options(arch, defines, dtype), True, compiler)
             count += 1
     return count
+
+
+def build_jobs(checked: bool = False) -> list[tuple[str, str, dict[str, int]]]:
+    """(source file, kernel name, defines) of every kernel a launch can compile: the split-K
+    epilogue, the expansion kernels and every shipped variant (with `checked`, every variant the GPU
+    tests run: `configs.checked_variants`). What `prebuild` and scripts/compile_check.sh build."""
+    from . import configs
+
+    jobs = [("splitk_finalize.cu", "flashllm_splitk_finalize", {}), ("bitmap_expand.cu", "flashllm_bitmap_expand", {}),
+            ("tiled_csl_expand.cu", "flashllm_tiled_csl_expand", {})]
+    for fmt, cfg in configs.checked_variants() if checked else configs.shipped_variants():
+        jobs.append((f"{fmt}_spmm.cu", f"flashllm_{fmt}_spmm", cfg.defines(fmt)))
+    return jobs
 
 
 if __name__ == "__main__":

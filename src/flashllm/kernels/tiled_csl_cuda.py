@@ -52,4 +52,3 @@ def linear(x2d: torch.Tensor, weight: TiledCSLWeight, bias: Optional[torch.Tenso
            config: Optional[configs.LaunchConfig] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`tiled_csl_linear` on a `TiledCSLWeight`."""
     return tiled_csl_linear(x2d, weight.words, weight.offsets, *weight.shape, bias, config, out)
-
