@@ -172,6 +172,21 @@ def test_selections_match_a_stable_sort(shape, values):
         assert int(mask.sum()) == total
 
 
+def test_a_selection_by_sort_picks_the_same_weights(monkeypatch):
+    # On CUDA a whole layer (one long row) is selected by a device-wide sort instead of kthvalue:
+    # the same k-th score and the same mask, with ties and signed zeros.
+    from flashllm.prune import patterns
+
+    kth = patterns._kth_smallest
+    monkeypatch.setattr(patterns, "_kth_smallest", lambda score, k: kth(score, k, by_sort=True))
+    for score in (torch.rand(7, 13), torch.randint(0, 3, (7, 13)).float(),
+                  torch.zeros(7, 13).index_fill_(1, torch.tensor([0, 4]), -0.0)):
+        for k in (1, 30, 90, 91):
+            row = score.reshape(1, -1)
+            assert torch.equal(kth(row, k, by_sort=True), kth(row, k, by_sort=False)), k
+            assert torch.equal(lowest_k_mask(score, k), _sorted_lowest(score.flatten(), k, 0).view(score.shape)), k
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_non_finite_weights_are_rejected(method):
     model = tiny_model("llama")
