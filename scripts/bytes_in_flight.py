@@ -18,8 +18,8 @@ over 132 SMs (32 GB/s per SM) it needs ~19 KB in flight per SM at 600 ns of DRAM
 Resident blocks per SM: the least of shared memory (228 KB per SM, 1 KB reserved per block),
 registers (64K per SM, from the compiled kernel) and 16 blocks. The activations (a few KB per
 stage, read from L2 by every block) are left out: this counts the weight stream only. Fitted
-bitmap buffers (`value_cap=FIT`) take the cap that holds the longest run of a layer of ~10K tiles
-(mean + 4.5 standard deviations of a tile's count at that density).
+bitmap buffers (`value_cap=FIT`) take the cap that holds the longest run of a large layer
+(`configs.typical_fit`: mean + 4.5 standard deviations of a tile's count at that density).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.join(ROOT, "src"))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 from bitmap_cost_model import nvcc_cubin  # noqa: E402
-from flashllm.kernels.configs import FIT, LaunchConfig, default_config  # noqa: E402
+from flashllm.kernels.configs import FIT, LaunchConfig, default_config, kernel_source, typical_fit  # noqa: E402
 
 SMEM_PER_SM = 228 * 1024
 SMEM_RESERVED_PER_BLOCK = 1024
@@ -52,16 +52,10 @@ def registers(fmt: str, cfg: LaunchConfig, nvcc: str, cache: dict) -> int:
     defines = cfg.defines(fmt)
     key = (fmt, tuple(sorted(defines.items())))
     if key not in cache:
-        source = "bitmap_spmm.cu" if fmt == "bitmap" else "tiled_csl_spmm.cu"
         with tempfile.TemporaryDirectory() as tmp:
-            report = nvcc_cubin(source, defines, os.path.join(tmp, "k.cubin"), nvcc)
+            report = nvcc_cubin(kernel_source(fmt), defines, os.path.join(tmp, "k.cubin"), nvcc)
         cache[key] = int(re.search(r"Used (\d+) registers", report).group(1))
     return cache[key]
-
-
-def longest_run(density: float, tile: int) -> int:
-    mean, sd = tile * density, math.sqrt(tile * density * (1 - density))
-    return min(tile, math.ceil(mean + 4.5 * sd))
 
 
 def tile_bytes(fmt: str, cfg: LaunchConfig, density: float, capped: bool = True) -> int:
@@ -81,15 +75,15 @@ def depth(fmt: str, cfg: LaunchConfig) -> int:
 
 
 def variants(fmt: str, nrows: int, sparsity: float) -> list[tuple[str, LaunchConfig]]:
-    base = default_config(fmt, nrows, sparsity)
+    base = typical_fit(default_config(fmt, nrows, sparsity), sparsity)
     if fmt == "bitmap":
-        fitted = replace(base, decode="fragment", value_cap=FIT).fitted(longest_run(1 - sparsity, 4096))
+        fitted = typical_fit(replace(base, decode="fragment", value_cap=FIT), sparsity)
         return [("shipped rule", base), ("fitted, 3 stages", fitted),
                 ("fitted, 4 stages", replace(fitted, stages=4)), ("fitted, 6 stages", replace(fitted, stages=6)),
                 ("shipped + L2 prefetch 4", replace(base, prefetch=4))]
     return [("shipped rule", base), ("6 stages x 1024 words", replace(base, stages=6, words_per_stage=1024, warps=4)),
-            ("one dense tile", replace(base, dense_tiles=1)),
-            ("one dense tile, 6 x 1024", replace(base, dense_tiles=1, stages=6, words_per_stage=1024, warps=4)),
+            ("two dense tiles", replace(base, dense_tiles=2)),
+            ("two dense tiles, 6x1024", replace(base, dense_tiles=2, stages=6, words_per_stage=1024, warps=4)),
             ("shipped + L2 prefetch 4", replace(base, prefetch=4))]
 
 

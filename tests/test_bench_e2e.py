@@ -45,7 +45,7 @@ def test_forced_kernel_options_are_checked_first_and_recorded(tmp_path, monkeypa
     assert main([*common, "--kernel-options", "fixpu"]) != 0  # before any model is built
     assert "unknown entry 'fixpu'" in capsys.readouterr().err and not csv_path.exists()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "not yet validated on a GPU" while fixup is pending
+        warnings.simplefilter("ignore")  # a forced option warns while it is not yet validated on a GPU
         assert main([*common, "--kernel-options", "fixup"]) == 0
     assert [r["format"] for r in csv.DictReader(csv_path.open())] == ["dense", "bitmap [fixup]"]
 

@@ -108,8 +108,9 @@ def test_formats_accept_kernel_options():
     assert bench.parse_format("bitmap:fit:stages6") == ("bitmap", {"value_cap": bench.FIT, "stages": 6})
     assert bench.parse_format("tiled_csl:dense1:stages2") == ("tiled_csl", {"dense_tiles": 1, "stages": 2})
     assert bench.parse_format("bitmap:pf4") == ("bitmap", {"prefetch": 4})
+    assert bench.parse_format("tiled_csl:split1") == ("tiled_csl", {"split_k": 1})
     for bad in ("tiled_csl:scatter", "tiled_csl:fit", "bitmap:warps8", "bitmap:gather", "bitmap:dense1", "csc",
-                "csc:scatter", "bitmap:stages7", "tiled_csl:stages2", "bitmap:pf3"):  # 2 stages need one dense tile
+                "csc:scatter", "bitmap:stages7", "tiled_csl:stages2", "bitmap:pf3", "bitmap:split3"):  # 2 stages need one dense tile
         with pytest.raises(ValueError, match="unknown format"):
             bench._finish_args(parse("--dry-run", "--formats", bad))
 
@@ -203,9 +204,9 @@ def test_bytes_in_flight_script_counts_each_pipelines_depth():
             ahead[(cells[0], cells[3])] = int(in_l2.split()[0]) if in_l2 else 0
             rows[(cells[0], cells[3])] = [float(c) for c in cells[4:8] + [depth_cell] + cells[9:]]
     stages, smem, regs, blocks, depth, tile_kb, flight = rows[("tiled_csl", "shipped rule")]
-    assert depth == stages - 2 and abs(flight - blocks * depth * tile_kb) <= 0.05 * blocks * depth + 0.5
-    one = rows[("tiled_csl", "one dense tile")]
-    assert one[4] == one[0] - 1 and one[1] < smem  # one tile in flight more, 16 KB less
+    assert depth == stages - 1 and abs(flight - blocks * depth * tile_kb) <= 0.05 * blocks * depth + 0.5
+    two = rows[("tiled_csl", "two dense tiles")]
+    assert two[4] == two[0] - 2 and two[1] > smem  # one tile in flight less, 16 KB more
     assert rows[("bitmap", "fitted, 6 stages")][4] == 5
     for fmt in ("bitmap", "tiled_csl"):  # the L2 prefetch adds 4 whole tiles per block, no shared memory
         pf, shipped = rows[(fmt, "shipped + L2 prefetch 4")], rows[(fmt, "shipped rule")]

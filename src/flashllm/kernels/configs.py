@@ -1,17 +1,16 @@
 """Launch configurations of the CUDA kernels: a table keyed by GPU architecture, format, layer shape
 class, batch bucket and sparsity band, and the rules used where the table has no entry.
 
-STATUS: the shape-class entries of `TUNED` were measured on an H200 on 2026-11-26 (Llama-2-7B
-up_proj and OPT-66B out_proj at N 1/16/64, sparsity 0.5/0.8/0.9; OPT-66B qkv_proj and Llama-3-70B
-down_proj at N 16; see BENCHMARKS.md); everything else comes from `default_config` and
-`auto_split_k`, whose rules follow those winners: one 64-row strip per bitmap block, 3 stages, the scatter decode from 85%
-sparsity at N <= 16, Tiled-CSL stages of 2-3K words, 8 warps at 75-85% and N <= 16, and as many K
-splits as keep each split 4 tiles deep, up to 16 (latency, not bandwidth, limits the kernels, so
-more resident blocks win). Four options are compiled (and checked on the CPU) but not yet run on a
-GPU, so nothing selects them unless asked: bitmap stage buffers fitted to the weight (`value_cap=FIT`), one
-dense Tiled-CSL tile per block (`dense_tiles=1`), an L2 prefetch of the weight a few tiles ahead
-of the copies (`prefetch`, both kernels) and split-K ended by the last block of each output tile
-instead of a memset and a finalize launch (`fixup`, both kernels). To tune more shapes or another GPU:
+STATUS: the shape-class entries of `TUNED` were measured on an H200: on 2026-11-26 Llama-2-7B
+up_proj and OPT-66B out_proj at N 1/16/64, sparsity 0.5/0.8/0.9, OPT-66B qkv_proj and Llama-3-70B
+down_proj at N 16; on 2026-11-27 Llama-2-7B up_proj and OPT-66B qkv_proj at N 8/16/32, sparsity
+0.5/0.8, with every option offered (see BENCHMARKS.md). Everything else comes from
+`default_config` and `auto_split_k`, whose rules follow those winners: one 64-row strip per
+bitmap block, 3 stages, the scatter decode from 85% sparsity at N <= 16, stage buffers fitted to
+the weight from 75% up to 32 rows; Tiled-CSL stages of 2-3K words, one dense tile up to 32 rows, 8
+warps at 75-85% and N <= 16; as many K splits as keep each split 4 tiles deep, up to 16. Every
+option has run on a GPU; the L2 prefetch (`prefetch`) and split-K ended by the last block of
+each output tile (`fixup`) measured slower and are left to the tuner. To tune more shapes or another GPU:
 
     flashllm bench kernels --tune --shapes opt-66b,llama-70b --n 1,8,16,32,64 \\
         --sparsity 0.5,0.7,0.8,0.9 --write-configs tuned.json
@@ -33,6 +32,7 @@ entry serves every layer shape.
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -46,13 +46,12 @@ BANDS = ((0.6, "50"), (0.75, "70"), (0.85, "80"), (1.01, "90"))
 # Above this many activation rows the reference path (decode once, one dense GEMM) is used: the
 # product is no longer memory-bound and the fast kernels would re-decode the weight per 128 rows.
 MAX_FAST_N = int(os.environ.get("FLASHLLM_KERNEL_MAX_N", "256"))
-# There, the weight can be expanded by one CUDA kernel per format (cuda/*_expand.cu: one pass, the
-# compressed bytes in and the dense bytes out) instead of the reference decode's torch passes.
-# Written 2026-11-27 without a GPU: compiled with nvcc 13.0 for sm_80/sm_90a and emulated bit for
-# bit (emulation.bitmap_expanded, tiled_csl_expanded), never run. Until a GPU run of
-# tests/test_kernels_cuda.py passes with them (scripts/device_check.sh runs it), the reference
-# decode stays the default; FLASHLLM_EXPAND=1 turns the kernels on before, FLASHLLM_EXPAND=0 off after.
-EXPAND_VALIDATED = False
+# There, the weight is expanded by one CUDA kernel per format (cuda/*_expand.cu: one pass, the
+# compressed bytes in and the dense bytes out) instead of the reference decode's torch passes:
+# validated on an H200 on 2026-11-27 (their GPU tests, bit for bit against to_dense, memcheck and
+# racecheck clean), 40-60 us for an 11008 x 4096 weight where the reference decode takes 0.5-4 ms.
+# FLASHLLM_EXPAND=0 turns them off (FLASHLLM_EXPAND=1 forces them where EXPAND_VALIDATED is off).
+EXPAND_VALIDATED = True
 EXPAND_ENV = "FLASHLLM_EXPAND"
 
 
@@ -95,18 +94,16 @@ MAX_PREFETCH = 16
 # KERNEL_OPTIONS: `flashllm bench kernels --tune` offers them (its GPU run is where they get
 # validated), the library's FLASHLLM_RETUNE path does not, and nothing selects them by default.
 # Remove a name once scripts/device_check.sh has passed with it (its step 2b smoke-tests exactly
-# these). The scatter decode and 8-warp Tiled-CSL blocks passed on an H200 on 2026-11-26 (GPU
-# tests, memcheck, racecheck). Pending, all written in sessions without a GPU, compiled, never run:
-# - "fit": fitted bitmap value buffers (FIT; also modelled);
-# - "dense1": one dense Tiled-CSL tile;
-# - "prefetch": the L2 prefetch, both kernels;
-# - "fixup": the split-K ending in the last block (both kernels, FLASHLLM_FIXUP in cuda/common.cuh).
-#   Without it the split blocks add into a workspace a memset zeroed and a third launch rounds it
-#   (splitk_finalize.cu); with it the last block of each output tile to arrive rounds the tile and
-#   re-zeroes its workspace for the next call (launch.splitk_workspace): one launch instead of
-#   three. It only removes work, so once validated it should become the default
-#   (LaunchConfig.fixup = True).
-UNVALIDATED: frozenset[str] = frozenset({"fit", "dense1", "prefetch", "fixup"})
+# these). None is pending: the scatter decode and 8-warp Tiled-CSL blocks passed on an H200 on
+# 2026-11-26; fitted bitmap buffers ("fit"), one dense Tiled-CSL tile ("dense1"), the L2 prefetch
+# ("prefetch") and the split-K ended by the last block ("fixup", FLASHLLM_FIXUP in cuda/common.cuh:
+# the last block of each output tile to arrive rounds it and re-zeroes its workspace, one launch
+# instead of a memset, the split blocks and a finalize launch) on 2026-11-27 (smoke tests, 430 GPU
+# tests, memcheck, racecheck). Measured then under the configured launch (BENCHMARKS.md): fit
+# 0.99-1.03x, dense1 1.03-1.11x, prefetch 0.93-0.98x, fixup 0.86-1.00x on the bitmap kernel
+# (0.97-1.06x on Tiled-CSL; its fences and the last block's pass cost more than the two launches
+# they save), so the default rule uses fit from 75% and one dense tile; the tuner offers all four.
+UNVALIDATED: frozenset[str] = frozenset()
 
 # Shared-memory layout constants, mirrored from the .cu files (the kernels trap if the launch
 # provides less shared memory than they lay out, so a drift shows as an error, not as corruption).
@@ -238,6 +235,9 @@ OPTION_SPELLINGS: dict[str, tuple[str, object]] = {
     **{f"stages{s}": ("stages", s) for s in range(2, 7)},
     **{f"pf{p}": ("prefetch", p) for p in (0, 1, 2, 4, 8, 16)},
     "fixup": ("fixup", True),
+    # K splits (a launch-time choice, not a build): split1 is one launch with no workspace, what
+    # the split-K epilogue's launches cost shows against the configured split.
+    **{f"split{k}": ("split_k", k) for k in (1, 2, 4, 8, 16, 32)},
 }
 FORCED_OPTIONS_ENV = "FLASHLLM_KERNEL_OPTIONS"
 _forced: dict[str, dict[str, dict]] = {}
@@ -352,13 +352,9 @@ TUNED: dict[tuple[str, str, str, int, str], LaunchConfig] = {
     ("sm90", _B, "m16k-k8k", 1, "50"): LaunchConfig(nrows=8, stages=3, split_k=16),
     ("sm90", _B, "m16k-k8k", 1, "80"): LaunchConfig(nrows=8, stages=3, split_k=0),
     ("sm90", _B, "m16k-k8k", 1, "90"): LaunchConfig(nrows=8, stages=3, split_k=8, decode="scatter"),
-    ("sm90", _B, "m16k-k8k", 16, "50"): LaunchConfig(nrows=16, stages=3, split_k=8),
-    ("sm90", _B, "m16k-k8k", 16, "80"): LaunchConfig(nrows=16, stages=3, split_k=8),
     ("sm90", _B, "m16k-k8k", 16, "90"): LaunchConfig(nrows=16, stages=3, split_k=8),
     ("sm90", _B, "m16k-k8k", 64, "50"): LaunchConfig(nrows=64, stages=3, split_k=8),
     ("sm90", _B, "m16k-k8k", 64, "80"): LaunchConfig(nrows=64, stages=3, split_k=8),
-    ("sm90", _B, "m32k-k16k", 16, "50"): LaunchConfig(nrows=16, stages=3, split_k=8),
-    ("sm90", _B, "m32k-k16k", 16, "80"): LaunchConfig(nrows=16, stages=3, split_k=8),
     ("sm90", _B, "m32k-k16k", 16, "90"): LaunchConfig(nrows=16, stages=3, split_k=0, decode="scatter"),
     ("sm90", _B, "m8k-kbig", 16, "50"): LaunchConfig(nrows=16, stages=3, split_k=32),
     ("sm90", _B, "m8k-kbig", 16, "80"): LaunchConfig(nrows=16, stages=3, split_k=32),
@@ -374,17 +370,42 @@ TUNED: dict[tuple[str, str, str, int, str], LaunchConfig] = {
     ("sm90", _C, "m16k-k8k", 1, "50"): LaunchConfig(nrows=8, stages=3, split_k=4, words_per_stage=3072),
     ("sm90", _C, "m16k-k8k", 1, "80"): LaunchConfig(nrows=8, stages=4, split_k=4, words_per_stage=2048, warps=8),
     ("sm90", _C, "m16k-k8k", 1, "90"): LaunchConfig(nrows=8, stages=4, split_k=4, words_per_stage=2048),
-    ("sm90", _C, "m16k-k8k", 16, "50"): LaunchConfig(nrows=16, stages=3, split_k=4, words_per_stage=3072),
-    ("sm90", _C, "m16k-k8k", 16, "80"): LaunchConfig(nrows=16, stages=3, split_k=4, words_per_stage=2048),
     ("sm90", _C, "m16k-k8k", 16, "90"): LaunchConfig(nrows=16, stages=3, split_k=4, words_per_stage=1024),
     ("sm90", _C, "m16k-k8k", 64, "50"): LaunchConfig(nrows=64, stages=3, split_k=8, words_per_stage=4096),
     ("sm90", _C, "m16k-k8k", 64, "80"): LaunchConfig(nrows=64, stages=3, split_k=0, words_per_stage=3072),
-    ("sm90", _C, "m32k-k16k", 16, "50"): LaunchConfig(nrows=16, stages=3, split_k=8, words_per_stage=6144),
-    ("sm90", _C, "m32k-k16k", 16, "80"): LaunchConfig(nrows=16, stages=3, split_k=0, words_per_stage=2048, warps=8),
     ("sm90", _C, "m32k-k16k", 16, "90"): LaunchConfig(nrows=16, stages=3, split_k=0, words_per_stage=1024),
     ("sm90", _C, "m8k-kbig", 16, "50"): LaunchConfig(nrows=16, stages=3, split_k=4, words_per_stage=6144),
     ("sm90", _C, "m8k-kbig", 16, "80"): LaunchConfig(nrows=16, stages=3, split_k=0, words_per_stage=2048, warps=8),
     ("sm90", _C, "m8k-kbig", 16, "90"): LaunchConfig(nrows=16, stages=3, split_k=8, words_per_stage=1024),
+    # Measured winners, NVIDIA H200, 2026-11-27 (bench-results/h200-2026-11-27/tune.log): the
+    # kernels of that day, every option offered (fitted buffers, one dense tile, prefetch, fixup),
+    # Llama-2-7B up_proj for m16k-k8k and OPT-66B qkv_proj for m32k-k16k, N = 8 / 16 / 32, 50 and
+    # 80%. On the sweep of every issue shape they moved these two classes' speedups by 1.05x
+    # (bitmap) and 1.10-1.14x (Tiled-CSL) at N 8-32 and the other classes by 1.01x (BENCHMARKS.md).
+    ("sm90", _B, "m16k-k8k", 8, "50"): LaunchConfig(nrows=8, stages=3, split_k=4, value_cap=FIT, fixup=True),
+    ("sm90", _B, "m16k-k8k", 8, "80"): LaunchConfig(nrows=8, stages=4, split_k=0, value_cap=FIT),
+    ("sm90", _B, "m16k-k8k", 16, "50"): LaunchConfig(nrows=16, stages=3, split_k=16, value_cap=FIT),
+    ("sm90", _B, "m16k-k8k", 16, "80"): LaunchConfig(nrows=16, stages=3, split_k=16, value_cap=FIT),
+    ("sm90", _B, "m16k-k8k", 32, "50"): LaunchConfig(nrows=32, stages=3, split_k=4, value_cap=FIT),
+    ("sm90", _B, "m16k-k8k", 32, "80"): LaunchConfig(nrows=32, stages=3, split_k=4, strips=2, value_cap=FIT),
+    ("sm90", _B, "m32k-k16k", 8, "50"): LaunchConfig(nrows=8, stages=3, split_k=16, strips=2, value_cap=FIT),
+    ("sm90", _B, "m32k-k16k", 8, "80"): LaunchConfig(nrows=8, stages=3, split_k=0, strips=2, value_cap=FIT),
+    ("sm90", _B, "m32k-k16k", 16, "50"): LaunchConfig(nrows=16, stages=3, split_k=0, value_cap=FIT),
+    ("sm90", _B, "m32k-k16k", 16, "80"): LaunchConfig(nrows=16, stages=3, split_k=16, strips=2, value_cap=FIT),
+    ("sm90", _B, "m32k-k16k", 32, "50"): LaunchConfig(nrows=32, stages=3, split_k=0, strips=2, value_cap=FIT),
+    ("sm90", _B, "m32k-k16k", 32, "80"): LaunchConfig(nrows=32, stages=3, split_k=0, strips=2, value_cap=FIT),
+    ("sm90", _C, "m16k-k8k", 8, "50"): LaunchConfig(nrows=8, stages=3, split_k=16, words_per_stage=3072, dense_tiles=1),
+    ("sm90", _C, "m16k-k8k", 8, "80"): LaunchConfig(nrows=8, stages=3, split_k=4, words_per_stage=2048, warps=8, fixup=True),
+    ("sm90", _C, "m16k-k8k", 16, "50"): LaunchConfig(nrows=16, stages=3, split_k=8, words_per_stage=6144),
+    ("sm90", _C, "m16k-k8k", 16, "80"): LaunchConfig(nrows=16, stages=3, split_k=16, words_per_stage=2048, warps=8, dense_tiles=1),
+    ("sm90", _C, "m16k-k8k", 32, "50"): LaunchConfig(nrows=32, stages=3, split_k=4, words_per_stage=3072, dense_tiles=1),
+    ("sm90", _C, "m16k-k8k", 32, "80"): LaunchConfig(nrows=32, stages=4, split_k=4, words_per_stage=2048, dense_tiles=1),
+    ("sm90", _C, "m32k-k16k", 8, "50"): LaunchConfig(nrows=8, stages=3, split_k=32, words_per_stage=3072, dense_tiles=1),
+    ("sm90", _C, "m32k-k16k", 8, "80"): LaunchConfig(nrows=8, stages=3, split_k=16, words_per_stage=2048, warps=8, dense_tiles=1),
+    ("sm90", _C, "m32k-k16k", 16, "50"): LaunchConfig(nrows=16, stages=3, split_k=8, words_per_stage=6144),
+    ("sm90", _C, "m32k-k16k", 16, "80"): LaunchConfig(nrows=16, stages=3, split_k=0, words_per_stage=2048, warps=8, dense_tiles=1),
+    ("sm90", _C, "m32k-k16k", 32, "50"): LaunchConfig(nrows=32, stages=3, split_k=32, words_per_stage=3072, dense_tiles=1),
+    ("sm90", _C, "m32k-k16k", 32, "80"): LaunchConfig(nrows=32, stages=3, split_k=0, words_per_stage=2048, dense_tiles=1),
 }
 # Architectures whose missing keys the default rules were fitted on: no "untuned" warning there.
 RULE_FITTED = {"sm90"}
@@ -415,19 +436,24 @@ def nrows_for(n: int, fmt: str) -> int:
 
 
 def default_config(fmt: str, n: int, sparsity: float) -> LaunchConfig:
-    """The rule for keys missing from the table, fitted to the H200 runs of 2026-11-26: one strip
-    per bitmap block and 3 stages (more resident blocks beat deeper pipelines); Tiled-CSL stages of
-    2-3K words even where denser tiles need a second load (the occupancy is worth more). From 85%
+    """The rule for keys missing from the table, fitted to the H200 runs of 2026-11-26 and -27: one
+    strip per bitmap block and 3 stages (more resident blocks beat deeper pipelines); Tiled-CSL stages
+    of 2-3K words even where denser tiles need a second load (the occupancy is worth more). From 85%
     sparsity and up to 16 rows the bitmap kernel scatters (1.03-1.19x the fragment decode; it loses
     below 85% and at N = 64), and between 75% and 85% a Tiled-CSL block of up to 16 rows runs 8
-    warps (1.02-1.17x on the four benchmarked layers; at 90% 4 warps are ahead, 0.87-1.02x)."""
+    warps (1.02-1.17x on the four benchmarked layers; at 90% 4 warps are ahead, 0.87-1.02x). From 75%
+    the bitmap stage buffers are fitted to the weight (1.00-1.03x under this launch, and the pick of
+    every bitmap entry the 2026-11-27 tuning wrote; at 50% 0.99x), and Tiled-CSL blocks hold one
+    dense tile (1.03-1.11x at 50-90%, N = 1 and 16; the pick of 9 of its 12 tuned entries): both
+    up to 32 rows, where they were measured."""
     nrows = nrows_for(n, fmt)
     if fmt == "bitmap":
         decode = "scatter" if sparsity >= 0.85 and nrows <= 16 else "fragment"
-        return LaunchConfig(nrows=nrows, strips=1, stages=3, decode=decode)
+        fit = sparsity >= 0.75 and nrows <= 32
+        return LaunchConfig(nrows=nrows, strips=1, stages=3, decode=decode, value_cap=FIT if fit else FULL_TILE)
     words = 3072 if sparsity < 0.75 else 2048 if sparsity < 0.85 else 1536
     warps = 8 if nrows <= 16 and 0.75 <= sparsity < 0.85 else 4
-    return LaunchConfig(nrows=nrows, stages=3, words_per_stage=words, warps=warps)
+    return LaunchConfig(nrows=nrows, stages=3, words_per_stage=words, warps=warps, dense_tiles=1 if nrows <= 32 else 2)
 
 
 _overlay: Optional[dict[tuple, LaunchConfig]] = None
@@ -537,11 +563,12 @@ def candidates(fmt: str, n: int, sparsity: float, unvalidated: bool = False) -> 
             add(replace(base, words_per_stage=words, warps=8))
         if sparsity >= 0.85:  # small tiles (3.3 KB at 90%): more of them in flight
             add(replace(base, stages=6, words_per_stage=1024, warps=4))
-        # One dense tile: stages - 1 tiles in flight instead of stages - 2, in 16 KB less.
-        for stages in (3, 4, 6) if sparsity >= 0.85 else (3, 4):
-            add(replace(base, stages=stages, dense_tiles=1))
-        add(replace(base, prefetch=4))  # L2 prefetch, with either dense-tile pipeline
-        add(replace(base, dense_tiles=1, prefetch=4))
+        # One dense tile (stages - 1 tiles in flight, 16 KB less) or two (stages - 2, one barrier
+        # per tile), whichever the base has, and the L2 prefetch with either.
+        for tiles in CSL_DENSE_TILES:
+            for stages in (3, 4, 6) if sparsity >= 0.85 else (3, 4):
+                add(replace(base, stages=stages, dense_tiles=tiles))
+            add(replace(base, dense_tiles=tiles, prefetch=4))
         add(replace(base, fixup=True))
     return out
 
@@ -609,14 +636,28 @@ def retune_requested() -> bool:
     return os.environ.get("FLASHLLM_RETUNE") == "1"
 
 
+# Each band's nominal sparsity: where shipped_variants resolves fitted buffers.
+_BAND_SPARSITY = {"50": 0.5, "70": 0.7, "80": 0.8, "90": 0.9}
+
+
+def typical_fit(cfg: LaunchConfig, sparsity: float) -> LaunchConfig:
+    """`cfg` with FIT resolved as for a large layer of this (uniform) sparsity: its densest 64 x 64
+    tile holds about the mean number of non-zeros plus 4.5 standard deviations."""
+    density = 1.0 - sparsity
+    largest = 4096 * density + 4.5 * math.sqrt(4096 * density * sparsity)
+    return cfg.fitted(math.ceil(largest))
+
+
 def shipped_variants() -> list[tuple[str, LaunchConfig]]:
     """Every (format, config) the table or the default rule can launch, split_k aside (a run-time
-    argument): what scripts/compile_check.sh compiles."""
+    argument) and fitted buffers resolved for the band's nominal sparsity (`typical_fit`; at run
+    time the weight picks the cap): what scripts/compile_check.sh compiles."""
     seen: list[tuple[str, LaunchConfig]] = []
-    defaults = [(fmt, default_config(fmt, n, s)) for fmt in ("bitmap", "tiled_csl")
+    tuned = [(k[1], v, _BAND_SPARSITY[k[4]]) for k, v in TUNED.items()]
+    defaults = [(fmt, default_config(fmt, n, s), s) for fmt in ("bitmap", "tiled_csl")
                 for n in N_BUCKETS for s in (0.5, 0.7, 0.8, 0.9)]
-    for fmt, cfg in [(k[1], v) for k, v in TUNED.items()] + defaults:
-        item = (fmt, replace(cfg, split_k=0))
+    for fmt, cfg, sparsity in tuned + defaults:
+        item = (fmt, typical_fit(replace(cfg, split_k=0), sparsity))
         if item not in seen:
             seen.append(item)
     return seen
@@ -642,6 +683,11 @@ CHECKED_PREFETCH_CSL = ((8, 4, 2), (16, 4, 2), (16, 8, 2), (16, 4, 1), (64, 4, 2
 CHECKED_FIXUP_BITMAP = ((8, 1, "fragment"), (16, 1, "fragment"), (16, 1, "scatter"), (16, 2, "fragment"),
                         (32, 1, "fragment"), (64, 1, "fragment"), (128, 1, "fragment"))
 CHECKED_FIXUP_CSL = ((8, 4, 2), (16, 4, 2), (16, 8, 2), (16, 4, 1), (64, 4, 2))
+
+
+def kernel_source(fmt: str) -> str:
+    """The file, under kernels/cuda, of a format's product kernel (flashllm_<fmt>_spmm)."""
+    return f"{fmt}_spmm.cu"
 
 
 def checked_variants() -> list[tuple[str, LaunchConfig]]:
@@ -680,5 +726,4 @@ if __name__ == "__main__":
         raise SystemExit(0)
     # `python -m flashllm.kernels.configs`: one line per checked variant, "<source> <-D flags>".
     for fmt, cfg in checked_variants():
-        source = "bitmap_spmm.cu" if fmt == "bitmap" else "tiled_csl_spmm.cu"
-        print(source, " ".join(f"-D{k}={v}" for k, v in sorted(cfg.defines(fmt).items())))
+        print(kernel_source(fmt), " ".join(f"-D{k}={v}" for k, v in sorted(cfg.defines(fmt).items())))

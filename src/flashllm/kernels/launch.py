@@ -664,7 +664,7 @@ def build_jobs(checked: bool = False) -> list[tuple[str, str, dict[str, int]]]:
     jobs = [("splitk_finalize.cu", "flashllm_splitk_finalize", {}), ("bitmap_expand.cu", "flashllm_bitmap_expand", {}),
             ("tiled_csl_expand.cu", "flashllm_tiled_csl_expand", {})]
     for fmt, cfg in configs.checked_variants() if checked else configs.shipped_variants():
-        jobs.append((f"{fmt}_spmm.cu", f"flashllm_{fmt}_spmm", cfg.defines(fmt)))
+        jobs.append((configs.kernel_source(fmt), f"flashllm_{fmt}_spmm", cfg.defines(fmt)))
     return jobs
 
 
