@@ -9,9 +9,7 @@
 #   1. environment: GPU, driver, torch, NVRTC                                       (~5 s)
 #   2. smoke: one small product per format against float64                         (~10 s)
 #      2b. the same for each option not yet validated on a GPU, one at a time
-#      (`python -m flashllm.kernels.configs pending`: the fitted bitmap value buffers, bitmap:fit;
-#      one dense Tiled-CSL tile, tiled_csl:dense1; the L2 prefetch, bitmap:pf4 and tiled_csl:pf4;
-#      split-K ended by the last block, bitmap:fixup and tiled_csl:fixup);
+#      (`python -m flashllm.kernels.configs pending`; none since 2026-11-27);
 #      one that fails or hangs is left out of steps 3-7, the others run there   (~10 s each)
 #   3. pytest -m gpu: the kernels' correctness grid, every config variant, spmm/SparseLinear
 #      dispatch, torch.compile, CUDA graphs; CUDA-graph decoding of a sparse model  (~1 min)
@@ -34,8 +32,9 @@
 #   8. DEVICE_CHECK_E2E=1: Llama-2-7B decode, dense vs 50%/80% (e2e.csv, e2e.png)   (~1 min)
 #      E2E_OPTIONS=fixup (any FLASHLLM_KERNEL_OPTIONS value) runs it again with those kernel
 #      options forced, into the same CSV: an end-to-end A/B                       (~1 min)
-#      E2E_EXPAND=1 runs it again with FLASHLLM_EXPAND=1 (prefill by the expansion kernel:
-#      the time to first token), into e2e_expand.csv                             (~1 min)
+#      E2E_EXPAND=1 runs it again with FLASHLLM_EXPAND=0 (prefill by the reference decode
+#      instead of the expansion kernels: their effect on the time to first token), into
+#      e2e_no_expand.csv                                                          (~1 min)
 # Writes device_check.log under $OUT (./out when unset) and everything else into $OUT/results.tgz
 # (the device tool returns at most 8 files). The last lines printed are the summary.
 # Step limits in seconds: PYTEST_LIMIT (300), TUNE_LIMIT (240), BENCH_LIMIT (300), NCU_LIMIT (150),
@@ -52,8 +51,8 @@
 set -uo pipefail
 
 # DEVICE_CHECK_PRESET=diagnose: the one call that says what binds the kernels and whether the
-# pending options help (~4.5 minutes on an H200 with prebuilt cubins, 9 at most by its step
-# limits): the tests, a benchmark of the pending options against the defaults on two layers (N
+# kernel options help (~4.5 minutes on an H200 with prebuilt cubins, 9 at most by its step
+# limits): the tests, a benchmark of the options against the defaults on two layers (N
 # 1/16, 50/80/90%, cuBLAS only), the probes, the expansion kernels against the reference decode,
 # Nsight Compute at the GPU's own clock and the sanitizers; no tuning (a second call:
 # DEVICE_CHECK_TUNE=1 ..., with DEVICE_CHECK_CROSSOVER=1 or DEVICE_CHECK_E2E=1 E2E_EXPAND=1). A
@@ -62,8 +61,8 @@ set -uo pipefail
 if [ "${DEVICE_CHECK_PRESET:-}" = "diagnose" ]; then
   : "${BENCH_SELECT:=--shapes llama-2-7b.up,opt-66b.qkv --n 1,16 --sparsity 0.5,0.8,0.9}"
   : "${BENCH_BASELINES:=cublas}"
-  : "${BENCH_FORMATS:=bitmap,tiled_csl,bitmap:fit,bitmap:pf4,bitmap:fit:stages6,bitmap:fit:pf4,bitmap:fixup,tiled_csl:dense1,tiled_csl:pf4,tiled_csl:dense1:stages6,tiled_csl:fixup}"
-  : "${DEVICE_CHECK_PROBE:=1}" "${PROBE_FORMATS:=bitmap,tiled_csl,bitmap:pf4,bitmap:fit:stages6,tiled_csl:pf4,tiled_csl:dense1:stages6}"
+  : "${BENCH_FORMATS:=bitmap,tiled_csl,bitmap:split1,bitmap:fit,bitmap:pf4,bitmap:fit:stages6,bitmap:fixup,tiled_csl:split1,tiled_csl:dense2,tiled_csl:pf4,tiled_csl:fixup}"
+  : "${DEVICE_CHECK_PROBE:=1}" "${PROBE_FORMATS:=bitmap,tiled_csl,bitmap:split1,tiled_csl:split1,bitmap:fit:stages6}"
   : "${DEVICE_CHECK_NCU:=1}" "${NCU_CLOCK_CONTROL:=none}"
   : "${PYTEST_LIMIT:=170}" "${BENCH_LIMIT:=90}" "${PROBE_LIMIT:=90}" "${NCU_LIMIT:=60}" "${SANITIZER_LIMIT:=45}"
   : "${FORMATS_LIMIT:=45}"
@@ -377,9 +376,9 @@ if [ "${DEVICE_CHECK_E2E:-0}" = "1" ]; then
     STATUS[e2e_options]=${PIPESTATUS[0]}
   fi
   if [ "${E2E_EXPAND:-0}" = "1" ]; then
-    FLASHLLM_EXPAND=1 limited "${E2E_LIMIT:-240}" "$PY" -m flashllm.cli bench e2e --models llama-2-7b --sparsities 0.5,0.8 \
-      --batch 1,16 --new-tokens 64 --predict --csv "$OUT/e2e_expand.csv" --plot "$OUT/e2e_expand.png" \
-      2>&1 | tee "$OUT/e2e_expand.log" | tail -n 20
+    FLASHLLM_EXPAND=0 limited "${E2E_LIMIT:-240}" "$PY" -m flashllm.cli bench e2e --models llama-2-7b --sparsities 0.5,0.8 \
+      --batch 1,16 --new-tokens 64 --predict --csv "$OUT/e2e_no_expand.csv" --plot "$OUT/e2e_no_expand.png" \
+      2>&1 | tee "$OUT/e2e_no_expand.log" | tail -n 20
     STATUS[e2e_expand]=${PIPESTATUS[0]}
   fi
 fi
