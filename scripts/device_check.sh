@@ -58,6 +58,11 @@ set -uo pipefail
 # DEVICE_CHECK_TUNE=1 ..., with DEVICE_CHECK_CROSSOVER=1 or DEVICE_CHECK_E2E=1 E2E_EXPAND=1). A
 # pending option that fails its smoke test (step 2b) is left out of every later step, the others
 # stay. Variables set in the environment still win.
+# DEVICE_CHECK_PRESET=tune: one call that tunes the shape classes configs.TUNED has no entry for
+# (one layer each, Llama-2-7B's first: attention 4096 x 4096, down_proj 4096 x 11008; then OPT-30B
+# qkv and out, OPT-66B fc2, Llama-3-70B gate_up, OPT-66B fc1) at N 16/1/8/32 and 50/80%, its
+# winners written as they come (tuned.json, cut off by the deadline where the time runs out), then
+# the all-layer sweep with them; the smoke tests run, the GPU tests do not (~9 minutes).
 if [ "${DEVICE_CHECK_PRESET:-}" = "diagnose" ]; then
   : "${BENCH_SELECT:=--shapes llama-2-7b.up,opt-66b.qkv --n 1,16 --sparsity 0.5,0.8,0.9}"
   : "${BENCH_BASELINES:=cublas}"
@@ -66,8 +71,15 @@ if [ "${DEVICE_CHECK_PRESET:-}" = "diagnose" ]; then
   : "${DEVICE_CHECK_NCU:=1}" "${NCU_CLOCK_CONTROL:=none}"
   : "${PYTEST_LIMIT:=170}" "${BENCH_LIMIT:=90}" "${PROBE_LIMIT:=90}" "${NCU_LIMIT:=60}" "${SANITIZER_LIMIT:=45}"
   : "${FORMATS_LIMIT:=45}"
+elif [ "${DEVICE_CHECK_PRESET:-}" = "tune" ]; then
+  : "${DEVICE_CHECK_TESTS:=0}" "${DEVICE_CHECK_TUNE:=1}" "${TUNE_LIMIT:=420}" "${DEVICE_CHECK_DEADLINE:=560}"
+  : "${TUNE_SHAPES:=llama-2-7b.attn,llama-2-7b.down,opt-30b.qkv,opt-30b.out,opt-66b.fc2,llama-3-70b.gate_up,opt-66b.fc1}"
+  : "${TUNE_N:=16,1,8,32}" "${TUNE_SPARSITY:=0.5,0.8}"
+  : "${BENCH_SELECT:=--shapes llama-2-7b.attn --n 16 --sparsity 0.5}" "${BENCH_BASELINES:=cublas}"
+  : "${BENCH_FORMATS:=bitmap,tiled_csl}" "${BENCH_LIMIT:=20}"
+  : "${DEVICE_CHECK_SWEEP:=1}" "${SWEEP_LIMIT:=70}" "${SANITIZER_TOOLS:=none}" "${FORMATS_LIMIT:=15}"
 elif [ -n "${DEVICE_CHECK_PRESET:-}" ]; then
-  echo "unknown DEVICE_CHECK_PRESET=${DEVICE_CHECK_PRESET} (known: diagnose)"; exit 2
+  echo "unknown DEVICE_CHECK_PRESET=${DEVICE_CHECK_PRESET} (known: diagnose, tune)"; exit 2
 fi
 
 cd "$(dirname "$0")/.." || exit 2
