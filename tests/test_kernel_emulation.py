@@ -235,6 +235,51 @@ def test_bitmap_kernel_emulated(dtype, m, k, n, sparsity, plan, gen):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,n,sparsity,nrows,decode,blocks", [
+    (200, 300, 19, 0.8, 32, "fragment", 7),   # 4 strips x 5 K tiles = 20 tiles: ranges of 2-3, across strips
+    (200, 300, 5, 0.5, 8, "fragment", 1),     # one block walks every strip
+    (130, 70, 17, 0.95, 16, "scatter", 6),    # one tile per block (G = T)
+    (65, 600, 40, 0.0, 64, "fragment", 4),    # ranges longer than a strip's 10 K tiles
+    (64, 64, 3, 1.0, 8, "fragment", 1),
+])
+def test_bitmap_stream_k_blocks_emulated(dtype, m, k, n, sparsity, nrows, decode, blocks, gen):
+    # FLASHLLM_PERSISTENT: equal shares of the strip-major tile sequence, each strip's sums added
+    # into the workspace by every block that ran part of it, rounded once by the finalize launch.
+    w = pruned(m, k, sparsity, dtype, gen)
+    x = torch.randn(n, k, generator=gen).to(dtype)
+    bias = torch.randn(m, generator=gen).to(dtype) if n % 2 else None
+    plan = E.Plan(nrows=nrows, decode=decode, persistent_blocks=blocks)
+    y, writes = E.bitmap_kernel(x, BitmapWeight.from_dense(w), bias, plan, stale=None)
+    strips, k_tiles = -(-m // 64), -(-k // 64)
+    ranges = configs.persistent_ranges(strips * k_tiles, blocks)
+    assert [f for r in ranges for f in r] == list(range(strips * k_tiles)) and all(ranges)  # each tile once
+    # every element of a strip is added once per block that ran any of that strip's tiles
+    per_strip = [len({b for b, r in enumerate(ranges) for f in r if f // k_tiles == s}) for s in range(strips)]
+    ref = x.double() @ w.double().T + (0 if bias is None else bias.double())
+    same_dtype = F.linear(x.float(), w.float(), None if bias is None else bias.float()).to(x.dtype).double()
+    err, bound = (y.double() - ref).norm().item(), 2 * (same_dtype - ref).norm().item() + 1e-5 * ref.norm().item() + 1e-6
+    assert bool(torch.isfinite(y).all()) and err <= bound, f"err {err:.3e} > {bound:.3e}"
+    expected = torch.tensor([per_strip[i // 64] for i in range(m)]).expand(n, m)
+    assert torch.equal(writes, expected)
+
+
+def test_stream_k_launch_geometry():
+    assert configs.persistent_blocks(20, 792, 1) == 20  # never more blocks than tiles
+    assert configs.persistent_blocks(11008, 792, 1) == 792 and configs.persistent_blocks(11008, 792, 2) == 396
+    assert configs.persistent_blocks(5, 3, 4) == 1  # more activation chunks than slots: one block each
+    assert [len(r) for r in configs.persistent_ranges(10, 4)] == [2, 3, 2, 3]
+    cfg = LaunchConfig(nrows=16, persistent=True).validate("bitmap")
+    assert cfg.defines("bitmap")["FLASHLLM_PERSISTENT"] == 1 and "FLASHLLM_PERSISTENT" not in LaunchConfig(nrows=16).defines("bitmap")
+    assert configs.unvalidated_options(cfg) == (["persistent"] if "persistent" in configs.UNVALIDATED else [])
+    for bad, fmt in ((dict(strips=2), "bitmap"), (dict(fixup=True), "bitmap"), ({}, "tiled_csl")):
+        with pytest.raises(ValueError, match="persistent blocks are a bitmap option"):
+            replace(LaunchConfig(nrows=16, words_per_stage=2048), persistent=True, **bad).validate(fmt)
+    tuning = configs.tuning_candidates("bitmap", 16, 0.8, k_tiles=64, unvalidated=True)
+    assert {c.split_k for c in tuning if c.persistent} == {0} and any(c.persistent for c in tuning)
+    assert any(cfg.persistent for fmt, cfg in configs.checked_variants())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,k,n,sparsity,plan", [
     (200, 300, 19, 0.8, E.Plan(nrows=32, split_k=1, words_per_stage=2048)),
     (200, 300, 19, 0.5, E.Plan(nrows=8, split_k=3, words_per_stage=256)),

@@ -208,6 +208,20 @@ def test_splitk_fixup(fmt, dtype, sparsity):
         assert not bool(ws.sums.any()) and not bool(ws.counters.any()), "a fixup launch left its workspace dirty"
 
 
+@pending(persistent=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_stream_k_blocks(dtype, sparsity):
+    # FLASHLLM_PERSISTENT: fewer tiles than resident slots (one tile per block), many more (ranges
+    # crossing strips), one strip longer than any range, N over two blocks along N and under 8,
+    # both decodes, fitted buffers, the L2 prefetch, bias on and off.
+    for m, k, n, options in ((200, 300, 17, {}), (1000, 8192, 5, {}), (4173, 4100, 70, {"decode": "scatter"}),
+                             (64, 65536, 1, {"prefetch": 4}), (3000, 2000, 9, {"value_cap": configs.FIT})):
+        cfg = replace(configs.default_config("bitmap", n, max(sparsity, 0.5)), persistent=True, **options)
+        for with_bias in (True, False):
+            check("bitmap", m, k, n, sparsity, dtype, cfg, with_bias=with_bias)
+
+
 @pending(fixup=True)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_splitk_fixup_in_a_cuda_graph(fmt):

@@ -20,6 +20,7 @@ VARIANTS = [
     ("bitmap", LaunchConfig(nrows=16)),
     ("bitmap", LaunchConfig(nrows=8, strips=2, decode="scatter", value_cap=1024)),
     ("bitmap", LaunchConfig(nrows=128)),  # N = 131: two blocks along N
+    ("bitmap", LaunchConfig(nrows=16, persistent=True)),  # stream-K: 5 blocks share 12 tiles
     ("tiled_csl", LaunchConfig(nrows=16, words_per_stage=2048)),
     ("tiled_csl", LaunchConfig(nrows=32, words_per_stage=256)),  # the dense tile reloads in pieces
 ]
@@ -34,8 +35,10 @@ def emulated_run(fmt):
     """`CudaKernel.run` through the emulation of the kernel's decode, tiles, splits and stores."""
     def run(x, tensors, out_features, in_features, bias, cfg, out):
         w = weight_of(fmt, tensors, out_features, in_features, x.dtype)
+        tiles = -(-out_features // 64) * -(-in_features // 64)  # bitmap group tiles (stream-K only)
+        blocks = configs.persistent_blocks(tiles, 5, -(-x.shape[0] // cfg.nrows)) if cfg.persistent else 0
         plan = E.Plan(nrows=cfg.nrows, split_k=cfg.split_k, strips=cfg.strips, decode=cfg.decode,
-                      words_per_stage=cfg.words_per_stage or 2048)
+                      words_per_stage=cfg.words_per_stage or 2048, persistent_blocks=blocks)
         y, _ = E.bitmap_kernel(x, w, bias, plan, stale=None) if fmt == "bitmap" else E.tiled_csl_kernel(x, w, bias, plan)
         out.copy_(y)
         return out

@@ -103,7 +103,13 @@ MAX_PREFETCH = 16
 # 0.99-1.03x, dense1 1.03-1.11x, prefetch 0.93-0.98x, fixup 0.86-1.00x on the bitmap kernel
 # (0.97-1.06x on Tiled-CSL; its fences and the last block's pass cost more than the two launches
 # they save), so the default rule uses fit from 75% and one dense tile; the tuner offers all four.
-UNVALIDATED: frozenset[str] = frozenset()
+# Pending, written 2026-11-27 after that run, compiled and emulated, never run:
+# - "persistent": stream-K bitmap blocks (FLASHLLM_PERSISTENT in cuda/bitmap_spmm.cu): as many
+#   blocks as are resident at once, each an equal share of the strip-major tile sequence, its
+#   pipeline carried across strip boundaries, every strip's sums added into the split-K workspace
+#   (`persistent_ranges`). The tuner's short blocks (4 K tiles at N = 16) pay a pipeline fill and
+#   an epilogue each and end the grid in a partial wave: this pays one fill per resident slot.
+UNVALIDATED: frozenset[str] = frozenset({"persistent"})
 
 # Shared-memory layout constants, mirrored from the .cu files (the kernels trap if the launch
 # provides less shared memory than they lay out, so a drift shows as an error, not as corruption).
@@ -126,6 +132,7 @@ class LaunchConfig:
     dense_tiles: int = 2  # Tiled-CSL: dense shared-memory tiles (CSL_DENSE_TILES); bitmap: 2 (unused)
     prefetch: int = 0  # tiles past the copies whose weight L2 is asked to fetch (MAX_PREFETCH); 0 = none
     fixup: bool = False  # split-K: the last block of an output tile rounds it (no memset, no finalize)
+    persistent: bool = False  # bitmap: stream-K, one block per resident slot over the flattened tiles
 
     def validate(self, fmt: str) -> "LaunchConfig":
         if self.nrows not in NROWS:
@@ -138,6 +145,11 @@ class LaunchConfig:
             raise ValueError(f"prefetch must be 0..{MAX_PREFETCH} tiles, got {self.prefetch}")
         if not isinstance(self.fixup, bool):
             raise ValueError(f"fixup must be True or False, got {self.fixup!r}")
+        if not isinstance(self.persistent, bool):
+            raise ValueError(f"persistent must be True or False, got {self.persistent!r}")
+        if self.persistent and (fmt != "bitmap" or self.strips != 1 or self.fixup):
+            raise ValueError(f"persistent blocks are a bitmap option, with one strip per block and without "
+                             f"fixup (its arrival counts are per output tile); got {self} for {fmt}")
         if fmt == "bitmap":
             if self.strips not in (1, 2) or (self.strips == 2 and self.nrows > 64):
                 raise ValueError(f"bitmap strips must be 1, or 2 with nrows <= 64; got {self}")
@@ -178,6 +190,8 @@ class LaunchConfig:
             d["FLASHLLM_PREFETCH"] = self.prefetch
         if self.fixup:  # likewise
             d["FLASHLLM_FIXUP"] = 1
+        if self.persistent:  # likewise
+            d["FLASHLLM_PERSISTENT"] = 1
         if fmt == "bitmap":
             d["FLASHLLM_STRIPS"] = self.strips
             d["FLASHLLM_DECODE"] = DECODES.index(self.decode)
@@ -238,6 +252,7 @@ OPTION_SPELLINGS: dict[str, tuple[str, object]] = {
     # K splits (a launch-time choice, not a build): split1 is one launch with no workspace, what
     # the split-K epilogue's launches cost shows against the configured split.
     **{f"split{k}": ("split_k", k) for k in (1, 2, 4, 8, 16, 32)},
+    "persistent": ("persistent", True),
 }
 FORCED_OPTIONS_ENV = "FLASHLLM_KERNEL_OPTIONS"
 _forced: dict[str, dict[str, dict]] = {}
@@ -312,6 +327,7 @@ KERNEL_OPTIONS: tuple[KernelOption, ...] = (
       for t in CSL_DENSE_TILES),
     KernelOption("prefetch", lambda c: c.prefetch > 0, ("bitmap:pf4", "tiled_csl:pf4")),
     KernelOption("fixup", lambda c: c.fixup, ("bitmap:fixup", "tiled_csl:fixup")),
+    KernelOption("persistent", lambda c: c.persistent, ("bitmap:persistent",)),
 )
 OPTION_NAMES = tuple(o.name for o in KERNEL_OPTIONS)
 assert UNVALIDATED <= set(OPTION_NAMES), UNVALIDATED - set(OPTION_NAMES)
@@ -523,6 +539,18 @@ def auto_split_k(k_tiles: int, blocks_mn: int, slots: int, n: int, in_features: 
     return max(1, min(want, by_work, by_bytes, MAX_AUTO_SPLIT))
 
 
+def persistent_blocks(total_tiles: int, slots: int, blocks_n: int) -> int:
+    """Stream-K blocks along the tile sequence: the resident-block slots each of the `blocks_n`
+    activation chunks gets (at least one block, at most one per tile)."""
+    return max(1, min(total_tiles, slots // max(blocks_n, 1)))
+
+
+def persistent_ranges(total_tiles: int, blocks: int) -> list[range]:
+    """The strip-major tile indices (strip * K tiles + k tile) stream-K block b runs: [b T / G,
+    (b + 1) T / G), as cuda/bitmap_spmm.cu computes them; none is empty while G <= T."""
+    return [range(b * total_tiles // blocks, (b + 1) * total_tiles // blocks) for b in range(blocks)]
+
+
 def candidates(fmt: str, n: int, sparsity: float, unvalidated: bool = False) -> list[LaunchConfig]:
     """What `--tune` and FLASHLLM_RETUNE time: the default and its neighbours (with `unvalidated`,
     also the options in UNVALIDATED). split_k is left at 0 here; the
@@ -553,6 +581,10 @@ def candidates(fmt: str, n: int, sparsity: float, unvalidated: bool = False) -> 
         # The split-K ending in the last block: splitting gets cheaper, so the best split may move.
         add(replace(base, fixup=True))
         add(replace(base, value_cap=FIT, fixup=True))
+        # Stream-K blocks (their split is the tile sequence's, so split_k does not matter to them).
+        if base.strips == 1:
+            add(replace(base, persistent=True))
+            add(replace(base, value_cap=FIT, persistent=True))
     else:
         for words in (1024, 2048, 3072, 4096, 6144):
             for stages in (3, 4):
@@ -627,9 +659,11 @@ def key_for(arch: str, fmt: str, out_features: int, in_features: int, n: int, sp
 
 
 def tuning_candidates(fmt: str, n: int, sparsity: float, k_tiles: int, unvalidated: bool = False) -> list[LaunchConfig]:
-    """`candidates` crossed with explicit split-K choices (0 = the automatic one)."""
+    """`candidates` crossed with explicit split-K choices (0 = the automatic one; stream-K blocks
+    split the tile sequence themselves, so they run once)."""
     splits = [0] + [s for s in (1, 2, 4, 8, 16, 32) if s <= k_tiles]
-    return [replace(c, split_k=s) for c in candidates(fmt, n, sparsity, unvalidated) for s in splits]
+    return [replace(c, split_k=s) for c in candidates(fmt, n, sparsity, unvalidated)
+            for s in (splits if not c.persistent else [0])]
 
 
 def retune_requested() -> bool:
@@ -683,6 +717,10 @@ CHECKED_PREFETCH_CSL = ((8, 4, 2), (16, 4, 2), (16, 8, 2), (16, 4, 1), (64, 4, 2
 CHECKED_FIXUP_BITMAP = ((8, 1, "fragment"), (16, 1, "fragment"), (16, 1, "scatter"), (16, 2, "fragment"),
                         (32, 1, "fragment"), (64, 1, "fragment"), (128, 1, "fragment"))
 CHECKED_FIXUP_CSL = ((8, 4, 2), (16, 4, 2), (16, 8, 2), (16, 4, 1), (64, 4, 2))
+# Stream-K bitmap variants, one per code shape the strip-boundary epilogue touches (rows, decode,
+# value cap, prefetch).
+CHECKED_PERSISTENT = ((8, "fragment", 0, 0), (16, "fragment", 0, 0), (16, "scatter", 0, 0), (32, "fragment", 1536, 0),
+                      (64, "fragment", 0, 0), (128, "fragment", 0, 0), (16, "fragment", 0, 4))
 
 
 def kernel_source(fmt: str) -> str:
@@ -713,6 +751,8 @@ def checked_variants() -> list[tuple[str, LaunchConfig]]:
     out += [("bitmap", LaunchConfig(nrows=n, strips=s, decode=d, fixup=True)) for n, s, d in CHECKED_FIXUP_BITMAP]
     out += [("tiled_csl", LaunchConfig(nrows=n, words_per_stage=2048, warps=w, dense_tiles=t, fixup=True))
             for n, w, t in CHECKED_FIXUP_CSL]
+    out += [("bitmap", LaunchConfig(nrows=n, decode=d, value_cap=c, prefetch=p, persistent=True))
+            for n, d, c, p in CHECKED_PERSISTENT]
     return out
 
 

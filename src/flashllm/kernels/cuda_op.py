@@ -216,23 +216,32 @@ class CudaKernel:
         kernel = self.compiled(cfg, x2d.dtype, x2d.device)
         blocks_m = -(-mt // cfg.strips)
         blocks_n = -(-n // cfg.nrows)
-        split = cfg.split_k
-        if split == 0:
-            sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count
-            bytes_per_element = sum(t.numel() * t.element_size() for t in tensors) / (out_features * in_features)
-            split = configs.auto_split_k(kt, blocks_m * blocks_n, sms * max(kernel.occupancy, 1),
-                                         min(n, cfg.nrows), in_features, bytes_per_element)
-        splits, per_split = launch.split_plan(kt, split)
+
+        def slots() -> int:  # resident-block slots of the whole GPU
+            return torch.cuda.get_device_properties(x2d.device).multi_processor_count * max(kernel.occupancy, 1)
+
+        if cfg.persistent:  # stream-K: the blocks share the tile sequence, every strip's sums are added
+            grid = (configs.persistent_blocks(mt * kt, slots(), blocks_n), 1, blocks_n)
+            reduce, per_split = True, kt
+        else:
+            split = cfg.split_k
+            if split == 0:
+                bytes_per_element = sum(t.numel() * t.element_size() for t in tensors) / (out_features * in_features)
+                split = configs.auto_split_k(kt, blocks_m * blocks_n, slots(), min(n, cfg.nrows), in_features,
+                                             bytes_per_element)
+            splits, per_split = launch.split_plan(kt, split)
+            grid = (blocks_m, splits, blocks_n)
+            reduce = splits > 1
         with torch.cuda.device(x2d.device):
             stream = launch.current_stream(x2d.device)
             ws = counters = None
-            if splits > 1 and cfg.fixup:  # the last block of each output tile rounds it
+            if reduce and cfg.fixup:  # the last block of each output tile rounds it
                 workspace = launch.splitk_workspace(x2d.device, stream, n * out_features, blocks_m * blocks_n)
                 ws, counters = workspace.sums, workspace.counters
-            elif splits > 1:  # a memset, the blocks add, a finalize launch rounds
+            elif reduce:  # a memset, the blocks add, a finalize launch rounds
                 ws = torch.zeros((n, out_features), dtype=torch.float32, device=x2d.device)
             kernel.launch(
-                (blocks_m, splits, blocks_n),
+                grid,
                 [
                     # pointers: activations, the format's tensors, bias, output, split-K workspace
                     ptr(xk), *(ptr(t) for t in tensors), ptr(bias), ptr(y), ptr(ws),

@@ -38,6 +38,7 @@ import torch
 
 from ..formats.bitmap import GROUP_K, GROUP_M, BitmapWeight
 from ..formats.tiled_csl import TILE_ELEMS, TILE_K, TILE_M, TiledCSLWeight
+from .configs import persistent_ranges
 
 LANES = 32
 WARPS = 4
@@ -492,6 +493,7 @@ class Plan:
     strips: int = 1  # bitmap only
     decode: str = "fragment"  # bitmap only: configs.DECODES
     words_per_stage: int = 2048  # Tiled-CSL only
+    persistent_blocks: int = 0  # bitmap only: stream-K blocks along the tile sequence (0 = off)
 
 
 def split_ranges(k_tiles: int, split_k: int) -> list[range]:
@@ -534,36 +536,62 @@ def _run_blocks(a_regs_for, b_regs_for, k_tiles: int, blocks_m: list[list[int]],
     bias_f = None if bias is None else bias.to(torch.float32)
     a_cache: dict[tuple[int, int], torch.Tensor] = {}
     b_cache: dict[tuple[int, int], torch.Tensor] = {}
+    def a_for(n0: int, kt: int) -> torch.Tensor:
+        if (n0, kt) not in a_cache:
+            a_cache[(n0, kt)] = a_matrix(a_regs_for(n0, kt), dtype)  # (4, NT, 16, 16)
+        return a_cache[(n0, kt)]
+
+    def b_for(strip: int, kt: int) -> torch.Tensor:
+        if (strip, kt) not in b_cache:
+            b_cache[(strip, kt)] = b_matrix(b_regs_for(strip, kt), dtype)  # (acc, 4, 16, 8)
+        return b_cache[(strip, kt)]
+
+    def accumulate(accs: torch.Tensor, n0: int, strip: int, kt: int) -> None:
+        for p in range(steps):
+            c = torch.einsum("knab,ikbc->inac", a_for(n0, kt)[p::steps], b_for(strip, kt)[:, p::steps])
+            accs[p] = (accs[p].to(torch.float64) + c_registers(c)).to(torch.float32)
+
+    def store(accs: torch.Tensor, n0: int, strip: int, to_workspace: bool) -> None:
+        acc = accs[0]
+        if steps == 2:
+            acc[..., 0:2] += accs[1][..., 2:4]
+        for i in range(n_acc):
+            for nt in range(nt_count):
+                nn, m, ok = store_acc_targets(m8_of(strip, i), n0 + nt * 16, out_features, n, plan.nrows)
+                vals = acc[i, nt][ok]
+                if to_workspace:
+                    ws.index_put_((nn[ok], m[ok]), vals, accumulate=True)
+                else:
+                    b = 0.0 if bias_f is None else bias_f[m[ok]]
+                    y[nn[ok], m[ok]] = (vals + b).to(dtype)
+                writes[nn[ok], m[ok]] += 1
+
+    def fresh() -> torch.Tensor:
+        return torch.zeros(steps, n_acc, nt_count, LANES, 4, dtype=torch.float32)
+
+    strips_all = [strip for group in blocks_m for strip in group]
     for z in range(-(-n // plan.nrows)):
         n0 = z * plan.nrows
+        if plan.persistent_blocks:
+            # Stream-K (FLASHLLM_PERSISTENT): each block walks its share of the strip-major tile
+            # sequence and adds every strip it touched into the workspace.
+            for tiles in persistent_ranges(len(strips_all) * k_tiles, plan.persistent_blocks):
+                accs = fresh()
+                for f in tiles:
+                    strip, kt = divmod(f, k_tiles)
+                    accumulate(accs, n0, strip, kt)
+                    if kt == k_tiles - 1 or f == tiles[-1]:
+                        store(accs, n0, strip, True)
+                        accs = fresh()
+            continue
         for kts in splits:
             for strips in blocks_m:
                 for strip in strips:
-                    accs = torch.zeros(steps, n_acc, nt_count, LANES, 4, dtype=torch.float32)
+                    accs = fresh()
                     for kt in kts:
-                        if (n0, kt) not in a_cache:
-                            a_cache[(n0, kt)] = a_matrix(a_regs_for(n0, kt), dtype)  # (4, NT, 16, 16)
-                        if (strip, kt) not in b_cache:
-                            b_cache[(strip, kt)] = b_matrix(b_regs_for(strip, kt), dtype)  # (acc, 4, 16, 8)
-                        for p in range(steps):
-                            c = torch.einsum("knab,ikbc->inac", a_cache[(n0, kt)][p::steps],
-                                             b_cache[(strip, kt)][:, p::steps])
-                            accs[p] = (accs[p].to(torch.float64) + c_registers(c)).to(torch.float32)
-                    acc = accs[0]
-                    if steps == 2:
-                        acc[..., 0:2] += accs[1][..., 2:4]
-                    for i in range(n_acc):
-                        for nt in range(nt_count):
-                            nn, m, ok = store_acc_targets(m8_of(strip, i), n0 + nt * 16, out_features, n, plan.nrows)
-                            vals = acc[i, nt][ok]
-                            if len(splits) == 1:
-                                b = 0.0 if bias_f is None else bias_f[m[ok]]
-                                y[nn[ok], m[ok]] = (vals + b).to(dtype)
-                                writes[nn[ok], m[ok]] += 1
-                            else:
-                                ws.index_put_((nn[ok], m[ok]), vals, accumulate=True)
-                                writes[nn[ok], m[ok]] += 1
-    if len(splits) > 1:
+                        accumulate(accs, n0, strip, kt)
+                    store(accs, n0, strip, len(splits) > 1)
+    if len(splits) > 1 or plan.persistent_blocks:
         # flashllm_splitk_finalize: round once, bias added in fp32; writes counts the red.adds.
         y = (ws + (0.0 if bias_f is None else bias_f)).to(dtype)
     return y, writes

@@ -32,6 +32,15 @@
 // of 6); a tile with a longer run stops the kernel (trap) instead of being decoded from a
 // truncated copy.
 //
+// FLASHLLM_PERSISTENT = 1 (stream-K; one strip per block, no FLASHLLM_FIXUP) launches as many
+// blocks as are resident at once (gridDim.x) and gives each an equal share of the tile sequence
+// flattened strip by strip: block b runs tiles [b T / G, (b + 1) T / G) of T = MT * KT, which
+// is exactly the layout's tile order, so the copies address them as one consecutive range. Its
+// pipeline runs on across strip boundaries; at each boundary (and at the end of its range) the
+// block adds the finished strip's sums into the split-K workspace and starts the next strip from
+// zero. The launch always passes the workspace, and the finalize launch rounds it. One pipeline
+// fill per resident slot instead of one per (strip, split) block, and no partial last wave.
+//
 // FLASHLLM_PROBE (diagnostics only, python -m flashllm.bench.probes; the output is then not the
 // product) leaves out the later parts of the work, so that timing each level shows where the time
 // goes: 1 streams the stages (copies, waits, barriers) and nothing else, 2 adds the per-warp scan
@@ -51,6 +60,11 @@ namespace bitmap {
 
 constexpr int STRIPS = FLASHLLM_STRIPS;
 static_assert(STRIPS == 1 || STRIPS == 2, "STRIPS");
+#ifndef FLASHLLM_PERSISTENT
+#define FLASHLLM_PERSISTENT 0
+#endif
+static_assert(!FLASHLLM_PERSISTENT || (STRIPS == 1 && !FLASHLLM_FIXUP),
+              "stream-K blocks run one strip at a time and reduce through the finalize launch");
 static_assert(WARPS == 4, "each of the 4 warps owns one 16-row mma row of a 64-row strip");
 constexpr int GROUP = 64;                    // group tile: 64 x 64
 constexpr int MASK_BYTES = GROUP * GROUP / 8;  // 512
@@ -161,9 +175,19 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
+#if FLASHLLM_PERSISTENT
+  // This block's share of the strip-major tile sequence; tile f is (strip f / KT, k tile f % KT).
+  const long long total_tiles = static_cast<long long>(MT) * KT;
+  const int f0 = static_cast<int>(total_tiles * blockIdx.x / gridDim.x);
+  const int f1 = static_cast<int>(total_tiles * (blockIdx.x + 1) / gridDim.x);
+  const int strip0 = f0 / KT;
+  const int kt0 = f0 - strip0 * KT;
+  const int nk = f1 - f0;
+#else
   const int strip0 = blockIdx.x * STRIPS;
   const int kt0 = blockIdx.y * kt_per_split;
   const int nk = min(KT - kt0, kt_per_split);
+#endif
   const int n0 = blockIdx.z * NROWS;
   if (nk <= 0) return;  // block-uniform, before any barrier
 
@@ -216,7 +240,11 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
       const int chunks = min(max((hi[s] - lo[s]) >> 3, 0), MAX_VALUE_CHUNKS);
       copy_run<MAX_VALUE_CHUNKS>(stage + VALS_OFF + s * VAL_BYTES, values + lo[s], chunks, tid);
     }
+#if FLASHLLM_PERSISTENT
+    xstage.stage(stage + X_OFF, ((kt0 + j) % KT) * GROUP);  // the range wraps from strip to strip
+#else
     xstage.stage(stage + X_OFF, (kt0 + j) * GROUP);
+#endif
   };
   // FLASHLLM_PREFETCH: thread 0 asks L2 for tile t's masks and value run (bounds clamped like the
   // copies'), PREFETCH tiles past the copies, so the copies find them in L2: more bytes in flight
@@ -297,6 +325,9 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
 #endif
   int st = 0;                 // stage holding tile i
   int st_issue = STAGES - 1;  // stage receiving tile i + STAGES - 1 (the one tile i - 1 freed)
+#if FLASHLLM_PERSISTENT
+  int cur_strip = strip0, cur_kt = kt0;  // tile i's strip and k tile
+#endif
 
   for (int i = 0; i < nk; ++i) {
     cp_async_wait<STAGES - 2>();
@@ -394,12 +425,37 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
     }
     st = st + 1 == STAGES ? 0 : st + 1;
     st_issue = st_issue + 1 == STAGES ? 0 : st_issue + 1;
+#if FLASHLLM_PERSISTENT
+    // The strip's last K tile, or this block's last tile: its sums go into the workspace (another
+    // block may hold the strip's other tiles), and the next strip starts from zero.
+    if (++cur_kt == KT || i == nk - 1) {
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          if constexpr (HALF_A) fold_steps(acc[0][0][jj][nt], acc[1][0][jj][nt]);
+          store_acc(acc[0][0][jj][nt], cur_strip * GROUP + warp * 16 + jj * 8, n0 + nt * 16, lane, M, N, bias, y,
+                    ws);
+        }
+#pragma unroll
+      for (int p = 0; p < A_STEPS; ++p)
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[p][0][jj][nt][e] = 0.f;
+      cur_kt = 0;
+      ++cur_strip;
+    }
+#endif
   }
   cp_async_wait<0>();  // nothing may be left writing shared memory when the block exits
 #if FLASHLLM_PROBE
   if (sink == 0x9e3779b9u) acc[0][0][0][0][0] += 1.f;  // a use of `sink` the compiler cannot drop
 #endif
 
+#if !FLASHLLM_PERSISTENT  // (stored strip by strip in the loop)
 #pragma unroll
   for (int s = 0; s < STRIPS; ++s) {
     if (!valid[s]) continue;
@@ -412,6 +468,7 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
                   N, bias, y, ws);
       }
   }
+#endif
 #if FLASHLLM_FIXUP  // (an `if constexpr` would do, but it changes the other variants' SASS)
   if (ws != nullptr) {
     splitk_fixup<STRIPS * GROUP>(ws, counters, bias, y, M, N, KT, kt_per_split,
