@@ -27,7 +27,8 @@
 #      (cuda/*_expand.cu, checked bit for bit and timed; flashllm bench formats)      (~20 s)
 #      DEVICE_CHECK_CROSSOVER=1: fused kernels against expansion + cuBLAS at N 32-512
 #      (CROSSOVER_N), where FLASHLLM_KERNEL_MAX_N should sit (crossover/)          (~1 min)
-#   6. DEVICE_CHECK_NCU=1: Nsight Compute sections, one launch per kernel option (ncu.log) (~20 s)
+#   6. DEVICE_CHECK_NCU=1: Nsight Compute sections and warp-stall reasons, one launch per kernel
+#      option (ncu.log)                                                            (~30 s)
 #   7. compute-sanitizer memcheck and racecheck on small shapes                    (~1 min)
 #   8. DEVICE_CHECK_E2E=1: Llama-2-7B decode, dense vs 50%/80% (e2e.csv, e2e.png)   (~1 min)
 #      E2E_OPTIONS=fixup (any FLASHLLM_KERNEL_OPTIONS value) runs it again with those kernel
@@ -69,7 +70,7 @@ if [ "${DEVICE_CHECK_PRESET:-}" = "diagnose" ]; then
   : "${BENCH_FORMATS:=bitmap,tiled_csl,bitmap:persistent,bitmap:split1,bitmap:fit,bitmap:pf4,bitmap:fit:stages6,bitmap:fixup,tiled_csl:split1,tiled_csl:dense2,tiled_csl:pf4,tiled_csl:fixup}"
   : "${DEVICE_CHECK_PROBE:=1}" "${PROBE_FORMATS:=bitmap,tiled_csl,bitmap:persistent,bitmap:split1,tiled_csl:split1}"
   : "${DEVICE_CHECK_NCU:=1}" "${NCU_CLOCK_CONTROL:=none}"
-  : "${PYTEST_LIMIT:=170}" "${BENCH_LIMIT:=90}" "${PROBE_LIMIT:=90}" "${NCU_LIMIT:=60}" "${SANITIZER_LIMIT:=45}"
+  : "${PYTEST_LIMIT:=170}" "${BENCH_LIMIT:=90}" "${PROBE_LIMIT:=90}" "${NCU_LIMIT:=90}" "${SANITIZER_LIMIT:=45}"
   : "${FORMATS_LIMIT:=45}"
 elif [ "${DEVICE_CHECK_PRESET:-}" = "tune" ]; then
   : "${DEVICE_CHECK_TESTS:=0}" "${DEVICE_CHECK_TUNE:=1}" "${TUNE_LIMIT:=420}" "${DEVICE_CHECK_DEADLINE:=560}"
@@ -275,8 +276,8 @@ if [ "${DEVICE_CHECK_NCU:-0}" = "1" ]; then
   NCU_PY=/tmp/flashllm_ncu.py
   cat > "$NCU_PY" <<'EOF'
 # Llama-2-7B up_proj, N = 16, tuned configs with each kernel option forced: bitmap's fragment decode
-# at 50% (full and fitted value buffers) and 80% and its scatter decode at 90%, Tiled-CSL with 4 and
-# 8 warps at 80%. One warm-up
+# at 50% (full and fitted value buffers, and stream-K blocks) and 80% and its scatter decode at 90%,
+# Tiled-CSL with 4 and 8 warps at 80%; with each warp-stall reason's share. One warm-up
 # pass (compiles), then one profiled pass between cudaProfilerStart/Stop (ncu --profile-from-start off).
 import os
 import torch
@@ -293,7 +294,8 @@ for cls, mod, s, options in [(BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragme
                              (BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragment", "value_cap": configs.FIT}),
                              (TiledCSLWeight, tiled_csl_cuda, 0.8, {"warps": 4}),
                              (TiledCSLWeight, tiled_csl_cuda, 0.8, {"warps": 8}),
-                             (TiledCSLWeight, tiled_csl_cuda, 0.9, {"warps": 4, "dense_tiles": 1})]:
+                             (TiledCSLWeight, tiled_csl_cuda, 0.9, {"warps": 4, "dense_tiles": 1}),
+                             (BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragment", "persistent": True})]:
     cfg = replace(configs.get_config(arch, mod.FORMAT, 11008, 4096, 16, s), **options)
     if set(configs.unvalidated_options(cfg)) & set(os.environ.get("FLASHLLM_SKIP_OPTIONS", "").split(",")):
         continue  # failed its smoke test (step 2b)
@@ -316,10 +318,11 @@ EOF
       ${NCU_CLOCK_CONTROL:+--clock-control $NCU_CLOCK_CONTROL} \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
       --section SchedulerStats --section MemoryWorkloadAnalysis --section InstructionStats \
+      --metrics "regex:smsp__warp_issue_stalled_.*_per_warp_active\.pct" \
       "$PY" "$NCU_PY" > "$OUT/ncu.log" 2>&1
     STATUS[ncu]=$?
-    grep -E "^  flashllm|Duration|SM Frequency|Throughput|Occupancy|Block Limit|Registers Per|Issued Ipc|No Eligible|Warp Cycles Per Issued|Grid Size|Waves" \
-      "$OUT/ncu.log" | head -n 80
+    grep -E "^  flashllm|Duration|SM Frequency|Throughput|Occupancy|Block Limit|Registers Per|Issued Ipc|No Eligible|Warp Cycles Per Issued|Grid Size|Waves|issue_stalled" \
+      "$OUT/ncu.log" | head -n 220
   else
     echo "ncu not found"; STATUS[ncu]=127
   fi
