@@ -536,6 +536,7 @@ def _run_blocks(a_regs_for, b_regs_for, k_tiles: int, blocks_m: list[list[int]],
     bias_f = None if bias is None else bias.to(torch.float32)
     a_cache: dict[tuple[int, int], torch.Tensor] = {}
     b_cache: dict[tuple[int, int], torch.Tensor] = {}
+
     def a_for(n0: int, kt: int) -> torch.Tensor:
         if (n0, kt) not in a_cache:
             a_cache[(n0, kt)] = a_matrix(a_regs_for(n0, kt), dtype)  # (4, NT, 16, 16)
