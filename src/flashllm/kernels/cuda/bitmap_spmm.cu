@@ -437,6 +437,7 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
           store_acc(acc[0][0][jj][nt], cur_strip * GROUP + warp * 16 + jj * 8, n0 + nt * 16, lane, M, N, bias, y,
                     ws);
         }
+      // (The initial zeroing's loops again: a shared lambda changed 18 default variants' SASS.)
 #pragma unroll
       for (int p = 0; p < A_STEPS; ++p)
 #pragma unroll
