@@ -9,7 +9,8 @@
 #   1. environment: GPU, driver, torch, NVRTC                                       (~5 s)
 #   2. smoke: one small product per format against float64                         (~10 s)
 #      2b. the same for each option not yet validated on a GPU, one at a time
-#      (`python -m flashllm.kernels.configs pending`: stream-K bitmap blocks, bitmap:persistent);
+#      (`python -m flashllm.kernels.configs pending`: stream-K bitmap blocks, bitmap:persistent; the
+#      run-bound ring, bitmap:ring);
 #      one that fails or hangs is left out of steps 3-7, the others run there   (~10 s each)
 #   3. pytest -m gpu: the kernels' correctness grid, every config variant, spmm/SparseLinear
 #      dispatch, torch.compile, CUDA graphs; CUDA-graph decoding of a sparse model  (~1 min)
@@ -67,8 +68,8 @@ set -uo pipefail
 if [ "${DEVICE_CHECK_PRESET:-}" = "diagnose" ]; then
   : "${BENCH_SELECT:=--shapes llama-2-7b.up,opt-66b.qkv --n 1,16 --sparsity 0.5,0.8,0.9}"
   : "${BENCH_BASELINES:=cublas}"
-  : "${BENCH_FORMATS:=bitmap,tiled_csl,bitmap:persistent,bitmap:split1,bitmap:fit,bitmap:pf4,bitmap:fit:stages6,bitmap:fixup,tiled_csl:split1,tiled_csl:dense2,tiled_csl:pf4,tiled_csl:fixup}"
-  : "${DEVICE_CHECK_PROBE:=1}" "${PROBE_FORMATS:=bitmap,tiled_csl,bitmap:persistent,bitmap:split1,tiled_csl:split1}"
+  : "${BENCH_FORMATS:=bitmap,tiled_csl,bitmap:persistent,bitmap:ring,bitmap:ring:persistent,bitmap:split1,bitmap:fit,bitmap:pf4,bitmap:fit:stages6,bitmap:fixup,tiled_csl:split1,tiled_csl:dense2,tiled_csl:pf4,tiled_csl:fixup}"
+  : "${DEVICE_CHECK_PROBE:=1}" "${PROBE_FORMATS:=bitmap,tiled_csl,bitmap:persistent,bitmap:ring,bitmap:split1,tiled_csl:split1}"
   : "${DEVICE_CHECK_NCU:=1}" "${NCU_CLOCK_CONTROL:=none}"
   : "${PYTEST_LIMIT:=170}" "${BENCH_LIMIT:=90}" "${PROBE_LIMIT:=90}" "${NCU_LIMIT:=90}" "${SANITIZER_LIMIT:=45}"
   : "${FORMATS_LIMIT:=45}"
@@ -276,7 +277,7 @@ if [ "${DEVICE_CHECK_NCU:-0}" = "1" ]; then
   NCU_PY=/tmp/flashllm_ncu.py
   cat > "$NCU_PY" <<'EOF'
 # Llama-2-7B up_proj, N = 16, tuned configs with each kernel option forced: bitmap's fragment decode
-# at 50% (full and fitted value buffers, and stream-K blocks) and 80% and its scatter decode at 90%,
+# at 50% (full and fitted value buffers, stream-K blocks, the run-bound ring) and 80% and its scatter decode at 90%,
 # Tiled-CSL with 4 and 8 warps at 80%; with each warp-stall reason's share. One warm-up
 # pass (compiles), then one profiled pass between cudaProfilerStart/Stop (ncu --profile-from-start off).
 import os
@@ -295,7 +296,8 @@ for cls, mod, s, options in [(BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragme
                              (TiledCSLWeight, tiled_csl_cuda, 0.8, {"warps": 4}),
                              (TiledCSLWeight, tiled_csl_cuda, 0.8, {"warps": 8}),
                              (TiledCSLWeight, tiled_csl_cuda, 0.9, {"warps": 4, "dense_tiles": 1}),
-                             (BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragment", "persistent": True})]:
+                             (BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragment", "persistent": True}),
+                             (BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragment", "offset_ring": True})]:
     cfg = replace(configs.get_config(arch, mod.FORMAT, 11008, 4096, 16, s), **options)
     if set(configs.unvalidated_options(cfg)) & set(os.environ.get("FLASHLLM_SKIP_OPTIONS", "").split(",")):
         continue  # failed its smoke test (step 2b)
@@ -343,7 +345,8 @@ cases = ([(BitmapWeight, bitmap_cuda, {"decode": d}) for d in configs.DECODES]
          + [(TiledCSLWeight, tiled_csl_cuda, {"dense_tiles": 1})]
          + [(BitmapWeight, bitmap_cuda, {"prefetch": 2}), (TiledCSLWeight, tiled_csl_cuda, {"prefetch": 2})]
          + [(BitmapWeight, bitmap_cuda, {"fixup": True}), (TiledCSLWeight, tiled_csl_cuda, {"fixup": True})]
-         + [(BitmapWeight, bitmap_cuda, {"persistent": True})])
+         + [(BitmapWeight, bitmap_cuda, {"persistent": True}), (BitmapWeight, bitmap_cuda, {"offset_ring": True}),
+            (BitmapWeight, bitmap_cuda, {"offset_ring": True, "persistent": True, "stages": 6})])
 for cls, mod, options in cases:
     if set(configs.unvalidated_options(replace(configs.LaunchConfig(nrows=8), **options))) & \
             set(os.environ.get("FLASHLLM_SKIP_OPTIONS", "").split(",")):

@@ -260,6 +260,23 @@ def test_bitmap_stream_k_blocks_emulated(dtype, m, k, n, sparsity, nrows, decode
     _reference_check(y, writes, x, w, bias, torch.tensor([per_strip[i // 64] for i in range(m)]).expand(n, m))
 
 
+def test_offset_ring_is_a_bitmap_compile_option():
+    on = LaunchConfig(nrows=16, offset_ring=True).validate("bitmap")
+    off = LaunchConfig(nrows=16)
+    assert on.defines("bitmap") == {**off.defines("bitmap"), "FLASHLLM_OFFSET_RING": 1,
+                                    "FLASHLLM_SMEM_BYTES": off.smem_bytes("bitmap") + 64}  # 16 bounds per strip
+    assert replace(on, strips=2).smem_bytes("bitmap") == replace(off, strips=2).smem_bytes("bitmap") + 128
+    assert configs.unvalidated_options(on) == (["ring"] if "ring" in configs.UNVALIDATED else [])
+    assert configs.parse_options("bitmap", ["ring"]) == {"offset_ring": True}
+    with pytest.raises(ValueError, match="the offset ring is a bitmap option"):
+        LaunchConfig(nrows=16, words_per_stage=2048, offset_ring=True).validate("tiled_csl")
+    with pytest.raises(ValueError, match="offset_ring must be True or False"):
+        LaunchConfig(nrows=16, offset_ring=1).validate("bitmap")
+    tuning = configs.candidates("bitmap", 16, 0.8, unvalidated=True)
+    assert any(c.offset_ring and c.persistent for c in tuning) and any(c.offset_ring and not c.persistent for c in tuning)
+    assert {c.stages for f, c in configs.checked_variants() if c.offset_ring} >= {3, 6}  # look-ahead 4 and 10
+
+
 def test_stream_k_launch_geometry():
     assert configs.persistent_blocks(20, 792, 1) == 20  # never more blocks than tiles
     assert configs.persistent_blocks(11008, 792, 1) == 792 and configs.persistent_blocks(11008, 792, 2) == 396

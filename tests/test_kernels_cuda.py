@@ -222,6 +222,22 @@ def test_stream_k_blocks(dtype, sparsity):
             check("bitmap", m, k, n, sparsity, dtype, cfg, with_bias=with_bias)
 
 
+@pending(offset_ring=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_offset_ring(dtype, sparsity, split_k):
+    # Run bounds from the shared ring (FLASHLLM_OFFSET_RING): K shorter than the ring's look-ahead
+    # (the prologue alone), far longer (the ring wrapping many times), 2 to 6 stages (look-ahead 2
+    # to 10), two strips, the scatter decode, fitted buffers, with stream-K blocks, bias on and off.
+    base = replace(configs.default_config("bitmap", 17, max(sparsity, 0.5)), split_k=split_k, offset_ring=True)
+    check("bitmap", 200, 300, 17, sparsity, dtype, base)
+    check("bitmap", 130, 5000, 9, sparsity, dtype, replace(base, stages=6), with_bias=False)
+    check("bitmap", 300, 2000, 5, sparsity, dtype, replace(base, stages=2, strips=2))
+    check("bitmap", 257, 3000, 16, sparsity, dtype, replace(base, decode="scatter", value_cap=configs.FIT))
+    check("bitmap", 1000, 4096, 3, sparsity, dtype, replace(base, persistent=True))
+
+
 @pending(fixup=True)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_splitk_fixup_in_a_cuda_graph(fmt):

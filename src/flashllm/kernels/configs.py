@@ -109,13 +109,18 @@ MAX_PREFETCH = 16
 #   pipeline carried across strip boundaries, every strip's sums added into the split-K workspace
 #   (`persistent_ranges`). The tuner's short blocks (4 K tiles at N = 16) pay a pipeline fill and
 #   an epilogue each and end the grid in a partial wave: this pays one fill per resident slot.
-UNVALIDATED: frozenset[str] = frozenset({"persistent"})
+# - "ring": the bitmap tiles' run bounds in a shared-memory ring that cp.async fills 2 (stages - 1)
+#   tiles ahead (FLASHLLM_OFFSET_RING), instead of a register load one iteration ahead: a
+#   dependent L2 round trip per tile and block, which the stream's time (falling far less than its
+#   bytes, unmoved by deeper pipelines) suggests may be what each iteration waits for.
+UNVALIDATED: frozenset[str] = frozenset({"persistent", "ring"})
 
 # Shared-memory layout constants, mirrored from the .cu files (the kernels trap if the launch
 # provides less shared memory than they lay out, so a drift shows as an error, not as corruption).
 _XS_STRIDE_BYTES = 144
 _BITMAP_MASK_BYTES = 512
 _BITMAP_TILE_BYTES = 64 * 64 * 2
+_BITMAP_RING_BYTES = 16 * 4  # per strip: RING run bounds (offset_ring)
 _CSL_DENSE_BYTES = (8192 + 8) * 2
 
 
@@ -133,6 +138,7 @@ class LaunchConfig:
     prefetch: int = 0  # tiles past the copies whose weight L2 is asked to fetch (MAX_PREFETCH); 0 = none
     fixup: bool = False  # split-K: the last block of an output tile rounds it (no memset, no finalize)
     persistent: bool = False  # bitmap: stream-K, one block per resident slot over the flattened tiles
+    offset_ring: bool = False  # bitmap: run bounds fetched into a shared ring 2 (stages - 1) tiles ahead
 
     def validate(self, fmt: str) -> "LaunchConfig":
         if self.nrows not in NROWS:
@@ -147,6 +153,10 @@ class LaunchConfig:
             raise ValueError(f"fixup must be True or False, got {self.fixup!r}")
         if not isinstance(self.persistent, bool):
             raise ValueError(f"persistent must be True or False, got {self.persistent!r}")
+        if not isinstance(self.offset_ring, bool):
+            raise ValueError(f"offset_ring must be True or False, got {self.offset_ring!r}")
+        if self.offset_ring and fmt != "bitmap":
+            raise ValueError(f"the offset ring is a bitmap option, got {self} for {fmt}")
         if self.persistent and (fmt != "bitmap" or self.strips != 1 or self.fixup):
             raise ValueError(f"persistent blocks are a bitmap option, with one strip per block and without "
                              f"fixup (its arrival counts are per output tile); got {self} for {fmt}")
@@ -192,6 +202,8 @@ class LaunchConfig:
             d["FLASHLLM_FIXUP"] = 1
         if self.persistent:  # likewise
             d["FLASHLLM_PERSISTENT"] = 1
+        if self.offset_ring:  # likewise
+            d["FLASHLLM_OFFSET_RING"] = 1
         if fmt == "bitmap":
             d["FLASHLLM_STRIPS"] = self.strips
             d["FLASHLLM_DECODE"] = DECODES.index(self.decode)
@@ -230,7 +242,8 @@ class LaunchConfig:
             stage = self.strips * (_BITMAP_MASK_BYTES + (values + 8) * 2) + x_stage
             # After the stages: the fragment decode's per-warp table, or the scatter's dense tiles.
             decode = 4 * self.strips * 32 * 8 if self.decode == "fragment" else self.strips * _BITMAP_TILE_BYTES
-            return self.stages * stage + decode
+            ring = self.strips * _BITMAP_RING_BYTES if self.offset_ring else 0
+            return self.stages * stage + decode + ring
         stage = self.words_per_stage * 4 + x_stage
         return self.dense_tiles * _CSL_DENSE_BYTES + self.stages * stage + self.stages * 8
 
@@ -253,6 +266,7 @@ OPTION_SPELLINGS: dict[str, tuple[str, object]] = {
     # the split-K epilogue's launches cost shows against the configured split.
     **{f"split{k}": ("split_k", k) for k in (1, 2, 4, 8, 16, 32)},
     "persistent": ("persistent", True),
+    "ring": ("offset_ring", True),
 }
 FORCED_OPTIONS_ENV = "FLASHLLM_KERNEL_OPTIONS"
 _forced: dict[str, dict[str, dict]] = {}
@@ -328,6 +342,7 @@ KERNEL_OPTIONS: tuple[KernelOption, ...] = (
     KernelOption("prefetch", lambda c: c.prefetch > 0, ("bitmap:pf4", "tiled_csl:pf4")),
     KernelOption("fixup", lambda c: c.fixup, ("bitmap:fixup", "tiled_csl:fixup")),
     KernelOption("persistent", lambda c: c.persistent, ("bitmap:persistent",)),
+    KernelOption("ring", lambda c: c.offset_ring, ("bitmap:ring",)),
 )
 OPTION_NAMES = tuple(o.name for o in KERNEL_OPTIONS)
 assert UNVALIDATED <= set(OPTION_NAMES), UNVALIDATED - set(OPTION_NAMES)
@@ -585,6 +600,11 @@ def candidates(fmt: str, n: int, sparsity: float, unvalidated: bool = False) -> 
         if base.strips == 1:
             add(replace(base, persistent=True))
             add(replace(base, value_cap=FIT, persistent=True))
+        # Run bounds from a ring filled far ahead, alone and with the other latency options.
+        add(replace(base, offset_ring=True))
+        add(replace(base, value_cap=FIT, offset_ring=True))
+        if base.strips == 1:
+            add(replace(base, value_cap=FIT, offset_ring=True, persistent=True))
     else:
         for words in (1024, 2048, 3072, 4096, 6144):
             for stages in (3, 4):
@@ -721,6 +741,11 @@ CHECKED_FIXUP_CSL = ((8, 4, 2), (16, 4, 2), (16, 8, 2), (16, 4, 1), (64, 4, 2))
 # value cap, prefetch).
 CHECKED_PERSISTENT = ((8, "fragment", 0, 0), (16, "fragment", 0, 0), (16, "scatter", 0, 0), (32, "fragment", 1536, 0),
                       (64, "fragment", 0, 0), (128, "fragment", 0, 0), (16, "fragment", 0, 4))
+# Bitmap variants with the run-bound ring: (rows, strips, stages, decode, value cap, stream-K); the
+# 6-stage one has the ring's deepest look-ahead (10 tiles).
+CHECKED_RING = ((8, 1, 3, "fragment", 0, False), (16, 1, 3, "fragment", 0, False), (16, 2, 3, "fragment", 0, False),
+                (16, 1, 3, "scatter", 0, False), (16, 1, 6, "fragment", 1536, False), (32, 1, 3, "fragment", 0, True),
+                (64, 1, 3, "fragment", 0, False), (128, 1, 3, "fragment", 0, False))
 
 
 def kernel_source(fmt: str) -> str:
@@ -753,6 +778,8 @@ def checked_variants() -> list[tuple[str, LaunchConfig]]:
             for n, w, t in CHECKED_FIXUP_CSL]
     out += [("bitmap", LaunchConfig(nrows=n, decode=d, value_cap=c, prefetch=p, persistent=True))
             for n, d, c, p in CHECKED_PERSISTENT]
+    out += [("bitmap", LaunchConfig(nrows=n, strips=st, stages=sg, decode=d, value_cap=c, persistent=pe,
+                                    offset_ring=True)) for n, st, sg, d, c, pe in CHECKED_RING]
     return out
 
 

@@ -41,6 +41,12 @@
 // zero. The launch always passes the workspace, and the finalize launch rounds it. One pipeline
 // fill per resident slot instead of one per (strip, split) block, and no partial last wave.
 //
+// FLASHLLM_OFFSET_RING = 1 keeps the tiles' run bounds (`offsets`) in a small shared-memory ring
+// filled by cp.async 2 * (STAGES - 1) tiles ahead of their use, instead of loading the next
+// tile's bounds into registers one iteration ahead: that load is a dependent L2 round trip per
+// tile and block, which a loop whose iterations are shorter than it waits for every tile, however
+// deep the pipeline. The ring's entries travel in the stage groups the loop already waits on.
+//
 // FLASHLLM_PROBE (diagnostics only, python -m flashllm.bench.probes; the output is then not the
 // product) leaves out the later parts of the work, so that timing each level shows where the time
 // goes: 1 streams the stages (copies, waits, barriers) and nothing else, 2 adds the per-warp scan
@@ -98,7 +104,16 @@ static_assert(FLASHLLM_DECODE == 0 || FLASHLLM_DECODE == 1, "DECODE");
 constexpr int DECODE_OFF = STAGES * STAGE_BYTES;
 constexpr int TILE_BYTES = GROUP * GROUP * 2;
 constexpr int WARP_ROWS_BYTES = TILE_BYTES / WARPS;
-constexpr int SMEM_BYTES = DECODE_OFF + (SCATTER ? STRIPS * TILE_BYTES : WARPS * STRIPS * 32 * 8);
+#ifndef FLASHLLM_OFFSET_RING
+#define FLASHLLM_OFFSET_RING 0
+#endif
+// The run-bound ring (FLASHLLM_OFFSET_RING) after the decode area: RING entries per strip, a power
+// of two that holds the AHEAD + 1 entries in flight or in use.
+constexpr int RING = 16;
+constexpr int AHEAD = 2 * (STAGES - 1);
+static_assert(AHEAD + 2 <= RING && (RING & (RING - 1)) == 0, "RING");
+constexpr int RING_OFF = DECODE_OFF + (SCATTER ? STRIPS * TILE_BYTES : WARPS * STRIPS * 32 * 8);
+constexpr int SMEM_BYTES = RING_OFF + (FLASHLLM_OFFSET_RING ? STRIPS * RING * 4 : 0);
 static_assert(VAL_BYTES % 16 == 0 && STAGE_BYTES % 16 == 0, "16-byte aligned stage buffers");
 #ifdef FLASHLLM_SMEM_BYTES  // the launcher's size (kernels/configs.py) must match this layout
 static_assert(SMEM_BYTES == FLASHLLM_SMEM_BYTES, "configs.LaunchConfig.smem_bytes disagrees with the kernel");
@@ -110,6 +125,13 @@ static_assert(SMEM_BYTES == FLASHLLM_SMEM_BYTES, "configs.LaunchConfig.smem_byte
 constexpr u32 SEL_LO = 0x22102222u;  // bits 0, 1
 constexpr u32 SEL_HI = 0x54101022u;  // bits 2, 3
 constexpr u64 SEL_TABLE = static_cast<u64>(SEL_HI) << 32 | SEL_LO;  // selector for bits b at 16 b
+
+#if FLASHLLM_OFFSET_RING
+// 4-byte asynchronous copy global -> shared (one run bound of the ring; .ca: 4 bytes may not bypass L1).
+__device__ __forceinline__ void cp_async4(u32 dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src) : "memory");
+}
+#endif
 
 struct alignas(8) Entry {
   u32 word;  // the mask half-word (rows 0-3 or 4-7 of the block) a lane of that half-warp decodes
@@ -217,7 +239,9 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
 
   // Run bounds of the next tile to issue, loaded one iteration before their use so the load's
   // latency hides behind a stage of work instead of stalling the copy loop.
+#if !FLASHLLM_OFFSET_RING
   int nlo[STRIPS], nhi[STRIPS];
+#endif
   auto load_offsets = [&](int j, int (&lo)[STRIPS], int (&hi)[STRIPS]) {
 #pragma unroll
     for (int s = 0; s < STRIPS; ++s) {
@@ -258,6 +282,34 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
     }
   };
 
+#if FLASHLLM_OFFSET_RING
+  // Entries 0..AHEAD of the ring, one thread each (one round trip for all), before any copy needs
+  // them; the loop's cp.async brings entry i + AHEAD + 1 in iteration i, in the group that the
+  // iteration issuing the tile that needs it has already waited for.
+  const u32 ring = sbase + RING_OFF;
+  const int* ring_smem = reinterpret_cast<const int*>(smem + RING_OFF);
+  auto ring_bounds = [&](int j, int (&lo)[STRIPS], int (&hi)[STRIPS]) {
+#pragma unroll
+    for (int s = 0; s < STRIPS; ++s) {
+      lo[s] = ring_smem[s * RING + (j & (RING - 1))];
+      hi[s] = ring_smem[s * RING + ((j + 1) & (RING - 1))];
+    }
+  };
+  if (tid <= AHEAD && tid <= nk) {
+#pragma unroll
+    for (int s = 0; s < STRIPS; ++s) reinterpret_cast<int*>(smem + RING_OFF)[s * RING + tid] = tile_offsets[s][tid];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int p = 0; p < STAGES - 1; ++p) {
+    if (p < nk) {
+      int lo[STRIPS], hi[STRIPS];
+      ring_bounds(p, lo, hi);
+      issue(p, p, lo, hi);
+    }
+    cp_async_commit();
+  }
+#else
   // Prologue: STAGES - 1 stages in flight, their offsets loaded together first. One commit per
   // stage, empty or not, keeps the wait_group arithmetic uniform.
   {
@@ -277,6 +329,7 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
       nhi[s] = phi[STAGES - 1][s];
     }
   }
+#endif
   // The tiles between the prologue's copies and the loop's first prefetch.
   if (PREFETCH > 0 && tid == 0) {
     for (int t = STAGES - 1; t < min(STAGES - 1 + PREFETCH, nk); ++t) {
@@ -334,10 +387,22 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
     // Tile i has landed for every thread, and every warp is done with tile i - 1's stage.
     __syncthreads();
     const int j = i + STAGES - 1;
+#if FLASHLLM_OFFSET_RING
+    if (j < nk) {
+      int lo[STRIPS], hi[STRIPS];
+      ring_bounds(j, lo, hi);
+      issue(j, st_issue, lo, hi);
+    }
+    if (tid < STRIPS && i + AHEAD + 1 <= nk) {  // thread s: strip s's entry i + AHEAD + 1
+      const int e = i + AHEAD + 1;
+      cp_async4(ring + (tid * RING + (e & (RING - 1))) * 4, (tid == 0 ? tile_offsets[0] : tile_offsets[STRIPS - 1]) + e);
+    }
+#else
     if (j < nk) {
       issue(j, st_issue, nlo, nhi);
       if (j + 1 < nk) load_offsets(j + 1, nlo, nhi);
     }
+#endif
     if (PREFETCH > 0 && tid == 0 && j + PREFETCH < nk) {
       prefetch(j + PREFETCH, pf_lo, pf_hi);
       if (j + PREFETCH + 1 < nk) load_offsets(j + PREFETCH + 1, pf_lo, pf_hi);
