@@ -53,10 +53,11 @@
 set -uo pipefail
 
 # DEVICE_CHECK_PRESET=diagnose: the one call that says what binds the kernels and whether the
-# kernel options help (~4.5 minutes on an H200 with prebuilt cubins, 9 at most by its step
-# limits): the tests, a benchmark of the options against the defaults on two layers (N
-# 1/16, 50/80/90%, cuBLAS only), the probes, the expansion kernels against the reference decode,
-# Nsight Compute at the GPU's own clock and the sanitizers; no tuning (a second call:
+# kernel options help (~5-6 minutes on an H200 with prebuilt cubins, cut at 560 s by its default
+# DEVICE_CHECK_DEADLINE: give the device call a 600 s timeout): the tests, a benchmark of the
+# options against the defaults on two layers (N 1/16, 50/80/90%, cuBLAS only), the probes, the
+# expansion kernels against the reference decode, Nsight Compute at the GPU's own clock with the
+# warp-stall reasons, and the sanitizers; no tuning (a second call:
 # DEVICE_CHECK_TUNE=1 ..., with DEVICE_CHECK_CROSSOVER=1 or DEVICE_CHECK_E2E=1 E2E_EXPAND=1). A
 # pending option that fails its smoke test (step 2b) is left out of every later step, the others
 # stay. Variables set in the environment still win.
@@ -72,7 +73,7 @@ if [ "${DEVICE_CHECK_PRESET:-}" = "diagnose" ]; then
   : "${DEVICE_CHECK_PROBE:=1}" "${PROBE_FORMATS:=bitmap,tiled_csl,bitmap:persistent,bitmap:ring,bitmap:split1,tiled_csl:split1}"
   : "${DEVICE_CHECK_NCU:=1}" "${NCU_CLOCK_CONTROL:=none}"
   : "${PYTEST_LIMIT:=170}" "${BENCH_LIMIT:=90}" "${PROBE_LIMIT:=90}" "${NCU_LIMIT:=90}" "${SANITIZER_LIMIT:=45}"
-  : "${FORMATS_LIMIT:=45}"
+  : "${FORMATS_LIMIT:=45}" "${DEVICE_CHECK_DEADLINE:=560}"
 elif [ "${DEVICE_CHECK_PRESET:-}" = "tune" ]; then
   : "${DEVICE_CHECK_TESTS:=0}" "${DEVICE_CHECK_TUNE:=1}" "${TUNE_LIMIT:=420}" "${DEVICE_CHECK_DEADLINE:=560}"
   : "${TUNE_SHAPES:=llama-2-7b.attn,llama-2-7b.down,opt-30b.qkv,opt-30b.out,opt-66b.fc2,llama-3-70b.gate_up,opt-66b.fc1}"
