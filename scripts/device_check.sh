@@ -10,7 +10,7 @@
 #   2. smoke: one small product per format against float64                         (~10 s)
 #      2b. the same for each option not yet validated on a GPU, one at a time
 #      (`python -m flashllm.kernels.configs pending`: stream-K bitmap blocks, bitmap:persistent; the
-#      run-bound ring, bitmap:ring);
+#      run-bound ring, bitmap:ring; split-K without a memset, bitmap:rezero and tiled_csl:rezero);
 #      one that fails or hangs is left out of steps 3-7, the others run there   (~10 s each)
 #   3. pytest -m gpu: the kernels' correctness grid, every config variant, spmm/SparseLinear
 #      dispatch, torch.compile, CUDA graphs; CUDA-graph decoding of a sparse model  (~1 min)
@@ -69,7 +69,7 @@ set -uo pipefail
 if [ "${DEVICE_CHECK_PRESET:-}" = "diagnose" ]; then
   : "${BENCH_SELECT:=--shapes llama-2-7b.up,opt-66b.qkv --n 1,16 --sparsity 0.5,0.8,0.9}"
   : "${BENCH_BASELINES:=cublas}"
-  : "${BENCH_FORMATS:=bitmap,tiled_csl,bitmap:persistent,bitmap:ring,bitmap:ring:persistent,bitmap:split1,bitmap:fit,bitmap:pf4,bitmap:fit:stages6,bitmap:fixup,tiled_csl:split1,tiled_csl:dense2,tiled_csl:pf4,tiled_csl:fixup}"
+  : "${BENCH_FORMATS:=bitmap,tiled_csl,bitmap:persistent,bitmap:ring,bitmap:ring:persistent,bitmap:rezero,tiled_csl:rezero,bitmap:split1,bitmap:fit,bitmap:pf4,bitmap:fit:stages6,bitmap:fixup,tiled_csl:split1,tiled_csl:dense2,tiled_csl:pf4,tiled_csl:fixup}"
   : "${DEVICE_CHECK_PROBE:=1}" "${PROBE_FORMATS:=bitmap,tiled_csl,bitmap:persistent,bitmap:ring,bitmap:split1,tiled_csl:split1}"
   : "${DEVICE_CHECK_NCU:=1}" "${NCU_CLOCK_CONTROL:=none}"
   : "${PYTEST_LIMIT:=170}" "${BENCH_LIMIT:=90}" "${PROBE_LIMIT:=90}" "${NCU_LIMIT:=90}" "${SANITIZER_LIMIT:=45}"
@@ -346,6 +346,7 @@ cases = ([(BitmapWeight, bitmap_cuda, {"decode": d}) for d in configs.DECODES]
          + [(TiledCSLWeight, tiled_csl_cuda, {"dense_tiles": 1})]
          + [(BitmapWeight, bitmap_cuda, {"prefetch": 2}), (TiledCSLWeight, tiled_csl_cuda, {"prefetch": 2})]
          + [(BitmapWeight, bitmap_cuda, {"fixup": True}), (TiledCSLWeight, tiled_csl_cuda, {"fixup": True})]
+         + [(BitmapWeight, bitmap_cuda, {"rezero": True}), (TiledCSLWeight, tiled_csl_cuda, {"rezero": True})]
          + [(BitmapWeight, bitmap_cuda, {"persistent": True}), (BitmapWeight, bitmap_cuda, {"offset_ring": True}),
             (BitmapWeight, bitmap_cuda, {"offset_ring": True, "persistent": True, "stages": 6})])
 for cls, mod, options in cases:

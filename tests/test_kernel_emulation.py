@@ -277,6 +277,20 @@ def test_offset_ring_is_a_bitmap_compile_option():
     assert {c.stages for f, c in configs.checked_variants() if c.offset_ring} >= {3, 6}  # look-ahead 4 and 10
 
 
+def test_rezero_is_a_launch_option_of_both_formats():
+    # The finalize launch re-zeroes a kept workspace instead of a memset per product: the main
+    # kernels are unchanged (same defines, same cache keys), the finalize build is prebuilt too.
+    for fmt, base in (("bitmap", LaunchConfig(nrows=16)), ("tiled_csl", LaunchConfig(nrows=16, words_per_stage=2048))):
+        on = replace(base, rezero=True).validate(fmt)
+        assert on.defines(fmt) == base.defines(fmt) and on.smem_bytes(fmt) == base.smem_bytes(fmt)
+        assert configs.unvalidated_options(on) == (["rezero"] if "rezero" in configs.UNVALIDATED else [])
+        assert configs.parse_options(fmt, ["rezero"]) == {"rezero": True}
+        assert any(c.rezero for c in configs.candidates(fmt, 16, 0.8, unvalidated=True))
+        with pytest.raises(ValueError, match="rezero and fixup are two ways"):
+            replace(on, fixup=True).validate(fmt)
+    assert ("splitk_finalize.cu", "flashllm_splitk_finalize", {"FLASHLLM_REZERO": 1}) in launch.build_jobs()
+
+
 def test_stream_k_launch_geometry():
     assert configs.persistent_blocks(20, 792, 1) == 20  # never more blocks than tiles
     assert configs.persistent_blocks(11008, 792, 1) == 792 and configs.persistent_blocks(11008, 792, 2) == 396

@@ -238,16 +238,37 @@ def test_offset_ring(dtype, sparsity, split_k):
     check("bitmap", 1000, 4096, 3, sparsity, dtype, replace(base, persistent=True))
 
 
-@pending(fixup=True)
+@pending(rezero=True)
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_splitk_fixup_in_a_cuda_graph(fmt):
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_splitk_rezero(fmt, dtype, sparsity):
+    # The finalize launch re-zeroes the kept workspace (no memset): several splits, N over two
+    # blocks along N and under 8, bias on and off, consecutive calls sharing the workspace on fresh
+    # inputs, stream-K bitmap blocks too, so a workspace left dirty by one call shows in the next.
+    cases = [(3, 200, 300, 17, {}), (7, 129, 1000, 70, {}), (2, 1000, 257, 5, {}), (16, 64, 4096, 1, {})]
+    if fmt == "bitmap":
+        cases.append((0, 1000, 4096, 9, {"persistent": True}))
+    for split_k, m, k, n, options in cases:
+        cfg = replace(configs.default_config(fmt, n, max(sparsity, 0.5)), split_k=split_k, rezero=True, **options)
+        for with_bias in (True, False):
+            check(fmt, m, k, n, sparsity, dtype, cfg, with_bias=with_bias)
+    torch.cuda.synchronize()
+    for ws in launch._WORKSPACES.values():
+        assert not bool(ws.sums.any()), "a rezero launch left its workspace dirty"
+
+
+@pytest.mark.parametrize("option", [pytest.param(o, marks=pending_marks(replace(LaunchConfig(nrows=16), **{o: True})))
+                                    for o in ("fixup", "rezero")])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_splitk_kept_workspace_in_a_cuda_graph(fmt, option):
     # Captured on torch's capture stream, whose workspace (the first time) is allocated and zeroed
     # inside the capture; the replays must keep finding it zero, and the eager calls on the
-    # default stream in between, with and without fixup, must not disturb it.
+    # default stream in between, with and without the option (fixup or rezero), must not disturb it.
     cls, module = FORMATS[fmt]
     w = random_weight(1000, 2048, 0.8, torch.float16)
     weight = cls.from_dense(w)
-    cfg = replace(configs.default_config(fmt, 16, 0.8), split_k=4, fixup=True)
+    cfg = replace(configs.default_config(fmt, 16, 0.8), split_k=4, **{option: True})
     static_x = torch.randn(16, 2048, device="cuda", dtype=torch.float16)
     module.linear(static_x, weight, None, cfg)  # compile and load before capturing
     graph = torch.cuda.CUDAGraph()
@@ -256,7 +277,7 @@ def test_splitk_fixup_in_a_cuda_graph(fmt):
     for i in range(3):
         static_x.copy_(torch.randn_like(static_x))
         graph.replay()
-        module.linear(torch.randn_like(static_x), weight, None, replace(cfg, fixup=i == 1))
+        module.linear(torch.randn_like(static_x), weight, None, replace(cfg, **{option: i == 1}))
         torch.cuda.synchronize()
         ref = static_x.double() @ w.double().T
         assert (static_y.double() - ref).norm() <= 2 * (F.linear(static_x, w).double() - ref).norm() + 1e-6

@@ -235,9 +235,10 @@ class CudaKernel:
         with torch.cuda.device(x2d.device):
             stream = launch.current_stream(x2d.device)
             ws = counters = None
-            if reduce and cfg.fixup:  # the last block of each output tile rounds it
+            if reduce and (cfg.fixup or cfg.rezero):  # a workspace kept zero between launches
                 workspace = launch.splitk_workspace(x2d.device, stream, n * out_features, blocks_m * blocks_n)
-                ws, counters = workspace.sums, workspace.counters
+                ws = workspace.sums
+                counters = workspace.counters if cfg.fixup else None  # fixup: the last block rounds it
             elif reduce:  # a memset, the blocks add, a finalize launch rounds
                 ws = torch.zeros((n, out_features), dtype=torch.float32, device=x2d.device)
             kernel.launch(
@@ -253,7 +254,7 @@ class CudaKernel:
                 stream,
             )
             if ws is not None and counters is None:
-                launch.run_splitk_finalize(ws, bias, y, stream)
+                launch.run_splitk_finalize(ws, bias, y, stream, rezero=cfg.rezero)
         return y
 
     def first_use_problem(self, cfg: Optional[configs.LaunchConfig], dtype: torch.dtype,
