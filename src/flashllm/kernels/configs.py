@@ -94,7 +94,7 @@ MAX_PREFETCH = 16
 # KERNEL_OPTIONS: `flashllm bench kernels --tune` offers them (its GPU run is where they get
 # validated), the library's FLASHLLM_RETUNE path does not, and nothing selects them by default.
 # Remove a name once scripts/device_check.sh has passed with it (its step 2b smoke-tests exactly
-# these). None is pending: the scatter decode and 8-warp Tiled-CSL blocks passed on an H200 on
+# these). Validated: the scatter decode and 8-warp Tiled-CSL blocks on an H200 on
 # 2026-11-26; fitted bitmap buffers ("fit"), one dense Tiled-CSL tile ("dense1"), the L2 prefetch
 # ("prefetch") and the split-K ended by the last block ("fixup", FLASHLLM_FIXUP in cuda/common.cuh:
 # the last block of each output tile to arrive rounds it and re-zeroes its workspace, one launch
@@ -103,7 +103,7 @@ MAX_PREFETCH = 16
 # 0.99-1.03x, dense1 1.03-1.11x, prefetch 0.93-0.98x, fixup 0.86-1.00x on the bitmap kernel
 # (0.97-1.06x on Tiled-CSL; its fences and the last block's pass cost more than the two launches
 # they save), so the default rule uses fit from 75% and one dense tile; the tuner offers all four.
-# Pending, written 2026-11-27 after that run, compiled and emulated, never run:
+# Pending, written 2026-11-27 after that run, compiled (the first also emulated), never run:
 # - "persistent": stream-K bitmap blocks (FLASHLLM_PERSISTENT in cuda/bitmap_spmm.cu): as many
 #   blocks as are resident at once, each an equal share of the strip-major tile sequence, its
 #   pipeline carried across strip boundaries, every strip's sums added into the split-K workspace
