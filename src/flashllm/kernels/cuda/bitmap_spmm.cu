@@ -133,6 +133,15 @@ __device__ __forceinline__ void cp_async4(u32 dst, const void* src) {
 }
 #endif
 
+// Every accumulator to zero: at the start, and in stream-K blocks at each strip boundary. A macro,
+// not a function or lambda: a shared lambda changed 18 default variants' SASS.
+#define FLASHLLM_ZERO_ACC(acc)                                                    \
+  _Pragma("unroll") for (int p_ = 0; p_ < A_STEPS; ++p_)                           \
+    _Pragma("unroll") for (int s_ = 0; s_ < STRIPS; ++s_)                          \
+      _Pragma("unroll") for (int j_ = 0; j_ < 2; ++j_)                             \
+        _Pragma("unroll") for (int nt_ = 0; nt_ < NT; ++nt_)                       \
+          _Pragma("unroll") for (int e_ = 0; e_ < 4; ++e_) acc[p_][s_][j_][nt_][e_] = 0.f
+
 struct alignas(8) Entry {
   u32 word;  // the mask half-word (rows 0-3 or 4-7 of the block) a lane of that half-warp decodes
   u32 addr;  // shared-window address of the value of its first set bit
@@ -347,16 +356,7 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
   const u32 sh_sel = (sh - 4u) & 31u;  // rotating right by this puts the lane's bits at 4-5
 
   float acc[A_STEPS][STRIPS][2][NT][4];
-#pragma unroll
-  for (int p = 0; p < A_STEPS; ++p)
-#pragma unroll
-    for (int s = 0; s < STRIPS; ++s)
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc[p][s][j][nt][e] = 0.f;
+  FLASHLLM_ZERO_ACC(acc);
 
   Entry* table = reinterpret_cast<Entry*>(smem + DECODE_OFF) + warp * STRIPS * 32;
   // Scatter path: this warp's rows of strip 0's dense tile (strip s at + s * TILE_BYTES), zeroed
@@ -502,15 +502,7 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
           store_acc(acc[0][0][jj][nt], cur_strip * GROUP + warp * 16 + jj * 8, n0 + nt * 16, lane, M, N, bias, y,
                     ws);
         }
-      // (The initial zeroing's loops again: a shared lambda changed 18 default variants' SASS.)
-#pragma unroll
-      for (int p = 0; p < A_STEPS; ++p)
-#pragma unroll
-        for (int jj = 0; jj < 2; ++jj)
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[p][0][jj][nt][e] = 0.f;
+      FLASHLLM_ZERO_ACC(acc);
       cur_kt = 0;
       ++cur_strip;
     }
