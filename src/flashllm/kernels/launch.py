@@ -568,11 +568,15 @@ def splitk_workspace(device: torch.device, stream: int, floats: int, tiles: int)
         return ws
 
 
+def finalize_job(rezero: bool) -> tuple[str, str, dict[str, int]]:
+    """(source file, kernel name, defines) of the split-K epilogue, with or without re-zeroing."""
+    return "splitk_finalize.cu", "flashllm_splitk_finalize", {"FLASHLLM_REZERO": 1} if rezero else {}
+
+
 def run_splitk_finalize(ws: torch.Tensor, bias: Optional[torch.Tensor], y: torch.Tensor, stream: int,
                         rezero: bool = False) -> None:
     """y = round(ws + bias); with `rezero`, the workspace's first y.numel() floats are left zero."""
-    defines = {"FLASHLLM_REZERO": 1} if rezero else {}
-    kernel = get_kernel("splitk_finalize.cu", "flashllm_splitk_finalize", defines, y.dtype, y.device, 0, threads=256)
+    kernel = get_kernel(*finalize_job(rezero), y.dtype, y.device, 0, threads=256)
     total = y.numel()
     sms = torch.cuda.get_device_properties(y.device).multi_processor_count
     blocks = max(1, min(-(-total // kernel.threads), sms * 8))
@@ -664,9 +668,7 @@ def build_jobs(checked: bool = False) -> list[tuple[str, str, dict[str, int]]]:
     tests run: `configs.checked_variants`). What `prebuild` and scripts/compile_check.sh build."""
     from . import configs
 
-    jobs = [("splitk_finalize.cu", "flashllm_splitk_finalize", {}),
-            ("splitk_finalize.cu", "flashllm_splitk_finalize", {"FLASHLLM_REZERO": 1}),
-            ("bitmap_expand.cu", "flashllm_bitmap_expand", {}),
+    jobs = [finalize_job(False), finalize_job(True), ("bitmap_expand.cu", "flashllm_bitmap_expand", {}),
             ("tiled_csl_expand.cu", "flashllm_tiled_csl_expand", {})]
     for fmt, cfg in configs.checked_variants() if checked else configs.shipped_variants():
         jobs.append((configs.kernel_source(fmt), f"flashllm_{fmt}_spmm", cfg.defines(fmt)))
