@@ -14,12 +14,32 @@ def test_build_model_packs_every_linear_layer_at_the_sparsity():
     model = e2e.build_model(config, 0.7, "bitmap", torch.float32, torch.device("cpu"))
     sparse = [m for m in model.modules() if isinstance(m, SparseLinear)]
     assert len(sparse) == 7 * config.num_hidden_layers
-    for module in sparse:
-        assert module.weight_format.sparsity == pytest.approx(0.7, abs=1e-3)
+    for module in sparse:  # pruned at the Gaussian's quantile: binomial noise, 6 sigma
+        n = module.in_features * module.out_features
+        assert module.weight_format.sparsity == pytest.approx(0.7, abs=6 * (0.21 / n) ** 0.5)
     assert not any(p.is_meta for p in model.parameters())
     dense = e2e.build_model(config, None, "bitmap", torch.float32, torch.device("cpu"))
     assert not any(isinstance(m, SparseLinear) for m in dense.modules())
     assert e2e.linear_weight_bytes(model) < 0.4 * e2e.linear_weight_bytes(dense)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.8, 0.95])
+def test_random_pruned_weight_hits_the_sparsity_by_magnitude(dtype, sparsity):
+    torch.manual_seed(0)
+    weight = e2e.random_pruned_weight(1536, 2304, sparsity, torch.device("cpu"), dtype)
+    assert weight.shape == (1536, 2304) and weight.dtype == dtype
+    zero = weight == 0
+    assert zero.float().mean().item() == pytest.approx(sparsity, abs=1e-3)
+    if sparsity > 0:  # by magnitude: every kept weight is at least the Gaussian's quantile
+        cut = 0.02 * torch.special.ndtri(torch.tensor((1 + sparsity) / 2, dtype=torch.float64)).item()
+        smallest = weight[~zero].float().abs().min().item()
+        assert cut * (1 - torch.finfo(dtype).eps) <= smallest < cut * 1.01
+
+
+def test_build_model_refuses_an_nm_pattern():
+    with pytest.raises(ValueError, match="fraction of zeros"):
+        e2e.build_model(e2e.make_config("tiny"), "2:4", "bitmap", torch.float32, torch.device("cpu"))
 
 
 def test_tiny_e2e_run_writes_rows_and_plot(tmp_path, capsys):
