@@ -28,6 +28,10 @@
 #      (cuda/*_expand.cu, checked bit for bit and timed; flashllm bench formats)      (~20 s)
 #      DEVICE_CHECK_CROSSOVER=1: fused kernels against expansion + cuBLAS at N 32-512
 #      (CROSSOVER_N), where FLASHLLM_KERNEL_MAX_N should sit (crossover/)          (~1 min)
+#      5e. DEVICE_CHECK_FLUSH=1: every issue layer (FLUSH_SHAPES) at N = 16, 50 and 90%, cuBLAS and
+#      both formats, timed after do_bench's L2 flush (zeroing 256 MiB: dirty lines) and after a
+#      read flush (clean lines), each with cuBLAS's fit of intercept + bytes / bandwidth
+#      (flush_write/, flush_read/)                                                  (~40 s)
 #   6. DEVICE_CHECK_NCU=1: Nsight Compute sections and warp-stall reasons, one launch per kernel
 #      option (ncu.log)                                                            (~30 s)
 #   7. compute-sanitizer memcheck and racecheck on small shapes                    (~1 min)
@@ -40,7 +44,8 @@
 # Writes device_check.log under $OUT (./out when unset) and everything else into $OUT/results.tgz
 # (the device tool returns at most 8 files). The last lines printed are the summary.
 # Step limits in seconds: PYTEST_LIMIT (300), TUNE_LIMIT (240), BENCH_LIMIT (300), NCU_LIMIT (150),
-# SANITIZER_LIMIT (150 per tool), E2E_LIMIT (240), SWEEP_LIMIT (240), PROBE_LIMIT (150).
+# SANITIZER_LIMIT (150 per tool), E2E_LIMIT (240), SWEEP_LIMIT (240), PROBE_LIMIT (150), FLUSH_LIMIT (60 per
+# flush).
 # DEVICE_CHECK_DEADLINE=N cuts them so that the whole run ends within N seconds (a step left with
 # under 15 s is skipped): set it a little under the device call's timeout.
 # NCU_CLOCK_CONTROL=none runs Nsight Compute at the GPU's own clocks (by default it locks them to
@@ -57,7 +62,8 @@ set -uo pipefail
 # DEVICE_CHECK_DEADLINE: give the device call a 600 s timeout): the tests, a benchmark of the
 # options against the defaults on two layers (N 1/16, 50/80/90%, cuBLAS only), the probes, the
 # expansion kernels against the reference decode, Nsight Compute at the GPU's own clock with the
-# warp-stall reasons, and the sanitizers; no tuning (a second call:
+# warp-stall reasons, the L2 flush's share of every time (write against read flush), and the
+# sanitizers; no tuning (a second call:
 # DEVICE_CHECK_TUNE=1 ..., with DEVICE_CHECK_CROSSOVER=1 or DEVICE_CHECK_E2E=1 E2E_EXPAND=1). A
 # pending option that fails its smoke test (step 2b) is left out of every later step, the others
 # stay. Variables set in the environment still win.
@@ -69,8 +75,9 @@ set -uo pipefail
 if [ "${DEVICE_CHECK_PRESET:-}" = "diagnose" ]; then
   : "${BENCH_SELECT:=--shapes llama-2-7b.up,opt-66b.qkv --n 1,16 --sparsity 0.5,0.8,0.9}"
   : "${BENCH_BASELINES:=cublas}"
-  : "${BENCH_FORMATS:=bitmap,tiled_csl,bitmap:persistent,bitmap:ring,bitmap:ring:persistent,bitmap:rezero,tiled_csl:rezero,bitmap:split1,bitmap:fit,bitmap:pf4,bitmap:fit:stages6,bitmap:fixup,tiled_csl:split1,tiled_csl:dense2,tiled_csl:pf4,tiled_csl:fixup}"
-  : "${DEVICE_CHECK_PROBE:=1}" "${PROBE_FORMATS:=bitmap,tiled_csl,bitmap:persistent,bitmap:ring,bitmap:split1,tiled_csl:split1}"
+  : "${BENCH_FORMATS:=bitmap,tiled_csl,bitmap:persistent,bitmap:ring,bitmap:ring:persistent,bitmap:rezero,tiled_csl:rezero,bitmap:split1,bitmap:fit,bitmap:pf4,bitmap:fit:stages6,bitmap:fit:stages6:ring,bitmap:fit:stages6:ring:persistent,bitmap:fixup,tiled_csl:split1,tiled_csl:dense2,tiled_csl:pf4,tiled_csl:fixup}"
+  : "${DEVICE_CHECK_PROBE:=1}" "${PROBE_FORMATS:=bitmap,tiled_csl,bitmap:persistent,bitmap:ring,bitmap:fit:stages6,bitmap:fit:stages6:ring,bitmap:split1,tiled_csl:split1}"
+  : "${DEVICE_CHECK_FLUSH:=1}"
   : "${DEVICE_CHECK_NCU:=1}" "${NCU_CLOCK_CONTROL:=none}"
   : "${PYTEST_LIMIT:=170}" "${BENCH_LIMIT:=90}" "${PROBE_LIMIT:=90}" "${NCU_LIMIT:=90}" "${SANITIZER_LIMIT:=45}"
   : "${FORMATS_LIMIT:=45}" "${DEVICE_CHECK_DEADLINE:=560}"
@@ -210,7 +217,8 @@ if [ "${DEVICE_CHECK_TESTS:-1}" = "1" ]; then
   step "3. GPU tests"
   PYTEST_TIMEOUT=()
   "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_TIMEOUT=(--timeout 120)
-  limited "${PYTEST_LIMIT:-300}" "$PY" -m pytest tests/test_kernels_cuda.py tests/test_decode.py -m "$MARKS" -q -rfEs \
+  limited "${PYTEST_LIMIT:-300}" "$PY" -m pytest tests/test_kernels_cuda.py tests/test_decode.py tests/test_bench_kernels.py \
+    -m "$MARKS" -q -rfEs \
     -p no:cacheprovider "${PYTEST_TIMEOUT[@]}" --maxfail 20 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 40
   STATUS[pytest]=${PIPESTATUS[0]}
 fi
@@ -271,6 +279,17 @@ if [ "${DEVICE_CHECK_CROSSOVER:-0}" = "1" ]; then
     --n "${CROSSOVER_N:-32,64,128,256,512}" --sparsity 0.5,0.8 --baselines cublas --formats bitmap,tiled_csl --expand \
     --out "$OUT/crossover" --warmup 10 --rep 40 2>&1 | tee "$OUT/crossover.log" | grep -v "^  " | tail -n 40
   STATUS[crossover]=${PIPESTATUS[0]}
+fi
+
+if [ "${DEVICE_CHECK_FLUSH:-0}" = "1" ]; then
+  step "5e. L2 flush: do_bench's (write) against a read flush (DEVICE_CHECK_FLUSH=1)"
+  for flush in write read; do
+    limited "${FLUSH_LIMIT:-60}" "$PY" -m flashllm.bench.kernels --shapes "${FLUSH_SHAPES:-all}" --n 16 --sparsity 0.5,0.9 \
+      --baselines cublas --formats bitmap,tiled_csl --flush "$flush" --out "$OUT/flush_$flush" --warmup 10 --rep 40 \
+      > "$OUT/flush_$flush.log" 2>&1
+    STATUS[flush_$flush]=$?
+    grep -E "^# |^cublas at|^  (bitmap|tiled_csl) +s=0\.[59]0 +[0-9]" "$OUT/flush_$flush.log" | head -n 8
+  done
 fi
 
 if [ "${DEVICE_CHECK_NCU:-0}" = "1" ]; then
@@ -406,7 +425,8 @@ fi
 
 step "summary ($(( $(date +%s) - T0 ))s)"
 [ -f "$OUT/pytest_gpu.log" ] && grep -E "passed|failed|error" "$OUT/pytest_gpu.log" | tail -n 1
-for k in env smoke smoke_unvalidated pytest tune bench sweep bench_bf16 probes formats crossover ncu memcheck racecheck \
+for k in env smoke smoke_unvalidated pytest tune bench sweep bench_bf16 probes formats crossover flush_write flush_read ncu \
+         memcheck racecheck \
          e2e e2e_options e2e_expand; do
   case "${STATUS[$k]-unset}" in
     unset) ;;

@@ -224,7 +224,8 @@ def test_appending_to_a_csv_of_an_older_version_keeps_its_columns(tmp_path, caps
     row = bench.Row(shape="tiny-a", out_features=192, in_features=256, n=1, sparsity=0.5, method="bitmap",
                     time_us=12.5, speedup=1.1, ideal=1.8, gbps=10.0, frac_copy=0.1, err=0.0, timing="graph",
                     config="cfg", sm_mhz=1980.0)
-    env = {"gpu": "g", "date": "d", "torch": "t", "cuda": "c", "flashllm": "f", "copy_gbps": 4000.0}
+    env = {"gpu": "g", "date": "d", "torch": "t", "cuda": "c", "flashllm": "f", "copy_gbps": 4000.0,
+           "flush": "write", "floor_us": 4.0}
     bench.write_csv([row], env, "fp16", str(path))
     assert "no column for sm_mhz" in capsys.readouterr().err
     got = list(csv.DictReader(open(path, newline="")))
@@ -268,3 +269,70 @@ def test_expand_adds_the_prefill_path_where_the_kernels_run(monkeypatch):
     torch.testing.assert_close(method.run().float(), (x.float() @ w.float().t()), rtol=1e-2, atol=1e-2)
     assert [m.name for m in bench.sparse_methods(w, x, ["bitmap"], fast=False, expand=True)] == ["bitmap (reference)"]
     assert bench.build_parser().parse_args(["--expand"]).expand
+
+
+def test_cublas_fit_recovers_the_intercept_and_the_bandwidth():
+    # times = 12 us + bytes at 4000 GB/s, for three layers of different sizes at N = 16
+    rows = []
+    for m, k in ((4096, 4096), (11008, 4096), (27648, 9216)):
+        nbytes = 2 * (m * k + 16 * (m + k))
+        time_us = 12.0 + nbytes / 4000e9 * 1e6
+        rows.append(bench.Row("l", m, k, 16, 0.0, "cublas", time_us, 1.0, 1.0, nbytes / (time_us * 1e-6) / 1e9,
+                              0.9, 0.0, "graph"))
+    assert bench.cublas_fit_lines(rows) == ["cublas at N=16:  12.0 us + bytes at  4000 GB/s (least squares over 3 layers)"]
+    assert bench.summary(rows).startswith("cublas at N=16:  12.0 us")
+    assert bench.cublas_fit_lines(rows[:2]) == []  # two layers: no fit
+    assert bench.cublas_fit_lines([replace(r, out_features=1) for r in rows[:1]] * 3) == []  # one size
+
+
+def test_flush_modes_are_checked_and_recorded(tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown L2 flush 'cold'"):
+        bench._timer(torch.device("cpu"), 1, 1, "cold")
+    with pytest.raises(SystemExit):
+        parse("--flush", "cold")
+    write, read = bench._flusher(torch.device("cpu"), "write"), bench._flusher(torch.device("cpu"), "read")
+    assert write().abs().sum() == 0  # zeroes its buffer
+    assert read().dim() == 0  # a sum: reads the buffer, writes one number
+    csv_path = tmp_path / "k.csv"
+    assert bench.main(parse("--dry-run", "--rep", "1", "--flush", "read", "--csv", str(csv_path), "--no-plot")) == 0
+    assert "| L2 flush: read | floor " in capsys.readouterr().out
+    with open(csv_path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and {r["flush"] for r in rows} == {"read"}
+    assert all(0 < float(r["floor_us"]) < 1e5 for r in rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/device_check.sh runs it)")
+@pytest.mark.parametrize("flush", bench.FLUSHES)
+def test_event_timer_times_a_copy_after_either_flush(flush):
+    device = torch.device("cuda")
+    src = torch.randn(16 * 2**20, device=device)  # 64 MiB, more than an H100's or H200's L2
+    dst = torch.empty_like(src)
+    timer = bench._event_timer(device, 5, 20, bench._flusher(device, flush))
+    ms = timer(lambda: dst.copy_(src))
+    assert torch.equal(dst, src)
+    # 128 MiB moved: between 100 GB/s and 20 TB/s on any GPU the kernels support
+    assert 2 * src.numel() * 4 / 20e12 * 1e3 < ms < 2 * src.numel() * 4 / 100e9 * 1e3
+    assert 0 < bench.timing_floor(device, timer) < ms
+
+
+def test_device_check_presets_name_formats_that_parse():
+    # A misspelt entry would cost a GPU session's benchmark step; every pending option is in the
+    # diagnose preset's benchmark (its A/B) under at least one spelling.
+    import re
+    from pathlib import Path
+
+    from flashllm.kernels import configs
+
+    script = (Path(__file__).parents[1] / "scripts" / "device_check.sh").read_text()
+    lists = re.findall(r'"\$\{(?:BENCH|PROBE)_FORMATS:=([^}]*)\}"', script)
+    assert len(lists) >= 3
+    for entries in lists:
+        for name in entries.split(","):
+            fmt, options = bench.parse_format(name)
+            configs.example_config(fmt, options).validate(fmt)  # the options combine into a valid launch
+    diagnose = lists[0].split(",")
+    for option in configs.pending_options():
+        assert any(option in configs.unvalidated_options(configs.example_config(*bench.parse_format(n)))
+                   for n in diagnose), option

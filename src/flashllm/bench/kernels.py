@@ -91,8 +91,61 @@ class Row:
 # ---------------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------------
-def _timer(device: torch.device, warmup_ms: int, rep_ms: int) -> Callable[[Callable[[], object]], float]:
-    """A function returning the median milliseconds of a callable on `device`."""
+# The L2 flush before each timed call. "write" zeroes a 256 MiB buffer, as triton's do_bench does,
+# which leaves the L2 full of dirty lines: the timed call's own reads must then evict them, so its
+# time may include writing up to an L2's worth of bytes (50 MB on an H100 or H200) back to DRAM.
+# cuBLAS's times on an H200 fit 15 us plus its bytes at copy bandwidth (BENCHMARKS.md, tenth
+# session), a constant that shrinks every speedup towards 1. "read" sums the same buffer instead:
+# the weight leaves the L2 all the same, and the lines left behind are clean, as they are between
+# the layers of a decode step, whose weights are only read.
+FLUSHES = ("write", "read")
+FLUSH_BYTES = 256 * 2**20
+
+
+def _flusher(device: torch.device, flush: str) -> Callable[[], object]:
+    buffer = torch.zeros(FLUSH_BYTES // 4, dtype=torch.float32, device=device)
+    if flush == "write":
+        return buffer.zero_
+    total = torch.empty((), dtype=torch.float32, device=device)
+    return lambda: torch.sum(buffer, dim=0, out=total)
+
+
+def _event_timer(device: torch.device, warmup_ms: int, rep_ms: int, flush: Callable[[], object]):
+    """do_bench's procedure with our own flush: five flushed calls estimate a call's time, which sets
+    how many warm-up calls and timed calls fit in `warmup_ms` and `rep_ms`; every timed call follows
+    a flush and sits between two CUDA events, all enqueued before one synchronization; the median."""
+    def timed(fn) -> float:
+        fn()
+        torch.cuda.synchronize(device)
+        begin, finish = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(5):
+            flush()
+            fn()
+        finish.record()
+        torch.cuda.synchronize(device)
+        estimate = max(begin.elapsed_time(finish) / 5, 1e-3)
+        for _ in range(max(1, int(warmup_ms / estimate))):
+            fn()
+        reps = max(1, int(rep_ms / estimate))
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for start, end in zip(starts, ends):
+            flush()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        return statistics.median(start.elapsed_time(end) for start, end in zip(starts, ends))
+    return timed
+
+
+def _timer(device: torch.device, warmup_ms: int, rep_ms: int,
+           flush: str = "write") -> Callable[[Callable[[], object]], float]:
+    """A function returning the median milliseconds of a callable on `device`, each call after an
+    L2 flush of kind `flush` (FLUSHES; triton's do_bench itself for "write" when triton is there)."""
+    if flush not in FLUSHES:
+        raise ValueError(f"unknown L2 flush {flush!r}; choose from {', '.join(FLUSHES)}")
     if device.type != "cuda":
         def cpu_time(fn):
             fn()
@@ -104,28 +157,14 @@ def _timer(device: torch.device, warmup_ms: int, rep_ms: int) -> Callable[[Calla
                 times.append((time.perf_counter() - t0) * 1000)
             return statistics.median(times)
         return cpu_time
-    try:
-        from triton.testing import do_bench
+    if flush == "write":
+        try:
+            from triton.testing import do_bench
 
-        return lambda fn: float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-    except ImportError:
-        flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
-
-        def event_time(fn):
-            fn()
-            torch.cuda.synchronize()
-            times = []
-            deadline = time.perf_counter() + rep_ms / 1000
-            while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 1000):
-                flush.zero_()  # L2 flush, as do_bench does
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            return statistics.median(times)
-        return event_time
+            return lambda fn: float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+        except ImportError:
+            pass
+    return _event_timer(device, warmup_ms, rep_ms, _flusher(device, flush))
 
 
 def _graphed(fn: Callable[[], object], device: torch.device) -> tuple[Callable[[], object], str]:
@@ -151,17 +190,21 @@ def _graphed(fn: Callable[[], object], device: torch.device) -> tuple[Callable[[
 Timed = Callable[[Callable[[], object]], tuple[float, float]]
 
 
-def start_run(device: torch.device, warmup_ms: int, rep_ms: int) -> tuple[Timed, dict]:
+def start_run(device: torch.device, warmup_ms: int, rep_ms: int, flush: str = "write") -> tuple[Timed, dict]:
     """A run's timer, `timed(fn)` -> (median ms, median SM clock in MHz while timed, nan without
-    NVML), and its environment (GPU, versions, date, measured copy bandwidth, maximum SM clock),
-    printed as the run's header line."""
-    timer = _timer(device, warmup_ms, rep_ms)
+    NVML), and its environment (GPU, versions, date, measured copy bandwidth, maximum SM clock, the
+    L2 flush and the timing floor: a one-element kernel's time, what any call pays here), printed
+    as the run's header line."""
+    timer = _timer(device, warmup_ms, rep_ms, flush)
     clock = SmClock(device)
     env = environment(device)
     env["copy_gbps"] = copy_bandwidth(device, timer)
     env["max_sm_mhz"] = max_sm_clock(device)
+    env["flush"] = flush
+    env["floor_us"] = timing_floor(device, timer) * 1e3
     print(f"# {env['gpu']} | torch {env['torch']} | CUDA {env['cuda']} | copy {env['copy_gbps']:.0f} GB/s "
-          f"| max SM clock {env['max_sm_mhz'] or 'n/a'} MHz | {env['date']}", flush=True)
+          f"| max SM clock {env['max_sm_mhz'] or 'n/a'} MHz | L2 flush: {flush} | floor {env['floor_us']:.1f} us "
+          f"| {env['date']}", flush=True)
 
     def timed(fn) -> tuple[float, float]:
         with clock:
@@ -169,6 +212,13 @@ def start_run(device: torch.device, warmup_ms: int, rep_ms: int) -> tuple[Timed,
         return ms, clock.median_mhz or float("nan")
 
     return timed, env
+
+
+def timing_floor(device: torch.device, timer) -> float:
+    """Milliseconds the timer gives a one-element kernel, replayed from a CUDA graph like every
+    timed product: the part of each time that is neither bytes nor work (events, graph launch)."""
+    one = torch.zeros(1, device=device)
+    return timer(_graphed(lambda: one.add_(1), device)[0])
 
 
 def copy_bandwidth(device: torch.device, timer) -> float:
@@ -336,7 +386,7 @@ def run(args) -> tuple[list[Row], dict]:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     fast = device.type == "cuda" and not args.reference and dtype != torch.float32
-    timed, env = start_run(device, args.warmup, args.rep)
+    timed, env = start_run(device, args.warmup, args.rep, args.flush)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     rows: list[Row] = []
     points = sampled_points(args)
@@ -404,6 +454,26 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def cublas_fit_lines(rows: list[Row]) -> list[str]:
+    """Per N, cuBLAS's (on the CPU: the dense product's) times fitted as intercept + bytes / bandwidth (least squares over the
+    layers): the intercept is what every call pays in this harness besides its bytes, the
+    bandwidth what its bytes cost at the margin. Needs three layers of two sizes or more."""
+    lines = []
+    for n in sorted({r.n for r in rows}):
+        dense = [r for r in rows if r.n == n and r.method in ("cublas", "dense")]  # "dense": on the CPU
+        pts = [(r.gbps * r.time_us * 1e3, r.time_us) for r in dense]
+        if len(pts) < 3 or len({b for b, _ in pts}) < 2:
+            continue
+        mean_b = statistics.fmean(b for b, _ in pts)
+        mean_t = statistics.fmean(t for _, t in pts)
+        slope = sum((b - mean_b) * (t - mean_t) for b, t in pts) / sum((b - mean_b) ** 2 for b, _ in pts)
+        if slope <= 0:
+            continue
+        lines.append(f"{dense[0].method} at N={n}: {mean_t - slope * mean_b:5.1f} us + bytes at {1e-3 / slope:5.0f} GB/s "
+                     f"(least squares over {len(pts)} layers)")
+    return lines
+
+
 def summary(rows: list[Row]) -> str:
     """Geometric-mean speedup over cuBLAS per method, sparsity and N: the numbers the targets name."""
     groups: dict[tuple, list[float]] = {}
@@ -412,7 +482,7 @@ def summary(rows: list[Row]) -> str:
             continue
         groups.setdefault((r.method, r.sparsity, r.n), []).append(r.speedup)
     geomean = statistics.geometric_mean
-    lines = ["geomean speedup over cuBLAS (all layers):"]
+    lines = cublas_fit_lines(rows) + ["geomean speedup over cuBLAS (all layers):"]
     for (method, s, n), vals in sorted(groups.items()):
         lines.append(f"  {method:16s} s={s:.2f} N={n:<4d} {geomean(vals):5.2f}x  ({len(vals)} layers)")
     # The issue's measure: the geomean over every layer at N = 8, 16 and 32 together.
@@ -442,12 +512,12 @@ def summary(rows: list[Row]) -> str:
 
 CSV_FIELDS = ["gpu", "date", "torch", "cuda", "flashllm", "dtype", "shape", "out_features", "in_features", "n",
               "sparsity", "method", "time_us", "speedup", "ideal", "gbps", "frac_copy", "copy_gbps", "err",
-              "timing", "config", "sm_mhz"]
+              "timing", "config", "sm_mhz", "flush", "floor_us"]
 
 
 def write_csv(rows: list[Row], env: dict, dtype: str, path: str) -> None:
     """Long format, appended (with a header when the file is new), one line per measurement."""
-    run = {k: env[k] for k in ("gpu", "date", "torch", "cuda", "flashllm", "copy_gbps")}
+    run = {k: env[k] for k in ("gpu", "date", "torch", "cuda", "flashllm", "copy_gbps", "flush", "floor_us")}
     append_rows(path, CSV_FIELDS, ({**asdict(r), **run, "dtype": dtype} for r in rows))
 
 
@@ -520,7 +590,7 @@ def tune(args) -> int:
     dtype = DTYPES[args.dtype]
     arch = configs.arch_key(torch.cuda.get_device_capability(device))
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    timer = _timer(device, args.warmup, args.rep)
+    timer = _timer(device, args.warmup, args.rep, args.flush)
     skip = set(args.skip_options)
     table: dict[tuple, configs.LaunchConfig] = {}
     for name, m, k in resolve_shapes(args.shapes):
@@ -588,6 +658,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     parser.add_argument("--rep", type=int, default=100, help="do_bench measuring time, ms")
+    parser.add_argument("--flush", choices=FLUSHES, default="write",
+                        help="L2 flush before each timed call: write (zero a 256 MiB buffer, as do_bench "
+                             "does; leaves dirty lines) or read (sum it; leaves clean lines)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="folder for the CSV and PNG (default: $OUT or ./bench_out)")
     parser.add_argument("--csv", default=None, help="CSV to append to (default: <out>/kernels.csv)")

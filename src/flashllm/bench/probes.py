@@ -92,7 +92,7 @@ def run(args) -> tuple[list[ProbeRow], dict]:
 
     device = torch.device(args.device)
     dtype = bench.DTYPES[args.dtype]
-    timed_call, env = bench.start_run(device, args.warmup, args.rep)
+    timed_call, env = bench.start_run(device, args.warmup, args.rep, args.flush)
     gen = torch.Generator(device=device).manual_seed(args.seed)
 
     def timed(fn) -> tuple[float, float]:  # graph replays, as `flashllm bench kernels` times them
@@ -157,11 +157,12 @@ def summary(rows: list[ProbeRow]) -> str:
     return "\n".join(lines)
 
 
-CSV_FIELDS = ["gpu", "date", "torch", "cuda", "flashllm", "copy_gbps", "max_sm_mhz", *ProbeRow.__dataclass_fields__]
+RUN_FIELDS = ["gpu", "date", "torch", "cuda", "flashllm", "copy_gbps", "max_sm_mhz", "flush"]
+CSV_FIELDS = [*RUN_FIELDS, *ProbeRow.__dataclass_fields__]
 
 
 def write_csv(rows: list[ProbeRow], env: dict, path: str) -> None:
-    run = {k: env.get(k) for k in CSV_FIELDS[:7]}
+    run = {k: env.get(k) for k in RUN_FIELDS}
     append_rows(path, CSV_FIELDS, ({**run, **asdict(r)} for r in rows))
 
 
@@ -176,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16")
     parser.add_argument("--warmup", type=int, default=10, help="do_bench warm-up, ms")
     parser.add_argument("--rep", type=int, default=40, help="do_bench measuring time, ms")
+    parser.add_argument("--flush", choices=bench.FLUSHES, default="write",
+                        help="L2 flush before each timed call (as `flashllm bench kernels --flush`)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--csv", default=None, help="CSV to append to (default: $OUT/probes.csv or ./bench_out)")
