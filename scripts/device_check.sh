@@ -298,11 +298,12 @@ if [ "${DEVICE_CHECK_NCU:-0}" = "1" ]; then
   cat > "$NCU_PY" <<'EOF'
 # Llama-2-7B up_proj, N = 16, tuned configs with each kernel option forced: bitmap's fragment decode
 # at 50% (full and fitted value buffers, stream-K blocks, the run-bound ring) and 80% and its scatter decode at 90%,
-# Tiled-CSL with 4 and 8 warps at 80%; with each warp-stall reason's share. One warm-up
+# Tiled-CSL with 4 and 8 warps at 80%, and bitmap's stream probe at 80%; with each warp-stall reason's share. One warm-up
 # pass (compiles), then one profiled pass between cudaProfilerStart/Stop (ncu --profile-from-start off).
 import os
 import torch
-from dataclasses import replace
+from dataclasses import asdict, replace
+from flashllm.bench.probes import ProbeConfig
 from flashllm.formats import BitmapWeight, TiledCSLWeight
 from flashllm.kernels import bitmap_cuda, configs, tiled_csl_cuda
 torch.manual_seed(0)
@@ -317,8 +318,17 @@ for cls, mod, s, options in [(BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragme
                              (TiledCSLWeight, tiled_csl_cuda, 0.8, {"warps": 8}),
                              (TiledCSLWeight, tiled_csl_cuda, 0.9, {"warps": 4, "dense_tiles": 1}),
                              (BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragment", "persistent": True}),
-                             (BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragment", "offset_ring": True})]:
+                             (BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragment", "offset_ring": True}),
+                             # the stream alone (probe level 1: copies, waits, barriers), 3 and 6 stages, with
+                             # and without the ring: what its warps wait for, without the decode's stalls
+                             (BitmapWeight, bitmap_cuda, 0.8, {"decode": "fragment", "probe": 1}),
+                             (BitmapWeight, bitmap_cuda, 0.8, {"value_cap": configs.FIT, "stages": 6, "probe": 1}),
+                             (BitmapWeight, bitmap_cuda, 0.8, {"value_cap": configs.FIT, "stages": 6,
+                                                               "offset_ring": True, "probe": 1})]:
+    probe = options.pop("probe", 0)
     cfg = replace(configs.get_config(arch, mod.FORMAT, 11008, 4096, 16, s), **options)
+    if probe:
+        cfg = ProbeConfig(**asdict(cfg), probe=probe)
     if set(configs.unvalidated_options(cfg)) & set(os.environ.get("FLASHLLM_SKIP_OPTIONS", "").split(",")):
         continue  # failed its smoke test (step 2b)
     w = torch.randn(11008, 4096, device="cuda", dtype=torch.float16)
