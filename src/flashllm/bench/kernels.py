@@ -455,9 +455,10 @@ def format_table(rows: list[Row]) -> str:
 
 
 def cublas_fit_lines(rows: list[Row]) -> list[str]:
-    """Per N, cuBLAS's (on the CPU: the dense product's) times fitted as intercept + bytes / bandwidth (least squares over the
-    layers): the intercept is what every call pays in this harness besides its bytes, the
-    bandwidth what its bytes cost at the margin. Needs three layers of two sizes or more."""
+    """Per N, cuBLAS's times (on the CPU: the dense product's) fitted as intercept + bytes /
+    bandwidth, least squares over the layers: the intercept is what every call pays in this
+    harness besides its bytes, the bandwidth what its bytes cost at the margin. Needs three layers
+    of two sizes or more."""
     lines = []
     for n in sorted({r.n for r in rows}):
         dense = [r for r in rows if r.n == n and r.method in ("cublas", "dense")]  # "dense": on the CPU
@@ -469,8 +470,8 @@ def cublas_fit_lines(rows: list[Row]) -> list[str]:
         slope = sum((b - mean_b) * (t - mean_t) for b, t in pts) / sum((b - mean_b) ** 2 for b, _ in pts)
         if slope <= 0:
             continue
-        lines.append(f"{dense[0].method} at N={n}: {mean_t - slope * mean_b:5.1f} us + bytes at {1e-3 / slope:5.0f} GB/s "
-                     f"(least squares over {len(pts)} layers)")
+        lines.append(f"{dense[0].method} at N={n}: {mean_t - slope * mean_b:5.1f} us + bytes at "
+                     f"{1e-3 / slope:5.0f} GB/s (least squares over {len(pts)} layers)")
     return lines
 
 
