@@ -277,6 +277,26 @@ def test_offset_ring_is_a_bitmap_compile_option():
     assert {c.stages for f, c in configs.checked_variants() if c.offset_ring} >= {3, 6}  # look-ahead 4 and 10
 
 
+def test_bulk_copy_is_a_bitmap_compile_option():
+    on = LaunchConfig(nrows=16, bulk_copy=True).validate("bitmap")
+    off = LaunchConfig(nrows=16)
+    assert on.defines("bitmap") == {**off.defines("bitmap"), "FLASHLLM_BULK": 1,
+                                    "FLASHLLM_SMEM_BYTES": off.smem_bytes("bitmap") + 3 * 8}  # an mbarrier per stage
+    assert replace(on, stages=6).smem_bytes("bitmap") == replace(off, stages=6).smem_bytes("bitmap") + 48
+    assert configs.unvalidated_options(on) == (["bulk"] if "bulk" in configs.UNVALIDATED else [])
+    assert configs.parse_options("bitmap", ["bulk"]) == {"bulk_copy": True}
+    with pytest.raises(ValueError, match="bulk copies of the weight are a bitmap option"):
+        LaunchConfig(nrows=16, words_per_stage=2048, bulk_copy=True).validate("tiled_csl")
+    with pytest.raises(ValueError, match="bulk_copy must be True or False"):
+        LaunchConfig(nrows=16, bulk_copy=1).validate("bitmap")
+    tuning = configs.candidates("bitmap", 16, 0.8, unvalidated=True)
+    assert any(c.bulk_copy and c.stages == 6 for c in tuning) and any(c.bulk_copy and c.offset_ring for c in tuning)
+    assert not any(c.bulk_copy for c in configs.candidates("bitmap", 16, 0.8)) or "bulk" not in configs.UNVALIDATED
+    checked = [c for f, c in configs.checked_variants() if c.bulk_copy]
+    assert {c.strips for c in checked} == {1, 2} and {c.decode for c in checked} == set(configs.DECODES)
+    assert any(c.persistent for c in checked) and any(c.offset_ring for c in checked) and any(c.prefetch for c in checked)
+
+
 def test_rezero_is_a_launch_option_of_both_formats():
     # The finalize launch re-zeroes a kept workspace instead of a memset per product: the main
     # kernels are unchanged (same defines, same cache keys), the finalize build is prebuilt too.

@@ -238,6 +238,25 @@ def test_offset_ring(dtype, sparsity, split_k):
     check("bitmap", 1000, 4096, 3, sparsity, dtype, replace(base, persistent=True))
 
 
+@pending(bulk_copy=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_bulk_copies(dtype, sparsity, split_k):
+    # The weight's bytes by bulk copies on per-stage mbarriers (FLASHLLM_BULK; the cp.async path
+    # below sm_90): K shorter than the pipeline (the prologue alone) and far longer (every stage's
+    # barrier through many phases), 2 and 6 stages, two strips (two copies of each kind per stage),
+    # the scatter decode, fitted buffers, tiles with no values (sparsity 1: only the masks' copy),
+    # with the ring, stream-K blocks and the L2 prefetch, bias on and off.
+    base = replace(configs.default_config("bitmap", 17, max(sparsity, 0.5)), split_k=split_k, bulk_copy=True)
+    check("bitmap", 200, 300, 17, sparsity, dtype, base)
+    check("bitmap", 130, 5000, 9, sparsity, dtype, replace(base, stages=6), with_bias=False)
+    check("bitmap", 300, 2000, 5, sparsity, dtype, replace(base, stages=2, strips=2))
+    check("bitmap", 257, 3000, 16, sparsity, dtype, replace(base, decode="scatter", value_cap=configs.FIT))
+    check("bitmap", 1000, 4096, 3, sparsity, dtype, replace(base, offset_ring=True, stages=6))
+    check("bitmap", 1000, 4096, 33, sparsity, dtype, replace(base, persistent=True, prefetch=4))
+
+
 @pending(rezero=True)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", DTYPES)

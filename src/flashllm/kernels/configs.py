@@ -116,7 +116,12 @@ MAX_PREFETCH = 16
 # - "rezero": split-K's finalize launch writes zeros back into a workspace kept per stream
 #   (splitk_finalize.cu, FLASHLLM_REZERO), so no memset runs before each product: two launches per
 #   split product instead of three (Nsight Compute put a quarter of a product outside the kernel).
-UNVALIDATED: frozenset[str] = frozenset({"persistent", "ring", "rezero"})
+# - "bulk": the bitmap tiles' masks and value runs moved by Hopper's bulk copies (TMA, one thread,
+#   per-stage mbarriers; FLASHLLM_BULK) instead of every thread's 16-byte cp.async chunks: a few
+#   large copy requests per tile instead of hundreds, in case the stream's per-tile time (which a
+#   deeper pipeline did not shorten) is set by the requests an SM keeps in flight. sm_90 and up
+#   (below it the same build runs the cp.async path). Written on 2026-11-27, tenth session.
+UNVALIDATED: frozenset[str] = frozenset({"persistent", "ring", "rezero", "bulk"})
 
 # Shared-memory layout constants, mirrored from the .cu files (the kernels trap if the launch
 # provides less shared memory than they lay out, so a drift shows as an error, not as corruption).
@@ -143,6 +148,7 @@ class LaunchConfig:
     persistent: bool = False  # bitmap: stream-K, one block per resident slot over the flattened tiles
     offset_ring: bool = False  # bitmap: run bounds fetched into a shared ring 2 (stages - 1) tiles ahead
     rezero: bool = False  # split-K: the finalize launch re-zeroes a kept workspace (no memset per product)
+    bulk_copy: bool = False  # bitmap: the weight's bytes by bulk copies (TMA) from sm_90, not cp.async chunks
 
     def validate(self, fmt: str) -> "LaunchConfig":
         if self.nrows not in NROWS:
@@ -161,6 +167,10 @@ class LaunchConfig:
             raise ValueError(f"offset_ring must be True or False, got {self.offset_ring!r}")
         if not isinstance(self.rezero, bool):
             raise ValueError(f"rezero must be True or False, got {self.rezero!r}")
+        if not isinstance(self.bulk_copy, bool):
+            raise ValueError(f"bulk_copy must be True or False, got {self.bulk_copy!r}")
+        if self.bulk_copy and fmt != "bitmap":
+            raise ValueError(f"bulk copies of the weight are a bitmap option, got {self} for {fmt}")
         if self.rezero and self.fixup:
             raise ValueError("rezero and fixup are two ways to end split-K without a memset: pick one")
         if self.offset_ring and fmt != "bitmap":
@@ -212,6 +222,8 @@ class LaunchConfig:
             d["FLASHLLM_PERSISTENT"] = 1
         if self.offset_ring:  # likewise
             d["FLASHLLM_OFFSET_RING"] = 1
+        if self.bulk_copy:  # likewise
+            d["FLASHLLM_BULK"] = 1
         if fmt == "bitmap":
             d["FLASHLLM_STRIPS"] = self.strips
             d["FLASHLLM_DECODE"] = DECODES.index(self.decode)
@@ -251,7 +263,8 @@ class LaunchConfig:
             # After the stages: the fragment decode's per-warp table, or the scatter's dense tiles.
             decode = 4 * self.strips * 32 * 8 if self.decode == "fragment" else self.strips * _BITMAP_TILE_BYTES
             ring = self.strips * _BITMAP_RING_BYTES if self.offset_ring else 0
-            return self.stages * stage + decode + ring
+            barriers = self.stages * 8 if self.bulk_copy else 0  # one mbarrier per stage
+            return self.stages * stage + decode + ring + barriers
         stage = self.words_per_stage * 4 + x_stage
         return self.dense_tiles * _CSL_DENSE_BYTES + self.stages * stage + self.stages * 8
 
@@ -276,6 +289,7 @@ OPTION_SPELLINGS: dict[str, tuple[str, object]] = {
     "persistent": ("persistent", True),
     "ring": ("offset_ring", True),
     "rezero": ("rezero", True),
+    "bulk": ("bulk_copy", True),
 }
 FORCED_OPTIONS_ENV = "FLASHLLM_KERNEL_OPTIONS"
 _forced: dict[str, dict[str, dict]] = {}
@@ -353,6 +367,7 @@ KERNEL_OPTIONS: tuple[KernelOption, ...] = (
     KernelOption("persistent", lambda c: c.persistent, ("bitmap:persistent",)),
     KernelOption("ring", lambda c: c.offset_ring, ("bitmap:ring",)),
     KernelOption("rezero", lambda c: c.rezero, ("bitmap:rezero", "tiled_csl:rezero")),
+    KernelOption("bulk", lambda c: c.bulk_copy, ("bitmap:bulk",)),
 )
 OPTION_NAMES = tuple(o.name for o in KERNEL_OPTIONS)
 assert UNVALIDATED <= set(OPTION_NAMES), UNVALIDATED - set(OPTION_NAMES)
@@ -617,6 +632,12 @@ def candidates(fmt: str, n: int, sparsity: float, unvalidated: bool = False) -> 
         add(replace(base, value_cap=FIT, offset_ring=True))
         if base.strips == 1:
             add(replace(base, value_cap=FIT, offset_ring=True, persistent=True))
+        # Bulk copies of the weight, alone, with fitted buffers and a deep pipeline, and with the ring.
+        add(replace(base, bulk_copy=True))
+        add(replace(base, value_cap=FIT, bulk_copy=True))
+        if sparsity >= 0.75:
+            add(replace(base, stages=6, value_cap=FIT, bulk_copy=True))
+        add(replace(base, value_cap=FIT, offset_ring=True, bulk_copy=True))
     else:
         for words in (1024, 2048, 3072, 4096, 6144):
             for stages in (3, 4):
@@ -759,6 +780,14 @@ CHECKED_PERSISTENT = ((8, "fragment", 0, 0), (16, "fragment", 0, 0), (16, "scatt
 CHECKED_RING = ((8, 1, 3, "fragment", 0, False), (16, 1, 3, "fragment", 0, False), (16, 2, 3, "fragment", 0, False),
                 (16, 1, 3, "scatter", 0, False), (16, 1, 6, "fragment", 1536, False), (32, 1, 3, "fragment", 0, True),
                 (64, 1, 3, "fragment", 0, False), (128, 1, 3, "fragment", 0, False))
+# Bitmap variants with bulk copies of the weight: (rows, strips, stages, decode, value cap, stream-K,
+# ring, prefetch), one per code shape the copies touch (two strips: two copies of each kind per stage).
+CHECKED_BULK = ((8, 1, 3, "fragment", 0, False, False, 0), (16, 1, 3, "fragment", 0, False, False, 0),
+                (16, 2, 3, "fragment", 0, False, False, 0), (16, 1, 3, "scatter", 0, False, False, 0),
+                (16, 1, 6, "fragment", 1024, False, False, 0), (16, 1, 6, "fragment", 1024, False, True, 0),
+                (16, 1, 3, "fragment", 0, True, False, 0), (16, 1, 3, "fragment", 0, False, False, 4),
+                (32, 1, 3, "fragment", 1536, False, False, 0), (64, 1, 3, "fragment", 0, False, False, 0),
+                (128, 1, 3, "fragment", 0, False, False, 0))
 
 
 def kernel_source(fmt: str) -> str:
@@ -793,6 +822,8 @@ def checked_variants() -> list[tuple[str, LaunchConfig]]:
             for n, d, c, p in CHECKED_PERSISTENT]
     out += [("bitmap", LaunchConfig(nrows=n, strips=st, stages=sg, decode=d, value_cap=c, persistent=pe,
                                     offset_ring=True)) for n, st, sg, d, c, pe in CHECKED_RING]
+    out += [("bitmap", LaunchConfig(nrows=n, strips=st, stages=sg, decode=d, value_cap=c, persistent=pe,
+                                    offset_ring=r, prefetch=p, bulk_copy=True)) for n, st, sg, d, c, pe, r, p in CHECKED_BULK]
     return out
 
 

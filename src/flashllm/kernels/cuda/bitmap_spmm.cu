@@ -47,6 +47,14 @@
 // tile and block, which a loop whose iterations are shorter than it waits for every tile, however
 // deep the pipeline. The ring's entries travel in the stage groups the loop already waits on.
 //
+// FLASHLLM_BULK = 1 moves each tile's masks and value run with Hopper's bulk copies (TMA): one
+// thread issues one copy per strip and kind, completing on the stage's mbarrier, instead of every
+// thread issuing 16-byte cp.async chunks (up to ~260 per tile and block at N = 16). The stream's
+// time per tile did not fall with a deeper pipeline on an H200 (BENCHMARKS.md, tenth session): if
+// what it waits for is the number of copy requests an SM keeps in flight rather than their bytes,
+// a few large requests instead of hundreds of small ones lift it. The activations keep cp.async.
+// Below sm_90 the option compiles to the cp.async path (same layout, the barriers unused).
+//
 // FLASHLLM_PROBE (diagnostics only, python -m flashllm.bench.probes; the output is then not the
 // product) leaves out the later parts of the work, so that timing each level shows where the time
 // goes: 1 streams the stages (copies, waits, barriers) and nothing else, 2 adds the per-warp scan
@@ -113,7 +121,19 @@ constexpr int RING = 16;
 constexpr int AHEAD = 2 * (STAGES - 1);
 static_assert(AHEAD + 2 <= RING && (RING & (RING - 1)) == 0, "RING");
 constexpr int RING_OFF = DECODE_OFF + (SCATTER ? STRIPS * TILE_BYTES : WARPS * STRIPS * 32 * 8);
-constexpr int SMEM_BYTES = RING_OFF + (FLASHLLM_OFFSET_RING ? STRIPS * RING * 4 : 0);
+#ifndef FLASHLLM_BULK
+#define FLASHLLM_BULK 0
+#endif
+// The bulk copies' per-stage mbarriers (FLASHLLM_BULK) after the ring, 8 bytes each; the layout
+// keeps them on every architecture, the code uses them from sm_90.
+constexpr int BARS_OFF = RING_OFF + (FLASHLLM_OFFSET_RING ? STRIPS * RING * 4 : 0);
+constexpr int SMEM_BYTES = BARS_OFF + (FLASHLLM_BULK ? STAGES * 8 : 0);
+static_assert(BARS_OFF % 8 == 0, "mbarriers are 8-byte aligned");
+#if FLASHLLM_BULK && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define FLASHLLM_USE_BULK 1
+#else
+#define FLASHLLM_USE_BULK 0
+#endif
 static_assert(VAL_BYTES % 16 == 0 && STAGE_BYTES % 16 == 0, "16-byte aligned stage buffers");
 #ifdef FLASHLLM_SMEM_BYTES  // the launcher's size (kernels/configs.py) must match this layout
 static_assert(SMEM_BYTES == FLASHLLM_SMEM_BYTES, "configs.LaunchConfig.smem_bytes disagrees with the kernel");
@@ -130,6 +150,36 @@ constexpr u64 SEL_TABLE = static_cast<u64>(SEL_HI) << 32 | SEL_LO;  // selector 
 // 4-byte asynchronous copy global -> shared (one run bound of the ring; .ca: 4 bytes may not bypass L1).
 __device__ __forceinline__ void cp_async4(u32 dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src) : "memory");
+}
+#endif
+
+#if FLASHLLM_USE_BULK
+// Hopper's bulk copies and the mbarriers they complete on (one per stage, one arrival per use: the
+// issuing thread's, which also announces the bytes to expect).
+__device__ __forceinline__ void mbar_init(u32 bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect(u32 bar, u32 bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// Wait for the barrier's phase `parity` (0, 1, 0, ... for a stage's successive tiles) to complete.
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n"
+      "}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+// `bytes` (a nonzero multiple of 16, both addresses 16-byte aligned) global -> shared, counted
+// against `bar`'s expected bytes.
+__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+               "l"(src), "r"(bytes), "r"(bar)
+               : "memory");
 }
 #endif
 
@@ -225,6 +275,15 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
   trap_unless_smem(SMEM_BYTES, tid);
 
   const u32 sbase = smem_u32(smem);
+#if FLASHLLM_USE_BULK
+  const u32 bars = sbase + BARS_OFF;  // stage st's mbarrier at bars + 8 st
+  if (tid == 0) {
+#pragma unroll
+    for (int st = 0; st < STAGES; ++st) mbar_init(bars + st * 8);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the bulk copies
+  }
+  __syncthreads();  // and to every thread before it waits on one
+#endif
 
   // This block's tiles of each strip start at tile (strip0 + s) * KT + kt0: their run bounds and
   // masks are addressed from there, so a stage adds only its own index. A strip past the last
@@ -235,14 +294,18 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
   bool valid[STRIPS];
   const int* tile_offsets[STRIPS];
   const unsigned char* tile_masks0[STRIPS];  // the block's first tile's masks (prefetch)
+#if !FLASHLLM_USE_BULK
   const unsigned char* tile_masks[STRIPS];   // this thread's 16 bytes of them (copies)
+#endif
 #pragma unroll
   for (int s = 0; s < STRIPS; ++s) {
     valid[s] = STRIPS == 1 || strip0 + s < MT;  // one strip: the grid has exactly MT blocks
     const size_t t0 = static_cast<size_t>(valid[s] ? strip0 + s : MT - 1) * KT + kt0;
     tile_offsets[s] = offsets + t0;
     tile_masks0[s] = masks + t0 * MASK_BYTES;
+#if !FLASHLLM_USE_BULK
     tile_masks[s] = tile_masks0[s] + (tid % (MASK_BYTES / 16)) * 16;
+#endif
   }
   const XStager xstage(x, ldx, n0, N, kx, tid);
 
@@ -252,6 +315,9 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
   int nlo[STRIPS], nhi[STRIPS];
 #endif
   auto load_offsets = [&](int j, int (&lo)[STRIPS], int (&hi)[STRIPS]) {
+#if FLASHLLM_USE_BULK
+    if (tid != 0) return;  // only the thread that issues the bulk copies uses them
+#endif
 #pragma unroll
     for (int s = 0; s < STRIPS; ++s) {
       lo[s] = tile_offsets[s][j];
@@ -260,6 +326,29 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
   };
   auto issue = [&](int j, int st, const int (&lo)[STRIPS], const int (&hi)[STRIPS]) {
     const u32 stage = sbase + st * STAGE_BYTES;
+#if FLASHLLM_USE_BULK
+    if (tid == 0) {
+      int chunks[STRIPS];
+      u32 bytes = 0u;
+#pragma unroll
+      for (int s = 0; s < STRIPS; ++s) {
+        if (!FULL_TILES && hi[s] - lo[s] > VALCAP) __trap();  // as below
+        chunks[s] = min(max((hi[s] - lo[s]) >> 3, 0), MAX_VALUE_CHUNKS);
+        bytes += MASK_BYTES + 16u * chunks[s];
+      }
+      const u32 bar = bars + st * 8;
+      // The stage's last reads (ld.shared and ldmatrix, the generic proxy), which the barrier at
+      // the top of this iteration closed, are ordered before the bulk copies (the async proxy).
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      mbar_arrive_expect(bar, bytes);
+#pragma unroll
+      for (int s = 0; s < STRIPS; ++s) {
+        bulk_copy(stage + MASKS_OFF + s * MASK_BYTES, tile_masks0[s] + static_cast<size_t>(j) * MASK_BYTES,
+                  MASK_BYTES, bar);
+        if (chunks[s] > 0) bulk_copy(stage + VALS_OFF + s * VAL_BYTES, values + lo[s], 16u * chunks[s], bar);
+      }
+    }
+#else
 #pragma unroll
     for (int s = 0; s < STRIPS; ++s) {
       if (tid < MASK_BYTES / 16) {
@@ -273,6 +362,7 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
       const int chunks = min(max((hi[s] - lo[s]) >> 3, 0), MAX_VALUE_CHUNKS);
       copy_run<MAX_VALUE_CHUNKS>(stage + VALS_OFF + s * VAL_BYTES, values + lo[s], chunks, tid);
     }
+#endif
 #if FLASHLLM_PERSISTENT
     xstage.stage(stage + X_OFF, ((kt0 + j) % KT) * GROUP);  // the range wraps from strip to strip
 #else
@@ -382,8 +472,14 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
   int cur_strip = strip0, cur_kt = kt0;  // tile i's strip and k tile
 #endif
 
+#if FLASHLLM_USE_BULK
+  u32 phase = 0u;  // parity of stage st's current use: its tiles st, st + STAGES, ... alternate
+#endif
   for (int i = 0; i < nk; ++i) {
     cp_async_wait<STAGES - 2>();
+#if FLASHLLM_USE_BULK
+    mbar_wait(bars + st * 8, phase);  // tile i's bulk copies (cp.async: its activations, above)
+#endif
     // Tile i has landed for every thread, and every warp is done with tile i - 1's stage.
     __syncthreads();
     const int j = i + STAGES - 1;
@@ -490,6 +586,9 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
     }
     st = st + 1 == STAGES ? 0 : st + 1;
     st_issue = st_issue + 1 == STAGES ? 0 : st_issue + 1;
+#if FLASHLLM_USE_BULK
+    phase ^= st == 0 ? 1u : 0u;
+#endif
 #if FLASHLLM_PERSISTENT
     // The strip's last K tile, or this block's last tile: its sums go into the workspace (another
     // block may hold the strip's other tiles), and the next strip starts from zero.
