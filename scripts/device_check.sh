@@ -80,7 +80,7 @@ if [ "${DEVICE_CHECK_PRESET:-}" = "diagnose" ]; then
   : "${DEVICE_CHECK_PROBE:=1}" "${PROBE_FORMATS:=bitmap,tiled_csl,bitmap:persistent,bitmap:ring,bitmap:fit:stages6,bitmap:fit:stages6:ring,bitmap:bulk,bitmap:fit:stages6:bulk,bitmap:split1,tiled_csl:split1}"
   : "${DEVICE_CHECK_FLUSH:=1}"
   : "${DEVICE_CHECK_NCU:=1}" "${NCU_CLOCK_CONTROL:=none}"
-  : "${PYTEST_LIMIT:=170}" "${BENCH_LIMIT:=90}" "${PROBE_LIMIT:=90}" "${NCU_LIMIT:=90}" "${SANITIZER_LIMIT:=45}"
+  : "${PYTEST_LIMIT:=170}" "${BENCH_LIMIT:=100}" "${PROBE_LIMIT:=120}" "${NCU_LIMIT:=90}" "${SANITIZER_LIMIT:=45}"
   : "${FORMATS_LIMIT:=45}" "${DEVICE_CHECK_DEADLINE:=560}"
 elif [ "${DEVICE_CHECK_PRESET:-}" = "tune" ]; then
   : "${DEVICE_CHECK_TESTS:=0}" "${DEVICE_CHECK_TUNE:=1}" "${TUNE_LIMIT:=420}" "${DEVICE_CHECK_DEADLINE:=560}"

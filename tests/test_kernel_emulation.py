@@ -880,3 +880,16 @@ def test_bitmap_selector_shift_matches_the_prmt_table():
         expected = E.prmt(E.SEL_LO, E.SEL_HI, bits * 0x22 + 0x10) & 0xFFFF
         assert torch.equal(sel, expected)
         assert torch.equal(amount, 16 * bits)
+
+
+def test_compile_checks_quick_mode_keeps_every_code_shape():
+    # scripts/compile_check.sh (quick mode) keeps the first checked variant per combination of the
+    # defines that change code; one missing from its list would drop every variant of an option.
+    import re
+    from pathlib import Path
+
+    script = (Path(__file__).parents[1] / "scripts" / "compile_check.sh").read_text()
+    kept = set(re.search(r"if \(\$i ~ /([A-Z_|]+)/\)", script).group(1).split("|"))
+    constants = {"FLASHLLM_STAGES", "FLASHLLM_SMEM_BYTES", "FLASHLLM_CAPW"}  # sizes, not code
+    defines = {d for fmt, cfg in configs.checked_variants() for d in cfg.defines(fmt)} - constants
+    assert {d.removeprefix("FLASHLLM_") for d in defines} <= kept

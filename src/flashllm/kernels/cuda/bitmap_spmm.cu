@@ -49,11 +49,11 @@
 //
 // FLASHLLM_BULK = 1 moves each tile's masks and value run with Hopper's bulk copies (TMA): one
 // thread issues one copy per strip and kind, completing on the stage's mbarrier, instead of every
-// thread issuing 16-byte cp.async chunks (up to ~260 per tile and block at N = 16). The stream's
-// time per tile did not fall with a deeper pipeline on an H200 (BENCHMARKS.md, tenth session): if
-// what it waits for is the number of copy requests an SM keeps in flight rather than their bytes,
-// a few large requests instead of hundreds of small ones lift it. The activations keep cp.async.
-// Below sm_90 the option compiles to the cp.async path (same layout, the barriers unused).
+// thread issuing 16-byte cp.async chunks (84-288 per tile for the weight at 90-50% sparsity). The
+// stream's time per tile did not fall with a deeper pipeline on an H200 (BENCHMARKS.md, tenth
+// session): if what it waits for is the number of copy requests an SM keeps in flight rather than
+// their bytes, a few large requests instead of hundreds of small ones lift it. The activations
+// keep cp.async. Below sm_90 the option compiles to the cp.async path (same layout, barriers unused).
 //
 // FLASHLLM_PROBE (diagnostics only, python -m flashllm.bench.probes; the output is then not the
 // product) leaves out the later parts of the work, so that timing each level shows where the time
