@@ -42,6 +42,27 @@ def test_build_model_refuses_an_nm_pattern():
         e2e.build_model(e2e.make_config("tiny"), "2:4", "bitmap", torch.float32, torch.device("cpu"))
 
 
+def test_compile_flag_reaches_every_decoder(tmp_path, monkeypatch):
+    # --compile builds every decoder, dense and sparse, with compiled=True (what it then does is
+    # tests/test_decode.py's; here the step is not compiled, to keep the test quick).
+    import flashllm.decode
+
+    asked = []
+
+    class Recorder(flashllm.decode.StaticDecoder):
+        def __init__(self, *args, compiled=False, **kwargs):
+            asked.append(compiled)
+            super().__init__(*args, **kwargs)
+            self.compiled = compiled
+
+    monkeypatch.setattr(flashllm.decode, "StaticDecoder", Recorder)
+    csv_path = tmp_path / "e2e.csv"
+    assert main(["bench", "e2e", "--tiny", "--batch", "1", "--sparsities", "0.5", "--new-tokens", "3",
+                 "--dtype", "float32", "--compile", "--csv", str(csv_path), "--plot", str(tmp_path / "e2e.png")]) == 0
+    assert asked == [True, True]
+    assert [r["compiled"] for r in csv.DictReader(csv_path.open())] == ["True", "True"]
+
+
 def test_tiny_e2e_run_writes_rows_and_plot(tmp_path, capsys):
     csv_path, png = tmp_path / "e2e.csv", tmp_path / "e2e.png"
     assert main(["bench", "e2e", "--tiny", "--batch", "1", "--sparsities", "0.5", "--new-tokens", "4",

@@ -60,3 +60,31 @@ def test_cuda_graph_decode_matches_eager(fmt, cuda_kernels):
     result = graphed.generate(ids, 12)
     assert result.cuda_graph, result.notes
     assert torch.equal(result.tokens, eager.tokens)
+
+
+@pytest.mark.slow  # the first compile of a decode step: ~40 s on a 2-core CPU
+def test_compiled_decode_step_matches_eager():
+    model = build("llama")
+    prune_(model, 0.5, progress=False)
+    sparsify_(model, progress=False)  # the sparse layers' custom op inside the compiled step
+    ids = torch.randint(0, VOCAB, (2, 5))
+    eager = StaticDecoder(model, batch_size=2, max_length=16).generate(ids, 8)
+    decoder = StaticDecoder(model, batch_size=2, max_length=16, compiled=True)
+    first, again = decoder.generate(ids, 8), decoder.generate(ids, 8)
+    assert first.compiled and not eager.compiled
+    assert torch.equal(first.tokens, eager.tokens) and torch.equal(again.tokens, eager.tokens)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/device_check.sh runs it)")
+def test_compiled_cuda_graph_decode_matches_eager():
+    # torch.compile's fused step, captured as a CUDA graph around the fast kernels: the e2e
+    # benchmark's --compile path (bitmap kernels, fp16).
+    model = build("llama", torch.float16).cuda()
+    prune_(model, 0.5, progress=False)
+    sparsify_(model, format="bitmap", progress=False)
+    ids = torch.randint(0, VOCAB, (2, 7), device="cuda")
+    eager = StaticDecoder(model, 2, 32, cuda_graph=False).generate(ids, 12)
+    result = StaticDecoder(model, 2, 32, cuda_graph=True, compiled=True).generate(ids, 12)
+    assert result.cuda_graph and result.compiled, result.notes
+    assert torch.equal(result.tokens, eager.tokens)

@@ -6,6 +6,14 @@ show. Here the decode step has fixed shapes (one token per sequence, a prealloca
 captured once as a CUDA graph; each new token is one graph replay. Dense and sparse models run the
 same code, so their times compare only the linear layers. On the CPU (or where capture fails) the
 same step runs eagerly, which is what the tests check against `generate`.
+
+A graph removes the host's launch overhead but not the GPU's: a Llama decode step is hundreds of
+small kernels besides its linear layers (norms, rotary embeddings, residual adds, the cache
+update), and on an H200 the dense Llama-2-7B step took 7.0 ms where its linear weights stream in
+about 3 ms (BENCHMARKS.md). That time is the same for dense and sparse, so it dilutes every kernel
+speedup. ``compiled=True`` runs the decode step through `torch.compile` (fixed shapes; the sparse
+layers' custom op stays opaque to it), which fuses those small kernels, before the graph captures
+it; prefill stays eager (its length varies). The first step then compiles (tens of seconds).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ class DecodeResult:
     new_tokens: int
     cuda_graph: bool
     notes: list[str] = field(default_factory=list)
+    compiled: bool = False  # the decode step ran through torch.compile
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -53,7 +62,8 @@ class StaticDecoder:
     a throughput measurement always times the same work (`generate` in flashllm.generate is the
     path that stops at the end-of-sequence token)."""
 
-    def __init__(self, model: nn.Module, batch_size: int, max_length: int, cuda_graph: bool = True):
+    def __init__(self, model: nn.Module, batch_size: int, max_length: int, cuda_graph: bool = True,
+                 compiled: bool = False):
         from transformers import StaticCache
 
         self.model = model
@@ -65,6 +75,8 @@ class StaticDecoder:
         self.position = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.graph = None
         self.notes: list[str] = []
+        self.compiled = compiled
+        self._decode = torch.compile(self._forward, dynamic=False) if compiled else self._forward
         if cuda_graph and self.device.type == "cuda":
             self._capture()
 
@@ -74,7 +86,7 @@ class StaticDecoder:
 
     @torch.no_grad()
     def _step(self) -> None:
-        self.token.copy_(self._forward(self.token, self.position).argmax(dim=-1, keepdim=True))
+        self.token.copy_(self._decode(self.token, self.position).argmax(dim=-1, keepdim=True))
         self.position.add_(1)
 
     def _reset(self) -> None:
@@ -83,8 +95,9 @@ class StaticDecoder:
 
     def _capture(self) -> None:
         try:
-            # The cache allocates its tensors at first use; warm up on a side stream so the
-            # capture sees allocated buffers, then reset them in place (addresses unchanged).
+            # The cache allocates its tensors at first use (and a compiled step compiles); warm up
+            # on a side stream so the capture sees allocated buffers, then reset them in place
+            # (addresses unchanged).
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
@@ -132,4 +145,5 @@ class StaticDecoder:
             out[:, prompt + i] = self.token[:, 0]
         _sync(self.device)
         end = time.perf_counter()
-        return DecodeResult(out, first - start, end - first, max_new_tokens, self.graph is not None, list(self.notes))
+        return DecodeResult(out, first - start, end - first, max_new_tokens, self.graph is not None, list(self.notes),
+                            self.compiled)

@@ -12,6 +12,7 @@ Each row records the SM clock NVML read during its timed generation (`sm_mhz`, b
     flashllm bench e2e --models llama-2-7b,llama-2-13b --sparsities 0.5,0.7,0.8 --batch 1,8,16,32
     flashllm bench e2e --big            # OPT-66B and OPT-175B at 80% on one GPU
     flashllm bench e2e --kernel-options fixup   # the sparse runs with a kernel option forced (A/B)
+    flashllm bench e2e --compile        # the decode step (dense and sparse) through torch.compile
     flashllm bench e2e --tiny           # a CPU smoke run of the harness itself
 """
 
@@ -200,13 +201,14 @@ class Row:
     torch: str
     date: str
     sm_mhz: float = float("nan")  # median SM clock during the timed generation (NVML; nan without it)
+    compiled: bool = False  # the decode step ran through torch.compile (--compile)
 
 
 def run_one(model: nn.Module, batch: int, prompt: int, new_tokens: int, vocab: int, device: torch.device,
-            graphs: bool) -> dict:
+            graphs: bool, compiled: bool = False) -> dict:
     from ..decode import StaticDecoder
 
-    decoder = StaticDecoder(model, batch, prompt + new_tokens, cuda_graph=graphs)
+    decoder = StaticDecoder(model, batch, prompt + new_tokens, cuda_graph=graphs, compiled=compiled)
     ids = torch.randint(0, vocab, (batch, prompt), device=device)
     decoder.generate(ids, min(8, new_tokens))  # warm-up: allocator, cuBLAS handles, kernels
     if device.type == "cuda":
@@ -222,6 +224,7 @@ def run_one(model: nn.Module, batch: int, prompt: int, new_tokens: int, vocab: i
         "step_ms": result.decode_seconds / max(new_tokens - 1, 1) * 1e3,
         "peak_memory_gib": (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0) / 2**30,
         "cuda_graph": result.cuda_graph,
+        "compiled": result.compiled,
         "sm_mhz": clock.median_mhz or float("nan"),
     }
 
@@ -237,6 +240,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--device", help="default: cuda when available")
     parser.add_argument("--no-graphs", action="store_true", help="decode eagerly (no CUDA graphs)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the decode step (dense and sparse alike) through torch.compile, which fuses the "
+                             "small kernels outside the linear layers; each model and batch compiles once")
     parser.add_argument("--predict", action="store_true",
                         help="also time each linear shape alone and print the speedup it predicts")
     parser.add_argument("--big", action="store_true", help="OPT-66B and OPT-175B at 80%% (sparse only), one GPU")
@@ -288,7 +294,8 @@ def main(args: argparse.Namespace) -> int:
             weight_gib = linear_weight_bytes(model) / 2**30
             for batch in batches:
                 try:
-                    stats = run_one(model, batch, prompt, new, config.vocab_size, device, not args.no_graphs)
+                    stats = run_one(model, batch, prompt, new, config.vocab_size, device, not args.no_graphs,
+                                    args.compile)
                 except torch.cuda.OutOfMemoryError:
                     print(f"{name} {sparsity} batch {batch}: out of GPU memory")
                     torch.cuda.empty_cache()
@@ -327,7 +334,7 @@ def _format_row(r: Row) -> str:
     return (f"{r.model:11s} {r.variant:8s} s={r.sparsity:.1f} b={r.batch:3d}: {r.decode_tokens_per_s:9.1f} tok/s, "
             f"step {r.step_ms:7.2f} ms, ttft {r.ttft_ms:7.1f} ms, peak {r.peak_memory_gib:6.1f} GiB, "
             f"linear weights {r.linear_weight_gib:6.2f} GiB, speedup {r.measured_speedup:.2f}x "
-            f"(predicted {r.predicted_speedup:.2f}x){'' if r.cuda_graph else ', eager'}"
+            f"(predicted {r.predicted_speedup:.2f}x){'' if r.cuda_graph else ', eager'}{', compiled' if r.compiled else ''}"
             + ("" if r.sm_mhz != r.sm_mhz else f" @ {r.sm_mhz:.0f} MHz"))
 
 
