@@ -79,7 +79,7 @@ set -uo pipefail
 if [ "${DEVICE_CHECK_PRESET:-}" = "diagnose" ]; then
   : "${BENCH_SELECT:=--shapes llama-2-7b.up,opt-66b.qkv --n 1,16 --sparsity 0.5,0.8,0.9}"
   : "${BENCH_BASELINES:=cublas}"
-  : "${BENCH_FORMATS:=bitmap,tiled_csl,bitmap:persistent,bitmap:ring,bitmap:ring:persistent,bitmap:rezero,tiled_csl:rezero,bitmap:split1,bitmap:fit,bitmap:pf4,bitmap:fit:stages6,bitmap:fit:stages6:ring,bitmap:fit:stages6:ring:persistent,bitmap:bulk,bitmap:fit:stages6:bulk,bitmap:fit:stages6:ring:bulk,bitmap:fixup,tiled_csl:split1,tiled_csl:dense2,tiled_csl:pf4,tiled_csl:fixup}"
+  : "${BENCH_FORMATS:=bitmap,tiled_csl,bitmap:persistent,bitmap:ring,bitmap:ring:persistent,bitmap:rezero,tiled_csl:rezero,bitmap:split1,bitmap:fit,bitmap:pf4,bitmap:fit:stages6,bitmap:fit:stages6:ring,bitmap:fit:stages6:ring:persistent,bitmap:bulk,bitmap:fit:stages6:bulk,bitmap:fit:stages6:ring:bulk,bitmap:persistent:fixup,bitmap:fit:stages6:ring:bulk:persistent:fixup,bitmap:fixup,tiled_csl:split1,tiled_csl:dense2,tiled_csl:pf4,tiled_csl:fixup}"
   : "${DEVICE_CHECK_PROBE:=1}" "${PROBE_FORMATS:=bitmap,tiled_csl,bitmap:persistent,bitmap:ring,bitmap:fit:stages6,bitmap:fit:stages6:ring,bitmap:bulk,bitmap:fit:stages6:bulk,bitmap:split1,tiled_csl:split1}"
   : "${DEVICE_CHECK_FLUSH:=1}"
   : "${DEVICE_CHECK_NCU:=1}" "${NCU_CLOCK_CONTROL:=none}"
@@ -323,6 +323,7 @@ for cls, mod, s, options in [(BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragme
                              (TiledCSLWeight, tiled_csl_cuda, 0.9, {"warps": 4, "dense_tiles": 1}),
                              (BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragment", "persistent": True}),
                              (BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragment", "offset_ring": True}),
+                             (BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragment", "persistent": True, "fixup": True}),
                              # the stream alone (probe level 1: copies, waits, barriers), 3 and 6 stages, with
                              # and without the ring, with bulk copies: what its warps wait for, without the decode's stalls
                              (BitmapWeight, bitmap_cuda, 0.8, {"decode": "fragment", "probe": 1}),
@@ -384,6 +385,7 @@ cases = ([(BitmapWeight, bitmap_cuda, {"decode": d}) for d in configs.DECODES]
          + [(BitmapWeight, bitmap_cuda, {"rezero": True}), (TiledCSLWeight, tiled_csl_cuda, {"rezero": True})]
          + [(BitmapWeight, bitmap_cuda, {"persistent": True}), (BitmapWeight, bitmap_cuda, {"offset_ring": True}),
             (BitmapWeight, bitmap_cuda, {"offset_ring": True, "persistent": True, "stages": 6})]
+         + [(BitmapWeight, bitmap_cuda, {"persistent": True, "fixup": True})]
          + [(BitmapWeight, bitmap_cuda, {"bulk_copy": True}), (BitmapWeight, bitmap_cuda, {"bulk_copy": True, "strips": 2}),
             (BitmapWeight, bitmap_cuda, {"bulk_copy": True, "offset_ring": True, "persistent": True, "stages": 6})])
 for cls, mod, options in cases:

@@ -320,12 +320,36 @@ def test_stream_k_launch_geometry():
     assert cfg.defines("bitmap")["FLASHLLM_PERSISTENT"] == 1
     assert "FLASHLLM_PERSISTENT" not in LaunchConfig(nrows=16).defines("bitmap")  # the old cache keys
     assert configs.unvalidated_options(cfg) == (["persistent"] if "persistent" in configs.UNVALIDATED else [])
-    for bad, fmt in ((dict(strips=2), "bitmap"), (dict(fixup=True), "bitmap"), ({}, "tiled_csl")):
+    for bad, fmt in ((dict(strips=2), "bitmap"), ({}, "tiled_csl")):
         with pytest.raises(ValueError, match="persistent blocks are a bitmap option"):
             replace(LaunchConfig(nrows=16, words_per_stage=2048), persistent=True, **bad).validate(fmt)
+    # Stream-K blocks ending split-K themselves: the fixup's defines, and 16 bytes for their own flag.
+    ended = replace(cfg, fixup=True).validate("bitmap")
+    assert ended.defines("bitmap") == {**cfg.defines("bitmap"), "FLASHLLM_FIXUP": 1,
+                                       "FLASHLLM_SMEM_BYTES": cfg.smem_bytes("bitmap") + 16}
     tuning = configs.tuning_candidates("bitmap", 16, 0.8, k_tiles=64, unvalidated=True)
     assert {c.split_k for c in tuning if c.persistent} == {0} and any(c.persistent for c in tuning)
-    assert any(cfg.persistent for fmt, cfg in configs.checked_variants())
+    assert any(c.persistent and c.fixup for c in tuning)
+    checked = [c for fmt, c in configs.checked_variants() if c.persistent]
+    assert any(not c.fixup for c in checked) and {c.nrows for c in checked if c.fixup} >= {8, 16, 128}
+
+
+def test_stream_k_strips_are_completed_by_exactly_one_block():
+    # With fixup, the block whose added tiles bring a strip's count to K tiles rounds it: in any
+    # order the blocks arrive, exactly one does, since the blocks' counts for a strip sum to K tiles.
+    import itertools
+    import random
+
+    for strips, k_tiles, blocks in ((3, 5, 4), (1, 7, 7), (4, 64, 11), (10, 3, 30)):
+        ranges = configs.persistent_ranges(strips * k_tiles, min(blocks, strips * k_tiles))
+        arrivals = [(s, sum(1 for f in r if f // k_tiles == s)) for r in ranges for s in {f // k_tiles for f in r}]
+        for order in itertools.islice((random.Random(seed).sample(arrivals, len(arrivals)) for seed in range(20)), 20):
+            count = [0] * strips
+            finishers = [0] * strips
+            for strip, amount in order:
+                finishers[strip] += count[strip] == k_tiles - amount  # fixup_tile's `last`
+                count[strip] += amount
+            assert finishers == [1] * strips and count == [k_tiles] * strips
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

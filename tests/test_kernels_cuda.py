@@ -222,6 +222,23 @@ def test_stream_k_blocks(dtype, sparsity):
             check("bitmap", m, k, n, sparsity, dtype, cfg, with_bias=with_bias)
 
 
+@pending(persistent=True, fixup=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_stream_k_blocks_end_split_k_themselves(dtype, sparsity):
+    # Stream-K with fixup: the block completing a strip's count of tiles rounds it, one launch per
+    # product. Strips split over many blocks, whole strips in one block, N over two blocks along N,
+    # fresh inputs each call on the kept workspace, which must be zero again afterwards.
+    for m, k, n, options in ((200, 300, 17, {}), (1000, 8192, 5, {}), (4173, 4100, 70, {"decode": "scatter"}),
+                             (64, 65536, 1, {}), (3000, 2000, 9, {"value_cap": configs.FIT})):
+        cfg = replace(configs.default_config("bitmap", n, max(sparsity, 0.5)), persistent=True, fixup=True, **options)
+        for with_bias in (True, False):
+            check("bitmap", m, k, n, sparsity, dtype, cfg, with_bias=with_bias)
+    torch.cuda.synchronize()
+    for ws in launch._WORKSPACES.values():
+        assert not bool(ws.sums.any()) and not bool(ws.counters.any()), "a stream-K fixup left its workspace dirty"
+
+
 @pending(offset_ring=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("sparsity", SPARSITIES)

@@ -109,6 +109,8 @@ MAX_PREFETCH = 16
 #   pipeline carried across strip boundaries, every strip's sums added into the split-K workspace
 #   (`persistent_ranges`). The tuner's short blocks (4 K tiles at N = 16) pay a pipeline fill and
 #   an epilogue each and end the grid in a partial wave: this pays one fill per resident slot.
+#   With `fixup` too (tenth session), the block that completes a strip's count of tiles rounds it:
+#   one launch per product, its fences paid once or twice per block.
 # - "ring": the bitmap tiles' run bounds in a shared-memory ring that cp.async fills 2 (stages - 1)
 #   tiles ahead (FLASHLLM_OFFSET_RING), instead of a register load one iteration ahead: a
 #   dependent L2 round trip per tile and block, which the stream's time (falling far less than its
@@ -175,9 +177,8 @@ class LaunchConfig:
             raise ValueError("rezero and fixup are two ways to end split-K without a memset: pick one")
         if self.offset_ring and fmt != "bitmap":
             raise ValueError(f"the offset ring is a bitmap option, got {self} for {fmt}")
-        if self.persistent and (fmt != "bitmap" or self.strips != 1 or self.fixup):
-            raise ValueError(f"persistent blocks are a bitmap option, with one strip per block and without "
-                             f"fixup (its arrival counts are per output tile); got {self} for {fmt}")
+        if self.persistent and (fmt != "bitmap" or self.strips != 1):
+            raise ValueError(f"persistent blocks are a bitmap option, with one strip per block; got {self} for {fmt}")
         if fmt == "bitmap":
             if self.strips not in (1, 2) or (self.strips == 2 and self.nrows > 64):
                 raise ValueError(f"bitmap strips must be 1, or 2 with nrows <= 64; got {self}")
@@ -264,7 +265,8 @@ class LaunchConfig:
             decode = 4 * self.strips * 32 * 8 if self.decode == "fragment" else self.strips * _BITMAP_TILE_BYTES
             ring = self.strips * _BITMAP_RING_BYTES if self.offset_ring else 0
             barriers = self.stages * 8 if self.bulk_copy else 0  # one mbarrier per stage
-            return self.stages * stage + decode + ring + barriers
+            flag = 16 if self.persistent and self.fixup else 0  # stream-K's own last-block flag
+            return self.stages * stage + decode + ring + barriers + flag
         stage = self.words_per_stage * 4 + x_stage
         return self.dense_tiles * _CSL_DENSE_BYTES + self.stages * stage + self.stages * 8
 
@@ -623,10 +625,12 @@ def candidates(fmt: str, n: int, sparsity: float, unvalidated: bool = False) -> 
         add(replace(base, value_cap=FIT, fixup=True))
         add(replace(base, rezero=True))  # or the memset saved by the finalize launch re-zeroing
         add(replace(base, value_cap=FIT, rezero=True))
-        # Stream-K blocks (their split is the tile sequence's, so split_k does not matter to them).
+        # Stream-K blocks (their split is the tile sequence's, so split_k does not matter to them),
+        # ending split-K in the finalize launch or, with fixup, in the block that completes a strip.
         if base.strips == 1:
             add(replace(base, persistent=True))
             add(replace(base, value_cap=FIT, persistent=True))
+            add(replace(base, value_cap=FIT, persistent=True, fixup=True))
         # Run bounds from a ring filled far ahead, alone and with the other latency options.
         add(replace(base, offset_ring=True))
         add(replace(base, value_cap=FIT, offset_ring=True))
@@ -772,9 +776,11 @@ CHECKED_FIXUP_BITMAP = ((8, 1, "fragment"), (16, 1, "fragment"), (16, 1, "scatte
                         (32, 1, "fragment"), (64, 1, "fragment"), (128, 1, "fragment"))
 CHECKED_FIXUP_CSL = ((8, 4, 2), (16, 4, 2), (16, 8, 2), (16, 4, 1), (64, 4, 2))
 # Stream-K bitmap variants, one per code shape the strip-boundary epilogue touches (rows, decode,
-# value cap, prefetch).
-CHECKED_PERSISTENT = ((8, "fragment", 0, 0), (16, "fragment", 0, 0), (16, "scatter", 0, 0), (32, "fragment", 1536, 0),
-                      (64, "fragment", 0, 0), (128, "fragment", 0, 0), (16, "fragment", 0, 4))
+# value cap, prefetch, fixup: the strip ended by the block that completes it).
+CHECKED_PERSISTENT = ((8, "fragment", 0, 0, False), (16, "fragment", 0, 0, False), (16, "scatter", 0, 0, False),
+                      (32, "fragment", 1536, 0, False), (64, "fragment", 0, 0, False), (128, "fragment", 0, 0, False),
+                      (16, "fragment", 0, 4, False), (8, "fragment", 0, 0, True), (16, "fragment", 0, 0, True),
+                      (16, "scatter", 1536, 0, True), (64, "fragment", 0, 0, True), (128, "fragment", 0, 0, True))
 # Bitmap variants with the run-bound ring: (rows, strips, stages, decode, value cap, stream-K); the
 # 6-stage one has the ring's deepest look-ahead (10 tiles).
 CHECKED_RING = ((8, 1, 3, "fragment", 0, False), (16, 1, 3, "fragment", 0, False), (16, 2, 3, "fragment", 0, False),
@@ -818,8 +824,8 @@ def checked_variants() -> list[tuple[str, LaunchConfig]]:
     out += [("bitmap", LaunchConfig(nrows=n, strips=s, decode=d, fixup=True)) for n, s, d in CHECKED_FIXUP_BITMAP]
     out += [("tiled_csl", LaunchConfig(nrows=n, words_per_stage=2048, warps=w, dense_tiles=t, fixup=True))
             for n, w, t in CHECKED_FIXUP_CSL]
-    out += [("bitmap", LaunchConfig(nrows=n, decode=d, value_cap=c, prefetch=p, persistent=True))
-            for n, d, c, p in CHECKED_PERSISTENT]
+    out += [("bitmap", LaunchConfig(nrows=n, decode=d, value_cap=c, prefetch=p, persistent=True, fixup=f))
+            for n, d, c, p, f in CHECKED_PERSISTENT]
     out += [("bitmap", LaunchConfig(nrows=n, strips=st, stages=sg, decode=d, value_cap=c, persistent=pe,
                                     offset_ring=True)) for n, st, sg, d, c, pe in CHECKED_RING]
     out += [("bitmap", LaunchConfig(nrows=n, strips=st, stages=sg, decode=d, value_cap=c, persistent=pe,

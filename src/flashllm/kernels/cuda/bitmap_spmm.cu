@@ -32,14 +32,16 @@
 // of 6); a tile with a longer run stops the kernel (trap) instead of being decoded from a
 // truncated copy.
 //
-// FLASHLLM_PERSISTENT = 1 (stream-K; one strip per block, no FLASHLLM_FIXUP) launches as many
-// blocks as are resident at once (gridDim.x) and gives each an equal share of the tile sequence
-// flattened strip by strip: block b runs tiles [b T / G, (b + 1) T / G) of T = MT * KT, which
-// is exactly the layout's tile order, so the copies address them as one consecutive range. Its
-// pipeline runs on across strip boundaries; at each boundary (and at the end of its range) the
-// block adds the finished strip's sums into the split-K workspace and starts the next strip from
-// zero. The launch always passes the workspace, and the finalize launch rounds it. One pipeline
-// fill per resident slot instead of one per (strip, split) block, and no partial last wave.
+// FLASHLLM_PERSISTENT = 1 (stream-K; one strip per block) launches as many blocks as are
+// resident at once (gridDim.x) and gives each an equal share of the tile sequence flattened strip
+// by strip: block b runs tiles [b T / G, (b + 1) T / G) of T = MT * KT, which is exactly the
+// layout's tile order, so the copies address them as one consecutive range. Its pipeline runs on
+// across strip boundaries; at each boundary (and at the end of its range) the block adds the
+// finished strip's sums into the split-K workspace and starts the next strip from zero. The launch
+// always passes the workspace, and the finalize launch rounds it; with FLASHLLM_FIXUP as well, the
+// block then counts the strip's tiles it added, and the one that brings the count to KT rounds
+// the strip itself (one launch per product: no memset, no finalize). One pipeline fill per
+// resident slot instead of one per (strip, split) block, and no partial last wave.
 //
 // FLASHLLM_OFFSET_RING = 1 keeps the tiles' run bounds (`offsets`) in a small shared-memory ring
 // filled by cp.async 2 * (STAGES - 1) tiles ahead of their use, instead of loading the next
@@ -77,8 +79,7 @@ static_assert(STRIPS == 1 || STRIPS == 2, "STRIPS");
 #ifndef FLASHLLM_PERSISTENT
 #define FLASHLLM_PERSISTENT 0
 #endif
-static_assert(!FLASHLLM_PERSISTENT || (STRIPS == 1 && !FLASHLLM_FIXUP),
-              "stream-K blocks run one strip at a time and reduce through the finalize launch");
+static_assert(!FLASHLLM_PERSISTENT || STRIPS == 1, "stream-K blocks run one strip at a time");
 static_assert(WARPS == 4, "each of the 4 warps owns one 16-row mma row of a 64-row strip");
 constexpr int GROUP = 64;                    // group tile: 64 x 64
 constexpr int MASK_BYTES = GROUP * GROUP / 8;  // 512
@@ -127,7 +128,10 @@ constexpr int RING_OFF = DECODE_OFF + (SCATTER ? STRIPS * TILE_BYTES : WARPS * S
 // The bulk copies' per-stage mbarriers (FLASHLLM_BULK) after the ring, 8 bytes each; the layout
 // keeps them on every architecture, the code uses them from sm_90.
 constexpr int BARS_OFF = RING_OFF + (FLASHLLM_OFFSET_RING ? STRIPS * RING * 4 : 0);
-constexpr int SMEM_BYTES = BARS_OFF + (FLASHLLM_BULK ? STAGES * 8 : 0);
+// Stream-K blocks ending split-K themselves (FLASHLLM_PERSISTENT and FLASHLLM_FIXUP) need a flag
+// of their own: they finish strips while their pipeline still fills the stages.
+constexpr int FLAG_OFF = BARS_OFF + (FLASHLLM_BULK ? STAGES * 8 : 0);
+constexpr int SMEM_BYTES = FLAG_OFF + (FLASHLLM_PERSISTENT && FLASHLLM_FIXUP ? 16 : 0);
 static_assert(BARS_OFF % 8 == 0, "mbarriers are 8-byte aligned");
 #if FLASHLLM_BULK && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define FLASHLLM_USE_BULK 1
@@ -230,6 +234,11 @@ __device__ __forceinline__ void scatter_half(u32 word, u32 src, u32 dst) {
 // lifts the cap (the other variants keep the bounds they were validated with).
 #if FLASHLLM_FIXUP && FLASHLLM_NROWS == 128
 #define FLASHLLM_BITMAP_BOUNDS __launch_bounds__(flashllm::THREADS, 2)
+#elif FLASHLLM_FIXUP && FLASHLLM_PERSISTENT && FLASHLLM_NROWS == 64
+// Likewise stream-K blocks ending their own strips at 64 rows: 4 bytes spilled at the 96
+// registers ptxas chose; under this cap (170) it takes 128, which still fits the 4 resident blocks
+// their 55 KB of shared memory allow.
+#define FLASHLLM_BITMAP_BOUNDS __launch_bounds__(flashllm::THREADS, 3)
 #else
 #define FLASHLLM_BITMAP_BOUNDS __launch_bounds__(flashllm::THREADS)
 #endif
@@ -470,6 +479,9 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
   int st_issue = STAGES - 1;  // stage receiving tile i + STAGES - 1 (the one tile i - 1 freed)
 #if FLASHLLM_PERSISTENT
   int cur_strip = strip0, cur_kt = kt0;  // tile i's strip and k tile
+#if FLASHLLM_FIXUP
+  int strip_tiles = 0;  // tiles of the current strip this block has added
+#endif
 #endif
 
 #if FLASHLLM_USE_BULK
@@ -592,6 +604,9 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
 #if FLASHLLM_PERSISTENT
     // The strip's last K tile, or this block's last tile: its sums go into the workspace (another
     // block may hold the strip's other tiles), and the next strip starts from zero.
+#if FLASHLLM_FIXUP
+    ++strip_tiles;
+#endif
     if (++cur_kt == KT || i == nk - 1) {
 #pragma unroll
       for (int jj = 0; jj < 2; ++jj)
@@ -601,6 +616,14 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
           store_acc(acc[0][0][jj][nt], cur_strip * GROUP + warp * 16 + jj * 8, n0 + nt * 16, lane, M, N, bias, y,
                     ws);
         }
+#if FLASHLLM_FIXUP
+      // The strip's tiles are counted per (strip, activation block); the block that completes
+      // the count has every other block's sums in the workspace and rounds the strip.
+      fixup_tile<GROUP>(ws, counters, bias, y, M, N, cur_strip * GROUP, n0,
+                        [&] { return static_cast<int>(blockIdx.z) * MT + cur_strip; }, strip_tiles, KT,
+                        reinterpret_cast<volatile int*>(smem + FLAG_OFF));
+      strip_tiles = 0;
+#endif
       FLASHLLM_ZERO_ACC(acc);
       cur_kt = 0;
       ++cur_strip;
@@ -626,7 +649,9 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
       }
   }
 #endif
-#if FLASHLLM_FIXUP  // (an `if constexpr` would do, but it changes the other variants' SASS)
+// (Preprocessor, not `if constexpr`, which changed the other variants' SASS; stream-K blocks ended
+// their strips in the loop.)
+#if FLASHLLM_FIXUP && !FLASHLLM_PERSISTENT
   if (ws != nullptr) {
     splitk_fixup<STRIPS * GROUP>(ws, counters, bias, y, M, N, KT, kt_per_split,
                                  reinterpret_cast<volatile int*>(smem));

@@ -394,23 +394,23 @@ __device__ __forceinline__ void st_cg_f32(float* p, float v) {
   asm volatile("st.global.cg.f32 [%0], %1;\n" ::"l"(p), "f"(v) : "memory");
 }
 
-template <int ROWS>
-__device__ __forceinline__ void splitk_fixup(float* __restrict__ ws, int* __restrict__ counters,
-                                             const u16* __restrict__ bias, u16* __restrict__ y,
-                                             int M, int N, int KT, int kt_per_split, volatile int* flag) {
-  // The tile and the split count follow from the launch, the same way for both kernels.
+// One output tile (ROWS weight rows from m0 x NROWS activation rows from n0): the block adds
+// `amount` to its arrival count `counters[counter]`; the block that brings it to `total` has every
+// other block's sums in the workspace and rounds the tile.
+template <int ROWS, typename Counter>
+__device__ __forceinline__ void fixup_tile(float* __restrict__ ws, int* __restrict__ counters,
+                                           const u16* __restrict__ bias, u16* __restrict__ y, int M, int N,
+                                           int m0, int n0, Counter counter_of, int amount, int total,
+                                           volatile int* flag) {
   const int tid = threadIdx.x;
-  const int m0 = blockIdx.x * ROWS;
-  const int n0 = blockIdx.z * NROWS;
-  const int splits = (KT + kt_per_split - 1) / kt_per_split;  // blocks along K that run
   __threadfence();  // this thread's adds are visible GPU-wide ...
   __syncthreads();
   if (tid == 0) {
     __threadfence();  // ... and, through the barrier, ordered before the count (release)
-    const int tile = blockIdx.z * gridDim.x + blockIdx.x;
-    const int arrived = atomicAdd(counters + tile, 1);
-    const bool last = arrived == splits - 1;
-    if (last) counters[tile] = 0;  // every other block of the tile has counted itself in already
+    const int counter = counter_of();  // (computed here: before the fence it changed the SASS)
+    const int arrived = atomicAdd(counters + counter, amount);
+    const bool last = arrived == total - amount;
+    if (last) counters[counter] = 0;  // every other block of the tile has counted itself in already
     *flag = last ? 1 : 0;
   }
   __syncthreads();
@@ -426,6 +426,17 @@ __device__ __forceinline__ void splitk_fixup(float* __restrict__ ws, int* __rest
     y[at] = from_float(v);
     st_cg_f32(ws + at, 0.f);
   }
+}
+
+// Split-K: each of the blocks along K counts one arrival on its output tile.
+template <int ROWS>
+__device__ __forceinline__ void splitk_fixup(float* __restrict__ ws, int* __restrict__ counters,
+                                             const u16* __restrict__ bias, u16* __restrict__ y,
+                                             int M, int N, int KT, int kt_per_split, volatile int* flag) {
+  // The tile and the split count follow from the launch, the same way for both kernels.
+  const int splits = (KT + kt_per_split - 1) / kt_per_split;  // blocks along K that run
+  fixup_tile<ROWS>(ws, counters, bias, y, M, N, blockIdx.x * ROWS, blockIdx.z * NROWS,
+                   [] { return static_cast<int>(blockIdx.z * gridDim.x + blockIdx.x); }, 1, splits, flag);
 }
 
 }  // namespace flashllm
