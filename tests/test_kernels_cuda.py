@@ -239,19 +239,27 @@ def test_stream_k_blocks_end_split_k_themselves(dtype, sparsity):
         assert not bool(ws.sums.any()) and not bool(ws.counters.any()), "a stream-K fixup left its workspace dirty"
 
 
+def check_pipeline_grid(dtype, sparsity, split_k, **option) -> LaunchConfig:
+    """The bitmap pipeline's shapes for an option that changes how a tile's bytes arrive: K shorter
+    than the pipeline (the prologue alone) and far longer (every stage reused many times), 2 and 6
+    stages, two strips, the scatter decode with fitted buffers, bias on and off. Returns the
+    option's base config for the cases a test adds."""
+    base = replace(configs.default_config("bitmap", 17, max(sparsity, 0.5)), split_k=split_k, **option)
+    check("bitmap", 200, 300, 17, sparsity, dtype, base)
+    check("bitmap", 130, 5000, 9, sparsity, dtype, replace(base, stages=6), with_bias=False)
+    check("bitmap", 300, 2000, 5, sparsity, dtype, replace(base, stages=2, strips=2))
+    check("bitmap", 257, 3000, 16, sparsity, dtype, replace(base, decode="scatter", value_cap=configs.FIT))
+    return base
+
+
 @pending(offset_ring=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 @pytest.mark.parametrize("split_k", [1, 3])
 def test_offset_ring(dtype, sparsity, split_k):
-    # Run bounds from the shared ring (FLASHLLM_OFFSET_RING): K shorter than the ring's look-ahead
-    # (the prologue alone), far longer (the ring wrapping many times), 2 to 6 stages (look-ahead 2
-    # to 10), two strips, the scatter decode, fitted buffers, with stream-K blocks, bias on and off.
-    base = replace(configs.default_config("bitmap", 17, max(sparsity, 0.5)), split_k=split_k, offset_ring=True)
-    check("bitmap", 200, 300, 17, sparsity, dtype, base)
-    check("bitmap", 130, 5000, 9, sparsity, dtype, replace(base, stages=6), with_bias=False)
-    check("bitmap", 300, 2000, 5, sparsity, dtype, replace(base, stages=2, strips=2))
-    check("bitmap", 257, 3000, 16, sparsity, dtype, replace(base, decode="scatter", value_cap=configs.FIT))
+    # Run bounds from the shared ring (FLASHLLM_OFFSET_RING): the pipeline grid (look-ahead 2 to
+    # 10 with 2 to 6 stages, the ring wrapping many times on the long K), and with stream-K blocks.
+    base = check_pipeline_grid(dtype, sparsity, split_k, offset_ring=True)
     check("bitmap", 1000, 4096, 3, sparsity, dtype, replace(base, persistent=True))
 
 
@@ -261,15 +269,10 @@ def test_offset_ring(dtype, sparsity, split_k):
 @pytest.mark.parametrize("split_k", [1, 3])
 def test_bulk_copies(dtype, sparsity, split_k):
     # The weight's bytes by bulk copies on per-stage mbarriers (FLASHLLM_BULK; the cp.async path
-    # below sm_90): K shorter than the pipeline (the prologue alone) and far longer (every stage's
-    # barrier through many phases), 2 and 6 stages, two strips (two copies of each kind per stage),
-    # the scatter decode, fitted buffers, tiles with no values (sparsity 1: only the masks' copy),
-    # with the ring, stream-K blocks and the L2 prefetch, bias on and off.
-    base = replace(configs.default_config("bitmap", 17, max(sparsity, 0.5)), split_k=split_k, bulk_copy=True)
-    check("bitmap", 200, 300, 17, sparsity, dtype, base)
-    check("bitmap", 130, 5000, 9, sparsity, dtype, replace(base, stages=6), with_bias=False)
-    check("bitmap", 300, 2000, 5, sparsity, dtype, replace(base, stages=2, strips=2))
-    check("bitmap", 257, 3000, 16, sparsity, dtype, replace(base, decode="scatter", value_cap=configs.FIT))
+    # below sm_90): the pipeline grid (each stage's barrier through many phases on the long K; two
+    # strips, two copies of each kind per stage; at sparsity 1 tiles with no values, only the
+    # masks' copy), and with the ring, stream-K blocks and the L2 prefetch.
+    base = check_pipeline_grid(dtype, sparsity, split_k, bulk_copy=True)
     check("bitmap", 1000, 4096, 3, sparsity, dtype, replace(base, offset_ring=True, stages=6))
     check("bitmap", 1000, 4096, 33, sparsity, dtype, replace(base, persistent=True, prefetch=4))
 
