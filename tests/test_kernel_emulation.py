@@ -917,3 +917,31 @@ def test_compile_checks_quick_mode_keeps_every_code_shape():
     constants = {"FLASHLLM_STAGES", "FLASHLLM_SMEM_BYTES", "FLASHLLM_CAPW"}  # sizes, not code
     defines = {d for fmt, cfg in configs.checked_variants() for d in cfg.defines(fmt)} - constants
     assert {d.removeprefix("FLASHLLM_") for d in defines} <= kept
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4, 6])
+@pytest.mark.parametrize("nk", [1, 2, 3, 5, 7, 16, 61])
+def test_bulk_copy_barrier_phases(stages, nk):
+    # bitmap_spmm.cu with FLASHLLM_BULK, its loop variables replayed: the prologue fills stages
+    # 0..STAGES-2, iteration i waits on stage `st` for parity `phase`, then (after the barrier)
+    # issues tile i + STAGES - 1 into `st_issue`. With the bytes landing at once, every wait must
+    # find exactly the phase that carried tile i completed and the stage not a phase further
+    # (try_wait.parity cannot tell phase k from k + 2), so it neither hangs nor reads another tile.
+    completed = [0] * stages  # phases completed per stage's mbarrier
+    carried: list[list[int]] = [[] for _ in range(stages)]  # tile of each phase
+    for p in range(min(stages - 1, nk)):
+        completed[p] += 1
+        carried[p].append(p)
+    st, st_issue, phase = 0, stages - 1, 0
+    for i in range(nk):
+        k = completed[st] - 1  # the last completed phase
+        assert k >= 0 and k % 2 == phase, "the wait would hang on a phase no copy completes"
+        assert completed[st] == i // stages + 1, "the stage is a phase ahead: parity would be ambiguous"
+        assert carried[st][k] == i, "the stage holds another tile"
+        j = i + stages - 1
+        if j < nk:
+            completed[st_issue] += 1
+            carried[st_issue].append(j)
+        st = 0 if st + 1 == stages else st + 1
+        st_issue = 0 if st_issue + 1 == stages else st_issue + 1
+        phase ^= 1 if st == 0 else 0
