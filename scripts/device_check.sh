@@ -11,7 +11,7 @@
 #      2b. the same for each option not yet validated on a GPU, one at a time
 #      (`python -m flashllm.kernels.configs pending`: stream-K bitmap blocks, bitmap:persistent; the
 #      run-bound ring, bitmap:ring; split-K without a memset, bitmap:rezero and tiled_csl:rezero;
-#      bulk copies of the bitmap weight, bitmap:bulk);
+#      bulk copies of the bitmap weight, bitmap:bulk; two bitmap tiles per stage, bitmap:tps2);
 #      one that fails or hangs is left out of steps 3-7, the others run there   (~10 s each)
 #   3. pytest -m gpu: the kernels' correctness grid, every config variant, spmm/SparseLinear
 #      dispatch, torch.compile, CUDA graphs; CUDA-graph decoding of a sparse model  (~1 min)
@@ -79,8 +79,8 @@ set -uo pipefail
 if [ "${DEVICE_CHECK_PRESET:-}" = "diagnose" ]; then
   : "${BENCH_SELECT:=--shapes llama-2-7b.up,opt-66b.qkv --n 1,16 --sparsity 0.5,0.8,0.9}"
   : "${BENCH_BASELINES:=cublas}"
-  : "${BENCH_FORMATS:=bitmap,tiled_csl,bitmap:persistent,bitmap:ring,bitmap:ring:persistent,bitmap:rezero,tiled_csl:rezero,bitmap:split1,bitmap:fit,bitmap:pf4,bitmap:fit:stages6,bitmap:fit:stages6:ring,bitmap:fit:stages6:ring:persistent,bitmap:bulk,bitmap:fit:stages6:bulk,bitmap:fit:stages6:ring:bulk,bitmap:persistent:fixup,bitmap:fit:stages6:ring:bulk:persistent:fixup,bitmap:fixup,tiled_csl:split1,tiled_csl:dense2,tiled_csl:pf4,tiled_csl:fixup}"
-  : "${DEVICE_CHECK_PROBE:=1}" "${PROBE_FORMATS:=bitmap,tiled_csl,bitmap:persistent,bitmap:ring,bitmap:fit:stages6,bitmap:fit:stages6:ring,bitmap:bulk,bitmap:fit:stages6:bulk,bitmap:split1,tiled_csl:split1}"
+  : "${BENCH_FORMATS:=bitmap,tiled_csl,bitmap:persistent,bitmap:ring,bitmap:ring:persistent,bitmap:rezero,tiled_csl:rezero,bitmap:split1,bitmap:fit,bitmap:pf4,bitmap:fit:stages6,bitmap:fit:stages6:ring,bitmap:fit:stages6:ring:persistent,bitmap:bulk,bitmap:fit:stages6:bulk,bitmap:fit:stages6:ring:bulk,bitmap:persistent:fixup,bitmap:fit:stages6:ring:bulk:persistent:fixup,bitmap:tps2,bitmap:fit:tps2,bitmap:fixup,tiled_csl:split1,tiled_csl:dense2,tiled_csl:pf4,tiled_csl:fixup}"
+  : "${DEVICE_CHECK_PROBE:=1}" "${PROBE_FORMATS:=bitmap,tiled_csl,bitmap:persistent,bitmap:ring,bitmap:fit:stages6,bitmap:fit:stages6:ring,bitmap:bulk,bitmap:fit:stages6:bulk,bitmap:fit:tps2,bitmap:split1,tiled_csl:split1}"
   : "${DEVICE_CHECK_FLUSH:=1}"
   : "${DEVICE_CHECK_NCU:=1}" "${NCU_CLOCK_CONTROL:=none}"
   : "${PYTEST_LIMIT:=170}" "${BENCH_LIMIT:=100}" "${PROBE_LIMIT:=120}" "${NCU_LIMIT:=90}" "${SANITIZER_LIMIT:=45}"
@@ -324,14 +324,17 @@ for cls, mod, s, options in [(BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragme
                              (BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragment", "persistent": True}),
                              (BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragment", "offset_ring": True}),
                              (BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragment", "persistent": True, "fixup": True}),
-                             # the stream alone (probe level 1: copies, waits, barriers), 3 and 6 stages, with
-                             # and without the ring, with bulk copies: what its warps wait for, without the decode's stalls
+                             # the stream alone (probe level 1: copies, waits, barriers), 3 and 6 stages,
+                             # with the ring, bulk copies or two tiles per stage: what its warps wait for,
+                             # without the decode's stalls
                              (BitmapWeight, bitmap_cuda, 0.8, {"decode": "fragment", "probe": 1}),
                              (BitmapWeight, bitmap_cuda, 0.8, {"value_cap": configs.FIT, "stages": 6, "probe": 1}),
                              (BitmapWeight, bitmap_cuda, 0.8, {"value_cap": configs.FIT, "stages": 6,
                                                                "offset_ring": True, "probe": 1}),
                              (BitmapWeight, bitmap_cuda, 0.8, {"value_cap": configs.FIT, "stages": 6,
-                                                               "bulk_copy": True, "probe": 1})]:
+                                                               "bulk_copy": True, "probe": 1}),
+                             (BitmapWeight, bitmap_cuda, 0.8, {"value_cap": configs.FIT, "tiles_per_stage": 2,
+                                                               "probe": 1})]:
     probe = options.pop("probe", 0)
     cfg = replace(configs.get_config(arch, mod.FORMAT, 11008, 4096, 16, s), **options)
     if probe:
@@ -386,6 +389,7 @@ cases = ([(BitmapWeight, bitmap_cuda, {"decode": d}) for d in configs.DECODES]
          + [(BitmapWeight, bitmap_cuda, {"persistent": True}), (BitmapWeight, bitmap_cuda, {"offset_ring": True}),
             (BitmapWeight, bitmap_cuda, {"offset_ring": True, "persistent": True, "stages": 6})]
          + [(BitmapWeight, bitmap_cuda, {"persistent": True, "fixup": True})]
+         + [(BitmapWeight, bitmap_cuda, {"tiles_per_stage": 2}), (BitmapWeight, bitmap_cuda, {"tiles_per_stage": 2, "decode": "scatter"})]
          + [(BitmapWeight, bitmap_cuda, {"bulk_copy": True}), (BitmapWeight, bitmap_cuda, {"bulk_copy": True, "strips": 2}),
             (BitmapWeight, bitmap_cuda, {"bulk_copy": True, "offset_ring": True, "persistent": True, "stages": 6})])
 for cls, mod, options in cases:

@@ -297,6 +297,28 @@ def test_bulk_copy_is_a_bitmap_compile_option():
     assert any(c.persistent for c in checked) and any(c.offset_ring for c in checked) and any(c.prefetch for c in checked)
 
 
+def test_tiles_per_stage_is_a_bitmap_compile_option():
+    on = LaunchConfig(nrows=16, tiles_per_stage=2).validate("bitmap")
+    off = LaunchConfig(nrows=16)
+    # twice the tile slots: the stage buffers double, the decode area does not
+    stage_bytes = 512 + (4096 + 8) * 2 + 16 * 144
+    assert on.defines("bitmap") == {**off.defines("bitmap"), "FLASHLLM_TPS": 2,
+                                    "FLASHLLM_SMEM_BYTES": off.smem_bytes("bitmap") + 3 * stage_bytes}
+    assert configs.unvalidated_options(on) == (["tps"] if "tps" in configs.UNVALIDATED else [])
+    assert configs.parse_options("bitmap", ["tps2"]) == {"tiles_per_stage": 2}
+    for bad in (dict(offset_ring=True), dict(bulk_copy=True), dict(persistent=True), dict(prefetch=4)):
+        with pytest.raises(ValueError, match="several tiles per stage run the plain pipeline"):
+            replace(on, **bad).validate("bitmap")
+    with pytest.raises(ValueError, match="tiles_per_stage must be one of"):
+        LaunchConfig(nrows=16, words_per_stage=2048, tiles_per_stage=2).validate("tiled_csl")
+    with pytest.raises(ValueError, match="tiles_per_stage must be one of"):
+        LaunchConfig(nrows=16, tiles_per_stage=3).validate("bitmap")
+    assert any(c.tiles_per_stage == 2 for c in configs.candidates("bitmap", 16, 0.8, unvalidated=True))
+    checked = [c for f, c in configs.checked_variants() if c.tiles_per_stage == 2]
+    assert {c.strips for c in checked} == {1, 2} and {c.decode for c in checked} == set(configs.DECODES)
+    assert any(c.fixup for c in checked) and {c.stages for c in checked} >= {2, 3}
+
+
 def test_rezero_is_a_launch_option_of_both_formats():
     # The finalize launch re-zeroes a kept workspace instead of a memset per product: the main
     # kernels are unchanged (same defines, same cache keys), the finalize build is prebuilt too.

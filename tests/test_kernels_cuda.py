@@ -277,6 +277,18 @@ def test_bulk_copies(dtype, sparsity, split_k):
     check("bitmap", 1000, 4096, 33, sparsity, dtype, replace(base, persistent=True, prefetch=4))
 
 
+@pending(tiles_per_stage=2)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_two_tiles_per_stage(dtype, sparsity, split_k):
+    # FLASHLLM_TPS = 2: the pipeline grid with two tiles per wait and barrier (odd tile counts end
+    # on a half stage), and ending split-K in the last block.
+    base = check_pipeline_grid(dtype, sparsity, split_k, tiles_per_stage=2)
+    check("bitmap", 500, 64 * 7 + 5, 33, sparsity, dtype, replace(base, stages=3))  # 8 tiles, 3 per split
+    check("bitmap", 300, 1000, 9, sparsity, dtype, replace(base, fixup=True, split_k=max(split_k, 2)))
+
+
 @pending(rezero=True)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", DTYPES)

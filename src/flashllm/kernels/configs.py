@@ -84,6 +84,8 @@ CSL_DENSE_TILES = (2, 1)
 # N = 16; from 70% 1536 or less). 0 (the default) is a full tile, 4096 values.
 VALUE_CAPS = (1024, 1536, 2048, 2560, 3072, 4096)
 FULL_TILE, FIT = 0, -1
+# Bitmap tiles per pipeline stage (FLASHLLM_TPS): 2 shares each stage's wait, barrier and commit.
+TILES_PER_STAGE = (1, 2)
 # L2 prefetch distance (both kernels, FLASHLLM_PREFETCH in cuda/common.cuh): thread 0 asks L2 to
 # fetch the compressed weight of the tile this many tiles past the shared-memory copies, one tile
 # per stage, so a block has more weight bytes in flight than its stages hold (the measured speedups
@@ -123,7 +125,10 @@ MAX_PREFETCH = 16
 #   large copy requests per tile instead of hundreds, in case the stream's per-tile time (which a
 #   deeper pipeline did not shorten) is set by the requests an SM keeps in flight. sm_90 and up
 #   (below it the same build runs the cp.async path). Written on 2026-11-27, tenth session.
-UNVALIDATED: frozenset[str] = frozenset({"persistent", "ring", "rezero", "bulk"})
+# - "tps": two bitmap tiles per pipeline stage (FLASHLLM_TPS), one wait, barrier and commit per two
+#   tiles, in case the stream's per-tile period is the iteration's own synchronization. Tenth
+#   session, like "bulk".
+UNVALIDATED: frozenset[str] = frozenset({"persistent", "ring", "rezero", "bulk", "tps"})
 
 # Shared-memory layout constants, mirrored from the .cu files (the kernels trap if the launch
 # provides less shared memory than they lay out, so a drift shows as an error, not as corruption).
@@ -151,6 +156,7 @@ class LaunchConfig:
     offset_ring: bool = False  # bitmap: run bounds fetched into a shared ring 2 (stages - 1) tiles ahead
     rezero: bool = False  # split-K: the finalize launch re-zeroes a kept workspace (no memset per product)
     bulk_copy: bool = False  # bitmap: the weight's bytes by bulk copies (TMA) from sm_90, not cp.async chunks
+    tiles_per_stage: int = 1  # bitmap: tiles per pipeline stage (TILES_PER_STAGE), one barrier per stage
 
     def validate(self, fmt: str) -> "LaunchConfig":
         if self.nrows not in NROWS:
@@ -173,6 +179,12 @@ class LaunchConfig:
             raise ValueError(f"bulk_copy must be True or False, got {self.bulk_copy!r}")
         if self.bulk_copy and fmt != "bitmap":
             raise ValueError(f"bulk copies of the weight are a bitmap option, got {self} for {fmt}")
+        if self.tiles_per_stage not in TILES_PER_STAGE or (self.tiles_per_stage > 1 and fmt != "bitmap"):
+            raise ValueError(f"tiles_per_stage must be one of {TILES_PER_STAGE} (more than 1: bitmap only), got {self} "
+                             f"for {fmt}")
+        if self.tiles_per_stage > 1 and (self.offset_ring or self.bulk_copy or self.persistent or self.prefetch):
+            raise ValueError(f"several tiles per stage run the plain pipeline: not with the ring, bulk copies, "
+                             f"stream-K blocks or the prefetch; got {self}")
         if self.rezero and self.fixup:
             raise ValueError("rezero and fixup are two ways to end split-K without a memset: pick one")
         if self.offset_ring and fmt != "bitmap":
@@ -225,6 +237,8 @@ class LaunchConfig:
             d["FLASHLLM_OFFSET_RING"] = 1
         if self.bulk_copy:  # likewise
             d["FLASHLLM_BULK"] = 1
+        if self.tiles_per_stage > 1:  # likewise
+            d["FLASHLLM_TPS"] = self.tiles_per_stage
         if fmt == "bitmap":
             d["FLASHLLM_STRIPS"] = self.strips
             d["FLASHLLM_DECODE"] = DECODES.index(self.decode)
@@ -266,7 +280,7 @@ class LaunchConfig:
             ring = self.strips * _BITMAP_RING_BYTES if self.offset_ring else 0
             barriers = self.stages * 8 if self.bulk_copy else 0  # one mbarrier per stage
             flag = 16 if self.persistent and self.fixup else 0  # stream-K's own last-block flag
-            return self.stages * stage + decode + ring + barriers + flag
+            return self.stages * self.tiles_per_stage * stage + decode + ring + barriers + flag
         stage = self.words_per_stage * 4 + x_stage
         return self.dense_tiles * _CSL_DENSE_BYTES + self.stages * stage + self.stages * 8
 
@@ -292,6 +306,7 @@ OPTION_SPELLINGS: dict[str, tuple[str, object]] = {
     "ring": ("offset_ring", True),
     "rezero": ("rezero", True),
     "bulk": ("bulk_copy", True),
+    "tps2": ("tiles_per_stage", 2),
 }
 FORCED_OPTIONS_ENV = "FLASHLLM_KERNEL_OPTIONS"
 _forced: dict[str, dict[str, dict]] = {}
@@ -370,6 +385,7 @@ KERNEL_OPTIONS: tuple[KernelOption, ...] = (
     KernelOption("ring", lambda c: c.offset_ring, ("bitmap:ring",)),
     KernelOption("rezero", lambda c: c.rezero, ("bitmap:rezero", "tiled_csl:rezero")),
     KernelOption("bulk", lambda c: c.bulk_copy, ("bitmap:bulk",)),
+    KernelOption("tps", lambda c: c.tiles_per_stage > 1, ("bitmap:tps2",)),
 )
 OPTION_NAMES = tuple(o.name for o in KERNEL_OPTIONS)
 assert UNVALIDATED <= set(OPTION_NAMES), UNVALIDATED - set(OPTION_NAMES)
@@ -642,6 +658,9 @@ def candidates(fmt: str, n: int, sparsity: float, unvalidated: bool = False) -> 
         if sparsity >= 0.75:
             add(replace(base, stages=6, value_cap=FIT, bulk_copy=True))
         add(replace(base, value_cap=FIT, offset_ring=True, bulk_copy=True))
+        # Two tiles per stage: half the waits and barriers per tile, 2 or 3 stages of them.
+        for stages in (2, 3):
+            add(replace(base, stages=stages, value_cap=FIT, tiles_per_stage=2))
     else:
         for words in (1024, 2048, 3072, 4096, 6144):
             for stages in (3, 4):
@@ -786,6 +805,10 @@ CHECKED_PERSISTENT = ((8, "fragment", 0, 0, False), (16, "fragment", 0, 0, False
 CHECKED_RING = ((8, 1, 3, "fragment", 0, False), (16, 1, 3, "fragment", 0, False), (16, 2, 3, "fragment", 0, False),
                 (16, 1, 3, "scatter", 0, False), (16, 1, 6, "fragment", 1536, False), (32, 1, 3, "fragment", 0, True),
                 (64, 1, 3, "fragment", 0, False), (128, 1, 3, "fragment", 0, False))
+# Bitmap variants with two tiles per stage: (rows, strips, stages, decode, value cap, fixup).
+CHECKED_TPS = ((8, 1, 3, "fragment", 0, False), (16, 1, 2, "fragment", 0, False), (16, 1, 3, "fragment", 1536, False),
+               (16, 2, 3, "fragment", 0, False), (16, 1, 3, "scatter", 0, False), (32, 1, 3, "fragment", 1024, False),
+               (64, 1, 2, "fragment", 0, False), (16, 1, 3, "fragment", 0, True))
 # Bitmap variants with bulk copies of the weight: (rows, strips, stages, decode, value cap, stream-K,
 # ring, prefetch), one per code shape the copies touch (two strips: two copies of each kind per stage).
 CHECKED_BULK = ((8, 1, 3, "fragment", 0, False, False, 0), (16, 1, 3, "fragment", 0, False, False, 0),
@@ -830,6 +853,8 @@ def checked_variants() -> list[tuple[str, LaunchConfig]]:
                                     offset_ring=True)) for n, st, sg, d, c, pe in CHECKED_RING]
     out += [("bitmap", LaunchConfig(nrows=n, strips=st, stages=sg, decode=d, value_cap=c, persistent=pe,
                                     offset_ring=r, prefetch=p, bulk_copy=True)) for n, st, sg, d, c, pe, r, p in CHECKED_BULK]
+    out += [("bitmap", LaunchConfig(nrows=n, strips=st, stages=sg, decode=d, value_cap=c, fixup=f, tiles_per_stage=2))
+            for n, st, sg, d, c, f in CHECKED_TPS]
     return out
 
 

@@ -57,6 +57,12 @@
 // their bytes, a few large requests instead of hundreds of small ones lift it. The activations
 // keep cp.async. Below sm_90 the option compiles to the cp.async path (same layout, barriers unused).
 //
+// FLASHLLM_TPS = 2 (tiles per stage) makes each pipeline stage TPS consecutive tiles, each in its
+// own slot of the usual layout: one wait, one barrier, TPS tiles issued and one commit per TPS
+// tiles instead of per tile. If what the stream's per-tile period waits on is the iteration's own
+// synchronization (the period did not fall with a deeper pipeline, BENCHMARKS.md, tenth session),
+// that cost is then shared by TPS tiles. Not with the ring, bulk copies, stream-K or the prefetch.
+//
 // FLASHLLM_PROBE (diagnostics only, python -m flashllm.bench.probes; the output is then not the
 // product) leaves out the later parts of the work, so that timing each level shows where the time
 // goes: 1 streams the stages (copies, waits, barriers) and nothing else, 2 adds the per-warp scan
@@ -97,6 +103,12 @@ constexpr int VALS_OFF = STRIPS * MASK_BYTES;
 constexpr int X_OFF = VALS_OFF + STRIPS * VAL_BYTES;
 constexpr int STAGE_BYTES = X_OFF + X_STAGE_BYTES;
 constexpr bool SCATTER = FLASHLLM_DECODE == 1;
+#ifndef FLASHLLM_TPS
+#define FLASHLLM_TPS 1
+#endif
+constexpr int TPS = FLASHLLM_TPS;  // tiles per pipeline stage, each in its own slot
+constexpr int SLOTS = STAGES * TPS;  // tile-sized stage buffers
+static_assert(TPS == 1 || TPS == 2, "TPS");
 #ifndef FLASHLLM_PROBE
 #define FLASHLLM_PROBE 0
 #endif
@@ -110,7 +122,7 @@ static_assert(FLASHLLM_DECODE == 0 || FLASHLLM_DECODE == 1, "DECODE");
 // After the stages: the fragment path's {word, start} table, or the scatter path's dense tiles
 // (per strip 64 x 64 values; warp w's 16 rows at 2048 w, half-block j of its mask row at 64 j,
 // i.e. each 8x8 block as 8 rows of 16 bytes, which ldmatrix reads without bank conflicts).
-constexpr int DECODE_OFF = STAGES * STAGE_BYTES;
+constexpr int DECODE_OFF = SLOTS * STAGE_BYTES;
 constexpr int TILE_BYTES = GROUP * GROUP * 2;
 constexpr int WARP_ROWS_BYTES = TILE_BYTES / WARPS;
 #ifndef FLASHLLM_OFFSET_RING
@@ -138,6 +150,8 @@ static_assert(BARS_OFF % 8 == 0, "mbarriers are 8-byte aligned");
 #else
 #define FLASHLLM_USE_BULK 0
 #endif
+static_assert(TPS == 1 || !(FLASHLLM_OFFSET_RING || FLASHLLM_BULK || FLASHLLM_PERSISTENT || FLASHLLM_PREFETCH),
+              "tiles per stage: the plain pipeline only");
 static_assert(VAL_BYTES % 16 == 0 && STAGE_BYTES % 16 == 0, "16-byte aligned stage buffers");
 #ifdef FLASHLLM_SMEM_BYTES  // the launcher's size (kernels/configs.py) must match this layout
 static_assert(SMEM_BYTES == FLASHLLM_SMEM_BYTES, "configs.LaunchConfig.smem_bytes disagrees with the kernel");
@@ -320,7 +334,7 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
 
   // Run bounds of the next tile to issue, loaded one iteration before their use so the load's
   // latency hides behind a stage of work instead of stalling the copy loop.
-#if !FLASHLLM_OFFSET_RING
+#if !FLASHLLM_OFFSET_RING && FLASHLLM_TPS == 1
   int nlo[STRIPS], nhi[STRIPS];
 #endif
   auto load_offsets = [&](int j, int (&lo)[STRIPS], int (&hi)[STRIPS]) {
@@ -417,6 +431,32 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
     }
     cp_async_commit();
   }
+#elif FLASHLLM_TPS > 1
+  // Prologue: STAGES - 1 stages of TPS tiles in flight (tile t in slot t), one commit per stage;
+  // their run bounds and the next stage's loaded together first.
+  int nlo[TPS][STRIPS] = {}, nhi[TPS][STRIPS] = {};  // run bounds of the next stage's tiles
+  {
+    int plo[SLOTS][STRIPS] = {}, phi[SLOTS][STRIPS] = {};
+#pragma unroll
+    for (int t = 0; t < SLOTS; ++t) {
+      if (t < nk) load_offsets(t, plo[t], phi[t]);
+    }
+#pragma unroll
+    for (int p = 0; p < STAGES - 1; ++p) {
+#pragma unroll
+      for (int u = 0; u < TPS; ++u) {
+        if (p * TPS + u < nk) issue(p * TPS + u, p * TPS + u, plo[p * TPS + u], phi[p * TPS + u]);
+      }
+      cp_async_commit();
+    }
+#pragma unroll
+    for (int u = 0; u < TPS; ++u)
+#pragma unroll
+      for (int s = 0; s < STRIPS; ++s) {
+        nlo[u][s] = plo[(STAGES - 1) * TPS + u][s];
+        nhi[u][s] = phi[(STAGES - 1) * TPS + u][s];
+      }
+  }
 #else
   // Prologue: STAGES - 1 stages in flight, their offsets loaded together first. One commit per
   // stage, empty or not, keeps the wait_group arithmetic uniform.
@@ -476,7 +516,9 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
   u32 sink = 0u;
 #endif
   int st = 0;                 // stage holding tile i
+#if FLASHLLM_TPS == 1
   int st_issue = STAGES - 1;  // stage receiving tile i + STAGES - 1 (the one tile i - 1 freed)
+#endif
 #if FLASHLLM_PERSISTENT
   int cur_strip = strip0, cur_kt = kt0;  // tile i's strip and k tile
 #if FLASHLLM_FIXUP
@@ -488,6 +530,25 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
   u32 phase = 0u;  // parity of stage st's current use: its tiles st, st + STAGES, ... alternate
 #endif
   for (int i = 0; i < nk; ++i) {
+#if FLASHLLM_TPS > 1
+    if (i % TPS == 0) {  // a stage: one wait, one barrier, TPS tiles issued, one commit
+      cp_async_wait<STAGES - 2>();
+      // Tiles i .. i + TPS - 1 have landed for every thread, and every warp is done with the
+      // previous stage's tiles, whose slots the next issue refills.
+      __syncthreads();
+      const int j0 = i + (STAGES - 1) * TPS;
+#pragma unroll
+      for (int u = 0; u < TPS; ++u) {
+        const int slot = st + (STAGES - 1) * TPS + u;
+        if (j0 + u < nk) issue(j0 + u, slot >= SLOTS ? slot - SLOTS : slot, nlo[u], nhi[u]);
+      }
+#pragma unroll
+      for (int u = 0; u < TPS; ++u) {
+        if (j0 + TPS + u < nk) load_offsets(j0 + TPS + u, nlo[u], nhi[u]);
+      }
+      cp_async_commit();
+    }
+#else
     cp_async_wait<STAGES - 2>();
 #if FLASHLLM_USE_BULK
     mbar_wait(bars + st * 8, phase);  // tile i's bulk copies (cp.async: its activations, above)
@@ -516,6 +577,7 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
       if (j + PREFETCH + 1 < nk) load_offsets(j + PREFETCH + 1, pf_lo, pf_hi);
     }
     cp_async_commit();
+#endif  // FLASHLLM_TPS
 
     const unsigned char* stage = smem + st * STAGE_BYTES;
     // Per-warp prefix sum: lane l takes word l of the warp's row (block l/2, half l%2); its
@@ -596,8 +658,15 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
       __syncwarp();  // every lane's ldmatrix has read the rows before any lane clears them
       zero_rows();
     }
+#if FLASHLLM_TPS > 1
+    // The next tile of the stage follows without a barrier: the warp's lanes must be done with
+    // this tile's table (or dense rows) before any rewrites it.
+    __syncwarp();
+    st = st + 1 == SLOTS ? 0 : st + 1;
+#else
     st = st + 1 == STAGES ? 0 : st + 1;
     st_issue = st_issue + 1 == STAGES ? 0 : st_issue + 1;
+#endif
 #if FLASHLLM_USE_BULK
     phase ^= st == 0 ? 1u : 0u;
 #endif
