@@ -129,3 +129,26 @@ def test_clock_sampler_collects_while_inside_and_stops_after(monkeypatch):
     with sampler:  # reusable: a fresh set of samples
         time.sleep(0.01)
     assert sampler.samples is not first and len(sampler.samples) > 0 and len(first) == count
+
+
+def test_stream_period_script_reads_a_probes_csv(tmp_path):
+    # scripts/stream_period.py backs BENCHMARKS.md's per-tile period table: time x resident slots /
+    # tiles, with the launch's automatic split resolved as the launcher does.
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "stream_period.py"
+    spec = importlib.util.spec_from_file_location("stream_period", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    row = {"shape": "l", "out_features": "11008", "in_features": "4096", "n": "16", "sparsity": "0.8",
+           "method": "bitmap", "level": "stream", "time_us": "24.0", "blocks_per_sm": "6",
+           "config": "LaunchConfig(nrows=16, strips=1, stages=3, split_k=8, value_cap=0, persistent=False)"}
+    (got,) = script.period_rows([row, {**row, "level": "full"}], "stream")
+    tiles = 172 * 64
+    assert got["period_ns"] == pytest.approx(24.0e3 * 132 * 6 / tiles)
+    assert got["tiles_per_block"] == 8 and got["waves"] == pytest.approx(172 * 8 / (132 * 6))
+    assert got["kb_per_tile"] == pytest.approx(64 * 64 * (1 / 8 + 0.4) / 1024)
+    stream_k = script.period_rows([{**row, "config": row["config"].replace("persistent=False", "persistent=True")}],
+                                  "stream")[0]
+    assert stream_k["waves"] == pytest.approx(1.0) and stream_k["tiles_per_block"] == pytest.approx(tiles / 792)
