@@ -332,10 +332,10 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
   }
   const XStager xstage(x, ldx, n0, N, kx, tid);
 
-  // Run bounds of the next tile to issue, loaded one iteration before their use so the load's
-  // latency hides behind a stage of work instead of stalling the copy loop.
-#if !FLASHLLM_OFFSET_RING && FLASHLLM_TPS == 1
-  int nlo[STRIPS], nhi[STRIPS];
+  // Run bounds of the next tile(s) to issue, loaded one iteration (stage) before their use so the
+  // load's latency hides behind a stage of work instead of stalling the copy loop.
+#if !FLASHLLM_OFFSET_RING
+  int nlo[TPS][STRIPS], nhi[TPS][STRIPS];
 #endif
   auto load_offsets = [&](int j, int (&lo)[STRIPS], int (&hi)[STRIPS]) {
 #if FLASHLLM_USE_BULK
@@ -431,10 +431,10 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
     }
     cp_async_commit();
   }
-#elif FLASHLLM_TPS > 1
-  // Prologue: STAGES - 1 stages of TPS tiles in flight (tile t in slot t), one commit per stage;
-  // their run bounds and the next stage's loaded together first.
-  int nlo[TPS][STRIPS] = {}, nhi[TPS][STRIPS] = {};  // run bounds of the next stage's tiles
+#else
+  // Prologue: STAGES - 1 stages of TPS tiles in flight (tile t in slot t), their run bounds and the
+  // next stage's loaded together first. One commit per stage, empty or not, keeps the wait_group
+  // arithmetic uniform.
   {
     int plo[SLOTS][STRIPS] = {}, phi[SLOTS][STRIPS] = {};
 #pragma unroll
@@ -456,26 +456,6 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
         nlo[u][s] = plo[(STAGES - 1) * TPS + u][s];
         nhi[u][s] = phi[(STAGES - 1) * TPS + u][s];
       }
-  }
-#else
-  // Prologue: STAGES - 1 stages in flight, their offsets loaded together first. One commit per
-  // stage, empty or not, keeps the wait_group arithmetic uniform.
-  {
-    int plo[STAGES][STRIPS] = {}, phi[STAGES][STRIPS] = {};
-#pragma unroll
-    for (int p = 0; p < STAGES; ++p) {
-      if (p < nk) load_offsets(p, plo[p], phi[p]);
-    }
-#pragma unroll
-    for (int p = 0; p < STAGES - 1; ++p) {
-      if (p < nk) issue(p, p, plo[p], phi[p]);
-      cp_async_commit();
-    }
-#pragma unroll
-    for (int s = 0; s < STRIPS; ++s) {
-      nlo[s] = plo[STAGES - 1][s];
-      nhi[s] = phi[STAGES - 1][s];
-    }
   }
 #endif
   // The tiles between the prologue's copies and the loop's first prefetch.
@@ -568,8 +548,8 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
     }
 #else
     if (j < nk) {
-      issue(j, st_issue, nlo, nhi);
-      if (j + 1 < nk) load_offsets(j + 1, nlo, nhi);
+      issue(j, st_issue, nlo[0], nhi[0]);
+      if (j + 1 < nk) load_offsets(j + 1, nlo[0], nhi[0]);
     }
 #endif
     if (PREFETCH > 0 && tid == 0 && j + PREFETCH < nk) {
