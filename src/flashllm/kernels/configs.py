@@ -167,16 +167,9 @@ class LaunchConfig:
             raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
         if not 0 <= self.prefetch <= MAX_PREFETCH:
             raise ValueError(f"prefetch must be 0..{MAX_PREFETCH} tiles, got {self.prefetch}")
-        if not isinstance(self.fixup, bool):
-            raise ValueError(f"fixup must be True or False, got {self.fixup!r}")
-        if not isinstance(self.persistent, bool):
-            raise ValueError(f"persistent must be True or False, got {self.persistent!r}")
-        if not isinstance(self.offset_ring, bool):
-            raise ValueError(f"offset_ring must be True or False, got {self.offset_ring!r}")
-        if not isinstance(self.rezero, bool):
-            raise ValueError(f"rezero must be True or False, got {self.rezero!r}")
-        if not isinstance(self.bulk_copy, bool):
-            raise ValueError(f"bulk_copy must be True or False, got {self.bulk_copy!r}")
+        for flag in ("fixup", "persistent", "offset_ring", "rezero", "bulk_copy"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.bulk_copy and fmt != "bitmap":
             raise ValueError(f"bulk copies of the weight are a bitmap option, got {self} for {fmt}")
         if self.tiles_per_stage not in TILES_PER_STAGE or (self.tiles_per_stage > 1 and fmt != "bitmap"):
