@@ -260,35 +260,38 @@ def test_bitmap_stream_k_blocks_emulated(dtype, m, k, n, sparsity, nrows, decode
     _reference_check(y, writes, x, w, bias, torch.tensor([per_strip[i // 64] for i in range(m)]).expand(n, m))
 
 
-def test_offset_ring_is_a_bitmap_compile_option():
-    on = LaunchConfig(nrows=16, offset_ring=True).validate("bitmap")
+def check_bitmap_flag_option(field: str, spelling: str, option: str, define: str, smem: int, refusal: str):
+    """A bitmap-only on/off kernel option: one define more and `smem` bytes more than the same launch
+    without it (nrows 16, 3 stages), tracked as `option`, spelt `spelling`, refused for Tiled-CSL
+    with `refusal` and for a non-bool value. Returns the option's launch."""
+    on = LaunchConfig(nrows=16, **{field: True}).validate("bitmap")
     off = LaunchConfig(nrows=16)
-    assert on.defines("bitmap") == {**off.defines("bitmap"), "FLASHLLM_OFFSET_RING": 1,
-                                    "FLASHLLM_SMEM_BYTES": off.smem_bytes("bitmap") + 64}  # 16 bounds per strip
+    assert on.defines("bitmap") == {**off.defines("bitmap"), define: 1,
+                                    "FLASHLLM_SMEM_BYTES": off.smem_bytes("bitmap") + smem}
+    assert configs.unvalidated_options(on) == ([option] if option in configs.UNVALIDATED else [])
+    assert configs.parse_options("bitmap", [spelling]) == {field: True}
+    with pytest.raises(ValueError, match=refusal):
+        LaunchConfig(nrows=16, words_per_stage=2048, **{field: True}).validate("tiled_csl")
+    with pytest.raises(ValueError, match=f"{field} must be True or False"):
+        LaunchConfig(nrows=16, **{field: 1}).validate("bitmap")
+    return on
+
+
+def test_offset_ring_is_a_bitmap_compile_option():
+    on = check_bitmap_flag_option("offset_ring", "ring", "ring", "FLASHLLM_OFFSET_RING", 64,  # 16 bounds per strip
+                                  "the offset ring is a bitmap option")
+    off = LaunchConfig(nrows=16)
     assert replace(on, strips=2).smem_bytes("bitmap") == replace(off, strips=2).smem_bytes("bitmap") + 128
-    assert configs.unvalidated_options(on) == (["ring"] if "ring" in configs.UNVALIDATED else [])
-    assert configs.parse_options("bitmap", ["ring"]) == {"offset_ring": True}
-    with pytest.raises(ValueError, match="the offset ring is a bitmap option"):
-        LaunchConfig(nrows=16, words_per_stage=2048, offset_ring=True).validate("tiled_csl")
-    with pytest.raises(ValueError, match="offset_ring must be True or False"):
-        LaunchConfig(nrows=16, offset_ring=1).validate("bitmap")
     tuning = configs.candidates("bitmap", 16, 0.8, unvalidated=True)
     assert any(c.offset_ring and c.persistent for c in tuning) and any(c.offset_ring and not c.persistent for c in tuning)
     assert {c.stages for f, c in configs.checked_variants() if c.offset_ring} >= {3, 6}  # look-ahead 4 and 10
 
 
 def test_bulk_copy_is_a_bitmap_compile_option():
-    on = LaunchConfig(nrows=16, bulk_copy=True).validate("bitmap")
+    on = check_bitmap_flag_option("bulk_copy", "bulk", "bulk", "FLASHLLM_BULK", 3 * 8,  # an mbarrier per stage
+                                  "bulk copies of the weight are a bitmap option")
     off = LaunchConfig(nrows=16)
-    assert on.defines("bitmap") == {**off.defines("bitmap"), "FLASHLLM_BULK": 1,
-                                    "FLASHLLM_SMEM_BYTES": off.smem_bytes("bitmap") + 3 * 8}  # an mbarrier per stage
     assert replace(on, stages=6).smem_bytes("bitmap") == replace(off, stages=6).smem_bytes("bitmap") + 48
-    assert configs.unvalidated_options(on) == (["bulk"] if "bulk" in configs.UNVALIDATED else [])
-    assert configs.parse_options("bitmap", ["bulk"]) == {"bulk_copy": True}
-    with pytest.raises(ValueError, match="bulk copies of the weight are a bitmap option"):
-        LaunchConfig(nrows=16, words_per_stage=2048, bulk_copy=True).validate("tiled_csl")
-    with pytest.raises(ValueError, match="bulk_copy must be True or False"):
-        LaunchConfig(nrows=16, bulk_copy=1).validate("bitmap")
     tuning = configs.candidates("bitmap", 16, 0.8, unvalidated=True)
     assert any(c.bulk_copy and c.stages == 6 for c in tuning) and any(c.bulk_copy and c.offset_ring for c in tuning)
     assert not any(c.bulk_copy for c in configs.candidates("bitmap", 16, 0.8)) or "bulk" not in configs.UNVALIDATED

@@ -239,6 +239,17 @@ def test_stream_k_blocks_end_split_k_themselves(dtype, sparsity):
         assert not bool(ws.sums.any()) and not bool(ws.counters.any()), "a stream-K fixup left its workspace dirty"
 
 
+def over_pipeline_grid(**option):
+    """Decorator: a test of a pending pipeline option (`pending` marks), over every dtype, sparsity
+    and split-K on and off, the arguments `check_pipeline_grid` takes."""
+    def apply(test):
+        for mark in (pytest.mark.parametrize("split_k", [1, 3]), pytest.mark.parametrize("sparsity", SPARSITIES),
+                     pytest.mark.parametrize("dtype", DTYPES), pending(**option)):
+            test = mark(test)
+        return test
+    return apply
+
+
 def check_pipeline_grid(dtype, sparsity, split_k, **option) -> LaunchConfig:
     """The bitmap pipeline's shapes for an option that changes how a tile's bytes arrive: K shorter
     than the pipeline (the prologue alone) and far longer (every stage reused many times), 2 and 6
@@ -252,10 +263,7 @@ def check_pipeline_grid(dtype, sparsity, split_k, **option) -> LaunchConfig:
     return base
 
 
-@pending(offset_ring=True)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("sparsity", SPARSITIES)
-@pytest.mark.parametrize("split_k", [1, 3])
+@over_pipeline_grid(offset_ring=True)
 def test_offset_ring(dtype, sparsity, split_k):
     # Run bounds from the shared ring (FLASHLLM_OFFSET_RING): the pipeline grid (look-ahead 2 to
     # 10 with 2 to 6 stages, the ring wrapping many times on the long K), and with stream-K blocks.
@@ -263,10 +271,7 @@ def test_offset_ring(dtype, sparsity, split_k):
     check("bitmap", 1000, 4096, 3, sparsity, dtype, replace(base, persistent=True))
 
 
-@pending(bulk_copy=True)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("sparsity", SPARSITIES)
-@pytest.mark.parametrize("split_k", [1, 3])
+@over_pipeline_grid(bulk_copy=True)
 def test_bulk_copies(dtype, sparsity, split_k):
     # The weight's bytes by bulk copies on per-stage mbarriers (FLASHLLM_BULK; the cp.async path
     # below sm_90): the pipeline grid (each stage's barrier through many phases on the long K; two
@@ -277,10 +282,7 @@ def test_bulk_copies(dtype, sparsity, split_k):
     check("bitmap", 1000, 4096, 33, sparsity, dtype, replace(base, persistent=True, prefetch=4))
 
 
-@pending(tiles_per_stage=2)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("sparsity", SPARSITIES)
-@pytest.mark.parametrize("split_k", [1, 3])
+@over_pipeline_grid(tiles_per_stage=2)
 def test_two_tiles_per_stage(dtype, sparsity, split_k):
     # FLASHLLM_TPS = 2: the pipeline grid with two tiles per wait and barrier (odd tile counts end
     # on a half stage), and ending split-K in the last block.
