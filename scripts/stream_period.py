@@ -16,10 +16,13 @@ import argparse
 import csv
 import re
 
+from flashllm.formats.bitmap import GROUP_K, GROUP_M
+from flashllm.formats.tiled_csl import TILE_K, TILE_M
 from flashllm.kernels.configs import auto_split_k, persistent_blocks
+from flashllm.kernels.launch import split_plan
 
 SMS = 132  # H100 SXM and H200; the CSVs do not record it
-TILE = {"bitmap": (64, 64), "tiled_csl": (128, 64)}
+TILE = {"bitmap": (GROUP_M, GROUP_K), "tiled_csl": (TILE_M, TILE_K)}
 
 
 def _field(config: str, name: str) -> str:
@@ -40,15 +43,16 @@ def period_rows(rows: list[dict], level: str) -> list[dict]:
         slots = SMS * int(r["blocks_per_sm"])
         rows_per_tile, cols = TILE[fmt]
         strips, k_tiles = -(-m // rows_per_tile), -(-k // cols)
+        blocks_m = -(-strips // int(_field(cfg, "strips") or 1))
         nbytes = (1 / 8 + 2 * (1 - s)) if fmt == "bitmap" else 4 * (1 - s)  # per weight element, fp16
         if _field(cfg, "persistent") == "True":
             blocks = persistent_blocks(strips * k_tiles, slots, 1)
             per_block = strips * k_tiles / blocks
-        else:
+        else:  # as CudaKernel._launch picks the split (one block along N: the probes' N <= 16)
             if split == 0:
-                split = auto_split_k(k_tiles, strips, slots, n, k, nbytes)
-            per = -(-k_tiles // split)
-            blocks, per_block = strips * -(-k_tiles // per), per
+                split = auto_split_k(k_tiles, blocks_m, slots, n, k, nbytes)
+            splits, per_block = split_plan(k_tiles, split)
+            blocks = blocks_m * splits
         tiles = strips * k_tiles
         out.append({"shape": r["shape"], "n": n, "sparsity": s, "method": r["method"], "stages": stages, "tps": tps,
                     "tiles_per_block": per_block, "waves": blocks / slots,
