@@ -743,6 +743,22 @@ def test_forced_options_apply_on_top_of_the_table_per_format(monkeypatch):
     assert not configs.get_config("sm90", "bitmap", 4096, 4096, 16, 0.8).fixup
 
 
+def test_forcing_stream_k_on_a_two_strip_launch_runs_one_strip_per_block(monkeypatch):
+    # Stream-K blocks run one strip at a time: forcing "persistent" on a table entry of two strips
+    # per block (OPT-66B qkv at N = 16, 80%) must give a one-strip launch, not fail mid-benchmark.
+    two_strips = next(c for c in configs.TUNED.values() if c.strips == 2)
+    forced = configs.with_options(two_strips, {"persistent": True}, "bitmap")
+    assert forced == replace(two_strips, persistent=True, strips=1)
+    with pytest.raises(ValueError, match="one strip per block"):
+        configs.with_options(two_strips, {"persistent": True, "strips": 2}, "bitmap")
+    monkeypatch.setattr(configs, "_forced", {})
+    monkeypatch.setenv(configs.FORCED_OPTIONS_ENV, "bitmap:persistent")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the option may still be pending: its warning is tested above
+        cfg = configs.get_config("sm90", "bitmap", 27648, 9216, 16, 0.8)
+    assert cfg.persistent and cfg.strips == 1
+
+
 def test_splitk_workspace_is_zeroed_once_kept_per_stream_and_grown_geometrically(monkeypatch):
     # The kernels leave the workspace zero, so it is zeroed only when allocated; on the CPU the same
     # bookkeeping runs on host tensors (streams are plain handles here).

@@ -105,30 +105,29 @@ MAX_PREFETCH = 16
 # 0.99-1.03x, dense1 1.03-1.11x, prefetch 0.93-0.98x, fixup 0.86-1.00x on the bitmap kernel
 # (0.97-1.06x on Tiled-CSL; its fences and the last block's pass cost more than the two launches
 # they save), so the default rule uses fit from 75% and one dense tile; the tuner offers all four.
-# Pending, written 2026-11-27 after that run, compiled (the first also emulated), never run:
+# Validated on an H200 on 2026-11-27 (eleventh session: smoke tests, 600 GPU tests, memcheck,
+# racecheck), written in the ninth and tenth sessions to test what the stream's per-tile time waits
+# for; none is faster than the configured launch (geomean over Llama-2-7B up and OPT-66B qkv, N 1/16,
+# 50-90%, BENCHMARKS.md eleventh session: default 1.135x cuBLAS, persistent 1.07x, ring 1.10x,
+# rezero 1.11x, bulk 1.12x, tps2 0.95x, persistent + fixup 1.06x), so the rule uses none and the
+# tuner offers all:
 # - "persistent": stream-K bitmap blocks (FLASHLLM_PERSISTENT in cuda/bitmap_spmm.cu): as many
 #   blocks as are resident at once, each an equal share of the strip-major tile sequence, its
 #   pipeline carried across strip boundaries, every strip's sums added into the split-K workspace
-#   (`persistent_ranges`). The tuner's short blocks (4 K tiles at N = 16) pay a pipeline fill and
-#   an epilogue each and end the grid in a partial wave: this pays one fill per resident slot.
-#   With `fixup` too (tenth session), the block that completes a strip's count of tiles rounds it:
-#   one launch per product, its fences paid once or twice per block.
+#   (`persistent_ranges`): one pipeline fill per resident slot, no partial last wave. With `fixup`
+#   too, the block that completes a strip's count of tiles rounds it: one launch per product.
 # - "ring": the bitmap tiles' run bounds in a shared-memory ring that cp.async fills 2 (stages - 1)
-#   tiles ahead (FLASHLLM_OFFSET_RING), instead of a register load one iteration ahead: a
-#   dependent L2 round trip per tile and block, which the stream's time (falling far less than its
-#   bytes, unmoved by deeper pipelines) suggests may be what each iteration waits for.
+#   tiles ahead (FLASHLLM_OFFSET_RING), instead of a dependent register load one iteration ahead.
 # - "rezero": split-K's finalize launch writes zeros back into a workspace kept per stream
-#   (splitk_finalize.cu, FLASHLLM_REZERO), so no memset runs before each product: two launches per
-#   split product instead of three (Nsight Compute put a quarter of a product outside the kernel).
+#   (splitk_finalize.cu, FLASHLLM_REZERO), so no memset runs before each product.
 # - "bulk": the bitmap tiles' masks and value runs moved by Hopper's bulk copies (TMA, one thread,
-#   per-stage mbarriers; FLASHLLM_BULK) instead of every thread's 16-byte cp.async chunks: a few
-#   large copy requests per tile instead of hundreds, in case the stream's per-tile time (which a
-#   deeper pipeline did not shorten) is set by the requests an SM keeps in flight. sm_90 and up
-#   (below it the same build runs the cp.async path). Written on 2026-11-27, tenth session.
+#   per-stage mbarriers; FLASHLLM_BULK) instead of every thread's 16-byte cp.async chunks; sm_90
+#   and up (below it the same build runs the cp.async path).
 # - "tps": two bitmap tiles per pipeline stage (FLASHLLM_TPS), one wait, barrier and commit per two
-#   tiles, in case the stream's per-tile period is the iteration's own synchronization. Tenth
-#   session, like "bulk".
-UNVALIDATED: frozenset[str] = frozenset({"persistent", "ring", "rezero", "bulk", "tps"})
+#   tiles.
+# What binds the kernel instead (Nsight Compute, same run): the L1/shared-memory pipe (79-84% of
+# its peak, stalls on shared-memory results first) and instruction issue, not DRAM.
+UNVALIDATED: frozenset[str] = frozenset()
 
 # Shared-memory layout constants, mirrored from the .cu files (the kernels trap if the launch
 # provides less shared memory than they lay out, so a drift shows as an error, not as corruption).
@@ -552,6 +551,15 @@ def lookup(arch: str, fmt: str, out_features: int, in_features: int, n: int,
     return None
 
 
+def with_options(cfg: LaunchConfig, options: dict, fmt: str) -> LaunchConfig:
+    """`cfg` with `options` (LaunchConfig fields) forced on it, validated. Stream-K blocks run one
+    strip at a time, so forcing `persistent` on a two-strip launch makes it one strip per block
+    (the ninth session's table has two-strip entries; the option used to fail there)."""
+    if options.get("persistent") and "strips" not in options:
+        options = {**options, "strips": 1}
+    return replace(cfg, **options).validate(fmt)
+
+
 def get_config(arch: str, fmt: str, out_features: int, in_features: int, n: int,
                sparsity: float) -> LaunchConfig:
     cfg = lookup(arch, fmt, out_features, in_features, n, sparsity)
@@ -566,9 +574,8 @@ def get_config(arch: str, fmt: str, out_features: int, in_features: int, n: int,
         cfg = default_config(fmt, n, sparsity)
     forced = forced_options(fmt)
     if forced:
-        cfg = replace(cfg, **forced)
         try:
-            cfg.validate(fmt)
+            cfg = with_options(cfg, forced, fmt)
         except ValueError as err:
             raise ValueError(f"{FORCED_OPTIONS_ENV}: {err}") from None
     # Entries are per bucket; a batch smaller than the bucket's nrows still fits, a larger one
