@@ -28,7 +28,7 @@ import statistics
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -93,11 +93,14 @@ class Row:
 # ---------------------------------------------------------------------------------------------
 # The L2 flush before each timed call. "write" zeroes a 256 MiB buffer, as triton's do_bench does,
 # which leaves the L2 full of dirty lines: the timed call's own reads must then evict them, so its
-# time may include writing up to an L2's worth of bytes (50 MB on an H100 or H200) back to DRAM.
-# cuBLAS's times on an H200 fit 15 us plus its bytes at copy bandwidth (BENCHMARKS.md, tenth
-# session), a constant that shrinks every speedup towards 1. "read" sums the same buffer instead:
-# the weight leaves the L2 all the same, and the lines left behind are clean, as they are between
-# the layers of a decode step, whose weights are only read.
+# time includes writing up to an L2's worth of bytes (50 MB on an H100 or H200) back to DRAM. That
+# costs a kernel at copy bandwidth and not one with bandwidth to spare: measured on an H200
+# (BENCHMARKS.md, eleventh session), cuBLAS's intercept over the 18 issue layers fell from 15.2 to
+# 8.7 us and its time on the largest by 22 us (247 -> 226 us, 90% -> 97% of copy bandwidth) under
+# "read", the flashllm kernels' by 0-1 us: the write flush inflated every speedup. "read" (the
+# default since) sums the same buffer instead: the weight leaves the L2 all the same, and the lines
+# left behind are clean, as they are between the layers of a decode step, whose weights are only
+# read.
 FLUSHES = ("write", "read")
 FLUSH_BYTES = 256 * 2**20
 
@@ -141,7 +144,7 @@ def _event_timer(device: torch.device, warmup_ms: int, rep_ms: int, flush: Calla
 
 
 def _timer(device: torch.device, warmup_ms: int, rep_ms: int,
-           flush: str = "write") -> Callable[[Callable[[], object]], float]:
+           flush: str = "read") -> Callable[[Callable[[], object]], float]:
     """A function returning the median milliseconds of a callable on `device`, each call after an
     L2 flush of kind `flush` (FLUSHES; triton's do_bench itself for "write" when triton is there)."""
     if flush not in FLUSHES:
@@ -190,7 +193,7 @@ def _graphed(fn: Callable[[], object], device: torch.device) -> tuple[Callable[[
 Timed = Callable[[Callable[[], object]], tuple[float, float]]
 
 
-def start_run(device: torch.device, warmup_ms: int, rep_ms: int, flush: str = "write") -> tuple[Timed, dict]:
+def start_run(device: torch.device, warmup_ms: int, rep_ms: int, flush: str = "read") -> tuple[Timed, dict]:
     """A run's timer, `timed(fn)` -> (median ms, median SM clock in MHz while timed, nan without
     NVML), and its environment (GPU, versions, date, measured copy bandwidth, maximum SM clock, the
     L2 flush and the timing floor: a one-element kernel's time, what any call pays here), printed
@@ -267,7 +270,7 @@ def configured_launch(weight, n: int, options: dict, device: torch.device) -> La
     sparsity = cuda_module(weight.name).KERNEL.sparsity_of(tensors, *weight.shape)
     cfg = configs.get_config(configs.arch_key(torch.cuda.get_device_capability(device)), weight.name,
                              *weight.shape, n, sparsity)
-    return replace(cfg, **options).validate(weight.name) if options else cfg
+    return configs.with_options(cfg, options, weight.name) if options else cfg
 
 
 def sparse_methods(w: torch.Tensor, x: torch.Tensor, formats: list[str], fast: bool,
@@ -659,9 +662,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     parser.add_argument("--rep", type=int, default=100, help="do_bench measuring time, ms")
-    parser.add_argument("--flush", choices=FLUSHES, default="write",
-                        help="L2 flush before each timed call: write (zero a 256 MiB buffer, as do_bench "
-                             "does; leaves dirty lines) or read (sum it; leaves clean lines)")
+    parser.add_argument("--flush", choices=FLUSHES, default="read",
+                        help="L2 flush before each timed call: read (sum a 256 MiB buffer; leaves clean "
+                             "lines, as between a decode step's layers) or write (zero it, as do_bench "
+                             "does; leaves dirty lines, whose write-back slows bandwidth-bound kernels)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="folder for the CSV and PNG (default: $OUT or ./bench_out)")
     parser.add_argument("--csv", default=None, help="CSV to append to (default: <out>/kernels.csv)")

@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16")
     parser.add_argument("--warmup", type=int, default=10, help="do_bench warm-up, ms")
     parser.add_argument("--rep", type=int, default=40, help="do_bench measuring time, ms")
-    parser.add_argument("--flush", choices=bench.FLUSHES, default="write",
+    parser.add_argument("--flush", choices=bench.FLUSHES, default="read",
                         help="L2 flush before each timed call (as `flashllm bench kernels --flush`)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda")
