@@ -44,7 +44,8 @@
 #      e2e_no_expand.csv                                                          (~1 min)
 #      E2E_COMPILE=1 runs every e2e decode step through torch.compile (--compile: the small
 #      kernels outside the linear layers fused, dense and sparse alike; compiles per model and
-#      batch, give E2E_LIMIT room)
+#      batch, give E2E_LIMIT room); E2E_COMPILE=both times each model and batch without and
+#      with it (an A/B in one run); E2E_BATCH replaces the batch sizes (1,16)
 # Writes device_check.log under $OUT (./out when unset) and everything else into $OUT/results.tgz
 # (the device tool returns at most 8 files). The last lines printed are the summary.
 # Step limits in seconds: PYTEST_LIMIT (300), TUNE_LIMIT (240), BENCH_LIMIT (300), NCU_LIMIT (150),
@@ -433,18 +434,19 @@ if [ "${DEVICE_CHECK_E2E:-0}" = "1" ]; then
   step "8. end to end (DEVICE_CHECK_E2E=1${E2E_COMPILE:+, E2E_COMPILE=$E2E_COMPILE})"
   E2E_FLAGS=()
   [ "${E2E_COMPILE:-0}" = "1" ] && E2E_FLAGS=(--compile)
-  limited "${E2E_LIMIT:-240}" "$PY" -m flashllm.cli bench e2e --models llama-2-7b --sparsities 0.5,0.8 --batch 1,16 \
+  [ "${E2E_COMPILE:-0}" = "both" ] && E2E_FLAGS=(--compile both)
+  limited "${E2E_LIMIT:-240}" "$PY" -m flashllm.cli bench e2e --models llama-2-7b --sparsities 0.5,0.8 --batch "${E2E_BATCH:-1,16}" \
     --new-tokens 64 --predict "${E2E_FLAGS[@]}" --csv "$OUT/e2e.csv" --plot "$OUT/e2e.png" 2>&1 | tee "$OUT/e2e.log" | tail -n 20
   STATUS[e2e]=${PIPESTATUS[0]}
   if [ -n "${E2E_OPTIONS:-}" ]; then
-    limited "${E2E_LIMIT:-240}" "$PY" -m flashllm.cli bench e2e --models llama-2-7b --sparsities 0.5,0.8 --batch 1,16 \
+    limited "${E2E_LIMIT:-240}" "$PY" -m flashllm.cli bench e2e --models llama-2-7b --sparsities 0.5,0.8 --batch "${E2E_BATCH:-1,16}" \
       --new-tokens 64 --predict "${E2E_FLAGS[@]}" --kernel-options "$E2E_OPTIONS" --csv "$OUT/e2e.csv" --plot "$OUT/e2e_options.png" \
       2>&1 | tee "$OUT/e2e_options.log" | tail -n 20
     STATUS[e2e_options]=${PIPESTATUS[0]}
   fi
   if [ "${E2E_EXPAND:-0}" = "1" ]; then
     FLASHLLM_EXPAND=0 limited "${E2E_LIMIT:-240}" "$PY" -m flashllm.cli bench e2e --models llama-2-7b --sparsities 0.5,0.8 \
-      --batch 1,16 --new-tokens 64 --predict "${E2E_FLAGS[@]}" --csv "$OUT/e2e_no_expand.csv" --plot "$OUT/e2e_no_expand.png" \
+      --batch "${E2E_BATCH:-1,16}" --new-tokens 64 --predict "${E2E_FLAGS[@]}" --csv "$OUT/e2e_no_expand.csv" --plot "$OUT/e2e_no_expand.png" \
       2>&1 | tee "$OUT/e2e_no_expand.log" | tail -n 20
     STATUS[e2e_expand]=${PIPESTATUS[0]}
   fi

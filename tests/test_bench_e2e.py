@@ -61,6 +61,18 @@ def test_compile_flag_reaches_every_decoder(tmp_path, monkeypatch):
                  "--dtype", "float32", "--compile", "--csv", str(csv_path), "--plot", str(tmp_path / "e2e.png")]) == 0
     assert asked == [True, True]
     assert [r["compiled"] for r in csv.DictReader(csv_path.open())] == ["True", "True"]
+    # `--compile both`: each model and batch without, then with; the sparse row's speedup is over the
+    # dense row of its own mode.
+    asked.clear()
+    both = tmp_path / "both.csv"
+    assert main(["bench", "e2e", "--tiny", "--batch", "1", "--sparsities", "0.5", "--new-tokens", "3",
+                 "--dtype", "float32", "--compile", "both", "--csv", str(both), "--plot", str(tmp_path / "b.png")]) == 0
+    assert asked == [False, True, False, True]
+    rows = list(csv.DictReader(both.open()))
+    assert [(r["variant"], r["compiled"]) for r in rows] == [("dense", "False"), ("dense", "True"),
+                                                             ("flashllm", "False"), ("flashllm", "True")]
+    for sparse, dense in zip(rows[2:], rows[:2]):
+        assert float(sparse["measured_speedup"]) == pytest.approx(float(dense["step_ms"]) / float(sparse["step_ms"]))
 
 
 def test_tiny_e2e_run_writes_rows_and_plot(tmp_path, capsys):

@@ -1,3 +1,6 @@
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -35,6 +38,23 @@ def test_static_decoder_bad_input():
         decoder.generate(torch.zeros(2, 10, dtype=torch.long), 7)
     with pytest.raises(ValueError, match="max_new_tokens"):
         decoder.generate(torch.zeros(2, 4, dtype=torch.long), 0)
+
+
+def test_a_finished_decoder_frees_its_model_without_the_cycle_collector():
+    # `flashllm bench e2e` deletes each model before building the next: a decoder that kept its
+    # model alive through a reference cycle held the previous model's GPU memory into the next
+    # model's peak (eleventh session). With the collector off, plain reference counting must free it.
+    model = build("llama")
+    decoder = StaticDecoder(model, batch_size=1, max_length=12)
+    decoder.generate(torch.randint(0, VOCAB, (1, 4)), 3)
+    alive = weakref.ref(model)
+    gc.collect()
+    gc.disable()
+    try:
+        del decoder, model
+        assert alive() is None
+    finally:
+        gc.enable()
 
 
 @pytest.mark.gpu

@@ -22,6 +22,7 @@ import inspect
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -50,6 +51,14 @@ def _cache_keyword(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def _logits_fn(model: nn.Module, cache, cache_kw: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The decode step's forward: the next-token logits of `ids` at `positions`, `cache` updated."""
+    def forward(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = model(ids, position_ids=positions, use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+        return out.logits[:, -1]
+    return forward
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -76,13 +85,14 @@ class StaticDecoder:
         self.graph = None
         self.notes: list[str] = []
         self.compiled = compiled
+        # A closure over the model and the cache, not a bound method: the decoder holding a bound
+        # method of itself is a reference cycle, which kept a finished decoder's model (and its GPU
+        # memory) alive until Python's cycle collector ran; a benchmark building the next model
+        # measured both (BENCHMARKS.md, eleventh session).
+        self._forward = _logits_fn(model, self.cache, self.cache_kw)
         self._decode = torch.compile(self._forward, dynamic=False) if compiled else self._forward
         if cuda_graph and self.device.type == "cuda":
             self._capture()
-
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        out = self.model(ids, position_ids=positions, use_cache=True, logits_to_keep=1, **{self.cache_kw: self.cache})
-        return out.logits[:, -1]
 
     @torch.no_grad()
     def _step(self) -> None:

@@ -13,6 +13,7 @@ Each row records the SM clock NVML read during its timed generation (`sm_mhz`, b
     flashllm bench e2e --big            # OPT-66B and OPT-175B at 80% on one GPU
     flashllm bench e2e --kernel-options fixup   # the sparse runs with a kernel option forced (A/B)
     flashllm bench e2e --compile        # the decode step (dense and sparse) through torch.compile
+    flashllm bench e2e --compile both   # each model and batch timed without and with it
     flashllm bench e2e --tiny           # a CPU smoke run of the harness itself
 """
 
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
+import itertools
 import os
 import platform
 from dataclasses import asdict, dataclass
@@ -204,6 +207,10 @@ class Row:
     compiled: bool = False  # the decode step ran through torch.compile (--compile)
 
 
+# --compile: which decode steps each model and batch is timed with (torch.compile or not).
+COMPILE_MODES = {"off": (False,), "on": (True,), "both": (False, True)}
+
+
 def run_one(model: nn.Module, batch: int, prompt: int, new_tokens: int, vocab: int, device: torch.device,
             graphs: bool, compiled: bool = False) -> dict:
     from ..decode import StaticDecoder
@@ -240,9 +247,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--device", help="default: cuda when available")
     parser.add_argument("--no-graphs", action="store_true", help="decode eagerly (no CUDA graphs)")
-    parser.add_argument("--compile", action="store_true",
+    parser.add_argument("--compile", nargs="?", const="on", default="off", choices=COMPILE_MODES,
                         help="run the decode step (dense and sparse alike) through torch.compile, which fuses the "
-                             "small kernels outside the linear layers; each model and batch compiles once")
+                             "small kernels outside the linear layers; each model and batch compiles once. "
+                             "`--compile both` times each model and batch both ways, uncompiled first")
     parser.add_argument("--predict", action="store_true",
                         help="also time each linear shape alone and print the speedup it predicts")
     parser.add_argument("--big", action="store_true", help="OPT-66B and OPT-175B at 80%% (sparse only), one GPU")
@@ -284,7 +292,7 @@ def main(args: argparse.Namespace) -> int:
     rows: list[Row] = []
     for name, variants in plans:
         config = make_config(name)
-        dense_by_batch: dict[int, tuple[float, float]] = {}
+        dense_by_batch: dict[tuple[int, bool], tuple[float, float]] = {}  # (batch, compiled) -> ms
         for sparsity in variants:
             try:
                 model = build_model(config, sparsity, args.format, dtype, device, progress=True)
@@ -292,22 +300,26 @@ def main(args: argparse.Namespace) -> int:
                 print(f"{name} {'dense' if sparsity is None else sparsity}: out of GPU memory while building")
                 continue
             weight_gib = linear_weight_bytes(model) / 2**30
-            for batch in batches:
+            linear_ms: dict[int, float] = {}  # batch -> the linear layers' time alone (--predict)
+            for batch, compiled in itertools.product(batches, COMPILE_MODES[args.compile]):
                 try:
                     stats = run_one(model, batch, prompt, new, config.vocab_size, device, not args.no_graphs,
-                                    args.compile)
+                                    compiled)
                 except torch.cuda.OutOfMemoryError:
                     print(f"{name} {sparsity} batch {batch}: out of GPU memory")
                     torch.cuda.empty_cache()
                     continue
-                linear_ms = linear_time_ms(model, batch, device) if args.predict else float("nan")
+                if args.predict and batch not in linear_ms:
+                    linear_ms[batch] = linear_time_ms(model, batch, device)
+                step_linear_ms = linear_ms.get(batch, float("nan"))
                 if sparsity is None:
-                    dense_by_batch[batch] = (stats["step_ms"], linear_ms)
+                    dense_by_batch[batch, compiled] = (stats["step_ms"], step_linear_ms)
                     predicted = measured = 1.0
-                elif batch in dense_by_batch:
-                    dense_step, dense_linear = dense_by_batch[batch]
+                elif (batch, compiled) in dense_by_batch:
+                    dense_step, dense_linear = dense_by_batch[batch, compiled]
                     measured = dense_step / stats["step_ms"]
-                    predicted = dense_step / (dense_step - dense_linear + linear_ms) if args.predict else float("nan")
+                    predicted = (dense_step / (dense_step - dense_linear + step_linear_ms) if args.predict
+                                 else float("nan"))
                 else:
                     predicted = measured = float("nan")
                 rows.append(Row(name, "dense" if sparsity is None else "flashllm", sparsity or 0.0,
@@ -316,6 +328,9 @@ def main(args: argparse.Namespace) -> int:
                                 device=device_name, torch=torch.__version__, date=date, **stats))
                 print(_format_row(rows[-1]), flush=True)
             del model
+            if args.compile != "off":
+                torch._dynamo.reset()  # compiled steps' caches and guards may still refer to the model
+            gc.collect()  # the next model's peak memory must not include this one
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if not rows:
@@ -367,10 +382,12 @@ def _plot(rows: list[Row], path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for model in sorted({r.model for r in sparse}):
-        for batch in sorted({r.batch for r in sparse}):
-            pts = sorted((r.sparsity, r.measured_speedup) for r in sparse if r.model == model and r.batch == batch)
+        for batch, compiled in sorted({(r.batch, r.compiled) for r in sparse}):
+            pts = sorted((r.sparsity, r.measured_speedup) for r in sparse
+                         if r.model == model and r.batch == batch and r.compiled == compiled)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=f"{model} batch {batch}")
+                ax.plot(*zip(*pts), marker="o", linestyle="--" if compiled else "-",
+                        label=f"{model} batch {batch}{', compiled' if compiled else ''}")
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xlabel("sparsity")
     ax.set_ylabel("decode speedup over dense")
