@@ -134,13 +134,7 @@ def test_clock_sampler_collects_while_inside_and_stops_after(monkeypatch):
 def test_stream_period_script_reads_a_probes_csv(tmp_path):
     # scripts/stream_period.py backs BENCHMARKS.md's per-tile period table: time x resident slots /
     # tiles, with the launch's automatic split resolved as the launcher does.
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "stream_period.py"
-    spec = importlib.util.spec_from_file_location("stream_period", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("stream_period")
     row = {"shape": "l", "out_features": "11008", "in_features": "4096", "n": "16", "sparsity": "0.8",
            "method": "bitmap", "level": "stream", "time_us": "24.0", "blocks_per_sm": "6",
            "config": "LaunchConfig(nrows=16, strips=1, stages=3, split_k=8, value_cap=0, persistent=False)"}
@@ -152,3 +146,46 @@ def test_stream_period_script_reads_a_probes_csv(tmp_path):
     stream_k = script.period_rows([{**row, "config": row["config"].replace("persistent=False", "persistent=True")}],
                                   "stream")[0]
     assert stream_k["waves"] == pytest.approx(1.0) and stream_k["tiles_per_block"] == pytest.approx(tiles / 792)
+
+
+def _script(name: str):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;                                  /* 0x00000a0000017a02 */
+        /*0010*/                   LDS.128 R8, [R45+0x3930] ;                              /* 0x0000000000007945 */
+        /*0020*/                   POPC R26, R27 ;                                         /* 0x0000000000007945 */
+        /*0030*/                   LDS.U16 R26, [R44] ;                                    /* 0x0000000000007945 */
+        /*0040*/                   PRMT R26, R26, R11, R47 ;                               /* 0x0000000000007945 */
+        /*0050*/                   NOP ;                                                   /* 0x0000000000007918 */
+        /*0060*/              @!P1 BRA 0x30 ;                                              /* 0x0000000000007945 */
+        /*0070*/                   HMMA.16816.F32 R12, R20.reuse, R26, R12 ;               /* 0x0000000000007945 */
+        /*0080*/               @P4 BRA 0x10 ;                                              /* 0x0000000000007945 */
+        /*0090*/                   EXIT ;                                                  /* 0x0000000000007945 */
+        /*00a0*/                   BRA 0xa0;                                               /* 0x0000000000007945 */
+"""
+
+
+def test_sass_loops_script_counts_each_loop_by_kind():
+    # scripts/sass_loops.py, the GPU-free proxy for an issue-bound kernel's loop (BENCHMARKS.md,
+    # eleventh session): every backward branch is a loop, outermost first, NOPs not counted, and the
+    # kernel's end marker (a branch to itself) is not a loop.
+    script = _script("sass_loops")
+    instructions = script.parse_sass(SASS)
+    assert [op for _, op, _ in instructions][:3] == ["MOV", "LDS.128", "POPC"] and len(instructions) == 10
+    outer, inner = script.loops(instructions)
+    assert (outer.start, outer.end, outer.size) == (0x10, 0x80, 7)
+    assert (inner.start, inner.end, inner.size) == (0x30, 0x60, 3)
+    kinds = outer.kinds()
+    assert kinds["shared load"] == 2 and kinds["tensor core"] == 1 and kinds["popcount/bits"] == 2
+    assert kinds["branch"] == 2 and sum(kinds.values()) == outer.size

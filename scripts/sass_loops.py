@@ -1,0 +1,173 @@
+"""Machine instructions per loop iteration of a flashllm kernel variant, counted without a GPU.
+
+    python scripts/sass_loops.py bitmap --shape llama-2-7b.up --n 16 --sparsity 0.8
+    python scripts/sass_loops.py bitmap:scatter:fit --shape opt-66b.qkv --n 1 --sparsity 0.9
+    python scripts/sass_loops.py tiled_csl --shape opt-175b.qkv --n 16 --sparsity 0.9 --arch sm_80
+
+On an H200 the kernels are bound by instruction issue and the shared-memory pipe, not DRAM
+(BENCHMARKS.md, eleventh session: 0.32 warp instructions per weight for the bitmap kernel at 80%,
+issued at 0.65-0.70 of the limit). So the instructions a warp issues per weight tile are a
+GPU-free proxy for a change to a kernel's loop: this compiles the launch the library would pick
+(the `flashllm bench kernels --formats` spelling, options included) with NVRTC as the launcher
+does, disassembles it (cuobjdump + nvdisasm: `pip install nvidia-cuda-cuobjdump
+nvidia-cuda-nvdisasm`, or a CUDA toolkit on PATH), and prints every loop (a backward branch and the
+instructions it spans) with its instructions by kind. The count is static: the body's
+instructions once each, branches inside it included (the copies a tile's last iterations skip, a
+trap path), so it bounds an iteration from above; a loop whose trip count follows the data (the
+scatter decodes) runs its body that many times per tile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+
+# Instruction kinds, by SASS opcode (the text before the first '.'), in print order.
+KINDS = {
+    "shared load": ("LDS", "LDSM"),
+    "shared store": ("STS",),
+    "global->shared copy": ("LDGSTS", "UBLKCP", "UTMALDG", "SYNCS"),
+    "global load/store": ("LDG", "STG", "RED", "ATOM", "ATOMG"),
+    "tensor core": ("HMMA", "HGMMA"),
+    "shuffle/reduce": ("SHFL", "REDUX"),
+    "popcount/bits": ("POPC", "FLO", "BREV", "PRMT", "SHF", "LOP3", "BMSK"),
+    "sync/barrier": ("BAR", "DEPBAR", "LDGDEPBAR", "WARPSYNC", "BSSY", "BSYNC", "MEMBAR", "FENCE"),
+    "branch": ("BRA", "EXIT", "BRX", "RET", "CALL"),
+}
+_OPCODE_KIND = {op: kind for kind, ops in KINDS.items() for op in ops}
+_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+
+
+@dataclass
+class Loop:
+    start: int  # address of the first instruction (the branch target)
+    end: int  # address of the backward branch
+    opcodes: list[str]
+
+    @property
+    def size(self) -> int:
+        return len(self.opcodes)
+
+    def kinds(self) -> Counter:
+        return Counter(_OPCODE_KIND.get(op.split(".")[0], "other") for op in self.opcodes)
+
+
+def parse_sass(text: str) -> list[tuple[int, str, str]]:
+    """(address, opcode, operands) of each instruction in cuobjdump -sass output (NOPs dropped)."""
+    out = []
+    for m in _LINE.finditer(text):
+        opcode = m.group(3)
+        if opcode != "NOP":
+            out.append((int(m.group(1), 16), opcode, m.group(4)))
+    return out
+
+
+def loops(instructions: list[tuple[int, str, str]]) -> list[Loop]:
+    """Every backward branch as a loop over the instructions from its target to itself, outermost
+    first (a tail `BRA` to itself, the kernel's end marker, is not a loop)."""
+    found = []
+    for address, opcode, operands in instructions:
+        if not opcode.startswith("BRA"):
+            continue
+        target = re.search(r"0x([0-9a-f]+)", operands)
+        if target is None:
+            continue
+        start = int(target.group(1), 16)
+        if start < address:
+            found.append(Loop(start, address, [op for a, op, _ in instructions if start <= a <= address]))
+    return sorted(found, key=lambda lp: (lp.start, -lp.end))
+
+
+def disassemble(cubin: bytes) -> str:
+    tool = shutil.which("cuobjdump") or _wheel_tool("cuobjdump")
+    if tool is None:
+        sys.exit("cuobjdump not found: pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm (or a CUDA toolkit)")
+    env = dict(os.environ)
+    disasm = shutil.which("nvdisasm") or _wheel_tool("nvdisasm")
+    if disasm is not None:
+        env["PATH"] = os.path.dirname(disasm) + os.pathsep + env.get("PATH", "")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        done = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        sys.exit(f"cuobjdump failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+def _wheel_tool(name: str) -> str | None:
+    """`name` from the nvidia-cuda-* wheels (nvidia/cu13/bin or nvidia/cu12/bin)."""
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    for root in getattr(nvidia, "__path__", []):
+        for sub in ("cu13", "cu12", "cuda_cuobjdump", "cuda_nvdisasm"):
+            path = os.path.join(root, sub, "bin", name)
+            if os.path.isfile(path):
+                if not os.access(path, os.X_OK):  # wheels unpacked by hand can lose the bit
+                    os.chmod(path, 0o755)
+                return path
+    return None
+
+
+def variant(spec: str, shape: str, n: int, sparsity: float, arch: str):
+    """(format, source file, kernel name, defines) of the launch the library picks for `spec` (a
+    `flashllm bench kernels --formats` entry) on layer `shape` at `n` rows and `sparsity`, on a GPU
+    of `arch` (sm_80 or sm_90); a fitted value buffer resolved as for a large layer of that sparsity."""
+    from flashllm.bench.kernels import ALL_SHAPES, parse_format
+    from flashllm.kernels import configs
+
+    if shape not in ALL_SHAPES:
+        raise SystemExit(f"unknown shape {shape!r}; shapes are {', '.join(ALL_SHAPES)}")
+    fmt, options = parse_format(spec)
+    cfg = configs.get_config(arch.replace("_", ""), fmt, *ALL_SHAPES[shape], n, sparsity)
+    if options:
+        cfg = configs.with_options(cfg, options, fmt)
+    cfg = configs.typical_fit(cfg, sparsity)
+    return fmt, cfg, configs.kernel_source(fmt), f"flashllm_{fmt}_spmm", cfg.defines(fmt)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("spec", help="a --formats entry: bitmap, tiled_csl, bitmap:scatter:fit, ...")
+    parser.add_argument("--shape", default="llama-2-7b.up", help="a `flashllm bench kernels` layer name")
+    parser.add_argument("--n", type=int, default=16)
+    parser.add_argument("--sparsity", type=float, default=0.8)
+    parser.add_argument("--arch", default="sm_90", choices=["sm_80", "sm_90"])
+    parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
+    parser.add_argument("--sass", help="also write the whole disassembly here")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from flashllm.kernels import launch
+
+    fmt, cfg, source, kernel, defines = variant(args.spec, args.shape, args.n, args.sparsity, args.arch)
+    dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
+    cubin = launch.compile_image(source, kernel, launch.compile_options(args.arch, defines, dtype), cubin=True)
+    text = disassemble(cubin)
+    if args.sass:
+        with open(args.sass, "w") as f:
+            f.write(text)
+    instructions = parse_sass(text)
+    print(f"{args.spec} on {args.shape}, N = {args.n}, {args.sparsity:.0%}, {args.arch} {args.dtype}: {cfg}")
+    print(f"{source} {' '.join(f'-D{k}={v}' for k, v in sorted(defines.items()))}")
+    print(f"{len(instructions)} instructions in the kernel")
+    header = ["loop", "instructions", *KINDS, "other"]
+    print(" | ".join(header))
+    for lp in loops(instructions):
+        kinds = lp.kinds()
+        print(" | ".join([f"{lp.start:#06x}-{lp.end:#06x}", str(lp.size), *(str(kinds.get(k, 0)) for k in [*KINDS, "other"])]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
