@@ -89,7 +89,9 @@ def test_each_block_gets_its_owl_sparsity(arch, method):
     ids = calibration()
     owl = OWL(threshold=2.0, spread=0.1)
     expected, ratios = _reference_block_sparsities(copy.deepcopy(model), ids, 0.6, owl)
-    assert len(set(ratios)) == len(ratios)  # the blocks do differ
+    # The blocks do differ (two of them may tie: each ratio is a count over the same number of
+    # weights, and fresh random data made two equal once in a CI run).
+    assert len(set(ratios)) >= len(ratios) - 1
     summary = prune_(model, 0.6, method, calibration=ids, owl=owl, progress=False)
     # float32 batches against one float64 pass: a score within rounding of the cut may fall the
     # other way, moving a block by ~1e-3; the blocks span 0.2.
