@@ -71,3 +71,31 @@ def test_spmm_bad_input(cls):
         spmm(torch.randn(4, 16), packed, torch.randn(8).half())
     with pytest.raises(ValueError, match="meta"):
         spmm(torch.randn(4, 16, device="meta"), packed)
+
+
+@pytest.mark.parametrize("cls", FORMAT_CLASSES, ids=lambda c: c.name)
+def test_eager_inference_skips_the_dispatcher_and_nothing_else(cls, monkeypatch):
+    # Plain tensors with nothing to differentiate run the op's implementation directly (the
+    # dispatcher cost ~40 us per layer and call on a CPU); gradients, fake tensors and compiled
+    # graphs still go through the custom op, whose autograd and fake implementations they need.
+    import importlib
+
+    spmm_module = importlib.import_module("flashllm.kernels.spmm")  # (the package exports the function)
+    w = random_sparse(40, 72, 0.6)
+    packed, x, bias = cls.from_dense(w), torch.randn(3, 72), torch.randn(40)
+    through_op = spmm_module.sparse_linear(x, list(packed.tensors().values()), packed.format_code, 40, 72, bias)
+    calls = []
+    real_op = spmm_module.sparse_linear
+    monkeypatch.setattr(spmm_module, "sparse_linear", lambda *a: calls.append(a) or real_op(*a))
+    with torch.no_grad():
+        assert torch.equal(spmm(x, packed, bias), through_op)
+    assert torch.equal(spmm(x, packed, bias), through_op)  # grad mode on, but nothing requires it
+    assert not calls
+    x.requires_grad_(True)
+    spmm(x, packed, bias).sum().backward()
+    assert len(calls) == 1 and x.grad is not None
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = spmm(mode.from_tensor(torch.randn(5, 72)), packed)
+    assert len(calls) == 2 and fake.shape == (5, 40)
