@@ -42,6 +42,8 @@
 #      E2E_EXPAND=1 runs it again with FLASHLLM_EXPAND=0 (prefill by the reference decode
 #      instead of the expansion kernels: their effect on the time to first token), into
 #      e2e_no_expand.csv                                                          (~1 min)
+#      E2E_MODELS and E2E_SPARSITIES replace its models and sparsities; E2E_BIG=1 adds OPT-66B
+#      and OPT-175B at 80% on one GPU (--big, E2E_BIG_BATCH, e2e_big.csv)
 #      E2E_COMPILE=1 runs every e2e decode step through torch.compile (--compile: the small
 #      kernels outside the linear layers fused, dense and sparse alike; compiles per model and
 #      batch, give E2E_LIMIT room); E2E_COMPILE=both times each model and batch without and
@@ -72,6 +74,11 @@ set -uo pipefail
 # DEVICE_CHECK_TUNE=1 ..., with DEVICE_CHECK_CROSSOVER=1 or DEVICE_CHECK_E2E=1 E2E_EXPAND=1). A
 # pending option that fails its smoke test (step 2b) is left out of every later step, the others
 # stay. Variables set in the environment still win.
+# DEVICE_CHECK_PRESET=e2e: issue 5's matrix in one call (~9 minutes, cut at 560 s: give the call a
+# 600 s timeout): Llama-2-7B and -13B, dense against 50/70/80%, batch 1/8/16/32 (graphs, not
+# compiled: E2E_COMPILE=both doubles the runs and adds a compile each), then OPT-66B and OPT-175B at
+# 80% on one GPU (--big, batch 1/8, 32 new tokens); no GPU tests, no sanitizers. Rows are printed as
+# they come (e2e.log), so a run cut short still reports the models it reached.
 # DEVICE_CHECK_PRESET=tune: one call that tunes the shape classes configs.TUNED has no entry for
 # (one layer each, Llama-2-7B's first: attention 4096 x 4096, down_proj 4096 x 11008; then OPT-30B
 # qkv and out, OPT-66B fc2, Llama-3-70B gate_up, OPT-66B fc1) at N 16/1/8/32 and 50/80%, its
@@ -94,8 +101,13 @@ elif [ "${DEVICE_CHECK_PRESET:-}" = "tune" ]; then
   : "${BENCH_SELECT:=--shapes llama-2-7b.attn --n 16 --sparsity 0.5}" "${BENCH_BASELINES:=cublas}"
   : "${BENCH_FORMATS:=bitmap,tiled_csl}" "${BENCH_LIMIT:=20}"
   : "${DEVICE_CHECK_SWEEP:=1}" "${SWEEP_LIMIT:=70}" "${SANITIZER_TOOLS:=none}" "${FORMATS_LIMIT:=15}"
+elif [ "${DEVICE_CHECK_PRESET:-}" = "e2e" ]; then
+  : "${DEVICE_CHECK_TESTS:=0}" "${BENCH_SELECT:=--shapes llama-2-7b.attn --n 16 --sparsity 0.5}" "${BENCH_BASELINES:=cublas}"
+  : "${BENCH_FORMATS:=bitmap,tiled_csl}" "${BENCH_LIMIT:=20}" "${SANITIZER_TOOLS:=none}" "${FORMATS_LIMIT:=15}"
+  : "${DEVICE_CHECK_E2E:=1}" "${E2E_MODELS:=llama-2-7b,llama-2-13b}" "${E2E_SPARSITIES:=0.5,0.7,0.8}"
+  : "${E2E_BATCH:=1,8,16,32}" "${E2E_LIMIT:=330}" "${E2E_BIG:=1}" "${E2E_BIG_LIMIT:=150}" "${DEVICE_CHECK_DEADLINE:=560}"
 elif [ -n "${DEVICE_CHECK_PRESET:-}" ]; then
-  echo "unknown DEVICE_CHECK_PRESET=${DEVICE_CHECK_PRESET} (known: diagnose, tune)"; exit 2
+  echo "unknown DEVICE_CHECK_PRESET=${DEVICE_CHECK_PRESET} (known: diagnose, tune, e2e)"; exit 2
 fi
 
 cd "$(dirname "$0")/.." || exit 2
@@ -435,9 +447,15 @@ if [ "${DEVICE_CHECK_E2E:-0}" = "1" ]; then
   E2E_FLAGS=()
   [ "${E2E_COMPILE:-0}" = "1" ] && E2E_FLAGS=(--compile)
   [ "${E2E_COMPILE:-0}" = "both" ] && E2E_FLAGS=(--compile both)
-  limited "${E2E_LIMIT:-240}" "$PY" -m flashllm.cli bench e2e --models llama-2-7b --sparsities 0.5,0.8 --batch "${E2E_BATCH:-1,16}" \
-    --new-tokens 64 --predict "${E2E_FLAGS[@]}" --csv "$OUT/e2e.csv" --plot "$OUT/e2e.png" 2>&1 | tee "$OUT/e2e.log" | tail -n 20
+  limited "${E2E_LIMIT:-240}" "$PY" -m flashllm.cli bench e2e --models "${E2E_MODELS:-llama-2-7b}" \
+    --sparsities "${E2E_SPARSITIES:-0.5,0.8}" --batch "${E2E_BATCH:-1,16}" \
+    --new-tokens 64 --predict "${E2E_FLAGS[@]}" --csv "$OUT/e2e.csv" --plot "$OUT/e2e.png" 2>&1 | tee "$OUT/e2e.log" | tail -n 40
   STATUS[e2e]=${PIPESTATUS[0]}
+  if [ "${E2E_BIG:-0}" = "1" ]; then  # OPT-66B and OPT-175B at 80% on one GPU, built layer by layer
+    limited "${E2E_BIG_LIMIT:-240}" "$PY" -m flashllm.cli bench e2e --big --batch "${E2E_BIG_BATCH:-1,8}" --new-tokens 32 \
+      "${E2E_FLAGS[@]}" --csv "$OUT/e2e_big.csv" --plot "$OUT/e2e_big.png" 2>&1 | tee "$OUT/e2e_big.log" | tail -n 20
+    STATUS[e2e_big]=${PIPESTATUS[0]}
+  fi
   if [ -n "${E2E_OPTIONS:-}" ]; then
     limited "${E2E_LIMIT:-240}" "$PY" -m flashllm.cli bench e2e --models llama-2-7b --sparsities 0.5,0.8 --batch "${E2E_BATCH:-1,16}" \
       --new-tokens 64 --predict "${E2E_FLAGS[@]}" --kernel-options "$E2E_OPTIONS" --csv "$OUT/e2e.csv" --plot "$OUT/e2e_options.png" \
@@ -456,7 +474,7 @@ step "summary ($(( $(date +%s) - T0 ))s)"
 [ -f "$OUT/pytest_gpu.log" ] && grep -E "passed|failed|error" "$OUT/pytest_gpu.log" | tail -n 1
 for k in env smoke smoke_unvalidated pytest tune bench sweep bench_bf16 probes formats crossover flush_write flush_read ncu \
          memcheck racecheck \
-         e2e e2e_options e2e_expand; do
+         e2e e2e_big e2e_options e2e_expand; do
   case "${STATUS[$k]-unset}" in
     unset) ;;
     0) printf '  %-18s ok\n' "$k" ;;

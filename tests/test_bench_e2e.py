@@ -106,3 +106,15 @@ def test_forced_kernel_options_are_checked_first_and_recorded(tmp_path, monkeypa
 def test_unknown_model_is_refused():
     with pytest.raises(ValueError, match="unknown model"):
         e2e.make_config("gpt-5")
+
+
+def test_device_check_e2e_preset_names_known_models():
+    # A misspelt model would cost the preset's whole device call.
+    import re
+    from pathlib import Path
+
+    script = (Path(__file__).parents[1] / "scripts" / "device_check.sh").read_text()
+    (models,) = re.findall(r'"\$\{E2E_MODELS:=([^}]*)\}"', script)
+    assert models.split(",") and all(m in e2e.CONFIGS for m in models.split(","))
+    (sparsities,) = re.findall(r'"\$\{E2E_SPARSITIES:=([^}]*)\}"', script)
+    assert all(0 < float(s) < 1 for s in sparsities.split(","))
