@@ -98,4 +98,10 @@ def test_eager_inference_skips_the_dispatcher_and_nothing_else(cls, monkeypatch)
 
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fake = spmm(mode.from_tensor(torch.randn(5, 72)), packed)
-    assert len(calls) == 2 and fake.shape == (5, 40)
+        also_fake = spmm(torch.randn(5, 72), packed)  # a real input, but the mode is watching
+    assert len(calls) == 3 and fake.shape == also_fake.shape == (5, 40)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False):  # a torch-function mode sees the custom op
+        spmm(torch.randn(5, 72), packed)
+    assert len(calls) == 4

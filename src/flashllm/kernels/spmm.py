@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..formats import FORMATS_BY_CODE, SparseWeight
 
@@ -66,11 +67,13 @@ sparse_linear = torch.library.custom_op("flashllm::sparse_linear", _sparse_linea
 
 def _eager_inference(x: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     """Whether `spmm` may run the op's implementation without the dispatcher: a plain tensor (no
-    fake, meta or other subclass), nothing to differentiate, not inside torch.compile or a trace.
-    The custom op's dispatch (autograd wrapper, redispatch) costs ~40 µs a call on a CPU, paid by
-    every layer of an eager forward: a prefill, or `generate` without CUDA graphs."""
+    fake, meta or other subclass), nothing to differentiate, no dispatch or torch-function mode
+    watching (fake tensors, flop counters), not inside torch.compile or a trace. The custom op's
+    dispatch (autograd wrapper, redispatch) costs 30-40 µs a call on a CPU, paid by every layer of
+    an eager forward: a prefill, or `generate` without CUDA graphs."""
     return (type(x) is torch.Tensor and x.device.type != "meta" and not x.requires_grad
             and (bias is None or not bias.requires_grad)
+            and _get_current_dispatch_mode() is None and not torch._C._is_torch_function_mode_enabled()
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
 
 
