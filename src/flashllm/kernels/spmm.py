@@ -71,10 +71,11 @@ def _eager_inference(x: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     watching (fake tensors, flop counters), not inside torch.compile or a trace. The custom op's
     dispatch (autograd wrapper, redispatch) costs 30-40 µs a call on a CPU, paid by every layer of
     an eager forward: a prefill, or `generate` without CUDA graphs."""
-    return (type(x) is torch.Tensor and x.device.type != "meta" and not x.requires_grad
+    # (torch.compile first: Dynamo folds it to True and must not trace the mode checks.)
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and type(x) is torch.Tensor and x.device.type != "meta" and not x.requires_grad
             and (bias is None or not bias.requires_grad)
-            and _get_current_dispatch_mode() is None and not torch._C._is_torch_function_mode_enabled()
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+            and _get_current_dispatch_mode() is None and not torch._C._is_torch_function_mode_enabled())
 
 
 @sparse_linear.register_fake
