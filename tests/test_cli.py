@@ -56,6 +56,9 @@ def test_prune_generate_eval_round_trip(tiny_model_dir, tmp_path, calib_file, ca
     captured = capsys.readouterr()
     assert "tokens/s" in captured.err and "sparse layers" in captured.err
     assert captured.out.strip() != ""
+    assert main(["generate", str(wanda), "--prompt", "def f(x):", "--max-new-tokens", "5", "--device", "cpu",
+                 "--eager"]) == 0
+    assert capsys.readouterr().out == captured.out  # greedy: the same text whichever decoder runs
 
     assert main(["eval", "ppl", str(wanda), "--text", str(calib_file), "--max-length", "128", "--device", "cpu"]) == 0
     line = capsys.readouterr().out

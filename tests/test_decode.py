@@ -38,6 +38,8 @@ def test_static_decoder_bad_input():
         decoder.generate(torch.zeros(2, 10, dtype=torch.long), 7)
     with pytest.raises(ValueError, match="max_new_tokens"):
         decoder.generate(torch.zeros(2, 4, dtype=torch.long), 0)
+    with pytest.raises(ValueError, match="check_every"):
+        decoder.generate(torch.zeros(2, 4, dtype=torch.long), 2, stop_token_ids=[1], check_every=0)
 
 
 def test_a_finished_decoder_frees_its_model_without_the_cycle_collector():
@@ -108,3 +110,23 @@ def test_compiled_cuda_graph_decode_matches_eager():
     result = StaticDecoder(model, 2, 32, cuda_graph=True, compiled=True).generate(ids, 12)
     assert result.cuda_graph and result.compiled, result.notes
     assert torch.equal(result.tokens, eager.tokens)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/device_check.sh runs it)")
+def test_generate_text_on_a_gpu_uses_the_graphed_decoder_and_matches_generate(tiny_model_dir):
+    # `flashllm generate` and the demo decode greedily through StaticDecoder on a GPU (CUDA graphs);
+    # in float32 (the reference path, no fp16 rounding differences) its text is generate's.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flashllm.generate import generate_text
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).cuda().eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prune_(model, 0.5, progress=False)
+    sparsify_(model, progress=False)
+    model.generation_config.eos_token_id = None
+    graphed = generate_text(model, tokenizer, "def f(x):", max_new_tokens=10)
+    hf = generate_text(model, tokenizer, "def f(x):", max_new_tokens=10, static=False)
+    assert graphed.text == hf.text and graphed.new_tokens == 10
+    assert graphed.memory_kind == "GPU allocated" and graphed.tokens_per_second > 0

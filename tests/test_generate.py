@@ -1,3 +1,5 @@
+import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flashllm import prune_, sparsify_
@@ -39,3 +41,31 @@ def test_build_prompt_without_template(tiny_model_dir):
         assert "chat template" in str(err)
     else:
         raise AssertionError("chat=True without a template was accepted")
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_static_decoder_path_gives_generates_text_and_stops_at_eos(tiny_model_dir, sparse):
+    # Greedy decoding on a GPU runs the static-cache decoder (CUDA graphs); here on the CPU it runs
+    # eagerly, and must give Hugging Face generate's text, stopping where generate stops.
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prune_(model, 0.5, progress=False)
+    if sparse:
+        sparsify_(model, progress=False)
+    model.generation_config.eos_token_id = None  # no stop: both run all 12 tokens
+    hf = generate_text(model, tokenizer, "def f(x):", max_new_tokens=12, static=False)
+    static = generate_text(model, tokenizer, "def f(x):", max_new_tokens=12, static=True)
+    assert static.text == hf.text and static.new_tokens == hf.new_tokens == 12
+    assert static.tokens_per_second > 0 and 0 < static.first_token_seconds <= static.seconds
+    # A stop token: the 5th token generated above, whose first occurrence ends both.
+    ids = tokenizer("def f(x):", return_tensors="pt").input_ids
+    full = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                          pad_token_id=0)[0, ids.shape[1]:]
+    stop = int(full[4])
+    model.generation_config.eos_token_id = stop
+    hf = generate_text(model, tokenizer, "def f(x):", max_new_tokens=12, static=False)
+    static = generate_text(model, tokenizer, "def f(x):", max_new_tokens=12, static=True)
+    first_stop = int((full == stop).nonzero()[0]) + 1
+    assert static.text == hf.text and static.new_tokens == hf.new_tokens == first_stop
+    with pytest.raises(ValueError, match="greedy"):
+        generate_text(model, tokenizer, "x", 3, do_sample=True, static=True)

@@ -162,7 +162,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     result = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, do_sample=args.sample,
                            temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                           chat=False if args.no_chat else None)
+                           chat=False if args.no_chat else None, static=False if args.eager else None)
     print(result.text)
     device = next(model.parameters()).device
     print(f"\n[{sparse_layer_count(model)} sparse layers, {device}] {result.summary()}", file=sys.stderr)
@@ -237,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=0.9)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
+    gen.add_argument("--eager", action="store_true",
+                     help="decode with Hugging Face generate on a GPU too (by default greedy decoding there "
+                          "replays each step as a CUDA graph over a static cache)")
     _add_device_options(gen)
     gen.set_defaults(func=cmd_generate)
 

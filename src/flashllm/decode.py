@@ -22,7 +22,7 @@ import inspect
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -128,8 +128,15 @@ class StaticDecoder:
             warnings.warn(note, stacklevel=3)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> DecodeResult:
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, stop_token_ids: Sequence[int] = (),
+                 check_every: int = 8) -> DecodeResult:
+        """Greedy decoding of `max_new_tokens` per sequence, or fewer with `stop_token_ids`: once
+        every sequence has produced one of them, decoding ends at the next check (one host sync
+        every `check_every` steps, so at most that many steps run past the last stop token; their
+        tokens are in `tokens`, which then ends at the last step run)."""
         batch, prompt = input_ids.shape
+        if check_every < 1:
+            raise ValueError(f"check_every must be at least 1, got {check_every}")
         if batch != self.batch_size:
             raise ValueError(f"this decoder was built for batch {self.batch_size}, got {batch}")
         if max_new_tokens < 1 or prompt + max_new_tokens > self.max_length:
@@ -147,13 +154,21 @@ class StaticDecoder:
         out[:, prompt] = self.token[:, 0]
         _sync(self.device)
         first = time.perf_counter()
+        stops = torch.tensor(list(stop_token_ids), dtype=torch.long, device=self.device)
+        stopped = torch.isin(self.token[:, 0], stops) if len(stops) else None
+        steps = max_new_tokens
         for i in range(1, max_new_tokens):
             if self.graph is not None:
                 self.graph.replay()
             else:
                 self._step()
             out[:, prompt + i] = self.token[:, 0]
+            if stopped is not None:
+                stopped |= torch.isin(self.token[:, 0], stops)
+                if i % check_every == 0 and bool(stopped.all()):
+                    steps = i + 1
+                    break
         _sync(self.device)
         end = time.perf_counter()
-        return DecodeResult(out, first - start, end - first, max_new_tokens, self.graph is not None, list(self.notes),
-                            self.compiled)
+        return DecodeResult(out[:, : prompt + steps], first - start, end - first, steps, self.graph is not None,
+                            list(self.notes), self.compiled)

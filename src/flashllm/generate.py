@@ -1,4 +1,10 @@
-"""Text generation with Hugging Face `generate`, timed: time to first token, tokens/s, memory."""
+"""Text generation, timed: time to first token, tokens/s, memory.
+
+Greedy decoding on a GPU runs `flashllm.decode.StaticDecoder` (a static KV cache, each step one
+CUDA-graph replay), so its tokens/s reflect the model's kernels rather than Python: Hugging Face's
+eager `generate` spends most of a step launching kernels (BENCHMARKS.md). Sampling, and the CPU,
+use `generate`. Both give the same greedy tokens (tests/test_generate.py).
+"""
 
 from __future__ import annotations
 
@@ -98,13 +104,22 @@ def generate_text(
     top_p: float = 0.9,
     seed: int = 0,
     chat: Optional[bool] = None,
+    static: Optional[bool] = None,
 ) -> GenerationResult:
+    """`prompt` continued by `model`. `static` picks the static-cache decoder (CUDA graphs on a
+    GPU; greedy only); by default it runs for greedy decoding on a GPU, `generate` otherwise."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     device = next(model.parameters()).device
+    if static is None:
+        static = device.type == "cuda" and not do_sample
+    if static and do_sample:
+        raise ValueError("the static-cache decoder is greedy: sampling needs static=False")
     text, templated = build_prompt(tokenizer, prompt, chat)
     # A chat template already holds the special tokens.
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not templated).to(device)
+    if static:
+        return _generate_static(model, tokenizer, inputs.input_ids, max_new_tokens, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(seed)
@@ -126,6 +141,43 @@ def generate_text(
         new_tokens=int(new.numel()),
         seconds=end - start,
         first_token_seconds=(clock.times[0] - start) if clock.times else end - start,
+        weight_bytes=weight_bytes(model),
+        peak_memory_bytes=peak,
+        memory_kind="GPU allocated" if device.type == "cuda" else "process RSS",
+    )
+
+
+def _stop_ids(model: nn.Module, tokenizer) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def _generate_static(model: nn.Module, tokenizer, input_ids: torch.Tensor, max_new_tokens: int,
+                     device: torch.device) -> GenerationResult:
+    from .decode import StaticDecoder
+
+    prompt = input_ids.shape[1]
+    # Built (and its step captured) before the clock starts, as `generate` compiles nothing either.
+    decoder = StaticDecoder(model, 1, prompt + max_new_tokens)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    stops = _stop_ids(model, tokenizer)
+    result = decoder.generate(input_ids, max_new_tokens, stop_token_ids=stops)
+    new = result.tokens[0, prompt:]
+    # What `generate` returns: up to and including the first stop token.
+    hits = torch.isin(new, torch.tensor(stops, device=new.device)).nonzero() if stops else []
+    count = int(hits[0]) + 1 if len(hits) else new.numel()
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss_bytes()
+    # Steps past the stop token (at most the decoder's check interval) are timed but not counted:
+    # the reported tokens/s errs low, never high.
+    return GenerationResult(
+        text=tokenizer.decode(new[:count], skip_special_tokens=True),
+        prompt_tokens=prompt,
+        new_tokens=count,
+        seconds=result.prefill_seconds + result.decode_seconds,
+        first_token_seconds=result.prefill_seconds,
         weight_bytes=weight_bytes(model),
         peak_memory_bytes=peak,
         memory_kind="GPU allocated" if device.type == "cuda" else "process RSS",
