@@ -159,7 +159,8 @@ def _generate_static(model: nn.Module, tokenizer, input_ids: torch.Tensor, max_n
     from .decode import StaticDecoder
 
     prompt = input_ids.shape[1]
-    # Built (and its step captured) before the clock starts, as `generate` compiles nothing either.
+    # Built, its step captured as a graph, before the clock starts: the times are the prefill and
+    # the decoding, as they are for `generate` (whose per-call setup is small).
     decoder = StaticDecoder(model, 1, prompt + max_new_tokens)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
