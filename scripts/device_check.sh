@@ -42,8 +42,9 @@
 #      E2E_EXPAND=1 runs it again with FLASHLLM_EXPAND=0 (prefill by the reference decode
 #      instead of the expansion kernels: their effect on the time to first token), into
 #      e2e_no_expand.csv                                                          (~1 min)
-#      E2E_MODELS and E2E_SPARSITIES replace its models and sparsities; E2E_BIG=1 adds OPT-66B
-#      and OPT-175B at 80% on one GPU (--big, E2E_BIG_BATCH, e2e_big.csv)
+#      E2E_MODELS, E2E_SPARSITIES and E2E_NEW_TOKENS (64) replace its models, sparsities and
+#      tokens per sequence; E2E_BIG=1 adds OPT-66B and OPT-175B at 80% on one GPU (--big,
+#      E2E_BIG_BATCH, e2e_big.csv)
 #      E2E_COMPILE=1 runs every e2e decode step through torch.compile (--compile: the small
 #      kernels outside the linear layers fused, dense and sparse alike; compiles per model and
 #      batch, give E2E_LIMIT room); E2E_COMPILE=both times each model and batch without and
@@ -75,10 +76,11 @@ set -uo pipefail
 # pending option that fails its smoke test (step 2b) is left out of every later step, the others
 # stay. Variables set in the environment still win.
 # DEVICE_CHECK_PRESET=e2e: issue 5's matrix in one call (~9 minutes, cut at 560 s: give the call a
-# 600 s timeout): Llama-2-7B and -13B, dense against 50/70/80%, batch 1/8/16/32 (graphs, not
-# compiled: E2E_COMPILE=both doubles the runs and adds a compile each), then OPT-66B and OPT-175B at
-# 80% on one GPU (--big, batch 1/8, 32 new tokens); no GPU tests, no sanitizers. Rows are printed as
-# they come (e2e.log), so a run cut short still reports the models it reached.
+# 600 s timeout): Llama-2-7B, Llama-2-13B and OPT-30B, dense against 50/70/80%, batch 1/8/16/32,
+# 256 new tokens (graphs, not compiled: E2E_COMPILE=both doubles the runs and adds a compile each),
+# then OPT-66B and OPT-175B at 80% on one GPU (--big, batch 1/8, 32 new tokens; OPT-175B needs an
+# H200); no GPU tests, no sanitizers. Rows are printed and written to the CSV as they come, so a
+# run cut short still reports the models it reached.
 # DEVICE_CHECK_PRESET=tune: one call that tunes the shape classes configs.TUNED has no entry for
 # (one layer each, Llama-2-7B's first: attention 4096 x 4096, down_proj 4096 x 11008; then OPT-30B
 # qkv and out, OPT-66B fc2, Llama-3-70B gate_up, OPT-66B fc1) at N 16/1/8/32 and 50/80%, its
@@ -104,8 +106,9 @@ elif [ "${DEVICE_CHECK_PRESET:-}" = "tune" ]; then
 elif [ "${DEVICE_CHECK_PRESET:-}" = "e2e" ]; then
   : "${DEVICE_CHECK_TESTS:=0}" "${BENCH_SELECT:=--shapes llama-2-7b.attn --n 16 --sparsity 0.5}" "${BENCH_BASELINES:=cublas}"
   : "${BENCH_FORMATS:=bitmap,tiled_csl}" "${BENCH_LIMIT:=20}" "${SANITIZER_TOOLS:=none}" "${FORMATS_LIMIT:=15}"
-  : "${DEVICE_CHECK_E2E:=1}" "${E2E_MODELS:=llama-2-7b,llama-2-13b}" "${E2E_SPARSITIES:=0.5,0.7,0.8}"
-  : "${E2E_BATCH:=1,8,16,32}" "${E2E_LIMIT:=330}" "${E2E_BIG:=1}" "${E2E_BIG_LIMIT:=150}" "${DEVICE_CHECK_DEADLINE:=560}"
+  : "${DEVICE_CHECK_E2E:=1}" "${E2E_MODELS:=llama-2-7b,llama-2-13b,opt-30b}" "${E2E_SPARSITIES:=0.5,0.7,0.8}"
+  : "${E2E_BATCH:=1,8,16,32}" "${E2E_NEW_TOKENS:=256}" "${E2E_LIMIT:=360}" "${E2E_BIG:=1}" "${E2E_BIG_LIMIT:=150}"
+  : "${DEVICE_CHECK_DEADLINE:=560}"
 elif [ -n "${DEVICE_CHECK_PRESET:-}" ]; then
   echo "unknown DEVICE_CHECK_PRESET=${DEVICE_CHECK_PRESET} (known: diagnose, tune, e2e)"; exit 2
 fi
@@ -449,7 +452,7 @@ if [ "${DEVICE_CHECK_E2E:-0}" = "1" ]; then
   [ "${E2E_COMPILE:-0}" = "both" ] && E2E_FLAGS=(--compile both)
   limited "${E2E_LIMIT:-240}" "$PY" -m flashllm.cli bench e2e --models "${E2E_MODELS:-llama-2-7b}" \
     --sparsities "${E2E_SPARSITIES:-0.5,0.8}" --batch "${E2E_BATCH:-1,16}" \
-    --new-tokens 64 --predict "${E2E_FLAGS[@]}" --csv "$OUT/e2e.csv" --plot "$OUT/e2e.png" 2>&1 | tee "$OUT/e2e.log" | tail -n 40
+    --new-tokens "${E2E_NEW_TOKENS:-64}" --predict "${E2E_FLAGS[@]}" --csv "$OUT/e2e.csv" --plot "$OUT/e2e.png" 2>&1 | tee "$OUT/e2e.log" | tail -n 40
   STATUS[e2e]=${PIPESTATUS[0]}
   if [ "${E2E_BIG:-0}" = "1" ]; then  # OPT-66B and OPT-175B at 80% on one GPU, built layer by layer
     limited "${E2E_BIG_LIMIT:-240}" "$PY" -m flashllm.cli bench e2e --big --batch "${E2E_BIG_BATCH:-1,8}" --new-tokens 32 \

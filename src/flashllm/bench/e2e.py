@@ -327,6 +327,7 @@ def main(args: argparse.Namespace) -> int:
                                 predicted_speedup=predicted, measured_speedup=measured, linear_weight_gib=weight_gib,
                                 device=device_name, torch=torch.__version__, date=date, **stats))
                 print(_format_row(rows[-1]), flush=True)
+                _write_csv(rows[-1:], args.csv)  # as it comes: a run cut short keeps what it measured
             del model
             if args.compile != "off":
                 torch._dynamo.reset()  # compiled steps' caches and guards may still refer to the model
@@ -336,7 +337,6 @@ def main(args: argparse.Namespace) -> int:
     if not rows:
         print("no rows measured")
         return 1
-    _write_csv(rows, args.csv)
     print(f"\n{_table(rows)}\n\nrows appended to {args.csv}")
     if args.big:
         for name in ("opt-66b", "opt-175b"):
