@@ -135,6 +135,14 @@ def variant(spec: str, shape: str, n: int, sparsity: float, arch: str):
     return fmt, cfg, configs.kernel_source(fmt), f"flashllm_{fmt}_spmm", cfg.defines(fmt)
 
 
+def weights_per_warp_iteration(fmt: str, cfg) -> int:
+    """Weights a warp covers per iteration of the kernel's main loop (one tile): a bitmap tile is
+    64 x 64 per strip over 4 warps, a Tiled-CSL tile 128 x 64 over its warps."""
+    if fmt == "bitmap":
+        return 64 * 64 * cfg.strips // 4
+    return 128 * 64 // cfg.warps
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("spec", help="a --formats entry: bitmap, tiled_csl, bitmap:scatter:fit, ...")
@@ -163,9 +171,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(instructions)} instructions in the kernel")
     header = ["loop", "instructions", *KINDS, "other"]
     print(" | ".join(header))
-    for lp in loops(instructions):
+    found = loops(instructions)
+    for lp in found:
         kinds = lp.kinds()
         print(" | ".join([f"{lp.start:#06x}-{lp.end:#06x}", str(lp.size), *(str(kinds.get(k, 0)) for k in [*KINDS, "other"])]))
+    if found:
+        main_loop = max(found, key=lambda lp: lp.kinds().get("tensor core", 0) * 10**6 + lp.size)
+        per = weights_per_warp_iteration(fmt, cfg)
+        print(f"main loop {main_loop.start:#06x}-{main_loop.end:#06x}: {main_loop.size} instructions per warp and "
+              f"tile of {per} weights per warp, {main_loop.size / per:.3f} per weight (inner loops once)")
     return 0
 
 

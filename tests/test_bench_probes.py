@@ -189,3 +189,7 @@ def test_sass_loops_script_counts_each_loop_by_kind():
     kinds = outer.kinds()
     assert kinds["shared load"] == 2 and kinds["tensor core"] == 1 and kinds["popcount/bits"] == 2
     assert kinds["branch"] == 2 and sum(kinds.values()) == outer.size
+    from flashllm.kernels.configs import LaunchConfig
+
+    assert script.weights_per_warp_iteration("bitmap", LaunchConfig(nrows=16, strips=2)) == 2048
+    assert script.weights_per_warp_iteration("tiled_csl", LaunchConfig(nrows=16, warps=8)) == 1024
