@@ -37,12 +37,13 @@ def _median_seconds(fn, device: torch.device, reps: int) -> float:
 
 def _kernel_seconds(fn, device: torch.device, reps: int) -> float:
     """Median of CUDA-event timings with L2 flushed between runs (a launch takes tens of
-    microseconds, about what a synchronized wall-clock timing adds); wall clock without triton."""
-    try:
-        from triton.testing import do_bench
-    except ImportError:
+    microseconds, about what a synchronized wall-clock timing adds): the kernel benchmark's timer
+    and its default (read) flush; wall clock off the GPU."""
+    if device.type != "cuda":
         return _median_seconds(fn, device, reps)
-    return float(do_bench(fn, warmup=10, rep=50, return_mode="median")) / 1e3
+    from .kernels import _timer
+
+    return _timer(device, warmup_ms=10, rep_ms=50)(fn) / 1e3
 
 
 def _expander(device: torch.device, dtype: torch.dtype):

@@ -590,15 +590,18 @@ def time_call(fn, reps: int = 20, warmup: int = 3) -> float:
     """Median milliseconds of `fn()` by CUDA events (the first calls compile and are not timed).
 
     L2 is flushed before every timed call (a compressed layer of a few tens of MB would otherwise
-    be served from the 50-60 MB L2 of an H100/H200), and the flush also queues enough GPU work that
-    the host's launch overhead does not show as idle time between the events."""
+    be served from the 50-60 MB L2 of an H100/H200) by reading a buffer, which leaves clean lines
+    as a decode step's layers do (zeroing it left dirty lines whose write-back slowed the
+    bandwidth-bound calls: BENCHMARKS.md, eleventh session), and the flush also queues enough GPU
+    work that the host's launch overhead does not show as idle time between the events."""
     for _ in range(warmup):
         fn()
-    flush = torch.empty(_l2_flush_bytes(), dtype=torch.int8, device="cuda")
+    flush = torch.zeros(_l2_flush_bytes() // 4, dtype=torch.float32, device="cuda")
+    total = torch.empty((), dtype=torch.float32, device="cuda")
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for s, e in zip(starts, ends):
-        flush.zero_()
+        torch.sum(flush, dim=0, out=total)
         s.record()
         fn()
         e.record()
