@@ -97,7 +97,7 @@ class Row:
 # costs a kernel at copy bandwidth and not one with bandwidth to spare: measured on an H200
 # (BENCHMARKS.md, eleventh session), cuBLAS's intercept over the 18 issue layers fell from 15.2 to
 # 8.7 us and its time on the largest by 22 us (247 -> 226 us, 90% -> 97% of copy bandwidth) under
-# X. "read" (the
+# "read", the flashllm kernels' by 0-2 us: the write flush inflated every speedup. "read" (the
 # default since) sums the same buffer instead: the weight leaves the L2 all the same, and the lines
 # left behind are clean, as they are between the layers of a decode step, whose weights are only
 # read.
