@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.configs import FIT, OPTION_NAMES, LaunchConfig, parse_options
+from ..kernels.launch import flushed_times, l2_flusher
 from .clocks import SmClock, max_sm_clock
 from .csvlog import append_rows
 
@@ -106,11 +107,7 @@ FLUSH_BYTES = 256 * 2**20
 
 
 def _flusher(device: torch.device, flush: str) -> Callable[[], object]:
-    buffer = torch.zeros(FLUSH_BYTES // 4, dtype=torch.float32, device=device)
-    if flush == "write":
-        return buffer.zero_
-    total = torch.empty((), dtype=torch.float32, device=device)
-    return lambda: torch.sum(buffer, dim=0, out=total)
+    return l2_flusher(device, flush, FLUSH_BYTES)
 
 
 def _event_timer(device: torch.device, warmup_ms: int, rep_ms: int, flush: Callable[[], object]):
@@ -130,16 +127,7 @@ def _event_timer(device: torch.device, warmup_ms: int, rep_ms: int, flush: Calla
         estimate = max(begin.elapsed_time(finish) / 5, 1e-3)
         for _ in range(max(1, int(warmup_ms / estimate))):
             fn()
-        reps = max(1, int(rep_ms / estimate))
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        for start, end in zip(starts, ends):
-            flush()
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize(device)
-        return statistics.median(start.elapsed_time(end) for start, end in zip(starts, ends))
+        return statistics.median(flushed_times(fn, flush, max(1, int(rep_ms / estimate)), device))
     return timed
 
 

@@ -27,7 +27,7 @@ import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -596,18 +596,34 @@ def time_call(fn, reps: int = 20, warmup: int = 3) -> float:
     work that the host's launch overhead does not show as idle time between the events."""
     for _ in range(warmup):
         fn()
-    flush = torch.zeros(_l2_flush_bytes() // 4, dtype=torch.float32, device="cuda")
-    total = torch.empty((), dtype=torch.float32, device="cuda")
+    device = torch.device("cuda", torch.cuda.current_device())
+    times = sorted(flushed_times(fn, l2_flusher(device, "read", _l2_flush_bytes()), reps, device))
+    return times[len(times) // 2]
+
+
+def flushed_times(fn, flush: Callable[[], object], reps: int, device: torch.device) -> list[float]:
+    """Milliseconds of `reps` calls of `fn`, each after `flush()` and between two CUDA events, all
+    enqueued before one synchronization (no host gap is timed)."""
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for s, e in zip(starts, ends):
-        torch.sum(flush, dim=0, out=total)
-        s.record()
+    for start, end in zip(starts, ends):
+        flush()
+        start.record()
         fn()
-        e.record()
-    torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
-    return times[len(times) // 2]
+        end.record()
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) for start, end in zip(starts, ends)]
+
+
+def l2_flusher(device: torch.device, kind: str, nbytes: int) -> Callable[[], object]:
+    """A call that pushes whatever a timed call reads out of L2, through a buffer of `nbytes`:
+    "read" sums it, leaving clean lines (as between a decode step's layers), "write" zeroes it as
+    triton's do_bench does, leaving dirty lines whose write-back the next call pays."""
+    buffer = torch.zeros(nbytes // 4, dtype=torch.float32, device=device)
+    if kind == "write":
+        return buffer.zero_
+    total = torch.empty((), dtype=torch.float32, device=device)
+    return lambda: torch.sum(buffer, dim=0, out=total)
 
 
 def _l2_flush_bytes() -> int:
