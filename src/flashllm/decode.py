@@ -67,9 +67,9 @@ def _sync(device: torch.device) -> None:
 class StaticDecoder:
     """Greedy decoding of `batch_size` sequences of at most `max_length` tokens (prompt included).
 
-    Every sequence gets exactly `max_new_tokens` new tokens: there is no end-of-sequence stop, so
-    a throughput measurement always times the same work (`generate` in flashllm.generate is the
-    path that stops at the end-of-sequence token)."""
+    Every sequence gets exactly `max_new_tokens` new tokens unless `generate` is given stop tokens,
+    so a throughput measurement always times the same work (`flashllm.generate.generate_text`
+    passes the end-of-sequence token)."""
 
     def __init__(self, model: nn.Module, batch_size: int, max_length: int, cuda_graph: bool = True,
                  compiled: bool = False):
