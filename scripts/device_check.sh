@@ -29,6 +29,8 @@
 #      (cuda/*_expand.cu, checked bit for bit and timed; flashllm bench formats)      (~20 s)
 #      DEVICE_CHECK_CROSSOVER=1: fused kernels against expansion + cuBLAS at N 32-512
 #      (CROSSOVER_N), where FLASHLLM_KERNEL_MAX_N should sit (crossover/)          (~1 min)
+#      5f. host time per eager call of a small layer: F.linear, SparseLinear (launch plan kept
+#      on the weight), the launch planned every call (scripts/host_overhead.py)      (~10 s)
 #      5e. DEVICE_CHECK_FLUSH=1: every issue layer (FLUSH_SHAPES) at N = 16, 50 and 90%, cuBLAS and
 #      both formats, timed after do_bench's L2 flush (zeroing 256 MiB: dirty lines) and after a
 #      read flush (clean lines), each with cuBLAS's fit of intercept + bytes / bandwidth
@@ -302,6 +304,10 @@ if [ "${DEVICE_CHECK_CROSSOVER:-0}" = "1" ]; then
   STATUS[crossover]=${PIPESTATUS[0]}
 fi
 
+step "5f. host time per eager call: dense, sparse with kept launch plans, planned every call"
+limited "${HOST_LIMIT:-60}" "$PY" scripts/host_overhead.py 2>&1 | tee "$OUT/host_overhead.log" | tail -n 8
+STATUS[host]=${PIPESTATUS[0]}
+
 if [ "${DEVICE_CHECK_FLUSH:-0}" = "1" ]; then
   step "5e. L2 flush: do_bench's (write) against a read flush (DEVICE_CHECK_FLUSH=1)"
   for flush in write read; do
@@ -475,7 +481,7 @@ fi
 
 step "summary ($(( $(date +%s) - T0 ))s)"
 [ -f "$OUT/pytest_gpu.log" ] && grep -E "passed|failed|error" "$OUT/pytest_gpu.log" | tail -n 1
-for k in env smoke smoke_unvalidated pytest tune bench sweep bench_bf16 probes formats crossover flush_write flush_read ncu \
+for k in env smoke smoke_unvalidated pytest tune bench sweep bench_bf16 probes formats host crossover flush_write flush_read ncu \
          memcheck racecheck \
          e2e e2e_big e2e_options e2e_expand; do
   case "${STATUS[$k]-unset}" in

@@ -48,7 +48,7 @@ def period_rows(rows: list[dict], level: str) -> list[dict]:
         if _field(cfg, "persistent") == "True":
             blocks = persistent_blocks(strips * k_tiles, slots, 1)
             per_block = strips * k_tiles / blocks
-        else:  # as CudaKernel._launch picks the split (one block along N: the probes' N <= 16)
+        else:  # as CudaKernel.plan picks the split (one block along N: the probes' N <= 16)
             if split == 0:
                 split = auto_split_k(k_tiles, blocks_m, slots, n, k, nbytes)
             splits, per_block = split_plan(k_tiles, split)

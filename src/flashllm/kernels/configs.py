@@ -708,8 +708,10 @@ def write_table(path: str, table: dict[tuple, LaunchConfig]) -> None:
 
 def remember(key: tuple, cfg: LaunchConfig) -> None:
     """Add a tuned entry for this process and, when FLASHLLM_KERNEL_CONFIGS names a file, to it."""
+    global _remembered
     table = _load_overlay()
     table[key] = cfg
+    _remembered += 1
     path = _overlay_path()
     if path:
         merge_into_file(path, {key: cfg})
@@ -745,6 +747,16 @@ def tuning_candidates(fmt: str, n: int, sparsity: float, k_tiles: int, unvalidat
 
 def retune_requested() -> bool:
     return os.environ.get("FLASHLLM_RETUNE") == "1"
+
+
+_remembered = 0  # entries `remember` added in this process
+
+
+def launch_settings() -> tuple:
+    """What the launch `get_config` picks depends on besides the product itself: the settings that
+    retune or force options, the table loaded from FLASHLLM_KERNEL_CONFIGS and the entries tuning
+    added. A launch kept for reuse (`cuda_op.LaunchPlan`) is reused only while these are the same."""
+    return os.environ.get("FLASHLLM_RETUNE"), os.environ.get(FORCED_OPTIONS_ENV), id(_overlay), _remembered
 
 
 # Each band's nominal sparsity: where shipped_variants resolves fitted buffers.

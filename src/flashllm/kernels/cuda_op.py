@@ -10,7 +10,7 @@ failed its first-use check on this GPU (`self_check`), warning once per reason.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
@@ -19,7 +19,20 @@ from . import configs, launch, self_check
 from .launch import i32, ptr
 
 DTYPES = (torch.float16, torch.bfloat16)
+# Where the kernels run. The tests of the host side (tests/test_launch_plans.py) set "cpu" and fake
+# the driver, whose launches then compute on the CPU from the arguments they are given.
+KERNEL_DEVICE_TYPE = "cuda"
 EXPAND_THREADS = 256  # the expansion kernels' block (cuda/*_expand.cu)
+
+
+def _version(t: torch.Tensor) -> int:
+    """`t`'s version counter (bumped by every in-place change), -1 for an inference tensor, which
+    has none: what is cached on it stays (should its offsets change in place, the kernel's trap
+    stops it, never a wrong result)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
 
 
 def largest_run(offsets: torch.Tensor) -> Optional[int]:
@@ -27,10 +40,7 @@ def largest_run(offsets: torch.Tensor) -> Optional[int]:
     the first call, then cached on the tensor for its current version. None while a CUDA graph is
     being captured and nothing is cached (a sync cannot be captured: the caller falls back to
     full-tile buffers), so calling a shape once before capturing it keeps the fitted buffers."""
-    try:
-        version = offsets._version
-    except RuntimeError:  # an inference tensor has no version counter: cached as is (should its
-        version = -1      # offsets change in place, the kernel's trap stops it, never a wrong result)
+    version = _version(offsets)
     cached = getattr(offsets, "_flashllm_largest_run", None)
     if cached is not None and cached[0] == version:
         return cached[1]
@@ -39,6 +49,67 @@ def largest_run(offsets: torch.Tensor) -> Optional[int]:
     longest = int((offsets[1:] - offsets[:-1]).max().item()) if offsets.numel() > 1 else 0
     offsets._flashllm_largest_run = (version, longest)
     return longest
+
+
+@dataclass(frozen=True, eq=False)
+class LaunchPlan:
+    """One product's launch with all that is fixed for a weight, an N, a dtype and a device decided
+    once: the variant, its compiled kernel, the grid and split, the argument array (the weight's
+    addresses and the sizes), the split-K epilogue. `CudaKernel.fast_kernel` keeps plans on the
+    weight, so the eager calls of a model (prefill, Hugging Face generate) pay only `run`: the
+    per-call tensors, their addresses, the launches. Resolving all of it on every call cost a
+    model's eager forward 100-150 µs of Python per layer on a 2-core CPU, 1.3-2.2x what it costs
+    now (224 layers in Llama-2-7B; BENCHMARKS.md, twelfth session)."""
+
+    kernel_spec: "CudaKernel"
+    cfg: configs.LaunchConfig
+    kernel: launch.CompiledKernel
+    grid: tuple[int, int, int]
+    args: launch.KernelArgs
+    weight_tensors: int
+    n: int
+    out_features: int
+    in_features: int
+    reduce: bool  # split-K (or stream-K) blocks add into a workspace
+    kept_workspace: bool  # ... kept zero between launches (fixup, rezero) instead of a memset per call
+    output_tiles: int  # the arrival counters a kept workspace needs
+    finalize: Optional[launch.SplitKFinalize]  # the epilogue launch, unless the last block rounds
+    weight_ptrs: tuple[int, ...]  # where the weight's tensors were: a plan serves only those
+    anchor_version: Optional[int] = None  # of the tensor it is kept on, when kept (fast_kernel)
+
+    def serves(self, tensors: list[torch.Tensor], anchor_version: int) -> bool:
+        """Whether this plan is for these tensors, with the kept-on tensor unchanged since."""
+        return anchor_version == self.anchor_version and all(
+            t.data_ptr() == p for t, p in zip(tensors, self.weight_ptrs))
+
+    def run(self, x2d: torch.Tensor, bias: Optional[torch.Tensor] = None,
+            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x2d @ W.T (+ bias)`` into `out` (or a new tensor); x2d is (n, in_features) in the
+        planned dtype on the planned device."""
+        n, t = self.n, self.weight_tensors
+        if x2d.shape != (n, self.in_features):
+            raise ValueError(f"this launch is planned for x of shape ({n}, {self.in_features}), got {tuple(x2d.shape)}")
+        self.kernel_spec.check_bias(bias, self.out_features, x2d)
+        y = launch.output_buffer(out, n, self.out_features, x2d)
+        xk, ldx, _ = launch.prepare_activations(x2d, self.in_features)
+        bias = None if bias is None else bias.contiguous()
+        with torch.cuda.device(x2d.device):
+            stream = launch.current_stream(x2d.device)
+            ws = counters = None
+            if self.kept_workspace:
+                workspace = launch.splitk_workspace(x2d.device, stream, n * self.out_features, self.output_tiles)
+                ws = workspace.sums
+                counters = workspace.counters if self.cfg.fixup else None  # fixup: the last block rounds it
+            elif self.reduce:  # a memset, the blocks add, a finalize launch rounds
+                ws = torch.zeros((n, self.out_features), dtype=torch.float32, device=x2d.device)
+            self.kernel.launch(self.grid, self.args, stream, (
+                (0, xk.data_ptr()), (t + 1, 0 if bias is None else bias.data_ptr()), (t + 2, y.data_ptr()),
+                (t + 3, 0 if ws is None else ws.data_ptr()), (t + 6, ldx),
+                (t + 11, 0 if counters is None else counters.data_ptr()),
+            ))
+            if self.finalize is not None:
+                self.finalize.run(ws, bias, y, stream)
+        return y
 
 
 @dataclass(frozen=True)
@@ -77,11 +148,15 @@ class CudaKernel:
         if x2d.dtype not in DTYPES:
             raise TypeError(f"the {self.label} CUDA kernel takes float16 or bfloat16, got {x2d.dtype}")
         self.check_tensors(tensors, out_features, in_features, x2d.dtype, x2d.device, "x")
+        self.check_bias(bias, out_features, x2d)
+        if x2d.device.type != KERNEL_DEVICE_TYPE:
+            raise ValueError(f"the {self.label} CUDA kernel needs CUDA tensors; x is on {x2d.device}")
+
+    @staticmethod
+    def check_bias(bias: Optional[torch.Tensor], out_features: int, x2d: torch.Tensor) -> None:
         if bias is not None and (bias.shape != (out_features,) or bias.dtype != x2d.dtype or bias.device != x2d.device):
             raise ValueError(f"bias must be ({out_features},) {x2d.dtype} on {x2d.device}, "
                              f"got {tuple(bias.shape)} {bias.dtype}")
-        if not x2d.is_cuda:
-            raise ValueError(f"the {self.label} CUDA kernel needs CUDA tensors; x is on {x2d.device}")
 
     def check_tensors(self, tensors: list[torch.Tensor], out_features: int, in_features: int, dtype: torch.dtype,
                       device: torch.device, what: str) -> None:
@@ -195,7 +270,9 @@ class CudaKernel:
         Runs the kernel unconditionally (raises `launch.KernelUnavailable` where it cannot run).
         `out`, if given, is the (N, out_features) contiguous result buffer (tests poison it first)."""
         cfg = self.launch_config(x2d, tensors, out_features, in_features, bias, config)
-        return self._launch(x2d, tensors, out_features, in_features, bias, cfg, out)
+        if x2d.shape[0] == 0:
+            return launch.output_buffer(out, 0, out_features, x2d)
+        return self.plan(x2d.shape[0], x2d.dtype, x2d.device, tensors, out_features, in_features, cfg).run(x2d, bias, out)
 
     def launch_config(self, x2d: torch.Tensor, tensors: list[torch.Tensor], out_features: int, in_features: int,
                       bias: Optional[torch.Tensor], config: Optional[configs.LaunchConfig]) -> configs.LaunchConfig:
@@ -204,21 +281,18 @@ class CudaKernel:
         self.check_inputs(x2d, tensors, out_features, in_features, bias)
         return self.fit_buffers(self.resolve_config(x2d, tensors, out_features, in_features, bias, config), tensors)
 
-    def _launch(self, x2d: torch.Tensor, tensors: list[torch.Tensor], out_features: int, in_features: int,
-                bias: Optional[torch.Tensor], cfg: configs.LaunchConfig, out: Optional[torch.Tensor]) -> torch.Tensor:
-        n = x2d.shape[0]
-        y = launch.output_buffer(out, n, out_features, x2d)
-        if n == 0:
-            return y
-        xk, ldx, kx = launch.prepare_activations(x2d, in_features)
-        bias = None if bias is None else bias.contiguous()
+    def plan(self, n: int, dtype: torch.dtype, device: torch.device, tensors: list[torch.Tensor],
+             out_features: int, in_features: int, cfg: configs.LaunchConfig) -> "LaunchPlan":
+        """The launch of variant `cfg` (fitted buffers resolved) for an N-row product with these
+        weight tensors: the compiled kernel, grid, split and argument array, all but the per-call
+        tensors fixed."""
         mt, kt = self.grid(out_features, in_features)
-        kernel = self.compiled(cfg, x2d.dtype, x2d.device)
+        kernel = self.compiled(cfg, dtype, device)
         blocks_m = -(-mt // cfg.strips)
         blocks_n = -(-n // cfg.nrows)
 
         def slots() -> int:  # resident-block slots of the whole GPU
-            return torch.cuda.get_device_properties(x2d.device).multi_processor_count * max(kernel.occupancy, 1)
+            return torch.cuda.get_device_properties(device).multi_processor_count * max(kernel.occupancy, 1)
 
         if cfg.persistent:  # stream-K: the blocks share the tile sequence, every strip's sums are added
             grid = (configs.persistent_blocks(mt * kt, slots(), blocks_n), 1, blocks_n)
@@ -232,30 +306,20 @@ class CudaKernel:
             splits, per_split = launch.split_plan(kt, split)
             grid = (blocks_m, splits, blocks_n)
             reduce = splits > 1
-        with torch.cuda.device(x2d.device):
-            stream = launch.current_stream(x2d.device)
-            ws = counters = None
-            if reduce and (cfg.fixup or cfg.rezero):  # a workspace kept zero between launches
-                workspace = launch.splitk_workspace(x2d.device, stream, n * out_features, blocks_m * blocks_n)
-                ws = workspace.sums
-                counters = workspace.counters if cfg.fixup else None  # fixup: the last block rounds it
-            elif reduce:  # a memset, the blocks add, a finalize launch rounds
-                ws = torch.zeros((n, out_features), dtype=torch.float32, device=x2d.device)
-            kernel.launch(
-                grid,
-                [
-                    # pointers: activations, the format's tensors, bias, output, split-K workspace
-                    ptr(xk), *(ptr(t) for t in tensors), ptr(bias), ptr(y), ptr(ws),
-                    # sizes
-                    i32(out_features), i32(n), i32(ldx), i32(kx), i32(kt), i32(mt), i32(per_split),
-                    # last: the split-K arrival counters (fixup), so the other parameters keep their offsets
-                    ptr(counters),
-                ],
-                stream,
-            )
-            if ws is not None and counters is None:
-                launch.run_splitk_finalize(ws, bias, y, stream, rezero=cfg.rezero)
-        return y
+        kept = reduce and (cfg.fixup or cfg.rezero)  # a workspace kept zero between launches
+        args = launch.KernelArgs([
+            # pointers: activations, the format's tensors, bias, output, split-K workspace (set per call)
+            ptr(None), *(ptr(t) for t in tensors), ptr(None), ptr(None), ptr(None),
+            # sizes (the activations' row stride set per call)
+            i32(out_features), i32(n), i32(0), i32(-(-in_features // 8) * 8), i32(kt), i32(mt), i32(per_split),
+            # last: the split-K arrival counters (fixup), so the other parameters keep their offsets
+            ptr(None),
+        ])
+        finalize = None
+        if reduce and not cfg.fixup:  # a finalize launch rounds the workspace (and rezeroes it)
+            finalize = launch.splitk_finalize(n, out_features, dtype, device, rezero=cfg.rezero)
+        return LaunchPlan(self, cfg, kernel, grid, args, len(tensors), n, out_features, in_features,
+                          reduce, kept, blocks_m * blocks_n, finalize, tuple(t.data_ptr() for t in tensors))
 
     def first_use_problem(self, cfg: Optional[configs.LaunchConfig], dtype: torch.dtype,
                           device: torch.device) -> Optional[str]:
@@ -293,9 +357,14 @@ class CudaKernel:
         if len(tensors) != len(self.tensors):
             raise ValueError(f"the {self.format} format has {len(self.tensors)} tensors, got {len(tensors)}")
         x2d = x.reshape(-1, in_features)
+        n = x2d.shape[0]
         # Prefill-sized batches: decode once + dense GEMM is the faster plan, by the expansion
         # kernel where there is one (and it is on), else by the reference path.
-        prefill = x2d.shape[0] > configs.MAX_FAST_N
+        prefill = n > configs.MAX_FAST_N
+        if not prefill and n > 0:
+            plan = self._kept_plan(tensors, n, x.dtype, x.device)
+            if plan is not None:
+                return plan.run(x2d, bias).reshape(*x.shape[:-1], out_features)
         if prefill and (self.expand_source is None or not configs.expand_enabled()):
             return None
         if torch.cuda.get_device_capability(x.device) < launch.MIN_CAPABILITY:
@@ -310,10 +379,46 @@ class CudaKernel:
                     return self._decline(f"its expansion kernel failed the first-use check on this GPU: {problem}")
                 return torch.nn.functional.linear(x, self.expand(tensors, out_features, in_features, x.dtype), bias)
             cfg = self.launch_config(x2d, tensors, out_features, in_features, bias, None)
+            if n == 0:
+                return launch.output_buffer(None, 0, out_features, x2d).reshape(*x.shape[:-1], out_features)
             problem = self.first_use_problem(cfg, x.dtype, x.device)
             if problem:
                 return self._decline(f"variant {cfg} failed the first-use check on this GPU: {problem}")
-            y = self._launch(x2d, tensors, out_features, in_features, bias, cfg, None)
+            plan = self.plan(n, x.dtype, x.device, tensors, out_features, in_features, cfg)
+            y = plan.run(x2d, bias)
         except launch.KernelUnavailable as exc:
             return self._decline(str(exc))
+        self._keep_plan(tensors, plan, x.dtype, x.device)
         return y.reshape(*x.shape[:-1], out_features)
+
+    # Plans live on the weight tensor whose contents decide them (the tile runs that size fitted
+    # buffers, else the payload), keyed by what else they depend on, so they die with the weight
+    # and a changed weight (new addresses, runs changed in place) or setting is planned again.
+    def _plan_anchor(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return self.tensor(tensors, self.runs or self.payload)
+
+    @staticmethod
+    def _plan_key(n: int, dtype: torch.dtype, device: torch.device) -> tuple:
+        return (n, dtype, device, configs.launch_settings(), self_check.enabled())
+
+    def _kept_plan(self, tensors: list[torch.Tensor], n: int, dtype: torch.dtype,
+                   device: torch.device) -> Optional[LaunchPlan]:
+        anchor = self._plan_anchor(tensors)
+        plans = getattr(anchor, "_flashllm_plans", None)
+        if not plans:
+            return None
+        plan = plans.get(self._plan_key(n, dtype, device))
+        return plan if plan is not None and plan.serves(tensors, _version(anchor)) else None
+
+    def _keep_plan(self, tensors: list[torch.Tensor], plan: LaunchPlan, dtype: torch.dtype,
+                   device: torch.device) -> None:
+        """Keep `plan` for the next call, unless it was made while a CUDA graph was being captured
+        (its variant then ran unchecked, with full-tile buffers where nothing was cached: the next
+        eager call plans and checks it properly)."""
+        if torch.cuda.is_current_stream_capturing():
+            return
+        anchor = self._plan_anchor(tensors)
+        plans = getattr(anchor, "_flashllm_plans", None)
+        if plans is None:
+            plans = anchor._flashllm_plans = {}
+        plans[self._plan_key(plan.n, dtype, device)] = replace(plan, anchor_version=_version(anchor))

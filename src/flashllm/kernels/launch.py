@@ -278,11 +278,9 @@ class Driver:
         return blocks.value
 
     def launch(self, func: int, grid: tuple[int, int, int], block: tuple[int, int, int], smem: int,
-               stream: int, params: Sequence["Param"]) -> None:
-        holders = [p.ctype() for p in params]
-        pointers = (ctypes.c_void_p * len(holders))(*(ctypes.addressof(h) for h in holders))
+               stream: int, args: "KernelArgs") -> None:
         self._check(
-            self.lib.cuLaunchKernel(func, *grid, *block, smem, stream, pointers, None), "cuLaunchKernel"
+            self.lib.cuLaunchKernel(func, *grid, *block, smem, stream, args.pointers, None), "cuLaunchKernel"
         )
 
 
@@ -301,6 +299,25 @@ class Param:
                 raise ValueError(f"kernel argument {self.value} does not fit in 32 bits")
             return ctypes.c_int32(self.value)
         return ctypes.c_int64(self.value)
+
+
+class KernelArgs:
+    """A kernel's arguments as the driver takes them (an array of pointers to C values), converted
+    once for launches that repeat (`LaunchPlan`): each launch then sets only the arguments that
+    change, the tensors' addresses, under `lock`, so two threads sharing one cannot mix their
+    values between setting them and the launch (which copies them)."""
+
+    def __init__(self, params: Sequence[Param]) -> None:
+        self.kinds = [p.kind for p in params]
+        self.values = [p.ctype() for p in params]
+        self.pointers = (ctypes.c_void_p * len(self.values))(*(ctypes.addressof(v) for v in self.values))
+        self.lock = threading.Lock()
+
+    def set(self, index: int, value: int) -> None:
+        """Argument `index` becomes `value` (a tensor's `data_ptr()`, 0 for none, or an integer)."""
+        if self.kinds[index] == "i32" and not -(2**31) <= value < 2**31:
+            raise ValueError(f"kernel argument {value} does not fit in 32 bits")
+        self.values[index].value = value
 
 
 def ptr(t: Optional[torch.Tensor]) -> Param:
@@ -329,8 +346,16 @@ class CompiledKernel:
     device: int
     threads: int = THREADS  # the block size it is written for
 
-    def launch(self, grid: tuple[int, int, int], params: Sequence[Param], stream: int) -> None:
-        _state().driver.launch(self.func, grid, (self.threads, 1, 1), self.smem, stream, params)
+    def launch(self, grid: tuple[int, int, int], params: Union[Sequence[Param], KernelArgs], stream: int,
+               changes: Sequence[tuple[int, int]] = ()) -> None:
+        """Launch on `stream` with `params`, or with prepared `KernelArgs` after setting `changes`
+        ((index, value) pairs) in them."""
+        args = params if isinstance(params, KernelArgs) else KernelArgs(params)
+        driver = _state().driver
+        with args.lock:
+            for index, value in changes:
+                args.set(index, value)
+            driver.launch(self.func, grid, (self.threads, 1, 1), self.smem, stream, args)
 
 
 class _State:
@@ -573,14 +598,35 @@ def finalize_job(rezero: bool) -> tuple[str, str, dict[str, int]]:
     return "splitk_finalize.cu", "flashllm_splitk_finalize", {"FLASHLLM_REZERO": 1} if rezero else {}
 
 
+@dataclass(frozen=True)
+class SplitKFinalize:
+    """The split-K epilogue's launch for one output shape, prepared: `run` sets the three tensors."""
+
+    kernel: CompiledKernel
+    grid: tuple[int, int, int]
+    args: KernelArgs
+
+    def run(self, ws: torch.Tensor, bias: Optional[torch.Tensor], y: torch.Tensor, stream: int) -> None:
+        """y = round(ws + bias) (the workspace's first y.numel() floats left zero if it rezeroes)."""
+        self.kernel.launch(self.grid, self.args, stream,
+                           ((0, ws.data_ptr()), (1, 0 if bias is None else bias.data_ptr()), (2, y.data_ptr())))
+
+
+def splitk_finalize(rows: int, cols: int, dtype: torch.dtype, device: torch.device,
+                    rezero: bool = False) -> SplitKFinalize:
+    """The split-K epilogue for a (rows x cols) `dtype` output on `device`, with or without
+    re-zeroing the workspace it reads."""
+    kernel = get_kernel(*finalize_job(rezero), dtype, device, 0, threads=256)
+    total = rows * cols
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    blocks = max(1, min(-(-total // kernel.threads), sms * 8))
+    return SplitKFinalize(kernel, (blocks, 1, 1), KernelArgs([ptr(None), ptr(None), ptr(None), i32(cols), i64(total)]))
+
+
 def run_splitk_finalize(ws: torch.Tensor, bias: Optional[torch.Tensor], y: torch.Tensor, stream: int,
                         rezero: bool = False) -> None:
     """y = round(ws + bias); with `rezero`, the workspace's first y.numel() floats are left zero."""
-    kernel = get_kernel(*finalize_job(rezero), y.dtype, y.device, 0, threads=256)
-    total = y.numel()
-    sms = torch.cuda.get_device_properties(y.device).multi_processor_count
-    blocks = max(1, min(-(-total // kernel.threads), sms * 8))
-    kernel.launch((blocks, 1, 1), [ptr(ws), ptr(bias), ptr(y), i32(y.shape[-1]), i64(total)], stream)
+    splitk_finalize(y.numel() // y.shape[-1], y.shape[-1], y.dtype, y.device, rezero).run(ws, bias, y, stream)
 
 
 # ---------------------------------------------------------------------------------------------
