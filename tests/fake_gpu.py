@@ -24,6 +24,7 @@ from flashllm.kernels import bitmap_cuda, cuda_op, launch, tiled_csl_cuda
 from flashllm.kernels.spmm import FAST_KERNELS
 
 KERNELS = {k.KERNEL.kernel: k.KERNEL for k in (bitmap_cuda, tiled_csl_cuda)}
+EXPANSIONS = {f"flashllm_{k.FORMAT}_expand": k.KERNEL for k in (bitmap_cuda, tiled_csl_cuda)}
 FINALIZE = launch.finalize_job(False)[1]
 
 
@@ -67,6 +68,8 @@ class FakeGPU:
         self.launches.append(Launch(name, tuple(grid), values, dict(defines)))
         if name == FINALIZE:
             self._finalize(values, dtype, dict(defines))
+        elif name in EXPANSIONS:
+            self._expand(EXPANSIONS[name], values, dtype)
         else:
             self._product(KERNELS[name], grid, values, dtype)
 
@@ -74,17 +77,30 @@ class FakeGPU:
         pass
 
     @staticmethod
-    def _product(kernel: cuda_op.CudaKernel, grid, values: list[int], dtype: torch.dtype) -> None:
-        count = len(kernel.tensors)
-        x_at, tensor_at = values[0], values[1 : 1 + count]
-        bias_at, y_at, ws_at, m, n, ldx, kx, kt, mt, per_split, counters_at = values[1 + count :]
+    def _weight(kernel: cuda_op.CudaKernel, tensor_at: list[int], m: int, k: int, mt: int, kt: int,
+                dtype: torch.dtype) -> torch.Tensor:
+        """The dense (m x k) weight the format's tensors at these addresses store."""
         offsets = at(tensor_at[-1], mt * kt + 1, torch.int32)
         tensors = {}
         for spec, address in zip(kernel.tensors, tensor_at):
             numel = spec.numel(mt, kt) if spec.numel else int(offsets[-1])
             tensors[spec.name] = at(address, numel, spec.dtype or dtype)
+        return get_format(kernel.format)((m, k), dtype, **tensors).to_dense()
+
+    @classmethod
+    def _expand(cls, kernel: cuda_op.CudaKernel, values: list[int], dtype: torch.dtype) -> None:
+        count = len(kernel.tensors)
+        out_at, m, k, kt = values[count:]
+        weight = cls._weight(kernel, values[:count], m, k, -(-m // kernel.tile[0]), kt, dtype)
+        at(out_at, m * k, dtype).view(m, k).copy_(weight)
+
+    @classmethod
+    def _product(cls, kernel: cuda_op.CudaKernel, grid, values: list[int], dtype: torch.dtype) -> None:
+        count = len(kernel.tensors)
+        x_at, tensor_at = values[0], values[1 : 1 + count]
+        bias_at, y_at, ws_at, m, n, ldx, kx, kt, mt, per_split, counters_at = values[1 + count :]
         # kx (in_features rounded up to 8) columns: the padding is zero in the weight and in x.
-        weight = get_format(kernel.format)((m, kx), dtype, **tensors).to_dense()
+        weight = cls._weight(kernel, tensor_at, m, kx, mt, kt, dtype)
         x = at(x_at, (n - 1) * ldx + kx, dtype).as_strided((n, kx), (ldx, 1))
         product = x.double() @ weight.double().T
         if grid[1] > 1:  # split along K: every tile in exactly one block, and sums to add into

@@ -207,3 +207,16 @@ def test_the_host_overhead_script_prints_its_table():
     rows = [line.split() for line in out.stdout.splitlines() if line.startswith(("bitmap ", "tiled_csl "))]
     assert [(r[0], r[1]) for r in rows] == [("bitmap", "1"), ("bitmap", "3"), ("tiled_csl", "1"), ("tiled_csl", "3")]
     assert all(float(v) > 0 for r in rows for v in r[2:])
+
+
+@pytest.mark.parametrize("fmt", MODULES)
+def test_prefill_products_expand_the_weight(monkeypatch, fmt):
+    gpu = fake_gpu.install(monkeypatch)
+    monkeypatch.setattr(configs, "MAX_FAST_N", 8)
+    dense, weight = random_weight(fmt, (70, 136), 0.7)
+    bias = torch.randn(70).half()
+    x = torch.randn(3, 4, 136).half()  # 12 rows > MAX_FAST_N: expansion kernel + dense product
+    y = spmm(x, weight, bias)
+    check_product(y.reshape(12, 70), x.reshape(12, 136), dense, bias)
+    assert [entry.name for entry in gpu.launches][-1] == f"flashllm_{fmt}_expand"
+    torch.testing.assert_close(MODULES[fmt].expand(weight), dense, rtol=0, atol=0)

@@ -32,6 +32,25 @@ def test_sparse_linear_matches_linear(fmt, dtype, bias):
 
 
 @pytest.mark.parametrize("fmt", FORMAT_NAMES)
+def test_the_weight_object_follows_the_buffers(fmt):
+    lin = pruned_linear(80, 48, 0.6)
+    sparse = SparseLinear.from_linear(lin, fmt)
+    first = sparse.weight_format
+    assert sparse.weight_format is first  # built once, not on every forward
+    x = torch.randn(3, 80)
+    name = first.tensor_names[0]
+    setattr(sparse, name, getattr(sparse, name).clone())  # a buffer replaced: a new object over it
+    second = sparse.weight_format
+    assert second is not first and getattr(second, name) is getattr(sparse, name)
+    torch.testing.assert_close(sparse(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+    sparse.to(torch.float16)  # a cast replaces every buffer (and drops the object holding the old ones)
+    assert "_weight_object" not in sparse.__dict__
+    assert sparse.weight_format.dtype == torch.float16
+    ref = torch.nn.functional.linear(x, lin.weight.half().float(), lin.bias.half().float())
+    torch.testing.assert_close(sparse(x.half()).float(), ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
 def test_extra_repr_shows_shape_format_sparsity_bytes(fmt):
     sparse = SparseLinear.from_linear(pruned_linear(128, 64, 0.75), fmt)
     text = repr(sparse)

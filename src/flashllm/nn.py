@@ -36,6 +36,7 @@ class SparseLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     def _set_weight(self, weight: SparseWeight) -> None:
+        self.__dict__.pop("_weight_object", None)  # it holds the replaced tensors
         self.format_cls = type(weight)
         self.out_features, self.in_features = weight.shape
         self.weight_dtype = weight.dtype
@@ -54,11 +55,16 @@ class SparseLinear(nn.Module):
 
     @property
     def weight_format(self) -> SparseWeight:
-        return self.format_cls(
-            (self.out_features, self.in_features),
-            self.weight_dtype,
-            **{name: getattr(self, name) for name in self.format_cls.tensor_names},
-        )
+        """The weight object over this module's buffers; the same object while the buffers are
+        (every forward asks for it: building it each time was a tenth of an eager call's Python)."""
+        buffers = self._buffers
+        names = self.format_cls.tensor_names
+        weight = self.__dict__.get("_weight_object")
+        if weight is None or not all(getattr(weight, name) is buffers[name] for name in names):
+            weight = self.format_cls((self.out_features, self.in_features), self.weight_dtype,
+                                     **{name: buffers[name] for name in names})
+            self.__dict__["_weight_object"] = weight
+        return weight
 
     @property
     def dtype(self) -> torch.dtype:

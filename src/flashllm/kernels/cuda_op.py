@@ -188,7 +188,7 @@ class CudaKernel:
         if dtype not in DTYPES:
             raise TypeError(f"the {self.label} expansion kernel takes float16 or bfloat16, got {dtype}")
         device = tensors[0].device if tensors else torch.device("cpu")
-        if device.type != "cuda":
+        if device.type != KERNEL_DEVICE_TYPE:
             raise ValueError(f"the {self.label} expansion kernel needs CUDA tensors, got {device}")
         if out is None:
             out = torch.empty(out_features, in_features, dtype=dtype, device=device)
