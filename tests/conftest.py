@@ -24,6 +24,20 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().view(int_type), b.contiguous().view(int_type))
 
 
+def tiled_csl_version_1(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(words, offsets) of `dense` (fp16/bf16) in Tiled-CSL layout version 1, as flashllm wrote it
+    before version 2: each tile's non-zeros in increasing location order, sentinels at 8192."""
+    from flashllm.formats import tiled_csl
+
+    tm, tk = -(-dense.shape[0] // tiled_csl.TILE_M), -(-dense.shape[1] // tiled_csl.TILE_K)
+    padded = torch.nn.functional.pad(dense, (0, tk * tiled_csl.TILE_K - dense.shape[1], 0, tm * tiled_csl.TILE_M - dense.shape[0]))
+    tiles = tiled_csl.to_storage_order(padded)
+    keep = tiles != 0
+    locations = torch.arange(tiled_csl.TILE_ELEMS).expand_as(keep)[keep]
+    sentinel = tiled_csl.make_words(torch.zeros(1, dtype=dense.dtype), torch.tensor([tiled_csl.SENTINEL]))
+    return tiled_csl.pack_aligned(keep.sum(dim=1), tiled_csl.make_words(tiles[keep], locations), 4, int(sentinel))
+
+
 def pytest_configure(config):
     # One marker per kernel option a GPU run validates on its own (configs.unvalidated_options):
     # scripts/device_check.sh deselects `unvalidated_<name>` for an option that failed its smoke test.

@@ -31,7 +31,7 @@ def test_save_and_load_compressed_checkpoint(tmp_path, arch, fmt):
     ids = torch.randint(0, VOCAB, (2, 9))
     save_pretrained(model, tmp_path, info={"method": "magnitude"})
     manifest = json.loads((tmp_path / MANIFEST).read_text())
-    assert manifest["format_versions"] == {fmt: 1}
+    assert manifest["format_versions"] == {fmt: {"bitmap": 1, "tiled_csl": 2}[fmt]}
     assert manifest["info"] == {"method": "magnitude"}
     assert (tmp_path / SINGLE).is_file()
     loaded = from_pretrained(tmp_path, device="cpu", progress=False)
@@ -156,3 +156,30 @@ def test_blockwise_conversion_errors(tmp_path):
         convert_checkpoint(tmp_path / "dense", tmp_path / "out", 0.5, method="wanda", device="cpu", progress=False)
     with pytest.raises(ValueError, match="unknown pruning method"):
         convert_checkpoint(tmp_path / "dense", tmp_path / "out", 0.5, method="obc", device="cpu", progress=False)
+
+
+def test_a_tiled_csl_version_1_checkpoint_is_converted_when_loaded(tmp_path):
+    # Checkpoints written before Tiled-CSL layout version 2 load: their words are reordered and
+    # their locations turned into slots as they are read.
+    from safetensors.torch import load_file, save_file
+
+    from conftest import tiled_csl_version_1
+
+    model = build("llama")
+    prune_(model, 0.7, progress=False)
+    sparsify_(model, "tiled_csl", progress=False)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    save_pretrained(model, tmp_path)
+    tensors = load_file(str(tmp_path / SINGLE))
+    for name, module in model.named_modules():
+        if isinstance(module, SparseLinear):
+            words, offsets = tiled_csl_version_1(module.weight_format.to_dense())
+            tensors[f"{name}.words"], tensors[f"{name}.offsets"] = words, offsets
+            tensors[f"{name}.header"] = tensors[f"{name}.header"].clone()
+            tensors[f"{name}.header"][1] = 1
+    save_file(tensors, str(tmp_path / SINGLE), metadata={"format": "pt"})
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    manifest["format_versions"] = {"tiled_csl": 1}
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    loaded = from_pretrained(tmp_path, device="cpu", progress=False)
+    assert torch.equal(logits(loaded, ids), logits(model, ids))

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load, save
 
-from conftest import DTYPES, SPARSITIES, random_sparse, same_bits
+from conftest import DTYPES, SPARSITIES, random_sparse, same_bits, tiled_csl_version_1
 from flashllm.formats import FORMATS, BitmapWeight, FormatError, TiledCSLWeight, bitmap, tiled_csl
 
 FORMAT_CLASSES = list(FORMATS.values())
@@ -235,50 +235,101 @@ def test_bitmap_mask_in_padding_is_refused():
         BitmapWeight.from_state_dict({**full, "header": state["header"]})
 
 
-def test_csl_corrupted_locations_are_refused():
+def test_csl_corrupted_slots_are_refused():
     w = random_sparse(128, 64, 0.5, torch.float16)
     state = TiledCSLWeight.from_dense(w).state_dict()
-    values, locations = tiled_csl.split_words(state["words"], torch.float16)
-    dup = locations.clone()
+    values, slots = tiled_csl.split_words(state["words"], torch.float16)
+    dup = slots.clone()
     dup[1] = dup[0]
-    with pytest.raises(FormatError, match="repeated or out of order"):
+    with pytest.raises(FormatError, match="repeated"):
         TiledCSLWeight.from_state_dict({**state, "words": tiled_csl.make_words(values, dup)})
-    far = locations.clone()
-    far[0] = 9000
-    with pytest.raises(FormatError, match="outside"):
-        TiledCSLWeight.from_state_dict({**state, "words": tiled_csl.make_words(values, far)})
+    for bad in (tiled_csl.SENTINEL_SLOT + 2, 7, -2):  # past the spare slot, odd (half a value), negative
+        far = slots.clone()
+        far[0] = bad
+        with pytest.raises(FormatError, match="outside"):
+            TiledCSLWeight.from_state_dict({**state, "words": tiled_csl.make_words(values, far)})
 
 
-@pytest.mark.parametrize("corruption", ["swap", "repeat", "real after sentinel", "sentinel value", "extra sentinels"])
+@pytest.mark.parametrize("corruption", ["repeat", "real after sentinel", "sentinel value", "extra sentinels"])
 def test_csl_corruption_inside_a_later_tile_is_refused(corruption):
-    # Two tiles; the second holds 5 non-zeros, so its run is 5 words and 3 sentinels. Order resets
-    # at each tile start (valid data decreases there); inside a tile it may not.
+    # Two tiles; the second holds 5 non-zeros, so its run is 5 words and 3 sentinels.
     w = torch.zeros(128, 128, dtype=torch.float16)
     w[:, :64] = random_sparse(128, 64, 0.7, torch.float16)
     for r, c in ((0, 3), (2, 10), (50, 1), (90, 63), (127, 0)):
         w[r, 64 + c] = r + c + 1.0
     state = TiledCSLWeight.from_dense(w).state_dict()
-    values, locations = tiled_csl.split_words(state["words"], torch.float16)
+    values, slots = tiled_csl.split_words(state["words"], torch.float16)
     start, sentinel = int(state["offsets"][1]), int(state["offsets"][1]) + 5
-    assert locations[start] == 3 and bool((locations[sentinel:] == tiled_csl.SENTINEL).all())
+    assert bool((slots[sentinel:] == tiled_csl.SENTINEL_SLOT).all())
     words, offsets = None, state["offsets"]
-    if corruption == "swap":
-        locations[start], locations[start + 1] = locations[start + 1].clone(), locations[start].clone()
-    elif corruption == "repeat":
-        locations[start + 1] = locations[start]
+    if corruption == "repeat":
+        slots[start + 1] = slots[start]
     elif corruption == "real after sentinel":
-        locations[sentinel - 1], locations[sentinel] = locations[sentinel].clone(), locations[sentinel - 1].clone()
+        slots[sentinel - 1], slots[sentinel] = slots[sentinel].clone(), slots[sentinel - 1].clone()
     elif corruption == "sentinel value":
         values[sentinel + 1] = 1.0
     else:  # a whole extra vector of sentinels in the second tile
-        pad = tiled_csl.make_words(torch.zeros(4, dtype=torch.float16), torch.full((4,), tiled_csl.SENTINEL))
+        pad = tiled_csl.make_words(torch.zeros(4, dtype=torch.float16), torch.full((4,), tiled_csl.SENTINEL_SLOT))
         words = torch.cat([state["words"], pad])
         offsets = offsets.clone()
         offsets[2] += 4
-    words = tiled_csl.make_words(values, locations) if words is None else words
-    with pytest.raises(FormatError, match="repeated or out of order|padding is malformed"):
+    words = tiled_csl.make_words(values, slots) if words is None else words
+    with pytest.raises(FormatError, match="repeated|padding is malformed"):
         TiledCSLWeight.from_state_dict({**state, "words": words, "offsets": offsets})
     assert same_bits(TiledCSLWeight.from_state_dict(state).to_dense(), w)  # the intact data loads
+
+
+def test_csl_words_decode_the_same_in_any_order_within_a_tile():
+    w = random_sparse(256, 128, 0.6, torch.float16)
+    state = TiledCSLWeight.from_dense(w).state_dict()
+    words, offsets = state["words"].clone(), state["offsets"]
+    _, slots = tiled_csl.split_words(words, torch.float16)
+    gen = torch.Generator().manual_seed(3)
+    for t in range(offsets.numel() - 1):  # shuffle each tile's non-zeros (sentinels stay last)
+        lo = int(offsets[t])
+        real = int((slots[lo : int(offsets[t + 1])] != tiled_csl.SENTINEL_SLOT).sum())
+        words[lo : lo + real] = words[lo : lo + real][torch.randperm(real, generator=gen)]
+    assert same_bits(TiledCSLWeight.from_state_dict({**state, "words": words}).to_dense(), w)
+
+
+def test_csl_slots_are_swizzled_byte_offsets_ordered_for_conflict_free_stores():
+    # The kernels store each value at the byte its word gives in a shared tile whose 16-byte chunks
+    # are swizzled by row, and a warp's store c writes words 4 (32 b + l) + c of lanes l: in every
+    # full group of 128 words each such store hits 32 different banks.
+    w = random_sparse(128, 64, 0.5, torch.float16)
+    c = TiledCSLWeight.from_dense(w)
+    values, slots = tiled_csl.split_words(c.words, torch.float16)
+    rows, cols = torch.nonzero(w, as_tuple=True)
+    location = rows * 64 + cols
+    expected = 2 * (location ^ ((location >> 3) & 0x38))
+    assert sorted(slots[slots != tiled_csl.SENTINEL_SLOT].tolist()) == sorted(expected.tolist())
+    assert int(tiled_csl.slot_of(torch.tensor(1 * 64 + 0))) == 2 * (64 + 8)  # row 1: chunk 0 -> chunk 1
+    real = slots[slots != tiled_csl.SENTINEL_SLOT]
+    rounds_with_every_bank = int(torch.bincount((real >> 2) % 32, minlength=32).min())
+    assert rounds_with_every_bank >= 100
+    lanes = torch.arange(32)
+    for r in range(rounds_with_every_bank):  # round r: component r % 4 of group r // 4
+        banks = (slots[128 * (r // 4) + 4 * lanes + r % 4] >> 2) % 32
+        assert banks.unique().numel() == 32, r
+
+
+def test_csl_version_1_data_is_converted_when_read(tmp_path):
+    w = random_sparse(200, 150, 0.7, torch.float16)
+    current = TiledCSLWeight.from_dense(w)
+    v1_words, v1_offsets = tiled_csl_version_1(w)
+    header = current.state_dict()["header"].clone()
+    header[1] = 1
+    v1 = {"header": header, "words": v1_words, "offsets": v1_offsets}
+    loaded = TiledCSLWeight.from_state_dict(v1)
+    assert same_bits(loaded.to_dense(), w)
+    assert torch.equal(loaded.words, current.words) and torch.equal(loaded.offsets, current.offsets)
+    values, _ = tiled_csl.split_words(v1_words, torch.float16)
+    broken = {**v1, "words": tiled_csl.make_words(values, torch.full((values.numel(),), 9000))}
+    with pytest.raises(FormatError, match="outside"):
+        TiledCSLWeight.from_state_dict(broken)
+    header[1] = 0
+    with pytest.raises(FormatError, match="version 0 cannot be read"):
+        TiledCSLWeight.from_state_dict({**v1, "header": header})
 
 
 def test_csl_values_in_padding_are_refused():

@@ -160,16 +160,19 @@ def test_tiled_csl_lanes_decode_exactly(dtype, sparsity, shape, words_per_stage,
     assert torch.equal(decoded.view(torch.int16), w.to_dense().view(torch.int16)), f"seed {gen.initial_seed()}"
 
 
-def test_tiled_csl_swizzle_is_a_permutation_within_rows():
+def test_tiled_csl_slots_are_a_swizzle_within_rows():
+    from flashllm.formats.tiled_csl import slot_of
+
     loc = torch.arange(8192)
-    addr = E.swizzle(loc)
-    assert torch.equal(addr.sort().values, loc)
-    assert torch.equal(addr // 64, loc // 64)  # stays in its row
-    assert int(E.swizzle(torch.tensor(8192))) == 8192  # sentinel -> spare slot
-    assert int(E.swizzle(torch.tensor(65535))) == 8192  # corrupt location clamped
+    half = slot_of(loc) // 2  # the 16-bit shared slot the kernels store each location's value in
+    assert torch.equal(half.sort().values, loc)
+    assert torch.equal(half // 64, loc // 64)  # stays in its row
+    assert int(slot_of(torch.tensor(8192))) == 2 * 8192  # sentinel -> spare slot
+    words = torch.tensor([(2 * 8192) << 16, 65534 << 16, (2 * 70) << 16 | 5])
+    assert E._slot_half(words).tolist() == [8192, 8192, 70]  # a corrupt slot is clamped to the spare one
     # the 8 rows one ldmatrix phase reads hit 8 different 16-byte bank groups
     for chunk in range(8):
-        starts = E.swizzle(torch.arange(8) * 64 + chunk * 8)
+        starts = slot_of(torch.arange(8) * 64 + chunk * 8) // 2
         assert len({int(s) % 64 // 8 for s in starts}) == 8
 
 

@@ -125,6 +125,8 @@ class SparseWeight:
     # The layout version a file holds. A kernel-driven layout change bumps it; files written by an
     # older layout are refused with a clear message rather than decoded wrongly.
     version: ClassVar[int]
+    # Older layout versions this one converts when reading them (`upgrade_state`).
+    upgradable_versions: ClassVar[tuple[int, ...]] = ()
     tensor_names: ClassVar[tuple[str, ...]]
 
     def __init__(self, shape: tuple[int, int], dtype: torch.dtype, **tensors: torch.Tensor):
@@ -152,6 +154,12 @@ class SparseWeight:
         raise NotImplementedError
 
     def _cast_values(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @classmethod
+    def upgrade_state(cls, version: int, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tensors of `state`, stored in layout `version` (one of `upgradable_versions`), in
+        this version's layout."""
         raise NotImplementedError
 
     # --- shared behaviour ---------------------------------------------------------------------
@@ -195,10 +203,12 @@ class SparseWeight:
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "SparseWeight":
         """Rebuild from `state_dict()` output, checking everything a corrupt file could break."""
-        shape, dtype = read_header(state, cls)
+        shape, dtype, version = read_header(state, cls)
         missing = [k for k in cls.tensor_names if k not in state]
         if missing:
             raise FormatError(f"{cls.name} data is missing tensor(s) {missing} (truncated file?)")
+        if version != cls.version:
+            state = cls.upgrade_state(version, state)
         obj = cls(shape, dtype, **{k: state[k] for k in cls.tensor_names})
         obj._validate()
         return obj
@@ -210,7 +220,8 @@ class SparseWeight:
         )
 
 
-def read_header(state: dict[str, torch.Tensor], cls: type[SparseWeight]) -> tuple[tuple[int, int], torch.dtype]:
+def read_header(state: dict[str, torch.Tensor], cls: type[SparseWeight]) -> tuple[tuple[int, int], torch.dtype, int]:
+    """(shape, dtype, layout version) from the header of `state`, checked."""
     header = state.get(HEADER_KEY)
     if header is None:
         raise FormatError(f"{cls.name} data has no '{HEADER_KEY}' tensor (not a flashllm weight?)")
@@ -222,7 +233,7 @@ def read_header(state: dict[str, torch.Tensor], cls: type[SparseWeight]) -> tupl
     code, version, rows, cols, dtype_code = (int(v) for v in header.tolist())
     if code != cls.format_code:
         raise FormatError(f"data holds format code {code}, not {cls.name} ({cls.format_code})")
-    if version != cls.version:
+    if version != cls.version and version not in cls.upgradable_versions:
         raise FormatError(
             f"{cls.name} layout version {version} cannot be read by this flashllm, which reads "
             f"version {cls.version}; re-pack the weight from its dense or pruned checkpoint"
@@ -231,7 +242,7 @@ def read_header(state: dict[str, torch.Tensor], cls: type[SparseWeight]) -> tupl
         raise FormatError(f"{cls.name} header names unknown dtype code {dtype_code}")
     if rows <= 0 or cols <= 0:
         raise FormatError(f"{cls.name} header has invalid shape ({rows}, {cols})")
-    return (rows, cols), _CODE_DTYPES[dtype_code]
+    return (rows, cols), _CODE_DTYPES[dtype_code], version
 
 
 def expect_tensor(obj: SparseWeight, key: str, dtype: torch.dtype, numel: int | None = None) -> torch.Tensor:

@@ -409,25 +409,26 @@ def tiled_csl_expanded(w: TiledCSLWeight) -> torch.Tensor:
     words = w.words.to(torch.int64) & 0xFFFFFFFF
     shared = torch.zeros(tiles, (chunks + 1) * 8, dtype=torch.int64)  # the zeroed tile + the sentinel slot
     tile_of_word = torch.arange(tiles).repeat_interleave(w.offsets.diff().to(torch.int64))
-    shared[tile_of_word, words >> 16] = words & 0xFFFF
+    shared[tile_of_word, _slot_half(words)] = words & 0xFFFF
     c = torch.arange(chunks)
+    held = c ^ ((c >> 3) & 7)  # chunk c of the tile, as the swizzle placed it
     tile = torch.arange(tiles)[:, None]
     row = tile // k_tiles * TILE_M + c // (TILE_K // 8)
     col = tile % k_tiles * TILE_K + (c % (TILE_K // 8)) * 8
     dense = torch.full((m, k), -1, dtype=torch.int64)  # anything not stored stays -1: a test catches it
     for e in range(8):
         keep = (row < m) & (col + e < k)
-        dense[row[keep], (col + e)[keep]] = shared[:, c * 8 + e][keep]
+        dense[row[keep], (col + e)[keep]] = shared[:, held * 8 + e][keep]
     return dense
 
 
 # ---------------------------------------------------------------------------------------------
 # Tiled-CSL
 # ---------------------------------------------------------------------------------------------
-def swizzle(loc: torch.Tensor) -> torch.Tensor:
-    """`csl::swizzle`: clamp to the sentinel slot, then 16-byte chunk ^= row % 8."""
-    loc = loc.clamp(max=TILE_ELEMS)
-    return loc ^ ((loc >> 3) & 0x38)
+def _slot_half(words: torch.Tensor) -> torch.Tensor:
+    """`csl::store_word`: the 16-bit shared slot a word's value is stored in, its byte offset
+    (the word's high half) clamped to the spare slot, halved."""
+    return (words >> 16).clamp(max=2 * TILE_ELEMS) >> 1
 
 
 def tiled_csl_shared_tiles(w: TiledCSLWeight, words_per_stage: int) -> torch.Tensor:
@@ -441,7 +442,7 @@ def tiled_csl_shared_tiles(w: TiledCSLWeight, words_per_stage: int) -> torch.Ten
         start, count = int(off[t]), min(max(int(off[t + 1] - off[t]), 0), TILE_ELEMS)
         for done in range(0, count, words_per_stage):
             piece = words[start + done : start + min(count, done + words_per_stage)]
-            out[t, swizzle(piece >> 16)] = piece & 0xFFFF
+            out[t, _slot_half(piece)] = piece & 0xFFFF
     return out
 
 
