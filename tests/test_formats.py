@@ -360,3 +360,24 @@ def test_layout_module_is_used_by_the_format(cls):
     assert torch.equal(module.from_storage_order(tiles, (2, 3)), x)
     # Tiles of one strip are consecutive along K.
     assert tiles[1].min() == k and tiles[3].min() == m * 3 * k
+
+
+def test_csl_repeated_slots_are_found_in_every_pass_of_tiles():
+    # Validation counts slots a bounded number of tiles at a time; a repeat in the last pass counts.
+    w = random_sparse(128, 64 * 5, 0.5, torch.float16)
+    state = TiledCSLWeight.from_dense(w).state_dict()
+    values, slots = tiled_csl.split_words(state["words"], torch.float16)
+    offsets = state["offsets"].to(torch.int64)
+    tile_of = torch.arange(5).repeat_interleave(offsets.diff())
+    real = slots != tiled_csl.SENTINEL_SLOT
+    assert not tiled_csl._repeated_slots(offsets, tile_of, slots, real, tiles_per_pass=2)
+    last = int(offsets[4])
+    slots[last + 3] = slots[last]
+    assert tiled_csl._repeated_slots(offsets, tile_of, slots, real, tiles_per_pass=2)
+    # The same slot in two different tiles is no repeat: give tile 4's word one of tile 3's slots
+    # that tile 4 does not hold.
+    _, intact = tiled_csl.split_words(state["words"], torch.float16)
+    free = [v for v in intact[int(offsets[3]) : last].tolist() if v not in set(intact[last:].tolist())]
+    other_tile = intact.clone()
+    other_tile[last] = free[0]
+    assert not tiled_csl._repeated_slots(offsets, tile_of, other_tile, real, tiles_per_pass=2)

@@ -123,9 +123,9 @@ class SparseWeight:
     name: ClassVar[str]
     format_code: ClassVar[int]
     # The layout version a file holds. A kernel-driven layout change bumps it; files written by an
-    # older layout are refused with a clear message rather than decoded wrongly.
+    # older layout are converted when the format knows how (`upgradable_versions`, `upgrade_state`)
+    # and otherwise refused with a clear message, never decoded wrongly.
     version: ClassVar[int]
-    # Older layout versions this one converts when reading them (`upgrade_state`).
     upgradable_versions: ClassVar[tuple[int, ...]] = ()
     tensor_names: ClassVar[tuple[str, ...]]
 

@@ -244,14 +244,13 @@ class TiledCSLWeight(SparseWeight):
         tile_of_word = torch.arange(tm * tk, device=words.device).repeat_interleave(steps, output_size=words.numel())
         # Within a tile: the non-zeros in any order, each slot once, then only sentinels, fewer
         # than one vector of them.
-        seen = torch.bincount(tile_of_word[real] * TILE_ELEMS + (slots[real] >> 1), minlength=1)
-        if bool((seen > 1).any()):
-            raise FormatError("tiled_csl slots are repeated within a tile (corrupted data)")
         first_word = offsets.to(torch.int64)
-        sentinels_before = F.pad((~real).cumsum(0), (1, 0))
-        after_sentinel = sentinels_before[:-1] - sentinels_before[first_word[:-1]][tile_of_word] > 0
         real_before = F.pad(real.cumsum(0), (1, 0))
         real_per_tile = real_before[first_word[1:]] - real_before[first_word[:-1]]
+        if bool((real_per_tile > TILE_ELEMS).any()) or _repeated_slots(first_word, tile_of_word, slots, real):
+            raise FormatError("tiled_csl slots are repeated within a tile (corrupted data)")
+        sentinels_before = F.pad((~real).cumsum(0), (1, 0))
+        after_sentinel = sentinels_before[:-1] - sentinels_before[first_word[:-1]][tile_of_word] > 0
         if (bool((real & after_sentinel).any()) or bool((steps - real_per_tile >= WORD_ALIGN).any())
                 or bool(((values != 0) & ~real).any())):
             raise FormatError("tiled_csl padding is malformed (corrupted data)")
@@ -264,3 +263,17 @@ class TiledCSLWeight(SparseWeight):
             if bool((real & ((rows >= self.shape[0]) | (cols >= self.shape[1]))).any()):
                 raise FormatError("tiled_csl stores non-zeros in the padding (corrupted data)")
 
+
+
+def _repeated_slots(first_word: torch.Tensor, tile_of_word: torch.Tensor, slots: torch.Tensor,
+                    real: torch.Tensor, tiles_per_pass: int = 1024) -> bool:
+    """Whether a tile holds a slot twice; counted a bounded number of tiles at a time (a count per
+    slot of the whole weight would take 8 bytes per weight element)."""
+    tiles = first_word.numel() - 1
+    for t0 in range(0, tiles, tiles_per_pass):
+        lo, hi = int(first_word[t0]), int(first_word[min(t0 + tiles_per_pass, tiles)])
+        keep = real[lo:hi]
+        key = (tile_of_word[lo:hi][keep] - t0) * TILE_ELEMS + (slots[lo:hi][keep] >> 1)
+        if key.numel() and int(torch.bincount(key).max()) > 1:
+            return True
+    return False

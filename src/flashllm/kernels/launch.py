@@ -623,12 +623,6 @@ def splitk_finalize(rows: int, cols: int, dtype: torch.dtype, device: torch.devi
     return SplitKFinalize(kernel, (blocks, 1, 1), KernelArgs([ptr(None), ptr(None), ptr(None), i32(cols), i64(total)]))
 
 
-def run_splitk_finalize(ws: torch.Tensor, bias: Optional[torch.Tensor], y: torch.Tensor, stream: int,
-                        rezero: bool = False) -> None:
-    """y = round(ws + bias); with `rezero`, the workspace's first y.numel() floats are left zero."""
-    splitk_finalize(y.numel() // y.shape[-1], y.shape[-1], y.dtype, y.device, rezero).run(ws, bias, y, stream)
-
-
 # ---------------------------------------------------------------------------------------------
 # Tuning (opt-in: `flashllm bench kernels --tune`, or FLASHLLM_RETUNE=1 on a missing table key)
 # ---------------------------------------------------------------------------------------------
