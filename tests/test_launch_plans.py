@@ -220,3 +220,16 @@ def test_prefill_products_expand_the_weight(monkeypatch, fmt):
     check_product(y.reshape(12, 70), x.reshape(12, 136), dense, bias)
     assert [entry.name for entry in gpu.launches][-1] == f"flashllm_{fmt}_expand"
     torch.testing.assert_close(MODULES[fmt].expand(weight), dense, rtol=0, atol=0)
+
+
+def test_a_weight_keeps_its_recently_used_plans_only(monkeypatch):
+    fake_gpu.install(monkeypatch)
+    monkeypatch.setattr(cuda_op, "KEPT_PLANS", 3)
+    dense, weight = random_weight("bitmap", (64, 64), 0.5)
+    planned = record_plans(monkeypatch, weight)
+    for n in (1, 2, 1, 3, 4):  # 1 is used again before 3 and 4 arrive: 2 is the one dropped
+        x = torch.randn(n, 64).half()
+        check_product(spmm(x, weight), x, dense)
+    assert [key[0] for key in weight.offsets._flashllm_plans] == [1, 3, 4]
+    spmm(torch.randn(2, 64).half(), weight)
+    assert planned == [1, 2, 3, 4, 2]

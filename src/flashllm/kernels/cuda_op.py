@@ -23,6 +23,9 @@ DTYPES = (torch.float16, torch.bfloat16)
 # the driver, whose launches then compute on the CPU from the arguments they are given.
 KERNEL_DEVICE_TYPE = "cuda"
 EXPAND_THREADS = 256  # the expansion kernels' block (cuda/*_expand.cu)
+# Launch plans kept per weight (`CudaKernel.fast_kernel`), the least recently used dropped first:
+# decoding uses one N, prefills one per prompt length, each plan ~2 KB of host memory.
+KEPT_PLANS = 16
 
 
 def _version(t: torch.Tensor) -> int:
@@ -407,8 +410,13 @@ class CudaKernel:
         plans = getattr(anchor, "_flashllm_plans", None)
         if not plans:
             return None
-        plan = plans.get(self._plan_key(n, dtype, device))
-        return plan if plan is not None and plan.serves(tensors, _version(anchor)) else None
+        key = self._plan_key(n, dtype, device)
+        plan = plans.get(key)
+        if plan is None or not plan.serves(tensors, _version(anchor)):
+            return None
+        if next(reversed(plans)) != key:  # most recently used last: the first is evicted first
+            plans[key] = plans.pop(key)
+        return plan
 
     def _keep_plan(self, tensors: list[torch.Tensor], plan: LaunchPlan, dtype: torch.dtype,
                    device: torch.device) -> None:
@@ -421,4 +429,8 @@ class CudaKernel:
         plans = getattr(anchor, "_flashllm_plans", None)
         if plans is None:
             plans = anchor._flashllm_plans = {}
-        plans[self._plan_key(plan.n, dtype, device)] = replace(plan, anchor_version=_version(anchor))
+        key = self._plan_key(plan.n, dtype, device)
+        plans.pop(key, None)
+        while len(plans) >= KEPT_PLANS:  # prefills of many lengths: keep the recent ones
+            plans.pop(next(iter(plans)))
+        plans[key] = replace(plan, anchor_version=_version(anchor))
