@@ -64,7 +64,10 @@ class FakeGPU:
     # launch.Driver.launch
     def launch(self, func, grid, block, smem, stream, args) -> None:
         (name, defines, dtype, _, _), _ = self.compiled[func]
-        values = [v.value or 0 for v in args.values]
+        # Read through the pointer array, as the driver does: what the launch really passes.
+        ctype = {"ptr": ctypes.c_uint64, "i32": ctypes.c_int32, "i64": ctypes.c_int64}
+        values = [ctypes.cast(args.pointers[i], ctypes.POINTER(ctype[kind])).contents.value
+                  for i, kind in enumerate(args.kinds)]
         self.launches.append(Launch(name, tuple(grid), values, dict(defines)))
         if name == FINALIZE:
             self._finalize(values, dtype, dict(defines))
