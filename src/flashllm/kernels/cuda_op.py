@@ -60,9 +60,9 @@ class LaunchPlan:
     once: the variant, its compiled kernel, the grid and split, the argument array (the weight's
     addresses and the sizes), the split-K epilogue. `CudaKernel.fast_kernel` keeps plans on the
     weight, so the eager calls of a model (prefill, Hugging Face generate) pay only `run`: the
-    per-call tensors, their addresses, the launches. Resolving all of it on every call cost a
-    model's eager forward 100-150 µs of Python per layer on a 2-core CPU, 1.3-2.2x what it costs
-    now (224 layers in Llama-2-7B; BENCHMARKS.md, twelfth session)."""
+    per-call tensors, their addresses, the launches. Resolving all of it on every call (and
+    building the weight object) cost an eager `SparseLinear` call 104-200 µs of Python on a 2-core
+    CPU, 1.6-3.1x what it costs now (224 layers in Llama-2-7B; BENCHMARKS.md, twelfth session)."""
 
     kernel_spec: "CudaKernel"
     cfg: configs.LaunchConfig
