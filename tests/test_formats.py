@@ -381,3 +381,12 @@ def test_csl_repeated_slots_are_found_in_every_pass_of_tiles():
     other_tile = intact.clone()
     other_tile[last] = free[0]
     assert not tiled_csl._repeated_slots(offsets, tile_of, other_tile, real, tiles_per_pass=2)
+
+
+def test_csl_words_are_the_same_packed_in_passes_of_tiles():
+    # Large layers are laid out a bounded number of tiles at a time; the result must not depend on it.
+    w = random_sparse(700, 900, 0.6, torch.float16)
+    tiles = tiled_csl.to_storage_order(torch.nn.functional.pad(w, (0, 960 - 900, 0, 768 - 700)))
+    whole = tiled_csl.bank_ordered_words(tiles.view(torch.int16), tiles != 0)
+    passes = tiled_csl.bank_ordered_words(tiles.view(torch.int16), tiles != 0, tiles_per_pass=7)
+    assert torch.equal(whole[0], passes[0]) and torch.equal(whole[1], passes[1])

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import (
+    MAX_STORED_ELEMENTS,
     FormatError,
     SparseWeight,
     cast_finite,
@@ -115,11 +116,28 @@ def _bank_major(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return locations[order], slots[order]
 
 
-def bank_ordered_words(bits: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def bank_ordered_words(bits: torch.Tensor, keep: torch.Tensor,
+                       tiles_per_pass: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """(words, offsets) of tiles given densely, in layout version 2 (module docstring): `bits`
     (tiles, 8192) the value bits (int16, or int32 for fp32) at each location, `keep` which are
     non-zeros. Each tile's words in round-robin order over the banks, placed for the scatter, then
-    padded with sentinels. Dense per tile rather than sorted: a few passes over the tiles."""
+    padded with sentinels. Dense per tile rather than sorted: a few passes over the tiles, done
+    `tiles_per_pass` tiles at a time, so the temporaries stay ~20 bytes per element of one pass
+    (~0.7 GB) however large the layer (an OPT-175B layer built on the GPU holds 74k tiles)."""
+    if keep.shape[0] > tiles_per_pass:
+        parts = [_bank_ordered_pass(bits[t : t + tiles_per_pass], keep[t : t + tiles_per_pass])
+                 for t in range(0, keep.shape[0], tiles_per_pass)]
+        sizes = [int(w.numel()) for w, _ in parts]
+        if sum(sizes) > MAX_STORED_ELEMENTS:
+            raise ValueError(f"the weight stores {sum(sizes)} words, more than int32 offsets can index "
+                             f"({MAX_STORED_ELEMENTS}); split the layer")
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        offsets = torch.cat([parts[0][1][:1]] + [o[1:] + start for (_, o), start in zip(parts, starts)])
+        return torch.cat([w for w, _ in parts]), offsets
+    return _bank_ordered_pass(bits, keep)
+
+
+def _bank_ordered_pass(bits: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     tiles, device = keep.shape[0], keep.device
     locations, slots = _bank_major(device)
     keep_bm = keep[:, locations].view(tiles, BANKS, PER_BANK)
