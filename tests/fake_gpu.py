@@ -47,7 +47,7 @@ class Launch:
 @dataclass
 class FakeGPU:
     launches: list[Launch] = field(default_factory=list)
-    compiled: dict[int, tuple[str, dict[str, int], torch.dtype]] = field(default_factory=dict)
+    compiled: dict[int, tuple[tuple, launch.CompiledKernel]] = field(default_factory=dict)  # func -> (variant, kernel)
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     # launch.get_kernel
