@@ -32,7 +32,11 @@ import torch.nn.functional as F
 
 def fake_gpu_for_host_timing():
     """Install the tests' fake GPU, its launches doing nothing: only the host side is timed."""
-    import pytest
+    try:
+        import pytest
+    except ImportError:
+        sys.exit("without a GPU this script runs on the tests' fake GPU, which needs pytest: "
+                 "pip install -e '.[test]'")
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     import fake_gpu
