@@ -83,6 +83,11 @@ set -uo pipefail
 # then OPT-66B and OPT-175B at 80% on one GPU (--big, batch 1/8, 32 new tokens; OPT-175B needs an
 # H200); no GPU tests, no sanitizers. Rows are printed and written to the CSV as they come, so a
 # run cut short still reports the models it reached.
+# DEVICE_CHECK_PRESET=validate: what the twelfth session changed without a GPU, in one call (~8-9
+# minutes, cut at 560 s: give the call a 600 s timeout): the GPU tests and both sanitizers (Tiled-CSL
+# layout 2's product and expansion kernels, the kept launch plans), the expansion kernels timed
+# (5d), the host time per eager call with real launches (5f), and the all-layer sweep (N 1/8/16/32,
+# 50-90%, bitmap and Tiled-CSL against cuBLAS) to set beside the eleventh session's.
 # DEVICE_CHECK_PRESET=tune: one call that tunes the shape classes configs.TUNED has no entry for
 # (one layer each, Llama-2-7B's first: attention 4096 x 4096, down_proj 4096 x 11008; then OPT-30B
 # qkv and out, OPT-66B fc2, Llama-3-70B gate_up, OPT-66B fc1) at N 16/1/8/32 and 50/80%, its
@@ -111,8 +116,12 @@ elif [ "${DEVICE_CHECK_PRESET:-}" = "e2e" ]; then
   : "${DEVICE_CHECK_E2E:=1}" "${E2E_MODELS:=llama-2-7b,llama-2-13b,opt-30b}" "${E2E_SPARSITIES:=0.5,0.7,0.8}"
   : "${E2E_BATCH:=1,8,16,32}" "${E2E_NEW_TOKENS:=256}" "${E2E_LIMIT:=360}" "${E2E_BIG:=1}" "${E2E_BIG_LIMIT:=150}"
   : "${DEVICE_CHECK_DEADLINE:=560}"
+elif [ "${DEVICE_CHECK_PRESET:-}" = "validate" ]; then
+  : "${BENCH_SELECT:=--shapes llama-2-7b.up,opt-66b.qkv --n 1,16 --sparsity 0.5,0.8,0.9}" "${BENCH_BASELINES:=cublas}"
+  : "${BENCH_FORMATS:=bitmap,tiled_csl}" "${BENCH_LIMIT:=60}" "${DEVICE_CHECK_SWEEP:=1}" "${SWEEP_LIMIT:=200}"
+  : "${PYTEST_LIMIT:=200}" "${SANITIZER_LIMIT:=60}" "${FORMATS_LIMIT:=30}" "${DEVICE_CHECK_DEADLINE:=560}"
 elif [ -n "${DEVICE_CHECK_PRESET:-}" ]; then
-  echo "unknown DEVICE_CHECK_PRESET=${DEVICE_CHECK_PRESET} (known: diagnose, tune, e2e)"; exit 2
+  echo "unknown DEVICE_CHECK_PRESET=${DEVICE_CHECK_PRESET} (known: diagnose, tune, e2e, validate)"; exit 2
 fi
 
 cd "$(dirname "$0")/.." || exit 2
