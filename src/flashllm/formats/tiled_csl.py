@@ -88,9 +88,13 @@ def from_storage_order(tiles: torch.Tensor, grid: tuple[int, int]) -> torch.Tens
 
 
 def make_words(values: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
-    half, word = _HALF_TYPES[values.dtype]
-    pair = torch.stack([values.view(half), locations.to(half)], dim=1)
-    return pair.view(word).reshape(-1)
+    return _words(values.view(_HALF_TYPES[values.dtype][0]), locations)
+
+
+def _words(bits: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
+    """Words of value bits (int16, or int32 for fp32) in the low half and `fields` in the high."""
+    word = torch.int32 if bits.dtype == torch.int16 else torch.int64
+    return torch.stack([bits, fields.to(bits.dtype)], dim=1).view(word).reshape(-1)
 
 
 def slot_of(locations: torch.Tensor) -> torch.Tensor:
@@ -162,11 +166,10 @@ def _bank_ordered_pass(bits: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Te
     rnd, lane = seq // ROUND, seq % ROUND
     place = torch.where(seq < full, WORD_ALIGN * (ROUND * (rnd // WORD_ALIGN) + lane) + rnd % WORD_ALIGN, seq)
     place += (torch.cumsum(counts, 0) - counts).to(flat.dtype).index_select(0, tile)
-    word = torch.int32 if bits.dtype == torch.int16 else torch.int64
     value_bits = bits.reshape(-1).index_select(0, tile * TILE_ELEMS + locations.index_select(0, within))
-    kept = torch.stack([value_bits, slots.index_select(0, within).to(bits.dtype)], dim=1)
-    nonzero_words = torch.empty(flat.numel(), dtype=word, device=device)
-    nonzero_words[place] = kept.view(word).reshape(-1)
+    kept = _words(value_bits, slots.index_select(0, within))
+    nonzero_words = torch.empty_like(kept)
+    nonzero_words[place] = kept
     sentinel = SENTINEL_SLOT << (8 * bits.element_size())  # value bits 0 in the low half
     return pack_aligned(counts, nonzero_words, WORD_ALIGN, sentinel)
 
