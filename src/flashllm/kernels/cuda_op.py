@@ -64,12 +64,10 @@ class LaunchPlan:
     building the weight object) cost an eager `SparseLinear` call 104-200 µs of Python on a 2-core
     CPU, 1.6-3.1x what it costs now (224 layers in Llama-2-7B; BENCHMARKS.md, twelfth session)."""
 
-    kernel_spec: "CudaKernel"
     cfg: configs.LaunchConfig
     kernel: launch.CompiledKernel
     grid: tuple[int, int, int]
     args: launch.KernelArgs
-    weight_tensors: int
     n: int
     out_features: int
     in_features: int
@@ -89,10 +87,10 @@ class LaunchPlan:
             out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``x2d @ W.T (+ bias)`` into `out` (or a new tensor); x2d is (n, in_features) in the
         planned dtype on the planned device."""
-        n, t = self.n, self.weight_tensors
+        n, t = self.n, len(self.weight_ptrs)
         if x2d.shape != (n, self.in_features):
             raise ValueError(f"this launch is planned for x of shape ({n}, {self.in_features}), got {tuple(x2d.shape)}")
-        self.kernel_spec.check_bias(bias, self.out_features, x2d)
+        CudaKernel.check_bias(bias, self.out_features, x2d)
         y = launch.output_buffer(out, n, self.out_features, x2d)
         xk, ldx, _ = launch.prepare_activations(x2d, self.in_features)
         bias = None if bias is None else bias.contiguous()
@@ -321,7 +319,7 @@ class CudaKernel:
         finalize = None
         if reduce and not cfg.fixup:  # a finalize launch rounds the workspace (and rezeroes it)
             finalize = launch.splitk_finalize(n, out_features, dtype, device, rezero=cfg.rezero)
-        return LaunchPlan(self, cfg, kernel, grid, args, len(tensors), n, out_features, in_features,
+        return LaunchPlan(cfg, kernel, grid, args, n, out_features, in_features,
                           reduce, kept, blocks_m * blocks_n, finalize, tuple(t.data_ptr() for t in tensors))
 
     def first_use_problem(self, cfg: Optional[configs.LaunchConfig], dtype: torch.dtype,
