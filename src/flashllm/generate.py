@@ -134,7 +134,7 @@ def generate_text(
         torch.cuda.synchronize(device)
     end = time.perf_counter()
     new = out[0, inputs.input_ids.shape[1]:]
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss_bytes()
+    peak, memory_kind = _peak_memory(device)
     return GenerationResult(
         text=tokenizer.decode(new, skip_special_tokens=True),
         prompt_tokens=inputs.input_ids.shape[1],
@@ -143,8 +143,15 @@ def generate_text(
         first_token_seconds=(clock.times[0] - start) if clock.times else end - start,
         weight_bytes=weight_bytes(model),
         peak_memory_bytes=peak,
-        memory_kind="GPU allocated" if device.type == "cuda" else "process RSS",
+        memory_kind=memory_kind,
     )
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    """The peak memory since the last reset, and what it counts."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "GPU allocated"
+    return _peak_rss_bytes(), "process RSS"
 
 
 def _stop_ids(model: nn.Module, tokenizer) -> list[int]:
@@ -170,7 +177,7 @@ def _generate_static(model: nn.Module, tokenizer, input_ids: torch.Tensor, max_n
     # What `generate` returns: up to and including the first stop token.
     hits = torch.isin(new, torch.tensor(stops, device=new.device)).nonzero() if stops else []
     count = int(hits[0]) + 1 if len(hits) else new.numel()
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss_bytes()
+    peak, memory_kind = _peak_memory(device)
     # Steps past the stop token (at most the decoder's check interval) are timed but not counted:
     # the reported tokens/s errs low, never high.
     return GenerationResult(
@@ -181,7 +188,7 @@ def _generate_static(model: nn.Module, tokenizer, input_ids: torch.Tensor, max_n
         first_token_seconds=result.prefill_seconds,
         weight_bytes=weight_bytes(model),
         peak_memory_bytes=peak,
-        memory_kind="GPU allocated" if device.type == "cuda" else "process RSS",
+        memory_kind=memory_kind,
     )
 
 
