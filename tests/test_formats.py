@@ -295,8 +295,9 @@ def test_csl_words_decode_the_same_in_any_order_within_a_tile():
 def test_csl_slots_are_swizzled_byte_offsets_ordered_for_conflict_free_stores():
     # The kernels store each value at the byte its word gives in a shared tile whose 16-byte chunks
     # are swizzled by row, and a warp's store c writes words 4 (32 b + l) + c of lanes l: in every
-    # full group of 128 words each such store hits 32 different banks.
-    w = random_sparse(128, 64, 0.5, torch.float16)
+    # full group of 128 words each such store hits 32 different banks. A fixed weight: how many
+    # rounds every bank fills depends on the draw (its rarest bank's count, 99-114 over seeds).
+    w = random_sparse(128, 64, 0.5, torch.float16, generator=torch.Generator().manual_seed(0))
     c = TiledCSLWeight.from_dense(w)
     values, slots = tiled_csl.split_words(c.words, torch.float16)
     rows, cols = torch.nonzero(w, as_tuple=True)
