@@ -29,6 +29,39 @@ def test_static_decoder_matches_generate(arch, sparse):
     assert first.prefill_seconds > 0 and first.decode_tokens_per_second > 0
 
 
+@pytest.mark.parametrize("arch", list(MODELS))
+@pytest.mark.parametrize("sparse", [False, True])
+def test_decode_step_never_waits_for_the_device(arch, sparse):
+    # What a CUDA graph capture needs, checked on the CPU: OPT's decode step read the static
+    # cache's length back to the host every step until the decoder passed its own attention mask,
+    # and its capture failed on an H200 (thirteenth session).
+    model = build(arch)
+    prune_(model, 0.5, progress=False)
+    if sparse:
+        sparsify_(model, progress=False)
+    decoder = StaticDecoder(model, batch_size=2, max_length=16)
+    decoder.generate(torch.randint(0, VOCAB, (2, 5)), 3)
+    assert decoder.host_syncs() == []
+
+
+class _ReadsBackALength(torch.nn.Module):
+    """A model whose forward turns a device tensor into a Python number, as OPT's did."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config = model, model.config
+
+    def forward(self, ids, *, attention_mask, **kwargs):
+        length = int(attention_mask.sum())
+        return self.inner(ids, attention_mask=attention_mask[:, :length], **kwargs)
+
+
+def test_host_syncs_names_the_op_and_its_caller():
+    decoder = StaticDecoder(_ReadsBackALength(build("llama")), batch_size=1, max_length=12)
+    found = decoder.host_syncs()
+    assert len(found) == 1 and "_local_scalar_dense" in found[0] and "test_decode.py" in found[0], found
+
+
 def test_static_decoder_bad_input():
     model = build("llama")
     decoder = StaticDecoder(model, batch_size=2, max_length=16)
@@ -82,6 +115,34 @@ def test_cuda_graph_decode_matches_eager(fmt, cuda_kernels):
     result = graphed.generate(ids, 12)
     assert result.cuda_graph, result.notes
     assert torch.equal(result.tokens, eager.tokens)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/device_check.sh runs it)")
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_cuda_graph_decode_of_every_architecture_matches_eager(arch):
+    model = build(arch, torch.float16).cuda()
+    prune_(model, 0.5, progress=False)
+    sparsify_(model, progress=False)
+    ids = torch.randint(0, VOCAB, (2, 7), device="cuda")
+    eager = StaticDecoder(model, 2, 32, cuda_graph=False).generate(ids, 12)
+    result = StaticDecoder(model, 2, 32, cuda_graph=True).generate(ids, 12)
+    assert result.cuda_graph, result.notes
+    assert torch.equal(result.tokens, eager.tokens)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/device_check.sh runs it)")
+def test_a_step_that_waits_for_the_device_is_not_captured_and_decodes_eagerly():
+    # A failed capture left torch's CUDA generator in capture state: the next `torch.randint` on
+    # the GPU raised. The decoder must see the sync first and not try.
+    model = _ReadsBackALength(build("llama", torch.float16).cuda())
+    with pytest.warns(UserWarning, match="not captured"):
+        decoder = StaticDecoder(model, 1, 32, cuda_graph=True)
+    ids = torch.randint(0, VOCAB, (1, 5), device="cuda")
+    result = decoder.generate(ids, 6)
+    assert not result.cuda_graph and "_local_scalar_dense" in result.notes[0]
+    assert torch.equal(result.tokens, StaticDecoder(model, 1, 32, cuda_graph=False).generate(ids, 6).tokens)
 
 
 @pytest.mark.slow  # the first compile of a decode step: ~40 s on a 2-core CPU

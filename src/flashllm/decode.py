@@ -19,13 +19,16 @@ it; prefill stays eager (its length varies). The first step then compiles (tens 
 from __future__ import annotations
 
 import inspect
+import os
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @dataclass
@@ -51,12 +54,39 @@ def _cache_keyword(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _logits_fn(model: nn.Module, cache, cache_kw: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The decode step's forward: the next-token logits of `ids` at `positions`, `cache` updated."""
+def _logits_fn(model: nn.Module, cache, cache_kw: str,
+               attention_mask: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The decode step's forward: the next-token logits of `ids` at `positions`, `cache` updated.
+
+    `attention_mask` is all ones over the cache's length. Without one, OPT builds its own from the
+    cache's length, a device tensor in a static cache, read back to the host (`.item()`) every step:
+    a CUDA graph cannot capture that (OPT-30B on an H200, thirteenth session)."""
     def forward(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        out = model(ids, position_ids=positions, use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+        out = model(ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                    **{cache_kw: cache})
         return out.logits[:, -1]
     return forward
+
+
+class HostSyncs(TorchDispatchMode):
+    """Records the ops run inside it that make the host wait for the device (a tensor read back as a
+    Python number, `nonzero`), each with the innermost caller outside torch. A CUDA graph capture
+    fails on them, and a failed capture left torch's CUDA generator unusable for the rest of the
+    process (the next `torch.randint` raised), so the decoder looks for them before capturing."""
+
+    SYNCING = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.SYNCING:
+            torch_dir = os.path.dirname(torch.__file__)
+            callers = [f for f in traceback.extract_stack() if not f.filename.startswith(torch_dir)]
+            where = f" at {os.path.basename(callers[-2].filename)}:{callers[-2].lineno}" if len(callers) > 1 else ""
+            self.found.append(f"{func}{where}")
+        return func(*args, **(kwargs or {}))
 
 
 def _sync(device: torch.device) -> None:
@@ -82,6 +112,7 @@ class StaticDecoder:
         self.cache_kw = _cache_keyword(model)
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         self.position = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self.attention_mask = torch.ones(batch_size, max_length, dtype=torch.long, device=self.device)
         self.graph = None
         self.notes: list[str] = []
         self.compiled = compiled
@@ -89,7 +120,7 @@ class StaticDecoder:
         # method of itself is a reference cycle, which kept a finished decoder's model (and its GPU
         # memory) alive until Python's cycle collector ran; a benchmark building the next model
         # measured both (BENCHMARKS.md, eleventh session).
-        self._forward = _logits_fn(model, self.cache, self.cache_kw)
+        self._forward = _logits_fn(model, self.cache, self.cache_kw, self.attention_mask)
         self._decode = torch.compile(self._forward, dynamic=False) if compiled else self._forward
         if cuda_graph and self.device.type == "cuda":
             self._capture()
@@ -103,6 +134,13 @@ class StaticDecoder:
         self.cache.reset()
         self.position.zero_()
 
+    @torch.no_grad()
+    def host_syncs(self) -> list[str]:
+        """The host syncs in one eager decode step (it advances the cache: reset it after)."""
+        with HostSyncs() as mode:
+            self._forward(self.token, self.position)
+        return sorted(set(mode.found))
+
     def _capture(self) -> None:
         try:
             # The cache allocates its tensors at first use (and a compiled step compiles); warm up
@@ -113,8 +151,14 @@ class StaticDecoder:
             with torch.cuda.stream(stream):
                 for _ in range(3):
                     self._step()
+                syncs = self.host_syncs()
             torch.cuda.current_stream(self.device).wait_stream(stream)
             self._reset()
+            if syncs:
+                self.notes.append(f"CUDA graph not captured: the decode step waits for the GPU ({', '.join(syncs)}); "
+                                  "decoding eagerly")
+                warnings.warn(self.notes[-1], stacklevel=3)
+                return
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self._step()
