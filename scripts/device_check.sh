@@ -83,11 +83,11 @@ set -uo pipefail
 # then OPT-66B and OPT-175B at 80% on one GPU (--big, batch 1/8, 32 new tokens; OPT-175B needs an
 # H200); no GPU tests, no sanitizers. Rows are printed and written to the CSV as they come, so a
 # run cut short still reports the models it reached.
-# DEVICE_CHECK_PRESET=validate: what the twelfth session changed without a GPU, in one call (~8-9
-# minutes, cut at 560 s: give the call a 600 s timeout): the GPU tests and both sanitizers (Tiled-CSL
-# layout 2's product and expansion kernels, the kept launch plans), the expansion kernels timed
-# (5d), the host time per eager call with real launches (5f), and the all-layer sweep (N 1/8/16/32,
-# 50-90%, bitmap and Tiled-CSL against cuBLAS) to set beside the eleventh session's.
+# DEVICE_CHECK_PRESET=validate: kernels changed without a GPU, checked and timed in one call (~5
+# minutes with prebuilt cubins: 309 s on an H200, thirteenth session; cut at 560 s): the GPU tests
+# and both sanitizers, the expansion kernels timed (5d), the host time per eager call with real
+# launches (5f), and the all-layer sweep (N 1/8/16/32, 50-90%, bitmap and Tiled-CSL against
+# cuBLAS) to set beside the last session's.
 # DEVICE_CHECK_PRESET=tune: one call that tunes the shape classes configs.TUNED has no entry for
 # (one layer each, Llama-2-7B's first: attention 4096 x 4096, down_proj 4096 x 11008; then OPT-30B
 # qkv and out, OPT-66B fc2, Llama-3-70B gate_up, OPT-66B fc1) at N 16/1/8/32 and 50/80%, its
