@@ -96,6 +96,30 @@ def test_spmm_plans_once_per_weight_and_batch(monkeypatch, fmt):
     assert planned == [1, 16, 6]
 
 
+def test_a_weight_packed_under_inference_mode_keeps_its_plan_without_raising(monkeypatch):
+    # An inference tensor has no version counter: reading it raised (and the error was caught) on
+    # every eager call, ~10 µs each; the plan must still be kept and reused.
+    fake_gpu.install(monkeypatch)
+    with torch.inference_mode():
+        dense, weight = random_weight("bitmap", (200, 300), 0.7)
+        planned = record_plans(monkeypatch, weight)
+        raised = []
+        original = torch.Tensor._version
+
+        def version(t):
+            try:
+                return original.__get__(t)
+            except RuntimeError:
+                raised.append(t)
+                raise
+
+        monkeypatch.setattr(torch.Tensor, "_version", property(version))
+        for _ in range(3):
+            x = torch.randn(4, 300).half()
+            check_product(spmm(x, weight), x, dense)
+    assert planned == [4] and raised == []
+
+
 def test_a_changed_weight_or_setting_is_planned_again(monkeypatch):
     gpu = fake_gpu.install(monkeypatch)
     dense, weight = random_weight("bitmap", (128, 640), 0.8)

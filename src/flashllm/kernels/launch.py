@@ -17,6 +17,7 @@ each shape once before capturing: compiling and module loading are not capturabl
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import hashlib
@@ -501,12 +502,27 @@ def get_kernel(source_file: str, kernel_name: str, defines: dict[str, int], dtyp
         return kernel
 
 
+# The raw handle, without the `torch.cuda.Stream` object `current_stream` builds around it (a few
+# µs of every eager launch); what Triton's launcher calls too. Absent from CPU-only builds.
+_raw_current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def current_stream(device: torch.device) -> int:
     """Torch's current stream on `device`, as a CUstream handle; also makes the device's context
     current for the driver calls that follow."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     _state().driver.use_device(index)
+    if _raw_current_stream is not None:
+        return _raw_current_stream(index)
     return torch.cuda.current_stream(device).cuda_stream
+
+
+def on_device(device: torch.device):
+    """`torch.cuda.device(device)`, or no context where `device` is already torch's current device
+    (the usual case: entering and leaving the guard costs every eager launch a few µs)."""
+    if device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ one shape or an unlucky schedule shows: the device script's tests and sanitizers
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -31,7 +30,7 @@ SPLITS = (1, 3, 3)  # 4 K tiles: unsplit, then split-K twice in a row
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, "1") != "0"
+    return configs.getenv(ENV) != "0"
 
 
 def check_weight(kernel: "CudaKernel", cfg: configs.LaunchConfig, dtype: torch.dtype,
