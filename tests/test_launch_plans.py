@@ -246,6 +246,32 @@ def test_prefill_products_expand_the_weight(monkeypatch, fmt):
     torch.testing.assert_close(MODULES[fmt].expand(weight), dense, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("fmt", MODULES)
+def test_a_prefill_plans_its_expansion_once_per_weight(monkeypatch, fmt):
+    gpu = fake_gpu.install(monkeypatch)
+    monkeypatch.setattr(configs, "MAX_FAST_N", 8)
+    planned = []
+    original = cuda_op.CudaKernel.expansion_plan
+
+    def expansion_plan(self, tensors, *rest):
+        planned.append(tensors[0])
+        return original(self, tensors, *rest)
+
+    monkeypatch.setattr(cuda_op.CudaKernel, "expansion_plan", expansion_plan)
+    dense, weight = random_weight(fmt, (70, 136), 0.7)
+    for rows in (12, 30, 12):  # prompts of any length share the expansion
+        x = torch.randn(rows, 136).half()
+        check_product(spmm(x, weight), x, dense)
+    product_plans = [p for p in planned if p is next(iter(weight.tensors().values()))]
+    assert len(product_plans) == 1
+    assert [entry.name for entry in gpu.launches].count(f"flashllm_{fmt}_expand") >= 3
+    # A weight at new addresses (a copy) gets its own plan, which expands its own bytes.
+    dense2, weight2 = random_weight(fmt, (70, 136), 0.7, seed=1)
+    x = torch.randn(12, 136).half()
+    check_product(spmm(x, weight2), x, dense2)
+    check_product(spmm(x, weight), x, dense)
+
+
 def test_a_weight_keeps_its_recently_used_plans_only(monkeypatch):
     fake_gpu.install(monkeypatch)
     monkeypatch.setattr(cuda_op, "KEPT_PLANS", 3)

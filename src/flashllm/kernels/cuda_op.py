@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -113,6 +113,34 @@ class LaunchPlan:
         return y
 
 
+@dataclass(frozen=True, eq=False)
+class ExpansionPlan:
+    """One weight's expansion launch (`CudaKernel.expand`) with everything but the output fixed:
+    what a prefill-sized product pays per layer instead of looking the kernel up, checking the
+    weight and converting its arguments again. Kept on the weight like a `LaunchPlan`."""
+
+    kernel: launch.CompiledKernel
+    grid: tuple[int, int, int]
+    args: launch.KernelArgs
+    out_features: int
+    in_features: int
+    dtype: torch.dtype
+    weight_ptrs: tuple[int, ...]
+    anchor_version: Optional[int] = None
+    n = None  # the plan key's row count: None names the expansion (products are planned per N)
+
+    serves = LaunchPlan.serves
+
+    def run(self, out: Optional[torch.Tensor] = None, device: Optional[torch.device] = None) -> torch.Tensor:
+        """The dense weight, written into `out` (or a new tensor on `device`) on the current stream."""
+        if out is None:
+            out = torch.empty(self.out_features, self.in_features, dtype=self.dtype, device=device)
+        with launch.on_device(out.device):
+            self.kernel.launch(self.grid, self.args, launch.current_stream(out.device),
+                               ((len(self.weight_ptrs), out.data_ptr()),))
+        return out
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -197,12 +225,17 @@ class CudaKernel:
             raise ValueError(f"out must be a contiguous ({out_features}, {in_features}) {dtype} tensor, "
                              f"got {tuple(out.shape)} {out.dtype}")
         self.check_tensors(tensors, out_features, in_features, dtype, out.device, "out")
-        kernel = launch.get_kernel(self.expand_source, f"flashllm_{self.format}_expand", {}, dtype, out.device, 0,
+        return self.expansion_plan(tensors, out_features, in_features, dtype, out.device).run(out)
+
+    def expansion_plan(self, tensors: list[torch.Tensor], out_features: int, in_features: int,
+                       dtype: torch.dtype, device: torch.device) -> ExpansionPlan:
+        """The expansion launch for these weight tensors (checked by the caller), output unset."""
+        kernel = launch.get_kernel(self.expand_source, f"flashllm_{self.format}_expand", {}, dtype, device, 0,
                                    threads=EXPAND_THREADS)
         mt, kt = self.grid(out_features, in_features)
-        params = [*(ptr(t) for t in tensors), ptr(out), i32(out_features), i32(in_features), i32(kt)]
-        kernel.launch((mt * kt, 1, 1), params, launch.current_stream(out.device))
-        return out
+        args = launch.KernelArgs([*(ptr(t) for t in tensors), ptr(None), i32(out_features), i32(in_features), i32(kt)])
+        return ExpansionPlan(kernel, (mt * kt, 1, 1), args, out_features, in_features, dtype,
+                             tuple(t.data_ptr() for t in tensors))
 
     def expand_weight(self, weight, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """`weight.to_dense()` of this format's weight object, by `expand`, into `out` when given."""
@@ -370,8 +403,12 @@ class CudaKernel:
             plan = self._kept_plan(tensors, n, x.dtype, x.device)
             if plan is not None:
                 return plan.run(x2d, bias).reshape(*x.shape[:-1], out_features)
-        if prefill and (self.expand_source is None or not configs.expand_enabled()):
-            return None
+        if prefill:
+            if self.expand_source is None or not configs.expand_enabled():
+                return None
+            plan = self._kept_plan(tensors, None, x.dtype, x.device)
+            if plan is not None:
+                return torch.nn.functional.linear(x, plan.run(device=x.device), bias)
         if torch.cuda.get_device_capability(x.device) < launch.MIN_CAPABILITY:
             return self._decline(f"compute capability {torch.cuda.get_device_capability(x.device)} < 8.0")
         misaligned = any(s.aligned and t.data_ptr() % 16 for s, t in zip(self.tensors, tensors))
@@ -382,7 +419,11 @@ class CudaKernel:
                 problem = self.first_use_problem(None, x.dtype, x.device)
                 if problem:
                     return self._decline(f"its expansion kernel failed the first-use check on this GPU: {problem}")
-                return torch.nn.functional.linear(x, self.expand(tensors, out_features, in_features, x.dtype), bias)
+                self.check_tensors(tensors, out_features, in_features, x.dtype, x.device, "x")
+                plan = self.expansion_plan(tensors, out_features, in_features, x.dtype, x.device)
+                y = torch.nn.functional.linear(x, plan.run(device=x.device), bias)
+                self._keep_plan(tensors, plan, x.dtype, x.device)
+                return y
             cfg = self.launch_config(x2d, tensors, out_features, in_features, bias, None)
             if n == 0:
                 return launch.output_buffer(None, 0, out_features, x2d).reshape(*x.shape[:-1], out_features)
@@ -398,16 +439,17 @@ class CudaKernel:
 
     # Plans live on the weight tensor whose contents decide them (the tile runs that size fitted
     # buffers, else the payload), keyed by what else they depend on, so they die with the weight
-    # and a changed weight (new addresses, runs changed in place) or setting is planned again.
+    # and a changed weight (new addresses, runs changed in place) or setting is planned again. The
+    # expansion's plan (n None) is kept beside the products' plans.
     def _plan_anchor(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         return self.tensor(tensors, self.runs or self.payload)
 
     @staticmethod
-    def _plan_key(n: int, dtype: torch.dtype, device: torch.device) -> tuple:
+    def _plan_key(n: Optional[int], dtype: torch.dtype, device: torch.device) -> tuple:
         return (n, dtype, device, configs.launch_settings(), self_check.enabled())
 
-    def _kept_plan(self, tensors: list[torch.Tensor], n: int, dtype: torch.dtype,
-                   device: torch.device) -> Optional[LaunchPlan]:
+    def _kept_plan(self, tensors: list[torch.Tensor], n: Optional[int], dtype: torch.dtype,
+                   device: torch.device) -> Optional[Union[LaunchPlan, ExpansionPlan]]:
         anchor = self._plan_anchor(tensors)
         plans = getattr(anchor, "_flashllm_plans", None)
         if not plans:
@@ -420,7 +462,7 @@ class CudaKernel:
             plans[key] = plans.pop(key)
         return plan
 
-    def _keep_plan(self, tensors: list[torch.Tensor], plan: LaunchPlan, dtype: torch.dtype,
+    def _keep_plan(self, tensors: list[torch.Tensor], plan: Union[LaunchPlan, ExpansionPlan], dtype: torch.dtype,
                    device: torch.device) -> None:
         """Keep `plan` for the next call, unless it was made while a CUDA graph was being captured
         (its variant then ran unchecked, with full-tile buffers where nothing was cached: the next
