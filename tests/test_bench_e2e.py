@@ -37,6 +37,12 @@ def test_random_pruned_weight_hits_the_sparsity_by_magnitude(dtype, sparsity):
         assert cut * (1 - torch.finfo(dtype).eps) <= smallest < cut * 1.01
 
 
+@pytest.mark.parametrize("sparsity, expected", [(0.7, "bitmap"), (0.8, "tiled_csl")])
+def test_build_model_with_the_auto_format(sparsity, expected):
+    model = e2e.build_model(e2e.make_config("tiny"), sparsity, "auto", torch.float32, torch.device("cpu"))
+    assert {m.weight_format.name for m in model.modules() if isinstance(m, SparseLinear)} == {expected}
+
+
 def test_build_model_refuses_an_nm_pattern():
     with pytest.raises(ValueError, match="fraction of zeros"):
         e2e.build_model(e2e.make_config("tiny"), "2:4", "bitmap", torch.float32, torch.device("cpu"))

@@ -88,6 +88,21 @@ def test_convert_dense_checkpoint_streaming(tmp_path, arch, sparsity):
     assert manifest["compressed_linear_bytes"] < 0.62 * manifest["dense_linear_bytes"]
 
 
+def test_convert_with_the_auto_format_packs_each_layer_by_its_sparsity(tmp_path):
+    dense = build("llama")
+    dense.save_pretrained(tmp_path / "dense")
+    for sparsity, expected in ((0.5, {"bitmap"}), (0.85, {"tiled_csl"})):
+        out = convert_checkpoint(tmp_path / "dense", tmp_path / f"sparse{sparsity}", sparsity, "auto", device="cpu",
+                                 progress=False)
+        assert set(read_manifest(out)["sparse_layers"].values()) == expected
+        loaded = from_pretrained(out, device="cpu", progress=False)
+        pruned = build("llama")
+        pruned.load_state_dict(dense.state_dict())
+        prune_(pruned, sparsity, progress=False)
+        ids = torch.randint(0, VOCAB, (2, 8))
+        assert torch.allclose(logits(loaded, ids), logits(pruned, ids), atol=1e-5)
+
+
 def test_bad_checkpoints(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         from_pretrained(tmp_path / "nope")

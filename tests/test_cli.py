@@ -76,7 +76,17 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
             main(["prune", str(tmp_path), "--out", str(tmp_path / "o"), "--sparsity", "0.5", *bad])
         assert exit_info.value.code == 2
     message = capsys.readouterr().err
-    assert "[0, 1)" in message and "0 < N < M" in message and "unknown format" in message
+    assert "[0, 1)" in message and "0 < N < M" in message and "unknown sparse format 'coo'" in message
+    assert "'auto'" in message  # the choices named include it
+
+
+def test_prune_with_the_auto_format_reports_the_formats_chosen(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "auto"
+    assert main(["prune", str(tiny_model_dir), "--sparsity", "0.85", "--method", "magnitude", "--format", "auto",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    layers = read_manifest(out)["sparse_layers"]
+    assert set(layers.values()) == {"tiled_csl"}
+    assert f"{len(layers)} linear layers -> auto ({len(layers)} tiled_csl): " in capsys.readouterr().out
 
 
 def test_malformed_checkpoint_folder(tmp_path, capsys):

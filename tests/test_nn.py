@@ -134,6 +134,35 @@ def test_from_linear_bad_input():
         SparseLinear.from_linear(lin)
 
 
+def exactly_sparse(rows, cols, sparsity):
+    w = torch.randn(rows, cols)
+    w.view(-1)[torch.randperm(rows * cols)[: round(sparsity * rows * cols)]] = 0
+    return w
+
+
+def test_auto_format_follows_each_layers_sparsity():
+    from flashllm.formats import TILED_CSL_FROM, format_for
+
+    edge = round(TILED_CSL_FROM * 100)  # 100 weights: the threshold's own count of zeros
+    assert format_for("auto", exactly_sparse(10, 10, edge / 100)).name == "tiled_csl"
+    assert format_for("auto", exactly_sparse(10, 10, (edge - 1) / 100)).name == "bitmap"
+    assert format_for("auto", torch.zeros(0, 4)).name == "tiled_csl"  # empty: nothing to choose by, no error
+    assert format_for("bitmap", exactly_sparse(10, 10, 0.95)).name == "bitmap"  # a named format is kept
+    layers = [nn.Linear(64, 64) for _ in range(3)]
+    with torch.no_grad():
+        for lin, sparsity in zip(layers, (0.5, 0.7, 0.9)):
+            lin.weight.copy_(exactly_sparse(64, 64, sparsity))
+    model = nn.Sequential(layers[0], nn.ReLU(), layers[1], nn.ReLU(), layers[2])
+    x = torch.randn(5, 64)
+    ref = model(x)
+    summary = sparsify_(model, "auto", progress=False)
+    assert [model[i].weight_format.name for i in (0, 2, 4)] == ["bitmap", "bitmap", "tiled_csl"]
+    assert summary.format == "auto (2 bitmap, 1 tiled_csl)" and "auto (2 bitmap, 1 tiled_csl)" in str(summary)
+    assert torch.allclose(model(x), ref, atol=1e-5)
+    with pytest.raises(ValueError, match=r"choose one of \['bitmap', 'tiled_csl', 'auto'\]"):
+        format_for("csr", x)
+
+
 def test_sparsify_summary_and_filter():
     model = nn.Sequential(pruned_linear(64, 64, 0.5), nn.ReLU(), pruned_linear(64, 32, 0.9))
     x = torch.randn(5, 64)

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .formats import FORMATS, SparseWeight, get_format
+from .formats import FORMATS, SparseWeight, check_format_name, format_for, get_format
 from .formats.base import HEADER_KEY
 from .layers import dense_weight, is_conv1d, linear_layers, set_submodule
 from .nn import SparseLinear, format_of_header
@@ -373,7 +373,7 @@ def convert_checkpoint(
     if method == "magnitude" and prune_options.get("owl"):
         raise ValueError(NEEDS_CALIBRATION)
     target = parse_sparsity(sparsity)
-    format_cls = get_format(format)
+    check_format_name(format)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = AutoConfig.from_pretrained(str(src))
     skeleton = _empty_model(config, dtype)
@@ -388,7 +388,7 @@ def convert_checkpoint(
             shutil.copy2(src / file, dst / file)
     writer = _ShardWriter(dst, max_shard_bytes)
     summary = PruneSummary(method, str(target))
-    packed = _Packed(format_cls)
+    packed = _Packed(format)
     started = time.perf_counter()
     with ExitStack() as stack:
         tensors = _dense_tensors(src, stack)
@@ -432,14 +432,14 @@ def _loader(tensors: LazyTensors, dtype: Optional[torch.dtype]):
 class _Packed:
     """The layers a conversion packed, and their bytes before and after."""
 
-    def __init__(self, format_cls: type[SparseWeight]):
-        self.format_cls = format_cls
+    def __init__(self, format: str):
+        self.format = format  # a format's name or "auto" (chosen per layer)
         self.layers: dict[str, str] = {}
         self.dense_bytes = self.compressed_bytes = 0
 
     def pack(self, name: str, weight: torch.Tensor) -> SparseWeight:
-        packed = self.format_cls.from_dense(weight)
-        self.layers[name] = self.format_cls.name
+        packed = format_for(self.format, weight).from_dense(weight)
+        self.layers[name] = packed.name
         self.dense_bytes += packed.dense_nbytes
         self.compressed_bytes += packed.nbytes
         return packed
@@ -450,7 +450,7 @@ def _stream_magnitude(tensors, load, linears, target, packed, writer, device, pr
     from .prune.patterns import check_finite_weight
 
     by_weight = {f"{name}.weight": name for name in linears}
-    for key in tqdm(list(tensors), desc=f"converting to {packed.format_cls.name}", disable=not progress):
+    for key in tqdm(list(tensors), desc=f"converting to {packed.format}", disable=not progress):
         if key not in by_weight:
             writer.add(key, load(key))
             continue

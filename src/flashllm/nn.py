@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .formats import FORMATS_BY_CODE, SparseWeight, get_format
+from .formats import AUTO, FORMATS_BY_CODE, SparseWeight, check_format_name, format_for
 from .formats.base import HEADER_KEY, FormatError
 from .kernels import spmm
 from .layers import FilterFn, dense_weight, is_linear, linear_layers, set_submodule
@@ -45,11 +46,13 @@ class SparseLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Module, format: str = "bitmap") -> "SparseLinear":
-        """Pack an `nn.Linear` (or Hugging Face `Conv1D`) whose weight already holds its zeros."""
+        """Pack an `nn.Linear` (or Hugging Face `Conv1D`) whose weight already holds its zeros, in
+        `format` ("auto": by its sparsity, `flashllm.formats.format_for`)."""
         if not is_linear(linear):
             raise TypeError(f"expected nn.Linear or Conv1D, got {type(linear).__name__}")
         with torch.no_grad():
-            weight = get_format(format).from_dense(dense_weight(linear).detach())
+            dense = dense_weight(linear).detach()
+            weight = format_for(format, dense).from_dense(dense)
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(weight, bias)
 
@@ -159,30 +162,42 @@ class SparsifySummary:
         )
 
 
+def format_label(requested: str, chosen: Iterable[str]) -> str:
+    """`requested`, and for "auto" how many layers went to each format: "auto (30 bitmap, 4 tiled_csl)"."""
+    if requested != AUTO:
+        return requested
+    return f"{AUTO} ({', '.join(f'{n} {fmt}' for fmt, n in sorted(Counter(chosen).items()))})"
+
+
 def sparsify_(
     model: nn.Module,
     format: str = "bitmap",
     filter_fn: Optional[FilterFn] = None,
     progress: bool = True,
 ) -> SparsifySummary:
-    """Replace, in place, every linear layer except the LM head by a `SparseLinear` in `format`.
+    """Replace, in place, every linear layer except the LM head by a `SparseLinear` in `format`
+    ("bitmap", "tiled_csl", or "auto": each layer in the format whose GPU kernel is faster at its
+    sparsity, `flashllm.formats.format_for`).
 
     The weights are packed as they are: prune first (`flashllm.prune_`) to put zeros in them.
     `filter_fn(module, qualified_name)` chooses other layers; it must select linear layers only.
     """
-    format_cls = get_format(format)
+    check_format_name(format)
     targets = list(linear_layers(model, filter_fn))
     for name, module in targets:
         if not is_linear(module):
             raise TypeError(f"filter_fn selected {name!r}, a {type(module).__name__}, which is not a linear layer")
-    summary = SparsifySummary(format_cls.name, 0, 0, 0)
-    for name, module in tqdm(targets, desc=f"packing ({format_cls.name})", disable=not progress or not targets):
-        sparse = SparseLinear.from_linear(module, format_cls.name)
+    summary = SparsifySummary(format, 0, 0, 0)
+    chosen = []
+    for name, module in tqdm(targets, desc=f"packing ({format})", disable=not progress or not targets):
+        sparse = SparseLinear.from_linear(module, format)
         set_submodule(model, name, sparse)
         w = sparse.weight_format
+        chosen.append(w.name)
         summary.layers += 1
         summary.dense_bytes += w.dense_nbytes
         summary.compressed_bytes += w.nbytes
+    summary.format = format_label(format, chosen)
     if summary.layers == 0:
         raise ValueError("sparsify_ found no linear layers to convert in the model")
     return summary

@@ -80,7 +80,7 @@ def build_model(config, sparsity: Optional[float], fmt: str, dtype: torch.dtype,
     from transformers import AutoModelForCausalLM
     from tqdm.auto import tqdm
 
-    from ..formats import get_format
+    from ..formats import format_for
     from ..layers import linear_layers, set_submodule
     from ..nn import SparseLinear
     from ..prune.patterns import parse_sparsity
@@ -102,7 +102,7 @@ def build_model(config, sparsity: Optional[float], fmt: str, dtype: torch.dtype,
                 dense.bias = nn.Parameter(bias, requires_grad=False)
             set_submodule(model, name, dense)
         else:
-            set_submodule(model, name, SparseLinear(get_format(fmt).from_dense(weight), bias))
+            set_submodule(model, name, SparseLinear(format_for(fmt, weight).from_dense(weight), bias))
         del weight
     for module in model.modules():
         for pname, param in list(module.named_parameters(recurse=False)):
@@ -243,7 +243,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", default="1,8,16,32")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--format", default="bitmap", help="bitmap or tiled_csl")
+    parser.add_argument("--format", default="bitmap",
+                        help="bitmap, tiled_csl or auto (each layer in the faster format at its sparsity)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--device", help="default: cuda when available")
     parser.add_argument("--no-graphs", action="store_true", help="decode eagerly (no CUDA graphs)")
