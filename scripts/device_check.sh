@@ -45,7 +45,8 @@
 #      instead of the expansion kernels: their effect on the time to first token), into
 #      e2e_no_expand.csv                                                          (~1 min)
 #      E2E_MODELS, E2E_SPARSITIES and E2E_NEW_TOKENS (64) replace its models, sparsities and
-#      tokens per sequence; E2E_BIG=1 adds OPT-66B and OPT-175B at 80% on one GPU (--big,
+#      tokens per sequence, E2E_FORMAT (bitmap) its format (tiled_csl, or auto: each layer by
+#      its sparsity); E2E_BIG=1 adds OPT-66B and OPT-175B at 80% on one GPU (--big,
 #      E2E_BIG_BATCH, e2e_big.csv)
 #      E2E_COMPILE=1 runs every e2e decode step through torch.compile (--compile: the small
 #      kernels outside the linear layers fused, dense and sparse alike; compiles per model and
@@ -466,7 +467,7 @@ if [ "${DEVICE_CHECK_E2E:-0}" = "1" ]; then
   [ "${E2E_COMPILE:-0}" = "1" ] && E2E_FLAGS=(--compile)
   [ "${E2E_COMPILE:-0}" = "both" ] && E2E_FLAGS=(--compile both)
   limited "${E2E_LIMIT:-240}" "$PY" -m flashllm.cli bench e2e --models "${E2E_MODELS:-llama-2-7b}" \
-    --sparsities "${E2E_SPARSITIES:-0.5,0.8}" --batch "${E2E_BATCH:-1,16}" \
+    --sparsities "${E2E_SPARSITIES:-0.5,0.8}" --batch "${E2E_BATCH:-1,16}" --format "${E2E_FORMAT:-bitmap}" \
     --new-tokens "${E2E_NEW_TOKENS:-64}" --predict "${E2E_FLAGS[@]}" --csv "$OUT/e2e.csv" --plot "$OUT/e2e.png" 2>&1 | tee "$OUT/e2e.log" | tail -n 40
   STATUS[e2e]=${PIPESTATUS[0]}
   if [ "${E2E_BIG:-0}" = "1" ]; then  # OPT-66B and OPT-175B at 80% on one GPU, built layer by layer
