@@ -39,7 +39,6 @@ from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterable, Optional
 
 
-
 def getenv(name: str) -> Optional[str]:
     """`os.environ.get(name)`, in a fifth of its time where the variable is unset (the usual case):
     the mapping's `get` raises and catches two KeyErrors for a missing name (~1.5 µs on a 2-core
