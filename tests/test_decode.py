@@ -145,6 +145,27 @@ def test_a_step_that_waits_for_the_device_is_not_captured_and_decodes_eagerly():
     assert torch.equal(result.tokens, StaticDecoder(model, 1, 32, cuda_graph=False).generate(ids, 6).tokens)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/device_check.sh runs it)")
+def test_a_graphed_sampled_decode_draws_what_the_eager_one_draws():
+    # Each replay advances torch's generator as the eager step does, so with one seed the graphed
+    # and the eager decoder draw the same numbers, hence the same tokens.
+    from flashllm.sampling import Sampling
+
+    model = build("llama", torch.float16).cuda()
+    prune_(model, 0.5, progress=False)
+    sparsify_(model, progress=False)
+    ids = torch.randint(0, VOCAB, (2, 7), device="cuda")
+    runs = []
+    for graphs in (False, True, True):
+        decoder = StaticDecoder(model, 2, 32, cuda_graph=graphs, sampling=Sampling(1.2, top_p=0.9))
+        torch.manual_seed(11)
+        runs.append(decoder.generate(ids, 16))
+    assert runs[1].cuda_graph and runs[2].cuda_graph, runs[1].notes
+    assert torch.equal(runs[1].tokens, runs[2].tokens)
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
+
+
 @pytest.mark.slow  # the first compile of a decode step: ~40 s on a 2-core CPU
 def test_compiled_decode_step_matches_eager():
     model = build("llama")

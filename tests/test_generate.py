@@ -67,5 +67,11 @@ def test_static_decoder_path_gives_generates_text_and_stops_at_eos(tiny_model_di
     static = generate_text(model, tokenizer, "def f(x):", max_new_tokens=12, static=True)
     first_stop = int((full == stop).nonzero()[0]) + 1
     assert static.text == hf.text and static.new_tokens == hf.new_tokens == first_stop
-    with pytest.raises(ValueError, match="greedy"):
-        generate_text(model, tokenizer, "x", 3, do_sample=True, static=True)
+    # Sampled, the static path draws from the same filtered softmax (tests/test_sampling.py):
+    # repeatable with its seed.
+    model.generation_config.eos_token_id = None
+    sampled = [generate_text(model, tokenizer, "def f(x):", 12, do_sample=True, temperature=1.5, seed=s,
+                             static=True).text for s in (3, 3)]
+    assert sampled[0] == sampled[1] and sampled[0] != static.text
+    with pytest.raises(ValueError, match="top_p"):
+        generate_text(model, tokenizer, "x", 3, do_sample=True, top_p=0.0, static=False)

@@ -242,8 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
     gen.add_argument("--eager", action="store_true",
-                     help="decode with Hugging Face generate on a GPU too (by default greedy decoding there "
-                          "replays each step as a CUDA graph over a static cache)")
+                     help="decode with Hugging Face generate on a GPU too (by default decoding there, greedy "
+                          "or sampled, replays each step as a CUDA graph over a static cache)")
     _add_device_options(gen)
     gen.set_defaults(func=cmd_generate)
 

@@ -1,4 +1,4 @@
-"""Greedy decoding with a static KV cache, replayed as a CUDA graph on the GPU.
+"""Greedy (or sampled) decoding with a static KV cache, replayed as a CUDA graph on the GPU.
 
 Hugging Face's eager `generate` spends most of a decode step in Python and kernel launches (on an
 H200, 22 ms per Llama-2-7B step where the weights stream in 3 ms), so faster kernels would not
@@ -24,11 +24,13 @@ import time
 import traceback
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from .sampling import Sampling, next_tokens
 
 
 @dataclass
@@ -95,14 +97,16 @@ def _sync(device: torch.device) -> None:
 
 
 class StaticDecoder:
-    """Greedy decoding of `batch_size` sequences of at most `max_length` tokens (prompt included).
+    """Decoding of `batch_size` sequences of at most `max_length` tokens (prompt included): greedy,
+    or with `sampling` (`flashllm.sampling`) drawn from each step's filtered softmax, in the graph
+    too (seed it with `torch.manual_seed` before `generate` for a repeatable run).
 
     Every sequence gets exactly `max_new_tokens` new tokens unless `generate` is given stop tokens,
     so a throughput measurement always times the same work (`flashllm.generate.generate_text`
     passes the end-of-sequence token)."""
 
     def __init__(self, model: nn.Module, batch_size: int, max_length: int, cuda_graph: bool = True,
-                 compiled: bool = False):
+                 compiled: bool = False, sampling: Optional[Sampling] = None):
         from transformers import StaticCache
 
         self.model = model
@@ -116,6 +120,7 @@ class StaticDecoder:
         self.graph = None
         self.notes: list[str] = []
         self.compiled = compiled
+        self.sampling = sampling  # None: greedy
         # A closure over the model and the cache, not a bound method: the decoder holding a bound
         # method of itself is a reference cycle, which kept a finished decoder's model (and its GPU
         # memory) alive until Python's cycle collector ran; a benchmark building the next model
@@ -127,7 +132,7 @@ class StaticDecoder:
 
     @torch.no_grad()
     def _step(self) -> None:
-        self.token.copy_(self._decode(self.token, self.position).argmax(dim=-1, keepdim=True))
+        self.token.copy_(next_tokens(self._decode(self.token, self.position), self.sampling))
         self.position.add_(1)
 
     def _reset(self) -> None:
@@ -138,7 +143,7 @@ class StaticDecoder:
     def host_syncs(self) -> list[str]:
         """The host syncs in one eager decode step (it advances the cache: reset it after)."""
         with HostSyncs() as mode:
-            self._forward(self.token, self.position)
+            next_tokens(self._forward(self.token, self.position), self.sampling)
         return sorted(set(mode.found))
 
     def _capture(self) -> None:
@@ -174,7 +179,8 @@ class StaticDecoder:
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, stop_token_ids: Sequence[int] = (),
                  check_every: int = 8) -> DecodeResult:
-        """Greedy decoding of `max_new_tokens` per sequence, or fewer with `stop_token_ids`: once
+        """Greedy (or, with `sampling`, sampled) decoding of `max_new_tokens` per sequence, or fewer
+        with `stop_token_ids`: once
         every sequence has produced one of them, decoding ends at the next check (one host sync
         every `check_every` steps, so at most that many steps run past the last stop token; their
         tokens are in `tokens`, which then ends at the last step run)."""
@@ -193,7 +199,7 @@ class StaticDecoder:
         _sync(self.device)
         start = time.perf_counter()
         positions = torch.arange(prompt, device=self.device).unsqueeze(0)
-        self.token.copy_(self._forward(input_ids.to(self.device), positions).argmax(dim=-1, keepdim=True))
+        self.token.copy_(next_tokens(self._forward(input_ids.to(self.device), positions), self.sampling))
         self.position.fill_(prompt)
         out[:, prompt] = self.token[:, 0]
         _sync(self.device)

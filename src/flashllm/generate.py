@@ -1,9 +1,10 @@
 """Text generation, timed: time to first token, tokens/s, memory.
 
-Greedy decoding on a GPU runs `flashllm.decode.StaticDecoder` (a static KV cache, each step one
-CUDA-graph replay), so its tokens/s reflect the model's kernels rather than Python: Hugging Face's
-eager `generate` spends most of a step launching kernels (BENCHMARKS.md). Sampling, and the CPU,
-use `generate`. Both give the same greedy tokens (tests/test_generate.py).
+Decoding on a GPU, greedy or sampled, runs `flashllm.decode.StaticDecoder` (a static KV cache,
+each step one CUDA-graph replay), so its tokens/s reflect the model's kernels rather than Python:
+Hugging Face's eager `generate` spends most of a step launching kernels (BENCHMARKS.md). The CPU
+uses `generate`. Both give the same greedy tokens (tests/test_generate.py); sampled, each draws
+from the same filtered distribution but not the same numbers.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from .nn import SparseLinear
+from .sampling import Sampling
 
 
 @dataclass
@@ -107,19 +109,18 @@ def generate_text(
     static: Optional[bool] = None,
 ) -> GenerationResult:
     """`prompt` continued by `model`. `static` picks the static-cache decoder (CUDA graphs on a
-    GPU; greedy only); by default it runs for greedy decoding on a GPU, `generate` otherwise."""
+    GPU, greedy or sampled); by default it runs on a GPU, Hugging Face `generate` otherwise."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     device = next(model.parameters()).device
     if static is None:
-        static = device.type == "cuda" and not do_sample
-    if static and do_sample:
-        raise ValueError("the static-cache decoder is greedy: sampling needs static=False")
+        static = device.type == "cuda"
+    sampling = Sampling(temperature, top_p) if do_sample else None  # checks them on either path
     text, templated = build_prompt(tokenizer, prompt, chat)
     # A chat template already holds the special tokens.
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not templated).to(device)
     if static:
-        return _generate_static(model, tokenizer, inputs.input_ids, max_new_tokens, device)
+        return _generate_static(model, tokenizer, inputs.input_ids, max_new_tokens, device, sampling, seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(seed)
@@ -162,15 +163,16 @@ def _stop_ids(model: nn.Module, tokenizer) -> list[int]:
 
 
 def _generate_static(model: nn.Module, tokenizer, input_ids: torch.Tensor, max_new_tokens: int,
-                     device: torch.device) -> GenerationResult:
+                     device: torch.device, sampling: Optional[Sampling], seed: int) -> GenerationResult:
     from .decode import StaticDecoder
 
     prompt = input_ids.shape[1]
     # Built, its step captured as a graph, before the clock starts: the times are the prefill and
     # the decoding, as they are for `generate` (whose per-call setup is small).
-    decoder = StaticDecoder(model, 1, prompt + max_new_tokens)
+    decoder = StaticDecoder(model, 1, prompt + max_new_tokens, sampling=sampling)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(seed)  # after the capture's warm-up steps, which draw too
     stops = _stop_ids(model, tokenizer)
     result = decoder.generate(input_ids, max_new_tokens, stop_token_ids=stops)
     new = result.tokens[0, prompt:]
