@@ -124,3 +124,10 @@ def test_device_check_e2e_preset_names_known_models():
     assert models.split(",") and all(m in e2e.CONFIGS for m in models.split(","))
     (sparsities,) = re.findall(r'"\$\{E2E_SPARSITIES:=([^}]*)\}"', script)
     assert all(0 < float(s) < 1 for s in sparsities.split(","))
+
+
+def test_an_unknown_format_fails_before_any_model_is_built(capsys):
+    assert main(["bench", "e2e", "--models", "tiny", "--format", "csr", "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    assert "unknown sparse format 'csr'" in captured.err and "'auto'" in captured.err
+    assert "building" not in captured.err + captured.out

@@ -173,7 +173,8 @@ def linear_time_ms(model: nn.Module, batch: int, device: torch.device) -> float:
     total = 0.0
     modules = [m for m in model.modules() if isinstance(m, SparseLinear)] + [m for _, m in linear_layers(model)]
     for module in modules:
-        key = (type(module).__name__, module.in_features, module.out_features)
+        # "auto" can pack two layers of one shape in different formats
+        key = (type(module).__name__, getattr(module, "format_cls", None), module.in_features, module.out_features)
         if key not in per_shape:
             x = torch.randn(batch, module.in_features, device=device, dtype=module.weight_dtype
                             if isinstance(module, SparseLinear) else module.weight.dtype)
@@ -282,11 +283,13 @@ def main(args: argparse.Namespace) -> int:
     if args.big:
         plans = [("opt-66b", [0.8]), ("opt-175b", [0.8])]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    from ..formats import check_format_name
     from ..kernels.configs import FORCED_OPTIONS_ENV, forced_options
 
     if args.kernel_options is not None:
         os.environ[FORCED_OPTIONS_ENV] = args.kernel_options
-    forced_options(args.format)  # a misspelt option fails here, not after the models are built
+    check_format_name(args.format)  # a misspelt format or option fails here, not after the models are built
+    forced_options(args.format)
     forced = os.environ.get(FORCED_OPTIONS_ENV, "").strip()
     sparse_label = f"{args.format} [{forced}]" if forced else args.format
     date = datetime.date.today().isoformat()
