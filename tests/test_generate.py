@@ -70,8 +70,14 @@ def test_static_decoder_path_gives_generates_text_and_stops_at_eos(tiny_model_di
     # Sampled, the static path draws from the same filtered softmax (tests/test_sampling.py):
     # repeatable with its seed.
     model.generation_config.eos_token_id = None
+    greedy = generate_text(model, tokenizer, "def f(x):", 12, static=True).text
     sampled = [generate_text(model, tokenizer, "def f(x):", 12, do_sample=True, temperature=1.5, seed=s,
                              static=True).text for s in (3, 3)]
-    assert sampled[0] == sampled[1] and sampled[0] != static.text
+    assert sampled[0] == sampled[1] and sampled[0] != greedy
+    # The model's own top_k applies, as `generate` applies it: top_k 1 samples the argmax.
+    model.generation_config.top_k = 1
+    for path in (True, False):
+        assert generate_text(model, tokenizer, "def f(x):", 12, do_sample=True, temperature=1.5, static=path).text \
+            == greedy
     with pytest.raises(ValueError, match="top_p"):
         generate_text(model, tokenizer, "x", 3, do_sample=True, top_p=0.0, static=False)

@@ -3,11 +3,11 @@ nucleus against Hugging Face's top-p warper, and the decoder's sampled runs."""
 
 import pytest
 import torch
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from flashllm import prune_, sparsify_
 from flashllm.decode import StaticDecoder
-from flashllm.sampling import Sampling, next_tokens, nucleus_logits
+from flashllm.sampling import Sampling, next_tokens, filtered_logits
 from models import VOCAB, build
 
 
@@ -25,13 +25,18 @@ def test_draws_follow_the_tempered_softmax(temperature):
     torch.testing.assert_close(frequencies(draws, 6), expected, rtol=0, atol=6e-3)
 
 
-@pytest.mark.parametrize("top_p", [0.05, 0.3, 0.7, 0.9, 0.999])
+@pytest.mark.parametrize("top_p", [0.05, 0.3, 0.7, 0.9, 0.999, 1.0])
+@pytest.mark.parametrize("top_k", [None, 1, 40, 600])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_the_nucleus_is_hugging_faces(top_p, dtype):
+def test_the_filtering_is_hugging_faces(top_p, top_k, dtype):
     torch.manual_seed(1)
     logits = (torch.randn(64, 500) * 3).to(dtype)
-    ours = nucleus_logits(logits, Sampling(0.8, top_p))
-    theirs = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(0.8)(None, logits.float()))
+    ours = filtered_logits(logits, Sampling(0.8, top_p, top_k))
+    theirs = TemperatureLogitsWarper(0.8)(None, logits.float())
+    if top_k is not None:
+        theirs = TopKLogitsWarper(top_k)(None, theirs)
+    if top_p < 1:
+        theirs = TopPLogitsWarper(top_p)(None, theirs)
     # Half-precision logits tie; which of the tokens tied at the nucleus's edge stay is the sort's
     # choice in both: they may differ there and nowhere else.
     edge = theirs.masked_fill(theirs.isinf(), float("inf")).amin(dim=-1, keepdim=True)
@@ -58,7 +63,7 @@ def test_greedy_is_the_argmax_and_bad_settings_are_refused():
     assert torch.equal(next_tokens(logits), logits.argmax(-1, keepdim=True))
     assert torch.equal(next_tokens(logits, Sampling(1e-6)), logits.argmax(-1, keepdim=True))
     for bad, match in (({"temperature": 0}, "temperature"), ({"temperature": float("nan")}, "temperature"),
-                       ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p")):
+                       ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": 0}, "top_k")):
         with pytest.raises(ValueError, match=match):
             Sampling(**bad)
 

@@ -165,7 +165,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     result = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, do_sample=args.sample,
-                           temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                           temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                            chat=False if args.no_chat else None, static=False if args.eager else None)
     print(result.text)
     device = next(model.parameters()).device
@@ -239,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=0.7)
     gen.add_argument("--top-p", type=float, default=0.9)
+    gen.add_argument("--top-k", type=int, default=None, help="default: the model's generation config (none: off)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
     gen.add_argument("--eager", action="store_true",

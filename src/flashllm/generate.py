@@ -104,18 +104,24 @@ def generate_text(
     do_sample: bool = False,
     temperature: float = 0.7,
     top_p: float = 0.9,
+    top_k: Optional[int] = None,
     seed: int = 0,
     chat: Optional[bool] = None,
     static: Optional[bool] = None,
 ) -> GenerationResult:
     """`prompt` continued by `model`. `static` picks the static-cache decoder (CUDA graphs on a
-    GPU, greedy or sampled); by default it runs on a GPU, Hugging Face `generate` otherwise."""
+    GPU, greedy or sampled); by default it runs on a GPU, Hugging Face `generate` otherwise.
+    Sampling takes `temperature`, `top_p` and `top_k` (None: the model's generation config's, as
+    `generate` would), the same on both paths."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     device = next(model.parameters()).device
     if static is None:
         static = device.type == "cuda"
-    sampling = Sampling(temperature, top_p) if do_sample else None  # checks them on either path
+    if top_k is None:
+        top_k = getattr(getattr(model, "generation_config", None), "top_k", None)
+    # Checked on either path; top_k 0 is off, as in `generate`.
+    sampling = Sampling(temperature, top_p, top_k or None) if do_sample else None
     text, templated = build_prompt(tokenizer, prompt, chat)
     # A chat template already holds the special tokens.
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not templated).to(device)
@@ -125,7 +131,8 @@ def generate_text(
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(seed)
     clock = _StepClock(device)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
+    sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample
+                else {"do_sample": False})
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     start = time.perf_counter()
     out = model.generate(

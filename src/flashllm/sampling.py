@@ -18,22 +18,29 @@ import torch
 
 @dataclass(frozen=True)
 class Sampling:
-    """Sampling settings: `temperature` > 0 divides the logits; `top_p` in (0, 1] keeps the
-    smallest set of most likely tokens whose probabilities sum to at least `top_p`."""
+    """Sampling settings, applied in Hugging Face's order: `temperature` > 0 divides the logits,
+    `top_k` (None: off) keeps the k most likely tokens, `top_p` in (0, 1] then keeps the smallest
+    set of most likely tokens whose probabilities sum to at least `top_p`."""
 
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: Optional[int] = None
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be at least 1 (or None), got {self.top_k}")
 
 
-def nucleus_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """`logits` (float32) divided by the temperature, -inf outside the top-p nucleus."""
+def filtered_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """`logits` (float32) divided by the temperature, -inf outside the top-k and the top-p nucleus."""
     scaled = logits.float() / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < scaled.shape[-1]:
+        kth = scaled.topk(sampling.top_k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     if sampling.top_p >= 1:
         return scaled
     ordered, order = scaled.sort(dim=-1, descending=True)
@@ -49,7 +56,7 @@ def next_tokens(logits: torch.Tensor, sampling: Optional[Sampling] = None) -> to
     `sampling` a draw from the filtered softmax."""
     if sampling is None:
         return logits.argmax(dim=-1, keepdim=True)
-    filtered = nucleus_logits(logits, sampling)
+    filtered = filtered_logits(logits, sampling)
     uniform = torch.rand(filtered.shape, device=filtered.device)
     # -log(-log(u)): Gumbel noise; u = 0 gives -inf (never chosen), and rand never returns 1.
     return (filtered - torch.log(-torch.log(uniform))).argmax(dim=-1, keepdim=True)
