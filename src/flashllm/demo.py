@@ -95,9 +95,9 @@ def run_demo(args: argparse.Namespace) -> dict:
     if device.type != "cuda":
         _say("\nOn the CPU there is no fast sparse kernel: each layer is expanded to dense on every call, so\n"
              "the sparse model decodes slower than the dense one here. On NVIDIA GPUs CUDA kernels read\n"
-             "the compressed bytes directly; measured on an H200, Llama-2-7B pruned to 50% (80%) decoded at\n"
-             "0.93-0.94x (0.99-1.00x) of dense speed in 0.56x (0.26x) of its linear-layer memory\n"
-             "(BENCHMARKS.md).")
+             "the compressed bytes directly; measured on an H200 at batch 1-16, Llama-2-7B pruned to 50%\n"
+             "(80%) decoded at 0.93-0.95x (1.00-1.02x) of dense speed in 0.56x (0.26x) of its linear-layer\n"
+             "memory (BENCHMARKS.md).")
     _say(f"\nDone in {time.perf_counter() - started:.0f} s.")
     return {"dense_ppl": dense_ppl, "sparse_ppl": sparse_ppl, "dense_linear_bytes": dense_linear,
             "compressed_linear_bytes": packed.compressed_bytes, "checkpoint_bytes": checkpoint_bytes,
