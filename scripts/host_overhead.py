@@ -15,7 +15,10 @@ computation switched off), so the sparse rows are the same Python with the drive
 and ``F.linear`` is a CPU matmul. Wall clock, median of `--repeats` runs of `--calls` calls each,
 synchronized once per run.
 
-    python scripts/host_overhead.py [--shape 512x512] [--n 1,16,128] [--sparsity 0.8]
+    python scripts/host_overhead.py [--shape 512x512] [--n 1,16,128,512] [--sparsity 0.8]
+
+N above FLASHLLM_KERNEL_MAX_N (256) is a prefill-sized product: `SparseLinear` and `spmm` expand the
+weight (the kept expansion plan) and multiply densely, while `kernel.run` still runs the fused kernel.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def per_call_us(fn, calls: int, repeats: int, sync) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="512x512", help="out x in features of the layer")
-    parser.add_argument("--n", default="1,16,128", help="activation rows per call")
+    parser.add_argument("--n", default="1,16,128,512", help="activation rows per call")
     parser.add_argument("--sparsity", type=float, default=0.8)
     parser.add_argument("--formats", default="bitmap,tiled_csl")
     parser.add_argument("--calls", type=int, default=200)
