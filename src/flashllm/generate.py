@@ -131,12 +131,12 @@ def generate_text(
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(seed)
     clock = _StepClock(device)
-    sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample
-                else {"do_sample": False})
+    how = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample
+           else {"do_sample": False})
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     start = time.perf_counter()
     out = model.generate(
-        **inputs, max_new_tokens=max_new_tokens, logits_processor=[clock], pad_token_id=pad, **sampling
+        **inputs, max_new_tokens=max_new_tokens, logits_processor=[clock], pad_token_id=pad, **how
     )
     if device.type == "cuda":
         torch.cuda.synchronize(device)

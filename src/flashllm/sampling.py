@@ -3,9 +3,9 @@
 `flashllm.decode.StaticDecoder` replays each decode step as a CUDA graph, so whatever picks the
 next token must run on the device with fixed shapes and never read a value back to the host.
 Sampling here draws by the Gumbel-max trick (the argmax of the logits plus Gumbel noise is a draw
-from their softmax) after the same temperature and nucleus (top-p) filtering as Hugging Face's
-warpers; `torch.rand` inside a captured graph draws fresh numbers at every replay (torch advances
-its generator's offset), and `torch.manual_seed` before decoding makes a run repeatable.
+from their softmax) after the same temperature, top-k and nucleus (top-p) filtering as Hugging
+Face's warpers; `torch.rand` inside a captured graph draws fresh numbers at every replay (torch
+advances its generator's offset), and `torch.manual_seed` before decoding makes a run repeatable.
 """
 
 from __future__ import annotations
