@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from flashllm import prune_, sparsify_
-from flashllm.decode import StaticDecoder
+from flashllm.decode import HostSyncs, StaticDecoder
 from models import MODELS, VOCAB, build
 
 
@@ -43,6 +43,22 @@ class _ReadsBackALength(torch.nn.Module):
     def forward(self, ids, *, attention_mask, **kwargs):
         length = int(attention_mask.sum())
         return self.inner(ids, attention_mask=attention_mask[:, :length], **kwargs)
+
+
+def test_host_syncs_sees_each_kind_of_read_back():
+    x = torch.randn(4, 5)
+    with HostSyncs() as mode:
+        x.sum().item()
+        bool(x.sum() > 0)
+        x[x > 0]  # a size known only to the device
+        x[torch.tensor([0, 2])] = 0  # integer indices: no read back
+        torch.unique(x)
+        torch.equal(x, x)
+        x.repeat_interleave(torch.tensor([1, 2, 1, 1]), dim=0)
+        x.exp().sum(dim=0)  # none of these
+    ops = [found.split(" at ")[0] for found in mode.found]
+    assert ops == ["aten._local_scalar_dense.default"] * 2 + [
+        "aten.index.Tensor", "aten._unique2.default", "aten.equal.default", "aten.repeat_interleave.Tensor"], ops
 
 
 def test_host_syncs_names_the_op_and_its_caller():

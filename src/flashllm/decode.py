@@ -72,18 +72,29 @@ def _logits_fn(model: nn.Module, cache, cache_kw: str,
 
 class HostSyncs(TorchDispatchMode):
     """Records the ops run inside it that make the host wait for the device (a tensor read back as a
-    Python number, `nonzero`), each with the innermost caller outside torch. A CUDA graph capture
+    Python number, `nonzero`, indexing by a boolean mask), each with the innermost caller outside
+    torch. A CUDA graph capture
     fails on them, and a failed capture left torch's CUDA generator unusable for the rest of the
     process (the next `torch.randint` raised), so the decoder looks for them before capturing."""
 
-    SYNCING = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
+    # Ops whose result (a number, or an output's size) the host must read before going on.
+    SYNCING = tuple(getattr(torch.ops.aten, op).default for op in (
+        "_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "_unique2",
+        "unique_consecutive", "unique_dim")) + (torch.ops.aten.repeat_interleave.Tensor,)
+    INDEXING = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default)
 
     def __init__(self) -> None:
         super().__init__()
         self.found: list[str] = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def _waits(self, func, args) -> bool:
         if func in self.SYNCING:
+            return True
+        # Indexing by a boolean mask: the output's size is the mask's count of True.
+        return func in self.INDEXING and any(i is not None and i.dtype == torch.bool for i in args[1])
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self._waits(func, args):
             torch_dir = os.path.dirname(torch.__file__)
             callers = [f for f in traceback.extract_stack() if not f.filename.startswith(torch_dir)]
             where = f" at {os.path.basename(callers[-2].filename)}:{callers[-2].lineno}" if len(callers) > 1 else ""
