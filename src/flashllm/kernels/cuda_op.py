@@ -399,16 +399,13 @@ class CudaKernel:
         # Prefill-sized batches: decode once + dense GEMM is the faster plan, by the expansion
         # kernel where there is one (and it is on), else by the reference path.
         prefill = n > configs.MAX_FAST_N
-        if not prefill and n > 0:
-            plan = self._kept_plan(tensors, n, x.dtype, x.device)
-            if plan is not None:
-                return plan.run(x2d, bias).reshape(*x.shape[:-1], out_features)
-        if prefill:
-            if self.expand_source is None or not configs.expand_enabled():
-                return None
-            plan = self._kept_plan(tensors, None, x.dtype, x.device)
-            if plan is not None:
-                return torch.nn.functional.linear(x, plan.run(device=x.device), bias)
+        if prefill and (self.expand_source is None or not configs.expand_enabled()):
+            return None
+        plan = self._kept_plan(tensors, None if prefill else n, x.dtype, x.device) if n > 0 else None
+        if isinstance(plan, ExpansionPlan):
+            return torch.nn.functional.linear(x, plan.run(device=x.device), bias)
+        if plan is not None:
+            return plan.run(x2d, bias).reshape(*x.shape[:-1], out_features)
         if torch.cuda.get_device_capability(x.device) < launch.MIN_CAPABILITY:
             return self._decline(f"compute capability {torch.cuda.get_device_capability(x.device)} < 8.0")
         misaligned = any(s.aligned and t.data_ptr() % 16 for s, t in zip(self.tensors, tensors))
