@@ -189,7 +189,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
             raise ValueError(f"{file} is malformed: '{key}' is missing or not an object")
     for name, version in manifest["format_versions"].items():
         cls = get_format(name)
-        if version != cls.version and version not in cls.upgradable_versions:
+        if not cls.reads_version(version):
             raise ValueError(
                 f"{folder} stores {name} layout version {version}; this flashllm ({__version__}) reads "
                 f"version {cls.version}. Re-convert it from the dense checkpoint."

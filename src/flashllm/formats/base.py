@@ -157,6 +157,11 @@ class SparseWeight:
         raise NotImplementedError
 
     @classmethod
+    def reads_version(cls, version: int) -> bool:
+        """Whether data stored in layout `version` can be read (as is, or by `upgrade_state`)."""
+        return version == cls.version or version in cls.upgradable_versions
+
+    @classmethod
     def upgrade_state(cls, version: int, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The tensors of `state`, stored in layout `version` (one of `upgradable_versions`), in
         this version's layout."""
@@ -233,7 +238,7 @@ def read_header(state: dict[str, torch.Tensor], cls: type[SparseWeight]) -> tupl
     code, version, rows, cols, dtype_code = (int(v) for v in header.tolist())
     if code != cls.format_code:
         raise FormatError(f"data holds format code {code}, not {cls.name} ({cls.format_code})")
-    if version != cls.version and version not in cls.upgradable_versions:
+    if not cls.reads_version(version):
         raise FormatError(
             f"{cls.name} layout version {version} cannot be read by this flashllm, which reads "
             f"version {cls.version}; re-pack the weight from its dense or pruned checkpoint"
