@@ -397,6 +397,92 @@ def test_tiled_csl_kernel_emulated(dtype, m, k, n, sparsity, plan, gen):
     _reference_check(y, writes, x, w, bias, len(E.split_ranges(-(-k // 64), plan.split_k)))
 
 
+def test_tiled_csl_core_words_find_their_row_and_activation():
+    # Every location of a tile, the sentinel and a corrupt slot: the CUDA-core path's row (the slot
+    # rounded down to 128 bytes, masked to the tile) and activation (byte slot & 0x3fe of the 8
+    # swizzled row copies) must be the location's own row and column.
+    from flashllm.formats.tiled_csl import slot_of
+
+    loc = torch.arange(8192)
+    row = torch.arange(64) + 1  # column c's activation: the float16 bits c + 1 (tiny subnormals, all distinct)
+    words = torch.cat([slot_of(loc) << 16 | 0x3C00, torch.tensor([(2 * 8192) << 16, 65534 << 16 | 0x3C00])])
+    rows, terms = E.tiled_csl_core_terms(words, E.row_copies(row), torch.float16)
+    expected_x = (row[loc % 64]).to(torch.int16).view(torch.float16).to(torch.float32)  # value 1.0 (0x3c00)
+    assert torch.equal(rows[:8192], loc // 64) and torch.equal(terms[:8192], expected_x)
+    assert rows[8192:].tolist() == [0, 127] and terms[8192] == 0  # the sentinel adds its zero to row 0
+    # the stager: thread t copies chunk t of the copies from the row's chunk (t % 8) ^ (t / 8)
+    copies = E.row_copies(row)
+    for t in range(64):
+        src = ((t & 7) ^ ((t >> 3) & 7)) * 8
+        assert torch.equal(copies[8 * t : 8 * t + 8], row[src : src + 8])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,sparsity,split_k", [
+    (200, 300, 0.8, 1), (200, 300, 0.5, 3), (130, 70, 0.95, 1), (129, 129, 0.0, 2), (64, 64, 1.0, 1),
+    (300, 1000, 0.9, 4),
+])
+def test_tiled_csl_cuda_core_path_emulated(dtype, m, k, sparsity, split_k, gen):
+    w = pruned(m, k, sparsity, dtype, gen)
+    x = torch.randn(1, k, generator=gen).to(dtype)
+    bias = torch.randn(m, generator=gen).to(dtype) if split_k % 2 else None
+    plan = E.Plan(nrows=8, split_k=split_k, cores=1)
+    y, writes = E.tiled_csl_kernel(x, TiledCSLWeight.from_dense(w), bias, plan)
+    _reference_check(y, writes, x, w, bias, len(E.split_ranges(-(-k // 64), split_k)))
+    with pytest.raises(ValueError, match="one activation row"):
+        E.tiled_csl_kernel(torch.cat([x, x]), TiledCSLWeight.from_dense(w), bias, plan)
+
+
+def test_cuda_cores_are_a_tiled_csl_compile_option(monkeypatch):
+    on = LaunchConfig(nrows=8, words_per_stage=2048, cores=1).validate("tiled_csl")
+    warp = replace(on, cores=2).validate("tiled_csl")
+    off = LaunchConfig(nrows=8, words_per_stage=2048)
+    # no dense tiles; the per-lane sums (128 rows x 32 lanes of fp32; one per warp with cores=2) after
+    # the run bounds, 16-byte aligned
+    plain = off.smem_bytes("tiled_csl") - 2 * (8192 + 8) * 2 - 3 * 8 + 32
+    assert on.smem_bytes("tiled_csl") == plain + 128 * 128 and warp.smem_bytes("tiled_csl") == plain + 4 * 128 * 128
+    for cfg in (on, warp):
+        assert cfg.defines("tiled_csl") == {**off.defines("tiled_csl"), "FLASHLLM_CORES": cfg.cores,
+                                            "FLASHLLM_SMEM_BYTES": cfg.smem_bytes("tiled_csl")}
+    assert replace(on, stages=2).validate("tiled_csl").stages == 2  # no tile scattered ahead: 2 stages suffice
+    assert configs.unvalidated_options(on) == (["cores"] if "cores" in configs.UNVALIDATED else [])
+    assert configs.unvalidated_options(warp) == (["cores_warp"] if "cores_warp" in configs.UNVALIDATED else [])
+    assert configs.parse_options("tiled_csl", ["cores"]) == {"cores": 1}
+    assert configs.parse_options("tiled_csl", ["cores_warp", "stages6"]) == {"cores": 2, "stages": 6}
+    # forced on any launch it brings its geometry; refused where it cannot run
+    forced = configs.with_options(LaunchConfig(nrows=32, words_per_stage=1024, warps=8, dense_tiles=1),
+                                  {"cores": 1}, "tiled_csl")
+    assert (forced.nrows, forced.warps, forced.dense_tiles, forced.words_per_stage) == (8, 4, 2, 1024)
+    for bad, why in ((dict(nrows=16), "runs nrows=8, 4 warps"), (dict(warps=8), "runs nrows=8, 4 warps"),
+                     (dict(dense_tiles=1), "no dense tile"), (dict(cores=3), "cores must be one of")):
+        with pytest.raises(ValueError, match=why):
+            replace(on, **bad).validate("tiled_csl")
+    with pytest.raises(ValueError, match="cores. is a Tiled-CSL option"):
+        LaunchConfig(nrows=8, cores=1).validate("bitmap")
+    # tuning offers both at N = 1 only; the checked variants cover their code shapes
+    offered = {c.cores for c in configs.candidates("tiled_csl", 1, 0.9, unvalidated=True)}
+    assert offered == {0, 1, 2}
+    assert not any(c.cores for c in configs.candidates("tiled_csl", 16, 0.9, unvalidated=True))
+    assert not any(c.cores for c in configs.candidates("tiled_csl", 1, 0.9)) or "cores" not in configs.UNVALIDATED
+    checked = [c for f, c in configs.checked_variants() if c.cores]
+    assert {c.cores for c in checked} == {1, 2} and all(any(c.fixup for c in checked if c.cores == s) for s in (1, 2))
+    assert any(c.prefetch for c in checked) and {c.stages for c in checked} >= {2, 4, 6}
+    assert {c.words_per_stage for c in checked} >= {1024, 4096}
+    # forced for a whole model: one-row products take it, the others keep their launch
+    monkeypatch.setenv(configs.FORCED_OPTIONS_ENV, "tiled_csl:cores")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert configs.get_config("sm_90", "tiled_csl", 4096, 4096, 1, 0.9).cores
+        wide = configs.get_config("sm_90", "tiled_csl", 4096, 4096, 16, 0.9)
+    assert not wide.cores and wide.nrows == 16
+
+
+def test_the_launcher_refuses_cuda_cores_for_more_than_one_row():
+    cfg = LaunchConfig(nrows=8, words_per_stage=2048, cores=1)
+    with pytest.raises(ValueError, match="multiplies one activation row, got 2"):
+        tiled_csl_cuda.KERNEL.plan(2, torch.float16, torch.device("cpu"), [], 256, 256, cfg)
+
+
 @pytest.mark.parametrize("warps", configs.CSL_WARPS)
 def test_tiled_csl_warps_own_every_row_once(warps):
     # tiled_csl_spmm.cu with WARPS warps: warp w reads rows WARP_ROWS w + 16 h + (q / 2) 8 + lane % 8

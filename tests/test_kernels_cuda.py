@@ -175,6 +175,25 @@ def test_tiled_csl_one_dense_tile(dtype, sparsity, split_k, nrows, stages, words
     check("tiled_csl", 129, 1000, nrows + 3, sparsity, dtype, cfg)
 
 
+@pytest.mark.parametrize("sums", [pytest.param(s, marks=pending_marks(LaunchConfig(nrows=8, cores=s))) for s in (1, 2)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_tiled_csl_cuda_cores(sums, dtype, sparsity, split_k):
+    # One activation row on the CUDA cores (FLASHLLM_CORES, sums shared by the warps or per warp):
+    # odd shapes and K past the last full tile, 2 and 6 stages, 256-word stages so that tiles from
+    # 3% density reload in pieces, many strips, the last-block split-K; at sparsity 0 every warp
+    # adds into every row at once (the compare-and-swap retries). More than one row is refused
+    # before the launch.
+    base = LaunchConfig(nrows=8, stages=3, split_k=split_k, words_per_stage=2048, cores=sums)
+    check("tiled_csl", 200, 300, 1, sparsity, dtype, base)
+    check("tiled_csl", 129, 1000, 1, sparsity, dtype, replace(base, stages=2, words_per_stage=256), with_bias=False)
+    check("tiled_csl", 4000, 777, 1, sparsity, dtype, replace(base, stages=6, words_per_stage=1024))
+    check("tiled_csl", 300, 2000, 1, sparsity, dtype, replace(base, fixup=True, split_k=max(split_k, 2)))
+    with pytest.raises(ValueError, match="multiplies one activation row"):
+        check("tiled_csl", 200, 300, 2, sparsity, dtype, base)
+
+
 @pending(prefetch=4)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -363,9 +382,10 @@ def test_every_bitmap_variant(cfg):
 
 @pytest.mark.parametrize("cfg", _checked("tiled_csl"))
 def test_every_tiled_csl_variant(cfg):
-    for n in {max(1, cfg.nrows - 3), cfg.nrows + 5}:
+    # The CUDA-core path (cores) multiplies one activation row.
+    for n in {1} if cfg.cores else {max(1, cfg.nrows - 3), cfg.nrows + 5}:
         check("tiled_csl", 300, 700, n, 0.7, torch.float16, cfg)
-    check("tiled_csl", 130, 200, cfg.nrows, 0.5, torch.bfloat16, replace(cfg, split_k=2))
+    check("tiled_csl", 130, 200, 1 if cfg.cores else cfg.nrows, 0.5, torch.bfloat16, replace(cfg, split_k=2))
 
 
 @pytest.mark.parametrize("sparsity,words", [(0.0, 256), (0.0, 8192), (0.3, 2048), (0.9, 256)])

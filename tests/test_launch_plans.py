@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -282,3 +283,20 @@ def test_a_weight_keeps_its_recently_used_plans_only(monkeypatch):
     assert [key[0] for key in weight.offsets._flashllm_plans] == [1, 3, 4]
     spmm(torch.randn(2, 64).half(), weight)
     assert planned == [1, 2, 3, 4, 2]
+
+
+def test_forced_cuda_cores_take_the_one_row_products_only(monkeypatch):
+    # FLASHLLM_KERNEL_OPTIONS=tiled_csl:cores_warp on a whole model: decode steps at batch 1 launch
+    # the CUDA-core build, every other batch its configured launch.
+    gpu = fake_gpu.install(monkeypatch)
+    monkeypatch.setenv(configs.FORCED_OPTIONS_ENV, "tiled_csl:cores_warp")
+    dense, weight = random_weight("tiled_csl", (300, 200), 0.8)
+    layer = SparseLinear(weight, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the option is not yet validated on a GPU: it says so
+        for n in (1, 5, 1):
+            gpu.launches.clear()
+            x = torch.randn(n, 200).to(torch.float16)
+            check_product(layer(x), x, dense)
+            product = gpu.of("flashllm_tiled_csl_spmm")[-1]
+            assert product.defines.get("FLASHLLM_CORES") == (2 if n == 1 else None), (n, product.defines)

@@ -272,6 +272,8 @@ def sparse_methods(w: torch.Tensor, x: torch.Tensor, formats: list[str], fast: b
     out = []
     for name in formats:
         fmt, options = parse_format(name)
+        if options.get("cores") and x.shape[0] > 1:  # the CUDA-core path multiplies one row
+            continue
         weight = get_format(fmt).from_dense(w)
         if fast:
             from ..kernels import cuda_module

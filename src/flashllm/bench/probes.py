@@ -112,6 +112,9 @@ def run(args) -> tuple[list[ProbeRow], dict]:
                     weight = get_format(fmt).from_dense(w)
                     tensors = list(weight.tensors().values())
                     cfg = bench.configured_launch(weight, n, options, device)
+                    if cfg.cores:  # the CUDA-core path has no levels to leave out (and no dense tile)
+                        print(f"  {method}: no probe levels for the CUDA-core path", flush=True)
+                        continue
                     floor_ms = weight.nbytes / (env["copy_gbps"] * 1e9) * 1e3
                     measured = []
                     for level, pcfg in probe_configs(fmt, cfg):

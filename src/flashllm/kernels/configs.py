@@ -84,6 +84,9 @@ DECODES = ("fragment", "scatter")
 # Warps per Tiled-CSL block (the bitmap kernel is written for 4): 8 puts twice the warps in flight
 # on the same shared memory, for a kernel that is latency-bound at 3 resident blocks per SM.
 CSL_WARPS = (4, 8)
+# Tiled-CSL's CUDA-core path for one activation row (`LaunchConfig.cores`, FLASHLLM_CORES): where
+# the per-lane fp32 row sums live.
+CORE_SUMS = {0: "off (tensor cores)", 1: "shared by the block's warps", 2: "one array per warp"}
 # Dense shared-memory tiles per Tiled-CSL block (cuda/tiled_csl_spmm.cu, FLASHLLM_DENSE_TILES): 2
 # scatter the next tile while the tensor cores read this one (one barrier per tile, but the tile
 # scattered ahead holds a stage: `stages - 2` tiles in flight); 1 scatters, synchronizes and reads
@@ -139,7 +142,12 @@ MAX_PREFETCH = 16
 #   tiles.
 # What binds the kernel instead (Nsight Compute, same run): the L1/shared-memory pipe (79-84% of
 # its peak, stalls on shared-memory results first) and instruction issue, not DRAM.
-UNVALIDATED: frozenset[str] = frozenset()
+# Compiled and emulated, not yet run on a GPU (twelfth to fourteenth sessions had none):
+# - "cores" and "cores_warp": Tiled-CSL products of one activation row (a decode step at batch 1)
+#   on the CUDA cores from the words, no dense tile (FLASHLLM_CORES in cuda/tiled_csl_spmm.cu): work
+#   per non-zero instead of per element (BENCHMARKS.md, fourteenth session); fp32 sums per lane
+#   shared by the block's warps (compare-and-swap adds), or per warp (plain adds, 4x the memory).
+UNVALIDATED: frozenset[str] = frozenset({"cores", "cores_warp"})
 
 # Shared-memory layout constants, mirrored from the .cu files (the kernels trap if the launch
 # provides less shared memory than they lay out, so a drift shows as an error, not as corruption).
@@ -148,6 +156,7 @@ _BITMAP_MASK_BYTES = 512
 _BITMAP_TILE_BYTES = 64 * 64 * 2
 _BITMAP_RING_BYTES = 16 * 4  # per strip: RING run bounds (offset_ring)
 _CSL_DENSE_BYTES = (8192 + 8) * 2
+_CSL_CORE_SUMS_BYTES = 128 * 32 * 4  # `cores`: per-lane fp32 sums of the tile's 128 rows
 
 
 @dataclass(frozen=True)
@@ -168,6 +177,7 @@ class LaunchConfig:
     rezero: bool = False  # split-K: the finalize launch re-zeroes a kept workspace (no memset per product)
     bulk_copy: bool = False  # bitmap: the weight's bytes by bulk copies (TMA) from sm_90, not cp.async chunks
     tiles_per_stage: int = 1  # bitmap: tiles per pipeline stage (TILES_PER_STAGE), one barrier per stage
+    cores: int = 0  # Tiled-CSL: N = 1 on the CUDA cores from the words, no dense tile (CORE_SUMS; 4 warps, nrows 8)
 
     def validate(self, fmt: str) -> "LaunchConfig":
         if self.nrows not in NROWS:
@@ -181,6 +191,10 @@ class LaunchConfig:
         for flag in ("fixup", "persistent", "offset_ring", "rezero", "bulk_copy"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        if self.cores not in CORE_SUMS:
+            raise ValueError(f"cores must be one of {tuple(CORE_SUMS)} ({CORE_SUMS}), got {self.cores!r}")
+        if self.cores and fmt != "tiled_csl":
+            raise ValueError(f"the CUDA-core path (cores) is a Tiled-CSL option, got {self} for {fmt}")
         if self.bulk_copy and fmt != "bitmap":
             raise ValueError(f"bulk copies of the weight are a bitmap option, got {self} for {fmt}")
         if self.tiles_per_stage not in TILES_PER_STAGE or (self.tiles_per_stage > 1 and fmt != "bitmap"):
@@ -215,10 +229,13 @@ class LaunchConfig:
                 raise ValueError(f"Tiled-CSL warps must be one of {CSL_WARPS}, got {self.warps}")
             if self.dense_tiles not in CSL_DENSE_TILES:
                 raise ValueError(f"Tiled-CSL dense_tiles must be one of {CSL_DENSE_TILES}, got {self.dense_tiles}")
-            low = 3 if self.dense_tiles == 2 else 2  # scattering ahead holds one stage
+            if self.cores and (self.nrows != 8 or self.warps != 4 or self.dense_tiles != 2):
+                raise ValueError(f"the CUDA-core Tiled-CSL path (cores) runs nrows=8, 4 warps and no dense tile "
+                                 f"(dense_tiles left at its default), got {self}")
+            low = 3 if self.dense_tiles == 2 and not self.cores else 2  # scattering ahead holds one stage
             if not low <= self.stages <= 6:
-                raise ValueError(f"Tiled-CSL stages must be {low}..6 with dense_tiles={self.dense_tiles}, "
-                                 f"got {self.stages}")
+                raise ValueError(f"Tiled-CSL stages must be {low}..6 with dense_tiles={self.dense_tiles}"
+                                 f"{' and cores' if self.cores else ''}, got {self.stages}")
             w = self.words_per_stage
             if w % 4 or not 256 <= w <= 8192:
                 raise ValueError(f"Tiled-CSL words_per_stage must be a multiple of 4 in 256..8192, got {w}")
@@ -256,6 +273,8 @@ class LaunchConfig:
                 d["FLASHLLM_WARPS"] = self.warps
             if self.dense_tiles != 2:  # likewise
                 d["FLASHLLM_DENSE_TILES"] = self.dense_tiles
+            if self.cores:  # likewise
+                d["FLASHLLM_CORES"] = int(self.cores)
         return d
 
     @property
@@ -286,6 +305,9 @@ class LaunchConfig:
             flag = 16 if self.persistent and self.fixup else 0  # stream-K's own last-block flag
             return self.stages * self.tiles_per_stage * stage + decode + ring + barriers + flag
         stage = self.words_per_stage * 4 + x_stage
+        if self.cores:  # no dense tile; the per-lane sums (per warp with 2) after the run bounds, 16-aligned
+            arrays = self.warps if self.cores == 2 else 1
+            return self.stages * stage + -(-self.stages * 8 // 16) * 16 + arrays * _CSL_CORE_SUMS_BYTES
         return self.dense_tiles * _CSL_DENSE_BYTES + self.stages * stage + self.stages * 8
 
     def rows_per_block(self, fmt: str) -> int:
@@ -311,6 +333,8 @@ OPTION_SPELLINGS: dict[str, tuple[str, object]] = {
     "rezero": ("rezero", True),
     "bulk": ("bulk_copy", True),
     "tps2": ("tiles_per_stage", 2),
+    "cores": ("cores", 1),
+    "cores_warp": ("cores", 2),
 }
 FORCED_OPTIONS_ENV = "FLASHLLM_KERNEL_OPTIONS"
 _forced: dict[str, dict[str, dict]] = {}
@@ -318,8 +342,8 @@ _forced: dict[str, dict[str, dict]] = {}
 
 def example_config(fmt: str, options: dict) -> LaunchConfig:
     """`options` (LaunchConfig fields) applied to a representative launch of `fmt`: what options
-    are checked on, and what says which pending options they run."""
-    return replace(LaunchConfig(nrows=16, words_per_stage=2048 if fmt == "tiled_csl" else 0), **options)
+    are checked on, and what says which pending options they run. Validated (`with_options`)."""
+    return with_options(LaunchConfig(nrows=16, words_per_stage=2048 if fmt == "tiled_csl" else 0), options, fmt)
 
 
 def parse_options(fmt: str, names: Iterable[str]) -> dict:
@@ -332,7 +356,7 @@ def parse_options(fmt: str, names: Iterable[str]) -> dict:
         field, value = OPTION_SPELLINGS[name]
         options[field] = value
     if options:
-        example_config(fmt, options).validate(fmt)
+        example_config(fmt, options)
     return options
 
 
@@ -390,6 +414,8 @@ KERNEL_OPTIONS: tuple[KernelOption, ...] = (
     KernelOption("rezero", lambda c: c.rezero, ("bitmap:rezero", "tiled_csl:rezero")),
     KernelOption("bulk", lambda c: c.bulk_copy, ("bitmap:bulk",)),
     KernelOption("tps", lambda c: c.tiles_per_stage > 1, ("bitmap:tps2",)),
+    KernelOption("cores", lambda c: c.cores == 1, ("tiled_csl:cores",)),
+    KernelOption("cores_warp", lambda c: c.cores == 2, ("tiled_csl:cores_warp",)),
 )
 OPTION_NAMES = tuple(o.name for o in KERNEL_OPTIONS)
 assert UNVALIDATED <= set(OPTION_NAMES), UNVALIDATED - set(OPTION_NAMES)
@@ -566,9 +592,12 @@ def lookup(arch: str, fmt: str, out_features: int, in_features: int, n: int,
 def with_options(cfg: LaunchConfig, options: dict, fmt: str) -> LaunchConfig:
     """`cfg` with `options` (LaunchConfig fields) forced on it, validated. Stream-K blocks run one
     strip at a time, so forcing `persistent` on a two-strip launch makes it one strip per block
-    (the ninth session's table has two-strip entries; the option used to fail there)."""
+    (the ninth session's table has two-strip entries; the option used to fail there); `cores` brings
+    its one geometry (8 activation rows, 4 warps, no dense tile)."""
     if options.get("persistent") and "strips" not in options:
         options = {**options, "strips": 1}
+    if options.get("cores"):  # the CUDA-core path's one geometry, whatever the launch it is forced on had
+        options = {"nrows": 8, "warps": 4, "dense_tiles": 2, **options}
     return replace(cfg, **options).validate(fmt)
 
 
@@ -585,6 +614,8 @@ def get_config(arch: str, fmt: str, out_features: int, in_features: int, n: int,
             )
         cfg = default_config(fmt, n, sparsity)
     forced = forced_options(fmt)
+    if forced.get("cores") and n > 1:  # the CUDA-core path multiplies one row: other N keep their launch
+        forced = {k: v for k, v in forced.items() if k != "cores"}
     if forced:
         try:
             cfg = with_options(cfg, forced, fmt)
@@ -691,6 +722,14 @@ def candidates(fmt: str, n: int, sparsity: float, unvalidated: bool = False) -> 
             add(replace(base, dense_tiles=tiles, prefetch=4))
         add(replace(base, fixup=True))
         add(replace(base, rezero=True))
+        if n == 1:  # one activation row: the CUDA cores, from the words (no dense tile)
+            core = replace(base, nrows=8, warps=4, dense_tiles=2, cores=1)
+            for stages in (2, 3, 4):
+                for words in (1024, 2048):
+                    add(replace(core, stages=stages, words_per_stage=words))
+            add(replace(core, prefetch=4))
+            for stages, words in ((3, 2048), (4, 2048), (6, 1024)):  # two blocks per SM: deeper pipelines
+                add(replace(core, cores=2, stages=stages, words_per_stage=words))
     return out
 
 
@@ -829,6 +868,11 @@ CHECKED_PERSISTENT = ((8, "fragment", 0, 0, False), (16, "fragment", 0, 0, False
 CHECKED_RING = ((8, 1, 3, "fragment", 0, False), (16, 1, 3, "fragment", 0, False), (16, 2, 3, "fragment", 0, False),
                 (16, 1, 3, "scatter", 0, False), (16, 1, 6, "fragment", 1536, False), (32, 1, 3, "fragment", 0, True),
                 (64, 1, 3, "fragment", 0, False), (128, 1, 3, "fragment", 0, False))
+# Tiled-CSL's CUDA-core path (one activation row): (sums, stages, words per stage, fixup, prefetch),
+# the stages and buffers tuning offers it (`candidates`), the last-block split-K and the L2 prefetch.
+CHECKED_CORES = ((1, 3, 2048, False, 0), (1, 2, 1024, False, 0), (1, 4, 1024, False, 0), (1, 4, 4096, False, 0),
+                 (1, 3, 2048, True, 0), (1, 3, 2048, False, 4), (2, 3, 2048, False, 0), (2, 6, 1024, False, 0),
+                 (2, 3, 2048, True, 0))
 # Bitmap variants with two tiles per stage: (rows, strips, stages, decode, value cap, fixup).
 CHECKED_TPS = ((8, 1, 3, "fragment", 0, False), (16, 1, 2, "fragment", 0, False), (16, 1, 3, "fragment", 1536, False),
                (16, 2, 3, "fragment", 0, False), (16, 1, 3, "scatter", 0, False), (32, 1, 3, "fragment", 1024, False),
@@ -850,9 +894,10 @@ def kernel_source(fmt: str) -> str:
 
 def checked_variants() -> list[tuple[str, LaunchConfig]]:
     """`shipped_variants` plus each with the other bitmap decodes or Tiled-CSL warp counts,
-    bitmap variants with fitted value buffers, one-dense-tile Tiled-CSL blocks, and L2-prefetching
-    and last-block split-K variants of both (what tuning may pick): what scripts/compile_check.sh
-    compiles and the GPU tests run."""
+    bitmap variants with fitted value buffers, one-dense-tile Tiled-CSL blocks, L2-prefetching and
+    last-block split-K variants of both, and the other options' code shapes (down to Tiled-CSL's
+    CUDA-core path): what tuning may pick, what scripts/compile_check.sh compiles and the GPU tests
+    run."""
     out = shipped_variants()
     two_strips = [("bitmap", LaunchConfig(nrows=16, strips=2, decode=d)) for d in DECODES]
     for fmt, cfg in list(out) + two_strips:  # two strips: a code shape the tuner may pick
@@ -879,6 +924,8 @@ def checked_variants() -> list[tuple[str, LaunchConfig]]:
                                     offset_ring=r, prefetch=p, bulk_copy=True)) for n, st, sg, d, c, pe, r, p in CHECKED_BULK]
     out += [("bitmap", LaunchConfig(nrows=n, strips=st, stages=sg, decode=d, value_cap=c, fixup=f, tiles_per_stage=2))
             for n, st, sg, d, c, f in CHECKED_TPS]
+    out += [("tiled_csl", LaunchConfig(nrows=8, stages=sg, words_per_stage=w, fixup=f, prefetch=p, cores=c))
+            for c, sg, w, f, p in CHECKED_CORES]
     return out
 
 

@@ -324,6 +324,8 @@ class CudaKernel:
         """The launch of variant `cfg` (fitted buffers resolved) for an N-row product with these
         weight tensors: the compiled kernel, grid, split and argument array, all but the per-call
         tensors fixed."""
+        if cfg.cores and n > 1:  # its blocks would trap: say why here instead
+            raise ValueError(f"the CUDA-core {self.label} path (cores) multiplies one activation row, got {n}")
         mt, kt = self.grid(out_features, in_features)
         kernel = self.compiled(cfg, dtype, device)
         blocks_m = -(-mt // cfg.strips)

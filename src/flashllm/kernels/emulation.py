@@ -21,6 +21,9 @@ can compare the result with `to_dense` bit for bit and with a float64 product:
   each thread's two mask bytes, the block-wide scan of their popcounts, the (row, column) each
   byte's row piece lands on, and the stores that stop at M and K; `tiled_csl_expanded` the same
   for `cuda/tiled_csl_expand.cu`: the scatter into the zeroed shared tile, the rows written out.
+* `tiled_csl_cores_kernel`: the Tiled-CSL kernel's CUDA-core path for one activation row: the 8
+  swizzled copies of the staged row (`row_copies`), and per word the row its product adds into
+  and the activation its slot addresses (`tiled_csl_core_terms`).
 * `mma_m16n8k16`: the tensor-core instruction at register level, with the fragment layouts the PTX
   ISA documents; `bitmap_kernel` / `tiled_csl_kernel` chain everything with the kernels' split-K
   partition, blocks along N and the epilogue's (n, m) mapping.
@@ -495,6 +498,7 @@ class Plan:
     decode: str = "fragment"  # bitmap only: configs.DECODES
     words_per_stage: int = 2048  # Tiled-CSL only
     persistent_blocks: int = 0  # bitmap only: stream-K blocks along the tile sequence (0 = off)
+    cores: int = 0  # Tiled-CSL only: configs.LaunchConfig.cores (1 or 2: the same sums, per block or per warp)
 
 
 def split_ranges(k_tiles: int, split_k: int) -> list[range]:
@@ -625,9 +629,68 @@ def bitmap_kernel(x: torch.Tensor, w: BitmapWeight, bias: Optional[torch.Tensor]
     return _run_blocks(a_regs, b_regs, tk, groups, m8_of, WARPS * 2, x, out_features, bias, plan, steps)
 
 
+def row_copies(row: torch.Tensor) -> torch.Tensor:
+    """`csl::RowCopiesStager`: a staged activation row's 64 16-bit patterns -> (512,), 8 copies of
+    the row, copy r's 16-byte chunk c holding the row's chunk c ^ r (thread t copies chunk t)."""
+    chunks = row[:TILE_K].reshape(8, 8)
+    copy, chunk = torch.arange(8)[:, None], torch.arange(8)[None, :]
+    return chunks[chunk ^ copy].reshape(8 * TILE_K)
+
+
+def tiled_csl_core_terms(words: torch.Tensor, copies: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`csl::add_words` on a tile's words (int64 bit patterns): per word, the row of the sums it adds
+    into (byte slot & 0x3f80 of a lane's column: the sentinel's zero goes to row 0) and the fp32
+    product value * activation, the activation read at byte slot & 0x3fe of the row copies."""
+    slot = words >> 16
+    rows = (slot & 0x3F80) >> 7
+    x = halves_to_float(copies[(slot & 0x3FE) >> 1], dtype).to(torch.float32)
+    return rows, halves_to_float(words & 0xFFFF, dtype).to(torch.float32) * x
+
+
+def tiled_csl_cores_kernel(x: torch.Tensor, w: TiledCSLWeight, bias: Optional[torch.Tensor],
+                           plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Tiled-CSL kernel's CUDA-core path (FLASHLLM_CORES, one activation row), emulated: each
+    (strip, split) block's fp32 row sums over its tiles' words, rounded with the bias or added into
+    the split-K workspace. The kernel's sums are per lane and added in whatever order the warps
+    reach them; here they are added per tile, a rounding difference far below the tolerance."""
+    if x.shape[0] != 1:
+        raise ValueError(f"the CUDA-core path multiplies one activation row, got {x.shape[0]}")
+    out_features, in_features = w.shape
+    tm, tk = -(-out_features // TILE_M), -(-in_features // TILE_K)
+    xp, kx = padded_activations(x, in_features)
+    words = w.words.to(torch.int64) & 0xFFFFFFFF
+    off = w.offsets.to(torch.int64)
+    splits = split_ranges(tk, plan.split_k)
+    ws = torch.zeros(1, out_features, dtype=torch.float32)
+    y = torch.zeros(1, out_features, dtype=x.dtype)
+    writes = torch.zeros(1, out_features, dtype=torch.int64)
+    bias_f = None if bias is None else bias.to(torch.float32)
+    for kts in splits:
+        for strip in range(tm):
+            sums = torch.zeros(TILE_M, dtype=torch.float32)
+            for kt in kts:
+                copies = row_copies(stage_x(xp, 8, 0, kt * TILE_K, kx)[0])
+                t = strip * tk + kt
+                start, count = int(off[t]), min(max(int(off[t + 1] - off[t]), 0), TILE_ELEMS)
+                rows, terms = tiled_csl_core_terms(words[start : start + count], copies, x.dtype)
+                sums.index_add_(0, rows, terms)
+            m = strip * TILE_M + torch.arange(TILE_M)
+            ok = m < out_features
+            if len(splits) > 1:
+                ws[0, m[ok]] += sums[ok]
+            else:
+                y[0, m[ok]] = (sums[ok] + (0.0 if bias_f is None else bias_f[m[ok]])).to(x.dtype)
+            writes[0, m[ok]] += 1
+    if len(splits) > 1:  # flashllm_splitk_finalize
+        y = (ws + (0.0 if bias_f is None else bias_f)).to(x.dtype)
+    return y, writes
+
+
 def tiled_csl_kernel(x: torch.Tensor, w: TiledCSLWeight, bias: Optional[torch.Tensor],
                      plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
     """The Tiled-CSL kernel's output (and per-element write counts) for x (N, K), emulated."""
+    if plan.cores:
+        return tiled_csl_cores_kernel(x, w, bias, plan)
     out_features, in_features = w.shape
     tm, tk = -(-out_features // TILE_M), -(-in_features // TILE_K)
     frags = tiled_csl_b_fragments(w, plan.words_per_stage).reshape(tm, tk, WARPS, 4, 2, 4, LANES)

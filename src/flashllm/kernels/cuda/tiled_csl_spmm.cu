@@ -25,8 +25,26 @@
 // fit more stages or blocks. At high sparsity the scatter is short and the kernel waits on the
 // weight stream (BENCHMARKS.md: 10-13 KB in flight per SM at 90%), which this addresses.
 //
+// FLASHLLM_CORES = 1 multiplies one activation row (N = 1, a decode step at batch 1) on the CUDA
+// cores instead, from the words themselves: no dense tile, no zeroing, no ldmatrix, no mma, so the
+// work per tile follows the non-zeros alone (the tensor-core path pays per element for the dense
+// tile's reads and re-zeroing, and at N = 1 uses 1 of the 16 rows of each mma). Each thread takes
+// words as the scatter would and adds value * x[column] into the tile row's fp32 sum in shared
+// memory. The sums are kept per lane (sums[row][lane]: a warp's 32 adds hit 32 different words in
+// 32 different banks, whatever their rows), added by a compare-and-swap loop (no shared-memory
+// float add exists) that repeats only when another warp changed the same word in between, and
+// folded over the lanes once per block. The sentinel words add their zero to row 0.
+// FLASHLLM_CORES = 2 gives each warp its own sums instead (4 x 16 KB): no compare-and-swap, a
+// plain load, fma and store per word (a thread's own words of one row stay in program order),
+// for 48 KB more shared memory per block (2 resident blocks instead of 5) and a fold over the
+// 4 warps' sums too. The activations are staged as 8 copies of the row, copy r
+// with its 16-byte chunks permuted as the tile rows r, r + 8, ... are swizzled, so a word's slot
+// (masked to 10 bits) is the byte offset of its activation: no column arithmetic per word. The
+// block traps if asked for more than one activation row (the launcher never does).
+//
 // Extra compile-time parameter: FLASHLLM_CAPW, words per stage buffer (a multiple of 4); optional
-// FLASHLLM_WARPS 4 (default) or 8, FLASHLLM_DENSE_TILES 2 (default) or 1. FLASHLLM_PROBE
+// FLASHLLM_WARPS 4 (default) or 8, FLASHLLM_DENSE_TILES 2 (default) or 1, FLASHLLM_CORES 0
+// (default), 1 or 2 (4 warps, NROWS 8, DENSE_TILES ignored: no dense tile). FLASHLLM_PROBE
 // (diagnostics only, python -m flashllm.bench.probes; the output is then not the product): 1
 // streams the stages and reloads the pieces of dense tiles but scatters nothing, 2 adds the scatter
 // and the re-zeroing, without the ldmatrix and mma; 0 (default) is the kernel.
@@ -50,22 +68,38 @@ static_assert(CAPW % 4 == 0 && CAPW >= 256 && CAPW <= TILE_ELEMS, "CAPW");
 #ifndef FLASHLLM_DENSE_TILES
 #define FLASHLLM_DENSE_TILES 2
 #endif
-constexpr int DENSE_TILES = FLASHLLM_DENSE_TILES;
-static_assert(DENSE_TILES == 1 || DENSE_TILES == 2, "DENSE_TILES");
+#ifndef FLASHLLM_CORES
+#define FLASHLLM_CORES 0
+#endif
+constexpr bool CORES = FLASHLLM_CORES != 0;
+constexpr bool WARP_SUMS = FLASHLLM_CORES == 2;  // per-warp sums, no compare-and-swap
+static_assert(FLASHLLM_CORES >= 0 && FLASHLLM_CORES <= 2, "CORES: 0, 1 or 2");
+static_assert(!CORES || (WARPS == 4 && NROWS == 8), "CORES: 4 warps, NROWS 8");
+// Dense tiles laid out: none on the CUDA-core path.
+constexpr int DENSE_TILES = CORES ? 0 : FLASHLLM_DENSE_TILES;
+static_assert(CORES || DENSE_TILES == 1 || DENSE_TILES == 2, "DENSE_TILES");
 constexpr bool SCATTER_AHEAD = DENSE_TILES == 2;  // scatter tile i + 1 while reading tile i
 #ifndef FLASHLLM_PROBE
 #define FLASHLLM_PROBE 0
 #endif
 static_assert(FLASHLLM_PROBE >= 0 && FLASHLLM_PROBE <= 2, "PROBE");
-constexpr bool RUN_SCATTER = FLASHLLM_PROBE != 1;
-constexpr bool RUN_MMA = FLASHLLM_PROBE == 0;
-static_assert(STAGES >= (SCATTER_AHEAD ? 3 : 2), "STAGES: 3 or more to scatter ahead, 2 with one dense tile");
+static_assert(FLASHLLM_PROBE == 0 || !CORES, "PROBE: the CUDA-core path has no levels to leave out");
+constexpr bool RUN_SCATTER = FLASHLLM_PROBE != 1 && !CORES;
+constexpr bool RUN_MMA = FLASHLLM_PROBE == 0 && !CORES;
+static_assert(STAGES >= (SCATTER_AHEAD ? 3 : 2), "STAGES: 3 or more to scatter ahead, 2 otherwise");
 constexpr int DENSE_BYTES = (TILE_ELEMS + 8) * 2;  // the tile plus the sentinel's slot
 constexpr int STAGE0_OFF = DENSE_TILES * DENSE_BYTES;
 constexpr int WORDS_BYTES = CAPW * 4;
 constexpr int STAGE_BYTES = WORDS_BYTES + X_STAGE_BYTES;
 constexpr int INFO_OFF = STAGE0_OFF + STAGES * STAGE_BYTES;
-constexpr int SMEM_BYTES = INFO_OFF + STAGES * 8;
+// CORES: the per-lane row sums after the run bounds (16-byte aligned), 128 rows of 32 lanes' floats
+// (one such array per warp with WARP_SUMS, warp w's at + SUMS_BYTES w).
+constexpr int SUMS_OFF = INFO_OFF + (STAGES * 8 + 15) / 16 * 16;
+constexpr int SUM_ROWS = TILE_M;
+constexpr int SUMS_BYTES = SUM_ROWS * 32 * 4;
+constexpr int SUM_ARRAYS = WARP_SUMS ? WARPS : 1;
+constexpr int SMEM_BYTES = CORES ? SUMS_OFF + SUM_ARRAYS * SUMS_BYTES : INFO_OFF + STAGES * 8;
+static_assert(!CORES || X_STAGE_BYTES >= 8 * TILE_K * 2, "CORES: 8 copies of the row fit a stage's activations");
 static_assert(DENSE_BYTES % 16 == 0 && STAGE_BYTES % 16 == 0, "16-byte aligned buffers");
 #ifdef FLASHLLM_SMEM_BYTES  // the launcher's size (kernels/configs.py) must match this layout
 static_assert(SMEM_BYTES == FLASHLLM_SMEM_BYTES, "configs.LaunchConfig.smem_bytes disagrees with the kernel");
@@ -102,6 +136,114 @@ __device__ __forceinline__ void scatter_words(const unsigned char* words, int n,
   }
 }
 
+// CORES: stage the activation row x[n, k0 : k0 + 64] as 8 copies, copy r's 16-byte chunk c being
+// the row's chunk c ^ r, the order of a swizzled tile row r (mod 8): the word of element (r, c)
+// then finds its activation at byte (slot & 0x3fe) of the copies. Thread t < 64 copies chunk t;
+// columns at or past kx are zero-filled, and nothing is read for a row at or past N.
+struct RowCopiesStager {
+  const u16* x;
+  const u16* row;  // x[n] (only dereferenced when n < N)
+  u32 dst;         // byte offset of this thread's chunk in a stage's activations
+  int col;         // the row's column this thread copies, relative to k0
+  int kx;
+  bool mine, live;
+
+  __device__ __forceinline__ RowCopiesStager(const u16* __restrict__ x_, int ldx, int n, int N, int kx_, int tid)
+      : x(x_), row(x_ + static_cast<size_t>(n) * ldx), dst(tid * 16u), col(((tid & 7) ^ ((tid >> 3) & 7)) * 8),
+        kx(kx_), mine(tid < 64), live(n < N) {}
+
+  __device__ __forceinline__ void stage(u32 xs, int k0) const {
+    if (!mine) return;
+    const bool ok = live && k0 + col < kx;
+    cp_async16(xs + dst, ok ? row + k0 + col : x, ok ? 16u : 0u);  // as XStager: nothing read when !ok
+  }
+};
+
+template <bool ROW_COPIES>
+struct StagerOf {
+  using type = XStager;
+};
+template <>
+struct StagerOf<true> {
+  using type = RowCopiesStager;
+};
+
+// CORES: shared-memory word access for the sums (volatile: they stay in program order with the
+// compare-and-swaps around them).
+__device__ __forceinline__ u32 lds_u32(u32 addr) {
+  u32 v;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr) : "memory");
+  return v;
+}
+// The word at `addr` becomes `next` if it still holds `expected`; returns what it held.
+__device__ __forceinline__ u32 cas_shared(u32 addr, u32 expected, u32 next) {
+  u32 seen;
+  asm volatile("atom.shared.cas.b32 %0, [%1], %2, %3;\n" : "=r"(seen) : "r"(addr), "r"(expected), "r"(next) : "memory");
+  return seen;
+}
+__device__ __forceinline__ u32 fma_bits(float a, float b, u32 sum) {
+  return __float_as_uint(fmaf(a, b, __uint_as_float(sum)));
+}
+
+// CORES: sums[row][lane] += value * x[column] for the 4 words of one 16-byte load, `sums` the shared
+// address of this lane's column of sums (row r's float at + 128 r), `xs` of the staged row copies.
+// There is no shared-memory float add: each sum is read, and a compare-and-swap writes the new
+// one if it is unchanged, else the swap repeats with what it found. All four words' activations
+// and sums are loaded first (their latencies overlap); a swap finds its sum changed only after
+// another warp's add in between, or this thread's own earlier word of the same row (one more try).
+// (Issuing the four swaps before checking any, with a shared retry path, compiled to more
+// instructions: a warp takes that path whenever any lane has two words of one row, most quads.)
+// A word's row is its slot rounded down to 128 bytes, masked to the tile: the sentinel (slot
+// 16384) adds its zero to row 0, and a corrupt slot (which validation refuses) stays in the sums.
+__device__ __forceinline__ void add_quad(const U4& q, u32 sums, u32 xs) {
+  const u32 w[4] = {q.x, q.y, q.z, q.w};
+  u32 at[4], seen[4];
+  float value[4], act[4];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const u32 slot = w[e] >> 16;
+    at[e] = sums + (slot & 0x3f80u);
+    value[e] = to_float(static_cast<u16>(w[e]));
+    act[e] = to_float(lds_u16(xs + (slot & 0x3feu)));
+    seen[e] = lds_u32(at[e]);
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    for (u32 expected = seen[e];; expected = seen[e]) {
+      seen[e] = cas_shared(at[e], expected, fma_bits(value[e], act[e], expected));
+      if (seen[e] == expected) break;
+    }
+  }
+}
+
+// WARP_SUMS: add_quad without the swaps, the sums this warp's alone. Plain C++ accesses, not the
+// volatile shared ones: the compiler may then load the activations (read-only here) ahead of the
+// stores, while a thread's own words of one row keep their order (a float store and load may alias).
+__device__ __forceinline__ void add_quad_to_warp_sums(const U4& q, unsigned char* sums, const unsigned char* xs) {
+  const u32 w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const u32 slot = w[e] >> 16;
+    float* sum = reinterpret_cast<float*>(sums + (slot & 0x3f80u));
+    const u16 act = *reinterpret_cast<const u16*>(xs + (slot & 0x3feu));
+    *sum = fmaf(to_float(static_cast<u16>(w[e])), to_float(act), *sum);
+  }
+}
+
+// CORES: add_quad (or add_quad_to_warp_sums) over a piece's n words (n a multiple of 4), quad q by
+// thread q % THREADS; `sums` and `xs` as add_quad's, as generic pointers too.
+__device__ __forceinline__ void add_words(const unsigned char* words, int n, u32 sums, u32 xs,
+                                          unsigned char* sums_p, const unsigned char* xs_p, int tid) {
+  const U4* w4 = reinterpret_cast<const U4*>(words);
+  for (int q = tid; q < (n >> 2); q += THREADS) {
+    if constexpr (WARP_SUMS) {
+      add_quad_to_warp_sums(w4[q], sums_p, xs_p);
+    } else {
+      add_quad(w4[q], sums, xs);
+    }
+  }
+}
+
 }  // namespace csl
 }  // namespace flashllm
 
@@ -109,6 +251,10 @@ __device__ __forceinline__ void scatter_words(const unsigned char* words, int n,
 // bounds they were validated with).
 #if FLASHLLM_WARPS == 8
 #define FLASHLLM_CSL_BOUNDS __launch_bounds__(flashllm::THREADS, 1)
+#elif FLASHLLM_CORES
+// The CUDA-core path with the last-block split-K spilled 12 bytes at the 40 registers ptxas chose
+// for sm_80; asking for 4 resident blocks caps it at 128, more than it needs.
+#define FLASHLLM_CSL_BOUNDS __launch_bounds__(flashllm::THREADS, 4)
 #else
 #define FLASHLLM_CSL_BOUNDS __launch_bounds__(flashllm::THREADS)
 #endif
@@ -141,6 +287,7 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
   if (nk <= 0 || strip >= MT) return;  // block-uniform, before any barrier
 
   trap_unless_smem(SMEM_BYTES, tid);
+  if (CORES && N - n0 > 1) __trap();  // one activation row per block: more would be dropped
 
   const u32 sbase = smem_u32(smem);
   RunInfo* info = reinterpret_cast<RunInfo*>(smem + INFO_OFF);
@@ -151,9 +298,18 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
   for (int c = tid; c < DENSE_TILES * DENSE_BYTES / 16; c += THREADS) {
     reinterpret_cast<U4*>(smem)[c] = U4{0u, 0u, 0u, 0u};
   }
+  // CORES: the sums start at zero (the loop's first barrier orders this before any add); this
+  // lane's column of them (of its warp's array with WARP_SUMS).
+  const int sums_at = SUMS_OFF + (WARP_SUMS ? warp * SUMS_BYTES : 0) + lane * 4;
+  const u32 sums = sbase + sums_at;
+  if constexpr (CORES) {
+    for (int c = tid; c < SUM_ARRAYS * SUMS_BYTES / 16; c += THREADS) {
+      reinterpret_cast<U4*>(smem + SUMS_OFF)[c] = U4{0u, 0u, 0u, 0u};
+    }
+  }
 
   const int* tile_offsets = offsets + static_cast<size_t>(strip) * KT + kt0;  // this block's tiles
-  const XStager xstage(x, ldx, n0, N, kx, tid);
+  const typename StagerOf<CORES>::type xstage(x, ldx, n0, N, kx, tid);
   auto load_offsets = [&](int j, int& lo, int& hi) {
     lo = tile_offsets[j];
     hi = tile_offsets[j + 1];
@@ -187,6 +343,25 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
       cp_async_wait<0>();
       __syncthreads();
       scatter_words(buf, piece, d, tid);
+    }
+  };
+
+  // CORES: add tile st's words into the sums, reloading the stage's word buffer in pieces like
+  // `scatter`; the row copies stay where they are.
+  auto add_tile = [&](int st) {
+    const RunInfo run = info[st];
+    unsigned char* buf = stage_words(st);
+    const u32 xs = smem_u32(buf) + WORDS_BYTES;
+    const int first = min(run.count, CAPW);
+    add_words(buf, first, sums, xs, smem + sums_at, buf + WORDS_BYTES, tid);
+    for (int done = first; done < run.count; done += CAPW) {
+      __syncthreads();  // everyone is done reading the previous piece
+      const int piece = min(CAPW, run.count - done);
+      copy_run<CAPW / 4>(smem_u32(buf), words + run.start + done, piece >> 2, tid);
+      cp_async_commit();
+      cp_async_wait<0>();
+      __syncthreads();
+      add_words(buf, piece, sums, xs, smem + sums_at, buf + WORDS_BYTES, tid);
     }
   };
 
@@ -245,7 +420,9 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
     }
     cp_async_commit();
     const int dense_i = SCATTER_AHEAD ? i & 1 : 0;  // the dense tile holding tile i
-    if constexpr (!SCATTER_AHEAD) {
+    if constexpr (CORES) {
+      add_tile(st);
+    } else if constexpr (!SCATTER_AHEAD) {
       scatter(st, dense(0));
       __syncthreads();  // every word of tile i is in the dense tile
     }
@@ -288,12 +465,34 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
   }
   cp_async_wait<0>();
 
+  if constexpr (CORES) {
+    // Thread r folds row r's 32 lane sums (of every warp's array with WARP_SUMS), rotated by r so
+    // that a warp's 32 reads hit 32 banks, and rounds or adds it like store_acc.
+    __syncthreads();  // every add is in
+    float total = 0.f;
 #pragma unroll
-  for (int mt = 0; mt < 2 * HALVES; ++mt)
+    for (int a = 0; a < SUM_ARRAYS; ++a) {
+      const float* row_sums = reinterpret_cast<const float*>(smem + SUMS_OFF + a * SUMS_BYTES) + tid * 32;
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-      store_acc(acc[mt][nt], strip * TILE_M + warp * WARP_ROWS + mt * 8, n0 + nt * 16, lane, M, N,
-                bias, y, ws);
+      for (int l = 0; l < 32; ++l) total += row_sums[(l + tid) & 31];
+    }
+    const int m = strip * TILE_M + tid;
+    if (m < M && n0 < N) {
+      const size_t i = static_cast<size_t>(n0) * M + m;
+      if (ws == nullptr) {
+        y[i] = from_float(bias != nullptr ? total + to_float(bias[m]) : total);
+      } else {
+        atomicAdd(ws + i, total);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int mt = 0; mt < 2 * HALVES; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+        store_acc(acc[mt][nt], strip * TILE_M + warp * WARP_ROWS + mt * 8, n0 + nt * 16, lane, M, N,
+                  bias, y, ws);
+  }
 #if FLASHLLM_FIXUP  // (an `if constexpr` would do, but it changes the other variants' SASS)
   if (ws != nullptr) {
     splitk_fixup<TILE_M>(ws, counters, bias, y, M, N, KT, kt_per_split, reinterpret_cast<volatile int*>(smem));
