@@ -9,17 +9,17 @@
 #   1. environment: GPU, driver, torch, NVRTC                                       (~5 s)
 #   2. smoke: one small product per format against float64                         (~10 s)
 #      2b. the same for each option not yet validated on a GPU, one at a time
-#      (`python -m flashllm.kernels.configs pending`: stream-K bitmap blocks, bitmap:persistent; the
-#      run-bound ring, bitmap:ring; split-K without a memset, bitmap:rezero and tiled_csl:rezero;
-#      bulk copies of the bitmap weight, bitmap:bulk; two bitmap tiles per stage, bitmap:tps2);
-#      one that fails or hangs is left out of steps 3-7, the others run there   (~10 s each)
+#      (`python -m flashllm.kernels.configs pending`: now Tiled-CSL's one-row products on the CUDA
+#      cores, tiled_csl:cores and tiled_csl:cores_warp, smoke-tested at N = 1); one that fails or
+#      hangs is left out of steps 3-7, the others run there                       (~10 s each)
 #   3. pytest -m gpu: the kernels' correctness grid, every config variant, spmm/SparseLinear
 #      dispatch, torch.compile, CUDA graphs; CUDA-graph decoding of a sparse model  (~1 min)
 #   4. DEVICE_CHECK_TUNE=1: tune the launch configs on the --quick shapes (tuned.json, tune.log);
 #      the steps below then run with them (FLASHLLM_KERNEL_CONFIGS)                (~2 min)
 #   5. flashllm bench kernels --quick (BENCH_SELECT replaces --quick): CSV + PNG + table (~1 min)
 #      DEVICE_CHECK_SWEEP=1 times every issue shape, N 1/8/16/32 (SWEEP_N), sparsity 0.5-0.9
-#      (SWEEP_SPARSITY), optionally a SWEEP_SAMPLE of those points, into sweep/  (~1 min)
+#      (SWEEP_SPARSITY), optionally a SWEEP_SAMPLE of those points, into sweep/; its methods
+#      (SWEEP_FORMATS) are both formats and the pending options that passed step 2b  (~1 min)
 #      DEVICE_CHECK_BF16=1 repeats it in bf16 against cuBLAS (kernels_bf16.csv)     (~30 s)
 #      DEVICE_CHECK_PROBE=1: where the kernels' time goes, each timed with parts of its work left
 #      out (python -m flashllm.bench.probes; PROBE_SELECT replaces its default layers, N and
@@ -40,7 +40,8 @@
 #   7. compute-sanitizer memcheck and racecheck on small shapes                    (~1 min)
 #   8. DEVICE_CHECK_E2E=1: Llama-2-7B decode, dense vs 50%/80% (e2e.csv, e2e.png)   (~1 min)
 #      E2E_OPTIONS=fixup (any FLASHLLM_KERNEL_OPTIONS value) runs it again with those kernel
-#      options forced, into the same CSV: an end-to-end A/B                       (~1 min)
+#      options forced (Llama-2-7B, the same sparsities, batches, format and tokens), into the same
+#      CSV: an end-to-end A/B                                                     (~1 min)
 #      E2E_EXPAND=1 runs it again with FLASHLLM_EXPAND=0 (prefill by the reference decode
 #      instead of the expansion kernels: their effect on the time to first token), into
 #      e2e_no_expand.csv                                                          (~1 min)
@@ -88,7 +89,8 @@ set -uo pipefail
 # minutes with prebuilt cubins: 309 s on an H200, thirteenth session; cut at 560 s): the GPU tests
 # and both sanitizers, the expansion kernels timed (5d), the host time per eager call with real
 # launches (5f), and the all-layer sweep (N 1/8/16/32, 50-90%, bitmap and Tiled-CSL against
-# cuBLAS) to set beside the last session's.
+# cuBLAS) to set beside the last session's; the pending options that pass step 2b join both
+# benchmarks under the configured launch (e.g. tiled_csl:cores, at N = 1).
 # DEVICE_CHECK_PRESET=tune: one call that tunes the shape classes configs.TUNED has no entry for
 # (one layer each, Llama-2-7B's first: attention 4096 x 4096, down_proj 4096 x 11008; then OPT-30B
 # qkv and out, OPT-66B fc2, Llama-3-70B gate_up, OPT-66B fc1) at N 16/1/8/32 and 50/80%, its
@@ -97,7 +99,7 @@ set -uo pipefail
 if [ "${DEVICE_CHECK_PRESET:-}" = "diagnose" ]; then
   : "${BENCH_SELECT:=--shapes llama-2-7b.up,opt-66b.qkv --n 1,16 --sparsity 0.5,0.8,0.9}"
   : "${BENCH_BASELINES:=cublas}"
-  : "${BENCH_FORMATS:=bitmap,tiled_csl,bitmap:persistent,bitmap:ring,bitmap:ring:persistent,bitmap:rezero,tiled_csl:rezero,bitmap:split1,bitmap:fit,bitmap:pf4,bitmap:fit:stages6,bitmap:fit:stages6:ring,bitmap:fit:stages6:ring:persistent,bitmap:bulk,bitmap:fit:stages6:bulk,bitmap:fit:stages6:ring:bulk,bitmap:persistent:fixup,bitmap:fit:stages6:ring:bulk:persistent:fixup,bitmap:tps2,bitmap:fit:tps2,bitmap:fixup,tiled_csl:split1,tiled_csl:dense2,tiled_csl:pf4,tiled_csl:fixup}"
+  : "${BENCH_FORMATS:=bitmap,tiled_csl,bitmap:persistent,bitmap:ring,bitmap:ring:persistent,bitmap:rezero,tiled_csl:rezero,bitmap:split1,bitmap:fit,bitmap:pf4,bitmap:fit:stages6,bitmap:fit:stages6:ring,bitmap:fit:stages6:ring:persistent,bitmap:bulk,bitmap:fit:stages6:bulk,bitmap:fit:stages6:ring:bulk,bitmap:persistent:fixup,bitmap:fit:stages6:ring:bulk:persistent:fixup,bitmap:tps2,bitmap:fit:tps2,bitmap:fixup,tiled_csl:split1,tiled_csl:dense2,tiled_csl:pf4,tiled_csl:fixup,tiled_csl:cores,tiled_csl:cores:stages4,tiled_csl:cores:pf4,tiled_csl:cores_warp,tiled_csl:cores_warp:stages6}"
   : "${DEVICE_CHECK_PROBE:=1}" "${PROBE_FORMATS:=bitmap,tiled_csl,bitmap:persistent,bitmap:ring,bitmap:fit:stages6,bitmap:fit:stages6:ring,bitmap:bulk,bitmap:fit:tps2,bitmap:split1}"
   : "${PROBE_SELECT:=--shapes llama-2-7b.up,opt-66b.qkv --n 1,16 --sparsity 0.5,0.9}"
   : "${DEVICE_CHECK_FLUSH:=1}"
@@ -119,7 +121,7 @@ elif [ "${DEVICE_CHECK_PRESET:-}" = "e2e" ]; then
   : "${DEVICE_CHECK_DEADLINE:=560}"
 elif [ "${DEVICE_CHECK_PRESET:-}" = "validate" ]; then
   : "${BENCH_SELECT:=--shapes llama-2-7b.up,opt-66b.qkv --n 1,16 --sparsity 0.5,0.8,0.9}" "${BENCH_BASELINES:=cublas}"
-  : "${BENCH_FORMATS:=bitmap,tiled_csl}" "${BENCH_LIMIT:=60}" "${DEVICE_CHECK_SWEEP:=1}" "${SWEEP_LIMIT:=200}"
+  : "${BENCH_LIMIT:=60}" "${DEVICE_CHECK_SWEEP:=1}" "${SWEEP_LIMIT:=200}"
   : "${PYTEST_LIMIT:=200}" "${SANITIZER_LIMIT:=60}" "${FORMATS_LIMIT:=30}" "${DEVICE_CHECK_DEADLINE:=560}"
 elif [ -n "${DEVICE_CHECK_PRESET:-}" ]; then
   echo "unknown DEVICE_CHECK_PRESET=${DEVICE_CHECK_PRESET} (known: diagnose, tune, e2e, validate)"; exit 2
@@ -192,13 +194,14 @@ FORMATS = {"bitmap": (BitmapWeight, bitmap_cuda), "tiled_csl": (TiledCSLWeight, 
 cases = [(*FORMATS[fmt], options) for fmt, options in
          map(parse_format, os.environ.get("SMOKE_FORMATS", "bitmap,tiled_csl").split(","))]
 for cls, mod, options in cases:
+    n = 1 if options.get("cores") else 17  # the CUDA-core path multiplies one activation row
     for split in (1, 3, 3):  # split-K twice: what a launch leaves behind (fixup: its workspace) must not change the next
         w = torch.randn(1000, 1500, device="cuda", dtype=torch.float16)
         w[torch.rand_like(w, dtype=torch.float32) < 0.8] = 0
-        x = torch.randn(17, 1500, device="cuda", dtype=torch.float16)
-        cfg = replace(mod.configs.default_config(mod.FORMAT, 17, 0.8), split_k=split, **options)
+        x = torch.randn(n, 1500, device="cuda", dtype=torch.float16)
+        cfg = configs.with_options(replace(configs.default_config(mod.FORMAT, n, 0.8), split_k=split), options, mod.FORMAT)
         t = time.time()
-        out = torch.full((17, 1000), float("nan"), device="cuda", dtype=torch.float16)
+        out = torch.full((n, 1000), float("nan"), device="cuda", dtype=torch.float16)
         y = mod.linear(x, cls.from_dense(w), None, cfg, out=out)
         torch.cuda.synchronize()
         ref = x.double() @ w.double().T
@@ -206,7 +209,7 @@ for cls, mod, options in cases:
         err_torch = ((torch.nn.functional.linear(x, w).double() - ref).norm() / ref.norm()).item()
         good = bool(torch.isfinite(y).all()) and err <= 2 * err_torch + 1e-6
         ok &= good
-        print(f"{mod.FORMAT:9s} {options or ''} split={split}: rel err {err:.2e} (torch fp16 {err_torch:.2e}) "
+        print(f"{mod.FORMAT:9s} {options or ''} N={n} split={split}: rel err {err:.2e} (torch fp16 {err_torch:.2e}) "
               f"{'OK' if good else 'WRONG'}  first call {time.time() - t:.2f}s")
 for key, k in launch._state().kernels.items():
     print(f"  {k.name} {dict(key[2])}: {k.registers} regs, {k.local_bytes} B local, {k.occupancy} blocks/SM")
@@ -280,7 +283,8 @@ if [ "${DEVICE_CHECK_SWEEP:-0}" = "1" ]; then
   # shellcheck disable=SC2086
   limited "${SWEEP_LIMIT:-240}" "$PY" -m flashllm.bench.kernels --shapes all --n "${SWEEP_N:-1,8,16,32}" \
     --sparsity "${SWEEP_SPARSITY:-0.5,0.7,0.8,0.9}" ${SWEEP_SAMPLE:+--sample $SWEEP_SAMPLE} --baselines cublas \
-    --formats bitmap,tiled_csl --out "$OUT/sweep" --warmup 10 --rep 40 > "$OUT/sweep.log" 2>&1
+    --formats "${SWEEP_FORMATS:-bitmap,tiled_csl${PENDING:+,$PENDING}}" --out "$OUT/sweep" --warmup 10 --rep 40 \
+    > "$OUT/sweep.log" 2>&1
   STATUS[sweep]=$?
   tail -n 3 "$OUT/sweep.log"
 fi
@@ -424,7 +428,9 @@ cases = ([(BitmapWeight, bitmap_cuda, {"decode": d}) for d in configs.DECODES]
          + [(BitmapWeight, bitmap_cuda, {"persistent": True, "fixup": True})]
          + [(BitmapWeight, bitmap_cuda, {"tiles_per_stage": 2}), (BitmapWeight, bitmap_cuda, {"tiles_per_stage": 2, "decode": "scatter"})]
          + [(BitmapWeight, bitmap_cuda, {"bulk_copy": True}), (BitmapWeight, bitmap_cuda, {"bulk_copy": True, "strips": 2}),
-            (BitmapWeight, bitmap_cuda, {"bulk_copy": True, "offset_ring": True, "persistent": True, "stages": 6})])
+            (BitmapWeight, bitmap_cuda, {"bulk_copy": True, "offset_ring": True, "persistent": True, "stages": 6})]
+         + [(TiledCSLWeight, tiled_csl_cuda, {"cores": c}) for c in (1, 2)]
+         + [(TiledCSLWeight, tiled_csl_cuda, {"cores": 1, "fixup": True})])
 for cls, mod, options in cases:
     if set(configs.unvalidated_options(replace(configs.LaunchConfig(nrows=8), **options))) & \
             set(os.environ.get("FLASHLLM_SKIP_OPTIONS", "").split(",")):
@@ -433,8 +439,10 @@ for cls, mod, options in cases:
     for m, k, n, s, split in ((70, 130, 3, 0.8, 1), (130, 200, 17, 0.0, 2), (200, 70, 9, 0.95, 1), (70, 700, 5, 0.5, 1)):
         w = torch.randn(m, k, device="cuda", dtype=torch.float16)
         w[torch.rand(m, k, device="cuda") < s] = 0
+        n = 1 if options.get("cores") else n  # the CUDA-core path multiplies one row
         x = torch.randn(n, k, device="cuda", dtype=torch.float16)
-        cfg = replace(configs.default_config(mod.FORMAT, n, max(s, 0.5)), split_k=split, **options)
+        cfg = configs.with_options(replace(configs.default_config(mod.FORMAT, n, max(s, 0.5)), split_k=split),
+                                   options, mod.FORMAT)
         if mod is tiled_csl_cuda and s == 0.0:
             cfg = replace(cfg, words_per_stage=256)  # the piecewise reload path
         y = mod.linear(x, cls.from_dense(w), torch.randn(m, device="cuda", dtype=torch.float16), cfg)
@@ -476,8 +484,9 @@ if [ "${DEVICE_CHECK_E2E:-0}" = "1" ]; then
     STATUS[e2e_big]=${PIPESTATUS[0]}
   fi
   if [ -n "${E2E_OPTIONS:-}" ]; then
-    limited "${E2E_LIMIT:-240}" "$PY" -m flashllm.cli bench e2e --models llama-2-7b --sparsities 0.5,0.8 --batch "${E2E_BATCH:-1,16}" \
-      --new-tokens 64 --predict "${E2E_FLAGS[@]}" --kernel-options "$E2E_OPTIONS" --csv "$OUT/e2e.csv" --plot "$OUT/e2e_options.png" \
+    limited "${E2E_LIMIT:-240}" "$PY" -m flashllm.cli bench e2e --models llama-2-7b --sparsities "${E2E_SPARSITIES:-0.5,0.8}" \
+      --batch "${E2E_BATCH:-1,16}" --format "${E2E_FORMAT:-bitmap}" --new-tokens "${E2E_NEW_TOKENS:-64}" --predict "${E2E_FLAGS[@]}" \
+      --kernel-options "$E2E_OPTIONS" --csv "$OUT/e2e.csv" --plot "$OUT/e2e_options.png" \
       2>&1 | tee "$OUT/e2e_options.log" | tail -n 20
     STATUS[e2e_options]=${PIPESTATUS[0]}
   fi
