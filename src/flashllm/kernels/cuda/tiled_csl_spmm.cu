@@ -33,14 +33,14 @@
 // memory. The sums are kept per lane (sums[row][lane]: a warp's 32 adds hit 32 different words in
 // 32 different banks, whatever their rows), added by a compare-and-swap loop (no shared-memory
 // float add exists) that repeats only when another warp changed the same word in between, and
-// folded over the lanes once per block. The sentinel words add their zero to row 0.
-// FLASHLLM_CORES = 2 gives each warp its own sums instead (4 x 16 KB): no compare-and-swap, a
-// plain load, fma and store per word (a thread's own words of one row stay in program order),
-// for 48 KB more shared memory per block (2 resident blocks instead of 5) and a fold over the
-// 4 warps' sums too. The activations are staged as 8 copies of the row, copy r
-// with its 16-byte chunks permuted as the tile rows r, r + 8, ... are swizzled, so a word's slot
-// (masked to 10 bits) is the byte offset of its activation: no column arithmetic per word. The
-// block traps if asked for more than one activation row (the launcher never does).
+// folded over the lanes once per block. The sentinel words add their zero to row 0. The
+// activations are staged as 8 copies of the row, copy r with its 16-byte chunks permuted as the
+// tile rows r, r + 8, ... are swizzled, so a word's slot (masked to 10 bits) is the byte offset of
+// its activation: no column arithmetic per word. The block traps if asked for more than one
+// activation row (the launcher never does). FLASHLLM_CORES = 2 gives each warp its own sums
+// instead (4 x 16 KB): no compare-and-swap, a plain load, fma and store per word (a thread's own
+// words of one row stay in program order), for 48 KB more shared memory per block (2 resident
+// blocks instead of 5) and a fold over the 4 warps' sums too.
 //
 // Extra compile-time parameter: FLASHLLM_CAPW, words per stage buffer (a multiple of 4); optional
 // FLASHLLM_WARPS 4 (default) or 8, FLASHLLM_DENSE_TILES 2 (default) or 1, FLASHLLM_CORES 0
@@ -100,6 +100,7 @@ constexpr int SUMS_BYTES = SUM_ROWS * 32 * 4;
 constexpr int SUM_ARRAYS = WARP_SUMS ? WARPS : 1;
 constexpr int SMEM_BYTES = CORES ? SUMS_OFF + SUM_ARRAYS * SUMS_BYTES : INFO_OFF + STAGES * 8;
 static_assert(!CORES || X_STAGE_BYTES >= 8 * TILE_K * 2, "CORES: 8 copies of the row fit a stage's activations");
+static_assert(SUMS_OFF % 16 == 0, "CORES: the sums are zeroed 16 bytes at a time");
 static_assert(DENSE_BYTES % 16 == 0 && STAGE_BYTES % 16 == 0, "16-byte aligned buffers");
 #ifdef FLASHLLM_SMEM_BYTES  // the launcher's size (kernels/configs.py) must match this layout
 static_assert(SMEM_BYTES == FLASHLLM_SMEM_BYTES, "configs.LaunchConfig.smem_bytes disagrees with the kernel");
