@@ -142,7 +142,7 @@ MAX_PREFETCH = 16
 #   tiles.
 # What binds the kernel instead (Nsight Compute, same run): the L1/shared-memory pipe (79-84% of
 # its peak, stalls on shared-memory results first) and instruction issue, not DRAM.
-# Compiled and emulated, not yet run on a GPU (twelfth to fourteenth sessions had none):
+# Compiled and emulated, not yet run on a GPU (written in the fourteenth session, which had none):
 # - "cores" and "cores_warp": Tiled-CSL products of one activation row (a decode step at batch 1)
 #   on the CUDA cores from the words, no dense tile (FLASHLLM_CORES in cuda/tiled_csl_spmm.cu): work
 #   per non-zero instead of per element (BENCHMARKS.md, fourteenth session); fp32 sums per lane

@@ -67,7 +67,8 @@ def check_variant(kernel: "CudaKernel", cfg: configs.LaunchConfig, dtype: torch.
     packed = get_format(kernel.format).from_dense(weight)
     tensors = list(packed.tensors().values())
     gen = torch.Generator().manual_seed(SEED + 1)
-    n = 1 if cfg.cores else cfg.nrows + 3  # one full block of rows along N and a partial one
+    # One full block of rows along N and a partial one; the CUDA-core path's one row.
+    n = 1 if cfg.cores else cfg.nrows + 3
     x = torch.randn(n, in_features, generator=gen).to(device, dtype)
     bias = torch.randn(out_features, generator=gen).to(device, dtype)
     ref = (x.double() @ weight.double().T + bias.double()).float()
