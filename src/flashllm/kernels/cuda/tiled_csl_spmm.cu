@@ -245,6 +245,26 @@ __device__ __forceinline__ void add_words(const unsigned char* words, int n, u32
   }
 }
 
+// Run `use(buf, count)` on the words of a tile whose run is `run` and whose stage buffer is `buf`:
+// the words already there, then, for a tile over CAPW words, the rest reloaded into `buf` in CAPW
+// pieces (a block-uniform branch: every thread sees the same count). The stage's activations, after
+// the words, stay where they are.
+template <typename Use>
+__device__ __forceinline__ void each_piece(const RunInfo run, unsigned char* buf, const u32* __restrict__ words,
+                                           int tid, Use&& use) {
+  const int first = min(run.count, CAPW);
+  use(buf, first);
+  for (int done = first; done < run.count; done += CAPW) {
+    __syncthreads();  // everyone is done reading the previous piece
+    const int piece = min(CAPW, run.count - done);
+    copy_run<CAPW / 4>(smem_u32(buf), words + run.start + done, piece >> 2, tid);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    use(buf, piece);
+  }
+}
+
 }  // namespace csl
 }  // namespace flashllm
 
@@ -329,41 +349,16 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
   auto prefetch = [&](int lo, int hi) {
     prefetch_l2(words + lo, static_cast<u32>(min(max(hi - lo, 0), TILE_ELEMS)) * 4u);
   };
-  // Scatter the tile held by stage st into a dense buffer; a tile over CAPW words reloads the
-  // stage's word buffer in pieces (block-uniform branch: every thread sees the same count).
+  // Scatter the tile held by stage st into a dense buffer.
   auto scatter = [&](int st, u16* d) {
-    const RunInfo run = info[st];
-    unsigned char* buf = stage_words(st);
-    const int first = min(run.count, CAPW);
-    scatter_words(buf, first, d, tid);
-    for (int done = first; done < run.count; done += CAPW) {
-      __syncthreads();  // everyone is done reading the previous piece
-      const int piece = min(CAPW, run.count - done);
-      copy_run<CAPW / 4>(smem_u32(buf), words + run.start + done, piece >> 2, tid);
-      cp_async_commit();
-      cp_async_wait<0>();
-      __syncthreads();
-      scatter_words(buf, piece, d, tid);
-    }
+    each_piece(info[st], stage_words(st), words, tid,
+               [&](const unsigned char* buf, int count) { scatter_words(buf, count, d, tid); });
   };
-
-  // CORES: add tile st's words into the sums, reloading the stage's word buffer in pieces like
-  // `scatter`; the row copies stay where they are.
+  // CORES: add the tile held by stage st into the sums.
   auto add_tile = [&](int st) {
-    const RunInfo run = info[st];
-    unsigned char* buf = stage_words(st);
-    const u32 xs = smem_u32(buf) + WORDS_BYTES;
-    const int first = min(run.count, CAPW);
-    add_words(buf, first, sums, xs, smem + sums_at, buf + WORDS_BYTES, tid);
-    for (int done = first; done < run.count; done += CAPW) {
-      __syncthreads();  // everyone is done reading the previous piece
-      const int piece = min(CAPW, run.count - done);
-      copy_run<CAPW / 4>(smem_u32(buf), words + run.start + done, piece >> 2, tid);
-      cp_async_commit();
-      cp_async_wait<0>();
-      __syncthreads();
-      add_words(buf, piece, sums, xs, smem + sums_at, buf + WORDS_BYTES, tid);
-    }
+    each_piece(info[st], stage_words(st), words, tid, [&](unsigned char* buf, int count) {
+      add_words(buf, count, sums, smem_u32(buf) + WORDS_BYTES, smem + sums_at, buf + WORDS_BYTES, tid);
+    });
   };
 
   int nlo = 0, nhi = 0;  // run of the next tile to issue
