@@ -339,7 +339,8 @@ if [ "${DEVICE_CHECK_NCU:-0}" = "1" ]; then
   cat > "$NCU_PY" <<'EOF'
 # Llama-2-7B up_proj, N = 16, tuned configs with each kernel option forced: bitmap's fragment decode
 # at 50% (full and fitted value buffers, stream-K blocks, the run-bound ring) and 80% and its scatter decode at 90%,
-# Tiled-CSL with 4 and 8 warps at 80%, and bitmap's stream probe at 80%; with each warp-stall reason's share. One warm-up
+# Tiled-CSL with 4 and 8 warps at 80% (and at N = 1 its configured launch against both CUDA-core
+# paths), and bitmap's stream probe at 80%; with each warp-stall reason's share. One warm-up
 # pass (compiles), then one profiled pass between cudaProfilerStart/Stop (ncu --profile-from-start off).
 import os
 import torch
@@ -358,6 +359,10 @@ for cls, mod, s, options in [(BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragme
                              (TiledCSLWeight, tiled_csl_cuda, 0.8, {"warps": 4}),
                              (TiledCSLWeight, tiled_csl_cuda, 0.8, {"warps": 8}),
                              (TiledCSLWeight, tiled_csl_cuda, 0.9, {"warps": 4, "dense_tiles": 1}),
+                             # one activation row: the CUDA-core path against the configured launch
+                             (TiledCSLWeight, tiled_csl_cuda, 0.8, {"rows": 1}),
+                             (TiledCSLWeight, tiled_csl_cuda, 0.8, {"rows": 1, "cores": 1}),
+                             (TiledCSLWeight, tiled_csl_cuda, 0.8, {"rows": 1, "cores": 2}),
                              (BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragment", "persistent": True}),
                              (BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragment", "offset_ring": True}),
                              (BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragment", "persistent": True, "fixup": True}),
@@ -373,20 +378,21 @@ for cls, mod, s, options in [(BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragme
                              (BitmapWeight, bitmap_cuda, 0.8, {"value_cap": configs.FIT, "tiles_per_stage": 2,
                                                                "probe": 1})]:
     probe = options.pop("probe", 0)
-    cfg = replace(configs.get_config(arch, mod.FORMAT, 11008, 4096, 16, s), **options)
+    rows = options.pop("rows", 16)
+    cfg = configs.with_options(configs.get_config(arch, mod.FORMAT, 11008, 4096, rows, s), options, mod.FORMAT)
     if probe:
         cfg = ProbeConfig(**asdict(cfg), probe=probe)
     if set(configs.unvalidated_options(cfg)) & set(os.environ.get("FLASHLLM_SKIP_OPTIONS", "").split(",")):
         continue  # failed its smoke test (step 2b)
     w = torch.randn(11008, 4096, device="cuda", dtype=torch.float16)
     w[torch.rand_like(w, dtype=torch.float32) < s] = 0
-    work.append((mod, cls.from_dense(w), cfg))
-    print(mod.FORMAT, s, cfg)
+    work.append((mod, cls.from_dense(w), cfg, rows))
+    print(mod.FORMAT, s, rows, cfg)
 for profiled in (False, True):
     if profiled:
         torch.cuda.profiler.start()
-    for mod, weight, cfg in work:
-        mod.linear(x, weight, None, cfg)
+    for mod, weight, cfg, rows in work:
+        mod.linear(x[:rows], weight, None, cfg)
     torch.cuda.synchronize()
 torch.cuda.profiler.stop()
 EOF
