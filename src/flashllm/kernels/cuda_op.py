@@ -224,12 +224,13 @@ class CudaKernel:
         elif out.shape != (out_features, in_features) or out.dtype != dtype or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous ({out_features}, {in_features}) {dtype} tensor, "
                              f"got {tuple(out.shape)} {out.dtype}")
-        self.check_tensors(tensors, out_features, in_features, dtype, out.device, "out")
-        return self.expansion_plan(tensors, out_features, in_features, dtype, out.device).run(out)
+        return self.expansion_plan(tensors, out_features, in_features, dtype, out.device, "out").run(out)
 
     def expansion_plan(self, tensors: list[torch.Tensor], out_features: int, in_features: int,
-                       dtype: torch.dtype, device: torch.device) -> ExpansionPlan:
-        """The expansion launch for these weight tensors (checked by the caller), output unset."""
+                       dtype: torch.dtype, device: torch.device, operand: str) -> ExpansionPlan:
+        """The expansion launch for these weight tensors, output unset, after checking them against
+        the `dtype` and `device` of `operand` (the tensor named in an error: "out", or "x")."""
+        self.check_tensors(tensors, out_features, in_features, dtype, device, operand)
         kernel = launch.get_kernel(self.expand_source, f"flashllm_{self.format}_expand", {}, dtype, device, 0,
                                    threads=EXPAND_THREADS)
         mt, kt = self.grid(out_features, in_features)
@@ -418,8 +419,7 @@ class CudaKernel:
                 problem = self.first_use_problem(None, x.dtype, x.device)
                 if problem:
                     return self._decline(f"its expansion kernel failed the first-use check on this GPU: {problem}")
-                self.check_tensors(tensors, out_features, in_features, x.dtype, x.device, "x")
-                plan = self.expansion_plan(tensors, out_features, in_features, x.dtype, x.device)
+                plan = self.expansion_plan(tensors, out_features, in_features, x.dtype, x.device, "x")
                 y = torch.nn.functional.linear(x, plan.run(device=x.device), bias)
                 self._keep_plan(tensors, plan, x.dtype, x.device)
                 return y
