@@ -232,15 +232,15 @@ __device__ __forceinline__ void add_quad_to_warp_sums(const U4& q, unsigned char
 }
 
 // CORES: add_quad (or add_quad_to_warp_sums) over a piece's n words (n a multiple of 4), quad q by
-// thread q % THREADS; `sums` and `xs` as add_quad's, as generic pointers too.
-__device__ __forceinline__ void add_words(const unsigned char* words, int n, u32 sums, u32 xs,
-                                          unsigned char* sums_p, const unsigned char* xs_p, int tid) {
+// thread q % THREADS; `sums` this lane's column of sums, `xs` the staged row copies.
+__device__ __forceinline__ void add_words(const unsigned char* words, int n, unsigned char* sums,
+                                          const unsigned char* xs, int tid) {
   const U4* w4 = reinterpret_cast<const U4*>(words);
   for (int q = tid; q < (n >> 2); q += THREADS) {
     if constexpr (WARP_SUMS) {
-      add_quad_to_warp_sums(w4[q], sums_p, xs_p);
+      add_quad_to_warp_sums(w4[q], sums, xs);
     } else {
-      add_quad(w4[q], sums, xs);
+      add_quad(w4[q], smem_u32(sums), smem_u32(xs));
     }
   }
 }
@@ -321,8 +321,7 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
   }
   // CORES: the sums start at zero (the loop's first barrier orders this before any add); this
   // lane's column of them (of its warp's array with WARP_SUMS).
-  const int sums_at = SUMS_OFF + (WARP_SUMS ? warp * SUMS_BYTES : 0) + lane * 4;
-  const u32 sums = sbase + sums_at;
+  unsigned char* sums = smem + SUMS_OFF + (WARP_SUMS ? warp * SUMS_BYTES : 0) + lane * 4;
   if constexpr (CORES) {
     for (int c = tid; c < SUM_ARRAYS * SUMS_BYTES / 16; c += THREADS) {
       reinterpret_cast<U4*>(smem + SUMS_OFF)[c] = U4{0u, 0u, 0u, 0u};
@@ -357,7 +356,7 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
   // CORES: add the tile held by stage st into the sums.
   auto add_tile = [&](int st) {
     each_piece(info[st], stage_words(st), words, tid, [&](unsigned char* buf, int count) {
-      add_words(buf, count, sums, smem_u32(buf) + WORDS_BYTES, smem + sums_at, buf + WORDS_BYTES, tid);
+      add_words(buf, count, sums, buf + WORDS_BYTES, tid);
     });
   };
 
