@@ -176,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         kinds = lp.kinds()
         print(" | ".join([f"{lp.start:#06x}-{lp.end:#06x}", str(lp.size), *(str(kinds.get(k, 0)) for k in [*KINDS, "other"])]))
     if found:
-        main_loop = max(found, key=lambda lp: lp.kinds().get("tensor core", 0) * 10**6 + lp.size)
+        # The innermost loop holding the most tensor-core instructions: an outer backward branch
+        # (a split-K fixup's retry, a stream-K strip loop) can span the tile loop with the same count.
+        main_loop = max(found, key=lambda lp: (lp.kinds().get("tensor core", 0), -lp.size))
         per = weights_per_warp_iteration(fmt, cfg)
         print(f"main loop {main_loop.start:#06x}-{main_loop.end:#06x}: {main_loop.size} instructions per warp and "
               f"tile of {per} weights per warp, {main_loop.size / per:.3f} per weight (inner loops once)")

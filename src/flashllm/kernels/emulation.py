@@ -14,9 +14,9 @@ can compare the result with `to_dense` bit for bit and with a float64 product:
 * `tiled_csl_b_fragments`: the scatter of every word, sentinels and the CAPW piece reloads
   included, into the swizzled shared tile, and the ldmatrix.x4 reads of each warp.
 * `a_fragments`: the staged activations (zero fill past N and the valid columns) and the
-  ldmatrix addressing of `load_a_frags`, including the bitmap kernel's N <= 8 path whose one x4
-  serves two k16 steps, each accumulating into its own rows (`_run_blocks` folds them as
-  `fold_steps` does).
+  ldmatrix addressing of `load_a_frags`, including the N <= 8 path (the bitmap kernel, and the
+  Tiled-CSL kernel with 8 warps) whose one x4 serves two k16 steps, each accumulating into its own
+  rows (`_run_blocks` folds them as `fold_steps` does).
 * `bitmap_expanded`: `cuda/bitmap_expand.cu`, the prefill path's expansion to a dense weight:
   each thread's two mask bytes, the block-wide scan of their popcounts, the (row, column) each
   byte's row piece lands on, and the stores that stop at M and K; `tiled_csl_expanded` the same
@@ -458,11 +458,12 @@ def tiled_csl_b_fragments(w: TiledCSLWeight, words_per_stage: int = 2048) -> tor
     out = torch.zeros(tiles, WARPS, 4, 2, 4, LANES, dtype=torch.int64)
     q = _LANE >> 3
     for wp in range(WARPS):
-        for kc in range(4):
-            for h in range(2):
-                row = wp * 32 + h * 16 + (q >> 1) * 8 + (_LANE & 7)
-                chunk = kc * 2 + (q & 1)
-                addr = row * TILE_K + ((chunk ^ (_LANE & 7)) << 3)
+        for h in range(2):
+            # b_offsets (in halves): step 0's row and swizzled chunk; step kc's is that XOR 16 kc
+            row = wp * 32 + h * 16 + (q >> 1) * 8 + (_LANE & 7)
+            step0 = row * TILE_K + (((q & 1) ^ (_LANE & 7)) << 3)
+            for kc in range(4):
+                addr = step0 ^ (kc << 4)
                 out[:, wp, kc, h] = ldmatrix(shared, addr.expand(tiles, LANES)).permute(0, 2, 1)
     return out
 
@@ -499,6 +500,7 @@ class Plan:
     words_per_stage: int = 2048  # Tiled-CSL only
     persistent_blocks: int = 0  # bitmap only: stream-K blocks along the tile sequence (0 = off)
     cores: int = 0  # Tiled-CSL only: configs.LaunchConfig.cores (1 or 2: the same sums, per block or per warp)
+    warps: int = 4  # Tiled-CSL only: with 8 warps and 8 rows one A load serves two k16 steps (A_STEPS)
 
 
 def split_ranges(k_tiles: int, split_k: int) -> list[range]:
@@ -695,9 +697,10 @@ def tiled_csl_kernel(x: torch.Tensor, w: TiledCSLWeight, bias: Optional[torch.Te
     tm, tk = -(-out_features // TILE_M), -(-in_features // TILE_K)
     frags = tiled_csl_b_fragments(w, plan.words_per_stage).reshape(tm, tk, WARPS, 4, 2, 4, LANES)
     xp, kx = padded_activations(x, in_features)
+    steps = 2 if plan.nrows == 8 and plan.warps == 8 else 1  # tiled_csl_spmm.cu: A_STEPS
 
     def a_regs(n0, kt):
-        return a_fragments(stage_x(xp, plan.nrows, n0, kt * TILE_K, kx), plan.nrows)
+        return a_fragments(stage_x(xp, plan.nrows, n0, kt * TILE_K, kx), plan.nrows, steps)
 
     def b_regs(strip, kt):
         # accumulator mt = 2h + j: (b0, b1) = registers (b00, b01) for j = 0, (b10, b11) for j = 1
@@ -708,4 +711,5 @@ def tiled_csl_kernel(x: torch.Tensor, w: TiledCSLWeight, bias: Optional[torch.Te
     def m8_of(strip, i):
         return strip * TILE_M + (i // 4) * 32 + (i % 4) * 8
 
-    return _run_blocks(a_regs, b_regs, tk, [[s] for s in range(tm)], m8_of, WARPS * 4, x, out_features, bias, plan)
+    return _run_blocks(a_regs, b_regs, tk, [[s] for s in range(tm)], m8_of, WARPS * 4, x, out_features, bias, plan,
+                       steps)

@@ -79,6 +79,13 @@ static_assert(!CORES || (WARPS == 4 && NROWS == 8), "CORES: 4 warps, NROWS 8");
 constexpr int DENSE_TILES = CORES ? 0 : FLASHLLM_DENSE_TILES;
 static_assert(CORES || DENSE_TILES == 1 || DENSE_TILES == 2, "DENSE_TILES");
 constexpr bool SCATTER_AHEAD = DENSE_TILES == 2;  // scatter tile i + 1 while reading tile i
+// k16 steps per A-fragment load (common.cuh, load_a_frags): two at NROWS == 8 with 8 warps and two
+// dense tiles, whose 60 KB of shared memory leave room for 3 blocks per SM at any register count
+// ptxas picks. The paired steps' second set of accumulators costs registers: 8 warps with one
+// dense tile went from 64 to 72 (4 resident blocks down to 3; capped at 64 the pairing saved 4
+// instructions of 18), 4 warps (two 16-row halves each) from 52-57 to 92-114 (5 blocks down to 4,
+// one sm_90 build spilled at its default cap): those keep one step per load.
+constexpr int A_STEPS = HALF_A && HALVES == 1 && DENSE_TILES == 2 ? 2 : 1;
 #ifndef FLASHLLM_PROBE
 #define FLASHLLM_PROBE 0
 #endif
@@ -388,13 +395,30 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
     scatter(0, dense(0));
   }
 
-  float acc[2 * HALVES][NT][4];
+  float acc[A_STEPS][2 * HALVES][NT][4];
 #pragma unroll
-  for (int mt = 0; mt < 2 * HALVES; ++mt)
+  for (int p = 0; p < A_STEPS; ++p)
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+    for (int mt = 0; mt < 2 * HALVES; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[p][mt][nt][e] = 0.f;
+
+  // Byte offset in a dense tile of the row and swizzled 16-byte chunk this lane addresses for the
+  // ldmatrix of k16 step 0, per 16-row half: lane l gives row l % 8 of matrix l / 8 (rows + 8 for
+  // matrices 2-3, k 8-15 for 1 and 3). The rows are 128 bytes and step kc's chunk is 2 kc + (q & 1),
+  // so step kc's offset is step 0's XOR 32 kc: one LOP3 per step instead of the swizzle's
+  // arithmetic, which ptxas otherwise recomputed from the lane index in every tile.
+  u32 b_offsets[HALVES];
+#pragma unroll
+  for (int h = 0; h < (RUN_MMA ? HALVES : 0); ++h) {
+    const int q = lane >> 3;
+    const int row = warp * WARP_ROWS + h * 16 + (q >> 1) * 8 + (lane & 7);
+    b_offsets[h] = static_cast<u32>(row * TILE_K + (((q & 1) ^ (lane & 7)) << 3)) * 2u;
+    b_offsets[h] = __shfl_sync(FULL, b_offsets[h], lane);
+  }
+  static_assert(TILE_K * 2 == 128, "b_offsets: step kc's chunk bits 1-2 are address bits 5-6 of a 128-byte row");
 
   int st = 0;                 // stage of tile i (its activations)
   int st_next = 1;            // stage of tile i + 1 (its words)
@@ -426,22 +450,18 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
     // ldmatrix.x4 gives the B fragments (k 0-7 and 8-15) of both 8-row groups of a half.
     const u32 d_addr = sbase + dense_i * DENSE_BYTES;
     const u32 xs = sbase + STAGE0_OFF + st * STAGE_BYTES + WORDS_BYTES;
+    u32 a[NT][4];
 #pragma unroll
     for (int kc = 0; kc < (RUN_MMA ? 4 : 0); ++kc) {
-      u32 a[NT][4];
-      load_a_frags<1>(xs, kc, lane, a);
+      if (acc_step<A_STEPS>(kc) == 0) load_a_frags<A_STEPS>(xs, kc, lane, a);
 #pragma unroll
       for (int h = 0; h < HALVES; ++h) {
-        const int q = lane >> 3;
-        const int row = warp * WARP_ROWS + h * 16 + (q >> 1) * 8 + (lane & 7);
-        const int chunk = kc * 2 + (q & 1);
         u32 b00, b01, b10, b11;
-        ldmatrix_x4(d_addr + static_cast<u32>(row * TILE_K + ((chunk ^ (lane & 7)) << 3)) * 2u, b00,
-                    b01, b10, b11);
+        ldmatrix_x4(d_addr + (b_offsets[h] ^ (kc << 5)), b00, b01, b10, b11);
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-          mma16816(acc[2 * h][nt], a[nt], b00, b01);
-          mma16816(acc[2 * h + 1][nt], a[nt], b10, b11);
+          mma16816(acc[acc_step<A_STEPS>(kc)][2 * h][nt], a[nt], b00, b01);
+          mma16816(acc[acc_step<A_STEPS>(kc)][2 * h + 1][nt], a[nt], b10, b11);
         }
       }
     }
@@ -484,9 +504,11 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
 #pragma unroll
     for (int mt = 0; mt < 2 * HALVES; ++mt)
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-        store_acc(acc[mt][nt], strip * TILE_M + warp * WARP_ROWS + mt * 8, n0 + nt * 16, lane, M, N,
+      for (int nt = 0; nt < NT; ++nt) {
+        if constexpr (A_STEPS == 2) fold_steps(acc[0][mt][nt], acc[1][mt][nt]);
+        store_acc(acc[0][mt][nt], strip * TILE_M + warp * WARP_ROWS + mt * 8, n0 + nt * 16, lane, M, N,
                   bias, y, ws);
+      }
   }
 #if FLASHLLM_FIXUP  // (an `if constexpr` would do, but it changes the other variants' SASS)
   if (ws != nullptr) {
