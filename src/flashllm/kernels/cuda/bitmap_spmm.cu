@@ -573,11 +573,19 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
         if (r < warp) above += __popc(words[r * 32 + lane]);
       }
       const u32 row_base = __reduce_add_sync(FULL, above);
+      // One strip: each step is a shuffle and an add predicated on the shuffle's own in-range bit
+      // (scan_step). Two strips keep the lane compares: with the predicated steps ptxas took two
+      // of those builds down to 64-80 registers and spilled, and launch bounds that stopped it
+      // cost them resident blocks.
       u32 inclusive = count;
+      if constexpr (STRIPS == 1) {
+        inclusive = scan_step<16>(scan_step<8>(scan_step<4>(scan_step<2>(scan_step<1>(count)))));
+      } else {
 #pragma unroll
-      for (int d = 1; d < 32; d <<= 1) {
-        const u32 v = __shfl_up_sync(FULL, inclusive, d);
-        if (lane >= d) inclusive += v;
+        for (int d = 1; d < 32; d <<= 1) {
+          const u32 v = __shfl_up_sync(FULL, inclusive, d);
+          if (lane >= d) inclusive += v;
+        }
       }
       const u32 run = st * STAGE_BYTES + VALS_OFF + s * VAL_BYTES;
       const u32 start = run + 2u * (row_base + inclusive - count);

@@ -218,6 +218,34 @@ __device__ __forceinline__ void trap_unless_smem(u32 bytes, int tid) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Warp helpers
+// ---------------------------------------------------------------------------------------------
+
+// `v` itself, in a register ptxas will not rematerialize. ptxas recomputes values it can derive
+// from threadIdx and the kernel parameters (addresses, swizzles) at every use inside a loop, even
+// with registers to spare: a few instructions per use and tile. A shuffle from the thread's own
+// lane is an identity it cannot see through, so the value is computed once. All 32 lanes must
+// call it together.
+__device__ __forceinline__ u32 kept(u32 v) { return __shfl_sync(FULL, v, threadIdx.x & 31u); }
+// One step of a warp-wide inclusive scan: x plus x of the lane `D` below, where there is one. The
+// shuffle's own in-range predicate decides (as CUB's warp scan does), so a step is the shuffle and
+// one predicated add, with no compare of the lane index (ptxas recomputed those compares in every
+// iteration of a loop: predicate registers are few).
+template <int D>
+__device__ __forceinline__ u32 scan_step(u32 x) {
+  asm volatile(
+      "{\n"
+      ".reg .u32 below;\n"
+      ".reg .pred in_range;\n"
+      "shfl.sync.up.b32 below|in_range, %0, %1, 0, -1;\n"
+      "@in_range add.u32 %0, %0, below;\n"
+      "}\n"
+      : "+r"(x)
+      : "n"(D));
+  return x;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Activations: staging and A fragments
 // ---------------------------------------------------------------------------------------------
 // Stage x[n0 : n0 + NROWS, k0 : k0 + 64] into a stage buffer (row stride XS_STRIDE halves), one

@@ -409,14 +409,14 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
   // ldmatrix of k16 step 0, per 16-row half: lane l gives row l % 8 of matrix l / 8 (rows + 8 for
   // matrices 2-3, k 8-15 for 1 and 3). The rows are 128 bytes and step kc's chunk is 2 kc + (q & 1),
   // so step kc's offset is step 0's XOR 32 kc: one LOP3 per step instead of the swizzle's
-  // arithmetic, which ptxas otherwise recomputed from the lane index in every tile.
+  // arithmetic, which ptxas otherwise recomputed from the lane index in every tile (`kept`).
   u32 b_offsets[HALVES];
 #pragma unroll
   for (int h = 0; h < (RUN_MMA ? HALVES : 0); ++h) {
     const int q = lane >> 3;
     const int row = warp * WARP_ROWS + h * 16 + (q >> 1) * 8 + (lane & 7);
     b_offsets[h] = static_cast<u32>(row * TILE_K + (((q & 1) ^ (lane & 7)) << 3)) * 2u;
-    b_offsets[h] = __shfl_sync(FULL, b_offsets[h], lane);
+    b_offsets[h] = kept(b_offsets[h]);
   }
   static_assert(TILE_K * 2 == 128, "b_offsets: step kc's chunk bits 1-2 are address bits 5-6 of a 128-byte row");
 
