@@ -3,6 +3,7 @@
     python scripts/sass_loops.py bitmap --shape llama-2-7b.up --n 16 --sparsity 0.8
     python scripts/sass_loops.py bitmap:scatter:fit --shape opt-66b.qkv --n 1 --sparsity 0.9
     python scripts/sass_loops.py tiled_csl --shape opt-175b.qkv --n 16 --sparsity 0.9 --arch sm_80
+    python scripts/sass_loops.py tiled_csl --shape llama-2-7b.up --n 8 --base HEAD~1  # and the change
 
 On an H200 the kernels are bound by instruction issue and the shared-memory pipe, not DRAM
 (BENCHMARKS.md, eleventh session: 0.32 warp instructions per weight for the bitmap kernel at 80%,
@@ -152,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", default="sm_90", choices=["sm_80", "sm_90"])
     parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     parser.add_argument("--sass", help="also write the whole disassembly here")
+    parser.add_argument("--base", metavar="REF",
+                        help="also count the same launch (this tree's defines) compiled from the kernel sources "
+                             "at git revision REF, and print the main loop's change")
     args = parser.parse_args(argv)
 
     import torch
@@ -176,13 +180,37 @@ def main(argv: list[str] | None = None) -> int:
         kinds = lp.kinds()
         print(" | ".join([f"{lp.start:#06x}-{lp.end:#06x}", str(lp.size), *(str(kinds.get(k, 0)) for k in [*KINDS, "other"])]))
     if found:
-        # The innermost loop holding the most tensor-core instructions: an outer backward branch
-        # (a split-K fixup's retry, a stream-K strip loop) can span the tile loop with the same count.
-        main_loop = max(found, key=lambda lp: (lp.kinds().get("tensor core", 0), -lp.size))
+        main_loop = find_main_loop(found)
         per = weights_per_warp_iteration(fmt, cfg)
         print(f"main loop {main_loop.start:#06x}-{main_loop.end:#06x}: {main_loop.size} instructions per warp and "
               f"tile of {per} weights per warp, {main_loop.size / per:.3f} per weight (inner loops once)")
+        if args.base:
+            options = launch.compile_options(args.arch, defines, dtype)
+            sources = {name: git_show(args.base, name) for name in (source, launch.HEADER)}
+            headers = {launch.HEADER: sources[launch.HEADER]}
+            cubin = launch.nvrtc().compile(sources[source], source, options, headers, True)
+            base_found = loops(parse_sass(disassemble(cubin)))
+            if base_found:
+                base = find_main_loop(base_found)
+                print(f"at {args.base}: main loop {base.size} instructions per warp and tile "
+                      f"({main_loop.size - base.size:+d} now, {main_loop.size / base.size - 1:+.1%})")
     return 0
+
+
+def find_main_loop(found: list[Loop]) -> Loop:
+    """The innermost loop holding the most tensor-core instructions: an outer backward branch (a
+    split-K fixup's retry, a stream-K strip loop) can span the tile loop with the same count."""
+    return max(found, key=lambda lp: (lp.kinds().get("tensor core", 0), -lp.size))
+
+
+def git_show(ref: str, name: str) -> str:
+    """Kernel source file `name` as it was at git revision `ref`."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(["git", "show", f"{ref}:src/flashllm/kernels/cuda/{name}"], cwd=root,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"git show {ref}:{name} failed: {done.stderr.strip()}")
+    return done.stdout
 
 
 if __name__ == "__main__":

@@ -193,6 +193,13 @@ def test_sass_loops_script_counts_each_loop_by_kind():
 
     assert script.weights_per_warp_iteration("bitmap", LaunchConfig(nrows=16, strips=2)) == 2048
     assert script.weights_per_warp_iteration("tiled_csl", LaunchConfig(nrows=16, warps=8)) == 1024
+    # the main loop: the most tensor-core instructions, and of loops with as many the innermost (a
+    # split-K fixup's retry branch can span the tile loop)
+    assert script.find_main_loop([outer, inner]) is outer
+    spanning = script.Loop(0x0, 0x90, ["BRA", *outer.opcodes, "ISETP"])
+    assert script.find_main_loop([spanning, outer, inner]) is outer
+    # --base reads the kernel sources of a git revision
+    assert "flashllm_tiled_csl_spmm" in script.git_show("HEAD", "tiled_csl_spmm.cu")
 
 
 def test_csl_scatter_conflicts_counts_wavefronts_of_both_layouts():
