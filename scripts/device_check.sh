@@ -19,7 +19,8 @@
 #   5. flashllm bench kernels --quick (BENCH_SELECT replaces --quick): CSV + PNG + table (~1 min)
 #      DEVICE_CHECK_SWEEP=1 times every issue shape, N 1/8/16/32 (SWEEP_N), sparsity 0.5-0.9
 #      (SWEEP_SPARSITY), optionally a SWEEP_SAMPLE of those points, into sweep/; its methods
-#      (SWEEP_FORMATS) are both formats and the pending options that passed step 2b  (~1 min)
+#      (SWEEP_FORMATS) are both formats and the pending options that passed step 2b  (~1 min),
+#      then compared with the last committed sweep (SWEEP_BASELINE; scripts/compare_sweeps.py)
 #      DEVICE_CHECK_BF16=1 repeats it in bf16 against cuBLAS (kernels_bf16.csv)     (~30 s)
 #      DEVICE_CHECK_PROBE=1: where the kernels' time goes, each timed with parts of its work left
 #      out (python -m flashllm.bench.probes; PROBE_SELECT replaces its default layers, N and
@@ -287,6 +288,13 @@ if [ "${DEVICE_CHECK_SWEEP:-0}" = "1" ]; then
     > "$OUT/sweep.log" 2>&1
   STATUS[sweep]=$?
   tail -n 3 "$OUT/sweep.log"
+  # Against the last committed sweep (SWEEP_BASELINE): what a kernel change did, point by point,
+  # net of the two runs' cuBLAS drift.
+  baseline="${SWEEP_BASELINE:-bench-results/h200-2026-11-27c/call1_sweep.csv}"
+  if [ -f "$baseline" ] && [ -f "$OUT/sweep/kernels.csv" ]; then
+    echo "against $baseline:"
+    "$PY" scripts/compare_sweeps.py "$baseline" "$OUT/sweep/kernels.csv" 2>&1 | tee "$OUT/sweep_vs_baseline.txt"
+  fi
 fi
 
 if [ "${DEVICE_CHECK_BF16:-0}" = "1" ]; then

@@ -226,3 +226,31 @@ def test_csl_scatter_conflicts_counts_wavefronts_of_both_layouts():
     now, stores = script.store_wavefronts(slots >> 2, weight.offsets)
     before, _ = script.store_wavefronts(v1 >> 2, weight.offsets)
     assert now < before and now / stores < 1.7 < before / stores
+
+
+def test_compare_sweeps_reports_ratios_net_of_cublas(tmp_path):
+    # scripts/compare_sweeps.py, run by the device script after its sweep: old / new time per method,
+    # by sparsity and by N, and the same divided by cuBLAS's ratio at that (dtype, shape, N).
+    script = _script("compare_sweeps")
+    fields = "dtype,shape,n,sparsity,method,time_us"
+
+    def write(name, rows):
+        path = tmp_path / name
+        path.write_text(fields + "\n" + "\n".join(",".join(map(str, r)) for r in rows) + "\n")
+        return str(path)
+
+    old = write("old.csv", [("fp16", "a", 1, 0.0, "cublas", 10.0), ("fp16", "a", 1, 0.8, "bitmap", 8.0),
+                            ("fp16", "a", 8, 0.0, "cublas", 12.0), ("fp16", "a", 8, 0.8, "bitmap", 9.0),
+                            ("fp16", "b", 1, 0.8, "bitmap", 5.0)])  # b: not in the new run
+    new = write("new.csv", [("fp16", "a", 1, 0.0, "cublas", 11.0), ("fp16", "a", 1, 0.8, "bitmap", 4.0),
+                            ("fp16", "a", 8, 0.0, "cublas", 12.0), ("fp16", "a", 8, 0.8, "bitmap", 9.0),
+                            ("fp16", "a", 8, 0.8, "tiled_csl", "")])  # no time: skipped
+    lines = script.compare(script.read(old), script.read(new))
+    assert lines[0] == "4 points in both runs"
+    assert lines[1].startswith(f"cublas: old / new time {(10 / 11) ** 0.5:.3f} over 2 points")
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:3]): line for line in lines[4:]}
+    # N = 1: twice as fast (8 -> 4 µs) while cuBLAS got 10% slower: net 2 / (10 / 11) = 2.2
+    assert rows[("bitmap", "N", "1")].endswith("| 1 | 2.000 | 2.200 |")
+    assert rows[("bitmap", "N", "8")].endswith("| 1 | 1.000 | 1.000 |")
+    assert rows[("bitmap", "sparsity", "80%")].endswith(f"| 2 | {2 ** 0.5:.3f} | {2.2 ** 0.5:.3f} |")
+    assert script.compare({}, script.read(new)) == ["no point is in both runs"]
