@@ -39,7 +39,7 @@ def emulated_run(fmt):
         blocks = configs.persistent_blocks(tiles, 5, -(-x.shape[0] // cfg.nrows)) if cfg.persistent else 0
         plan = E.Plan(nrows=cfg.nrows, split_k=cfg.split_k, strips=cfg.strips, decode=cfg.decode,
                       words_per_stage=cfg.words_per_stage or 2048, persistent_blocks=blocks, cores=cfg.cores,
-                      warps=cfg.warps)
+                      warps=cfg.warps, dense_tiles=cfg.dense_tiles)
         y, _ = E.bitmap_kernel(x, w, bias, plan, stale=None) if fmt == "bitmap" else E.tiled_csl_kernel(x, w, bias, plan)
         out.copy_(y)
         return out

@@ -80,11 +80,11 @@ constexpr int DENSE_TILES = CORES ? 0 : FLASHLLM_DENSE_TILES;
 static_assert(CORES || DENSE_TILES == 1 || DENSE_TILES == 2, "DENSE_TILES");
 constexpr bool SCATTER_AHEAD = DENSE_TILES == 2;  // scatter tile i + 1 while reading tile i
 // k16 steps per A-fragment load (common.cuh, load_a_frags): two at NROWS == 8 with 8 warps and two
-// dense tiles, whose 60 KB of shared memory leave room for 3 blocks per SM at any register count
-// ptxas picks. The paired steps' second set of accumulators costs registers: 8 warps with one
-// dense tile went from 64 to 72 (4 resident blocks down to 3; capped at 64 the pairing saved 4
-// instructions of 18), 4 warps (two 16-row halves each) from 52-57 to 92-114 (5 blocks down to 4,
-// one sm_90 build spilled at its default cap): those keep one step per load.
+// dense tiles, whose 54-73 KB of shared memory hold 3-4 blocks per SM, which the paired steps'
+// 64-72 registers still fit. Their second set of accumulators costs the others resident blocks: 8
+// warps with one dense tile went from 64 to 72 registers (4 blocks down to 3; capped at 64 the
+// pairing saved 4 instructions of 18), 4 warps (two 16-row halves each) from 52-57 to 92-114 (5
+// blocks down to 4, one sm_90 build spilled at its default cap): those keep one step per load.
 constexpr int A_STEPS = HALF_A && HALVES == 1 && DENSE_TILES == 2 ? 2 : 1;
 #ifndef FLASHLLM_PROBE
 #define FLASHLLM_PROBE 0
