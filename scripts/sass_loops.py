@@ -198,9 +198,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def find_main_loop(found: list[Loop]) -> Loop:
-    """The innermost loop holding the most tensor-core instructions: an outer backward branch (a
-    split-K fixup's retry, a stream-K strip loop) can span the tile loop with the same count."""
-    return max(found, key=lambda lp: (lp.kinds().get("tensor core", 0), -lp.size))
+    """The innermost loop holding the most tensor-core instructions (an outer backward branch, a
+    split-K fixup's retry or a stream-K strip loop, can span the tile loop with the same count);
+    without any (the CUDA-core path), the largest loop."""
+    most = max(lp.kinds().get("tensor core", 0) for lp in found)
+    if most == 0:
+        return max(found, key=lambda lp: lp.size)
+    return min((lp for lp in found if lp.kinds().get("tensor core", 0) == most), key=lambda lp: lp.size)
 
 
 def git_show(ref: str, name: str) -> str:

@@ -198,6 +198,8 @@ def test_sass_loops_script_counts_each_loop_by_kind():
     assert script.find_main_loop([outer, inner]) is outer
     spanning = script.Loop(0x0, 0x90, ["BRA", *outer.opcodes, "ISETP"])
     assert script.find_main_loop([spanning, outer, inner]) is outer
+    no_mma = [script.Loop(0x0, 0x40, ["FFMA"] * 6), script.Loop(0x10, 0x20, ["FFMA"] * 2)]
+    assert script.find_main_loop(no_mma) is no_mma[0]  # the CUDA-core path: the largest loop
     # --base reads the kernel sources of a git revision
     assert "flashllm_tiled_csl_spmm" in script.git_show("HEAD", "tiled_csl_spmm.cu")
 
