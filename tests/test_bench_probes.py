@@ -256,3 +256,18 @@ def test_compare_sweeps_reports_ratios_net_of_cublas(tmp_path):
     assert rows[("bitmap", "N", "8")].endswith("| 1 | 1.000 | 1.000 |")
     assert rows[("bitmap", "sparsity", "80%")].endswith(f"| 2 | {2 ** 0.5:.3f} | {2.2 ** 0.5:.3f} |")
     assert script.compare({}, script.read(new)) == ["no point is in both runs"]
+
+
+def test_register_check_counts_resident_blocks_and_reads_ptxas():
+    # scripts/register_check.py: a kernel edit's register changes that cost a resident block per SM
+    script = _script("register_check")
+    # 8 warps at 64 registers: 4 blocks by registers (64K / (256 x 64)); 60 KB of shared memory: 3 on sm_90
+    assert script.resident_blocks(64, 256, 0, "sm_90") == 4
+    assert script.resident_blocks(72, 256, 0, "sm_90") == 3  # 4 x 256 x 72 registers exceed 64K
+    assert script.resident_blocks(64, 256, 60 * 1024, "sm_90") == 3
+    assert script.resident_blocks(65, 128, 0, "sm_90") == 7  # rounded up to 72 per thread, per warp
+    assert script.resident_blocks(40, 128, 12 * 1024, "sm_80") == 12
+    assert script.resident_blocks(16, 32, 0, "sm_90") == 32  # the block limit
+    log = "ptxas info : Used 92 registers, used 1 barriers, 16 bytes stack frame, 20 bytes spill stores, 8 bytes spill loads"
+    assert script.ptxas_report(log) == (92, 16, 20)
+    assert script.ptxas_report("no report") == (-1, -1, -1)
