@@ -388,7 +388,8 @@ def test_stream_k_strips_are_completed_by_exactly_one_block():
     (129, 129, 40, 0.0, E.Plan(nrows=16, split_k=2, words_per_stage=256)),
     (64, 64, 5, 1.0, E.Plan(nrows=8, split_k=1)),
     (257, 100, 70, 0.8, E.Plan(nrows=64, split_k=1, words_per_stage=3072)),
-    # 8 warps and two dense tiles at 8 rows: one A load serves two k16 steps, folded in the epilogue
+    # 8 rows: one A load serves two k16 steps, folded in the epilogue (4 warps above), except with 8
+    # warps and one dense tile
     (200, 300, 7, 0.8, E.Plan(nrows=8, split_k=3, words_per_stage=256, warps=8)),
     (130, 70, 1, 0.95, E.Plan(nrows=8, split_k=1, words_per_stage=1536, warps=8)),
     (129, 129, 9, 0.5, E.Plan(nrows=8, split_k=1, words_per_stage=2048, warps=8)),

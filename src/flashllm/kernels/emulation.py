@@ -14,8 +14,8 @@ can compare the result with `to_dense` bit for bit and with a float64 product:
 * `tiled_csl_b_fragments`: the scatter of every word, sentinels and the CAPW piece reloads
   included, into the swizzled shared tile, and the ldmatrix.x4 reads of each warp.
 * `a_fragments`: the staged activations (zero fill past N and the valid columns) and the
-  ldmatrix addressing of `load_a_frags`, including the N <= 8 path (the bitmap kernel, and the
-  Tiled-CSL kernel with 8 warps and two dense tiles) whose one x4 serves two k16 steps, each accumulating into its own
+  ldmatrix addressing of `load_a_frags`, including the N <= 8 path (both kernels; not Tiled-CSL
+  with 8 warps and one dense tile) whose one x4 serves two k16 steps, each accumulating into its own
   rows (`_run_blocks` folds them as `fold_steps` does).
 * `bitmap_expanded`: `cuda/bitmap_expand.cu`, the prefill path's expansion to a dense weight:
   each thread's two mask bytes, the block-wide scan of their popcounts, the (row, column) each
@@ -500,7 +500,8 @@ class Plan:
     words_per_stage: int = 2048  # Tiled-CSL only
     persistent_blocks: int = 0  # bitmap only: stream-K blocks along the tile sequence (0 = off)
     cores: int = 0  # Tiled-CSL only: configs.LaunchConfig.cores (1 or 2: the same sums, per block or per warp)
-    # Tiled-CSL only: with 8 warps, two dense tiles and 8 rows one A load serves two k16 steps (A_STEPS)
+    # Tiled-CSL only: at 8 rows one A load serves two k16 steps (A_STEPS), except with 8 warps and
+    # one dense tile
     warps: int = 4
     dense_tiles: int = 2
 
@@ -699,7 +700,7 @@ def tiled_csl_kernel(x: torch.Tensor, w: TiledCSLWeight, bias: Optional[torch.Te
     tm, tk = -(-out_features // TILE_M), -(-in_features // TILE_K)
     frags = tiled_csl_b_fragments(w, plan.words_per_stage).reshape(tm, tk, WARPS, 4, 2, 4, LANES)
     xp, kx = padded_activations(x, in_features)
-    steps = 2 if plan.nrows == 8 and plan.warps == 8 and plan.dense_tiles == 2 else 1  # A_STEPS
+    steps = 2 if plan.nrows == 8 and (plan.warps == 4 or plan.dense_tiles == 2) else 1  # A_STEPS
 
     def a_regs(n0, kt):
         return a_fragments(stage_x(xp, plan.nrows, n0, kt * TILE_K, kx), plan.nrows, steps)

@@ -323,8 +323,8 @@ __device__ __forceinline__ void copy_run(u32 dst, const void* src, int chunks, i
 // (`acc_step`); the cross terms in the other rows are never stored, and `fold_steps` adds the
 // second accumulator's rows 8-15 to the first's rows 0-7 before the epilogue. Same shared-memory
 // wavefronts (one x4 for two x2), half the ldmatrix instructions, no moves, 8 more registers per
-// 16 output rows (the Tiled-CSL kernel pairs steps only where those registers cost no resident
-// block: 8 warps and two dense tiles; see A_STEPS there).
+// 16 output rows (the Tiled-CSL kernel pairs them too, except with 8 warps and one dense tile,
+// where those registers would cost a resident block; see A_STEPS there).
 template <int STEPS>
 __device__ __forceinline__ void load_a_frags(u32 xs, int kc, int lane, u32 (&a)[NT][4]) {
   static_assert(STEPS == 1 || (STEPS == 2 && HALF_A), "paired k16 steps are for NROWS == 8");

@@ -79,13 +79,12 @@ static_assert(!CORES || (WARPS == 4 && NROWS == 8), "CORES: 4 warps, NROWS 8");
 constexpr int DENSE_TILES = CORES ? 0 : FLASHLLM_DENSE_TILES;
 static_assert(CORES || DENSE_TILES == 1 || DENSE_TILES == 2, "DENSE_TILES");
 constexpr bool SCATTER_AHEAD = DENSE_TILES == 2;  // scatter tile i + 1 while reading tile i
-// k16 steps per A-fragment load (common.cuh, load_a_frags): two at NROWS == 8 with 8 warps and two
-// dense tiles, whose 54-73 KB of shared memory hold 3-4 blocks per SM, which the paired steps'
-// 64-72 registers still fit. Their second set of accumulators costs the others resident blocks: 8
-// warps with one dense tile went from 64 to 72 registers (4 blocks down to 3; capped at 64 the
-// pairing saved 4 instructions of 18), 4 warps (two 16-row halves each) from 52-57 to 92-114 (5
-// blocks down to 4, one sm_90 build spilled at its default cap): those keep one step per load.
-constexpr int A_STEPS = HALF_A && HALVES == 1 && DENSE_TILES == 2 ? 2 : 1;
+// k16 steps per A-fragment load (common.cuh, load_a_frags): two at NROWS == 8, except with 8 warps
+// and one dense tile. The paired steps' second set of accumulators costs registers: 8 warps with
+// one dense tile went from 64 to 72 (4 resident blocks down to 3; capped at 64 the pairing saved
+// 4 instructions of 18), so they keep one step per load; 4 warps (two 16-row halves each) take
+// 92-111 under the launch bounds below, which keep their resident blocks.
+constexpr int A_STEPS = HALF_A && (HALVES == 2 || DENSE_TILES == 2) ? 2 : 1;
 #ifndef FLASHLLM_PROBE
 #define FLASHLLM_PROBE 0
 #endif
@@ -275,10 +274,15 @@ __device__ __forceinline__ void each_piece(const RunInfo run, unsigned char* buf
 }  // namespace csl
 }  // namespace flashllm
 
-// With 8 warps ptxas otherwise caps the registers at 64 and spills (the 4-warp variants keep the
-// bounds they were validated with).
+// With 8 warps ptxas otherwise caps the registers at 64 and spills.
 #if FLASHLLM_WARPS == 8
 #define FLASHLLM_CSL_BOUNDS __launch_bounds__(flashllm::THREADS, 1)
+#elif FLASHLLM_NROWS == 8 && !FLASHLLM_CORES
+// 4 warps at 8 activation rows, whose paired k16 steps (A_STEPS) double the accumulators: without
+// a minimum ptxas capped one build at 64 registers and spilled. Asking for the blocks per SM their
+// shared memory allows on an H100/H200 (two dense tiles 3; one dense tile 5, 4 from 3072 words per
+// stage) lets them take the 92-111 registers they need and keeps those blocks.
+#define FLASHLLM_CSL_BOUNDS __launch_bounds__(flashllm::THREADS, FLASHLLM_DENSE_TILES == 1 && FLASHLLM_CAPW <= 2048 ? 5 : FLASHLLM_DENSE_TILES == 1 ? 4 : 3)
 #elif FLASHLLM_CORES
 // The CUDA-core path with the last-block split-K spilled 12 bytes at the 40 registers ptxas chose
 // for sm_80; asking for 4 resident blocks caps it at 128, more than it needs.
