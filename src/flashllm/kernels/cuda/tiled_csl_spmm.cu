@@ -279,9 +279,9 @@ __device__ __forceinline__ void each_piece(const RunInfo run, unsigned char* buf
 #define FLASHLLM_CSL_BOUNDS __launch_bounds__(flashllm::THREADS, 1)
 #elif FLASHLLM_NROWS == 8 && !FLASHLLM_CORES
 // 4 warps at 8 activation rows, whose paired k16 steps (A_STEPS) double the accumulators: without
-// a minimum ptxas capped one build at 64 registers and spilled. Asking for the blocks per SM their
-// shared memory allows on an H100/H200 (two dense tiles 3; one dense tile 5, 4 from 3072 words per
-// stage) lets them take the 92-111 registers they need and keeps those blocks.
+// a minimum ptxas capped one build at 64 registers and spilled. Asking for 3 blocks per SM (two
+// dense tiles) or the 5 that one dense tile's shared memory allows on an H100/H200 (4 from 3072
+// words per stage) lets them take the 92-111 registers they need without losing a block.
 #define FLASHLLM_CSL_BOUNDS __launch_bounds__(flashllm::THREADS, FLASHLLM_DENSE_TILES == 1 && FLASHLLM_CAPW <= 2048 ? 5 : FLASHLLM_DENSE_TILES == 1 ? 4 : 3)
 #elif FLASHLLM_CORES
 // The CUDA-core path with the last-block split-K spilled 12 bytes at the 40 registers ptxas chose
