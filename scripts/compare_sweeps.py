@@ -17,9 +17,6 @@ import math
 import sys
 from collections import defaultdict
 
-KEY = ("dtype", "shape", "n", "sparsity", "method")
-
-
 def read(path: str) -> dict[tuple, float]:
     """(dtype, shape, n, sparsity, method) -> time in µs, for every row with a time."""
     out = {}

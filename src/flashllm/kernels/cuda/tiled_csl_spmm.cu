@@ -419,8 +419,7 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
   for (int h = 0; h < (RUN_MMA ? HALVES : 0); ++h) {
     const int q = lane >> 3;
     const int row = warp * WARP_ROWS + h * 16 + (q >> 1) * 8 + (lane & 7);
-    b_offsets[h] = static_cast<u32>(row * TILE_K + (((q & 1) ^ (lane & 7)) << 3)) * 2u;
-    b_offsets[h] = kept(b_offsets[h]);
+    b_offsets[h] = kept(static_cast<u32>(row * TILE_K + (((q & 1) ^ (lane & 7)) << 3)) * 2u);
   }
   static_assert(TILE_K * 2 == 128, "b_offsets: step kc's chunk bits 1-2 are address bits 5-6 of a 128-byte row");
 
