@@ -9,9 +9,8 @@
 #   1. environment: GPU, driver, torch, NVRTC                                       (~5 s)
 #   2. smoke: one small product per format against float64                         (~10 s)
 #      2b. the same for each option not yet validated on a GPU, one at a time
-#      (`python -m flashllm.kernels.configs pending`: now Tiled-CSL's one-row products on the CUDA
-#      cores, tiled_csl:cores and tiled_csl:cores_warp, smoke-tested at N = 1); one that fails or
-#      hangs is left out of steps 3-7, the others run there                       (~10 s each)
+#      (`python -m flashllm.kernels.configs pending`: none since the sixteenth session); one that
+#      fails or hangs is left out of steps 3-7, the others run there              (~10 s each)
 #   3. pytest -m gpu: the kernels' correctness grid, every config variant, spmm/SparseLinear
 #      dispatch, torch.compile, CUDA graphs; CUDA-graph decoding of a sparse model  (~1 min)
 #   4. DEVICE_CHECK_TUNE=1: tune the launch configs on the --quick shapes (tuned.json, tune.log);
@@ -37,7 +36,7 @@
 #      read flush (clean lines), each with cuBLAS's fit of intercept + bytes / bandwidth
 #      (flush_write/, flush_read/)                                                  (~40 s)
 #   6. DEVICE_CHECK_NCU=1: Nsight Compute sections and warp-stall reasons, one launch per kernel
-#      option (ncu.log)                                                            (~30 s)
+#      option at NCU_ROWS activation rows (16; ncu.log)                              (~30 s)
 #   7. compute-sanitizer memcheck and racecheck on small shapes                    (~1 min)
 #   8. DEVICE_CHECK_E2E=1: Llama-2-7B decode, dense vs 50%/80% (e2e.csv, e2e.png)   (~1 min)
 #      E2E_OPTIONS=fixup (any FLASHLLM_KERNEL_OPTIONS value) runs it again with those kernel
@@ -86,12 +85,13 @@ set -uo pipefail
 # then OPT-66B and OPT-175B at 80% on one GPU (--big, batch 1/8, 32 new tokens; OPT-175B needs an
 # H200); no GPU tests, no sanitizers. Rows are printed and written to the CSV as they come, so a
 # run cut short still reports the models it reached.
-# DEVICE_CHECK_PRESET=validate: kernels changed without a GPU, checked and timed in one call (~5
-# minutes with prebuilt cubins: 309 s on an H200, thirteenth session; cut at 560 s): the GPU tests
-# and both sanitizers, the expansion kernels timed (5d), the host time per eager call with real
-# launches (5f), and the all-layer sweep (N 1/8/16/32, 50-90%, bitmap and Tiled-CSL against
-# cuBLAS) to set beside the last session's; the pending options that pass step 2b join both
-# benchmarks under the configured launch (e.g. tiled_csl:cores, at N = 1).
+# DEVICE_CHECK_PRESET=validate: kernels changed without a GPU, checked and timed in one call (~5-6
+# minutes with prebuilt cubins: 309 s on an H200 in the thirteenth session, ~350 s in the
+# sixteenth, whose racecheck alone took 90 s; cut at 560 s): the GPU tests and both sanitizers, the
+# expansion kernels timed (5d), the host time per eager call with real launches (5f), and the
+# all-layer sweep (N 1/8/16/32, 50-90%, bitmap and Tiled-CSL against cuBLAS) compared with the last
+# committed one; the pending options that pass step 2b join both benchmarks under the configured
+# launch.
 # DEVICE_CHECK_PRESET=tune: one call that tunes the shape classes configs.TUNED has no entry for
 # (one layer each, Llama-2-7B's first: attention 4096 x 4096, down_proj 4096 x 11008; then OPT-30B
 # qkv and out, OPT-66B fc2, Llama-3-70B gate_up, OPT-66B fc1) at N 16/1/8/32 and 50/80%, its
@@ -123,7 +123,7 @@ elif [ "${DEVICE_CHECK_PRESET:-}" = "e2e" ]; then
 elif [ "${DEVICE_CHECK_PRESET:-}" = "validate" ]; then
   : "${BENCH_SELECT:=--shapes llama-2-7b.up,opt-66b.qkv --n 1,16 --sparsity 0.5,0.8,0.9}" "${BENCH_BASELINES:=cublas}"
   : "${BENCH_LIMIT:=60}" "${DEVICE_CHECK_SWEEP:=1}" "${SWEEP_LIMIT:=200}"
-  : "${PYTEST_LIMIT:=200}" "${SANITIZER_LIMIT:=60}" "${FORMATS_LIMIT:=30}" "${DEVICE_CHECK_DEADLINE:=560}"
+  : "${PYTEST_LIMIT:=200}" "${SANITIZER_LIMIT:=120}" "${FORMATS_LIMIT:=30}" "${DEVICE_CHECK_DEADLINE:=560}"
 elif [ -n "${DEVICE_CHECK_PRESET:-}" ]; then
   echo "unknown DEVICE_CHECK_PRESET=${DEVICE_CHECK_PRESET} (known: diagnose, tune, e2e, validate)"; exit 2
 fi
@@ -290,7 +290,7 @@ if [ "${DEVICE_CHECK_SWEEP:-0}" = "1" ]; then
   tail -n 3 "$OUT/sweep.log"
   # Against the last committed sweep (SWEEP_BASELINE): what a kernel change did, point by point,
   # net of the two runs' cuBLAS drift.
-  baseline="${SWEEP_BASELINE:-bench-results/h200-2026-11-27c/call1_sweep.csv}"
+  baseline="${SWEEP_BASELINE:-bench-results/h200-2026-11-27d/call1_sweep.csv}"
   if [ -f "$baseline" ] && [ -f "$OUT/sweep/kernels.csv" ]; then
     echo "against $baseline:"
     "$PY" scripts/compare_sweeps.py "$baseline" "$OUT/sweep/kernels.csv" 2>&1 | tee "$OUT/sweep_vs_baseline.txt"
@@ -345,7 +345,7 @@ if [ "${DEVICE_CHECK_NCU:-0}" = "1" ]; then
   step "6. Nsight Compute (DEVICE_CHECK_NCU=1)"
   NCU_PY=/tmp/flashllm_ncu.py
   cat > "$NCU_PY" <<'EOF'
-# Llama-2-7B up_proj, N = 16, tuned configs with each kernel option forced: bitmap's fragment decode
+# Llama-2-7B up_proj, N = 16 (NCU_ROWS), tuned configs with each kernel option forced: bitmap's fragment decode
 # at 50% (full and fitted value buffers, stream-K blocks, the run-bound ring) and 80% and its scatter decode at 90%,
 # Tiled-CSL with 4 and 8 warps at 80% (and at N = 1 its configured launch against both CUDA-core
 # paths), and bitmap's stream probe at 80%; with each warp-stall reason's share. One warm-up
@@ -357,7 +357,8 @@ from flashllm.bench.probes import ProbeConfig
 from flashllm.formats import BitmapWeight, TiledCSLWeight
 from flashllm.kernels import bitmap_cuda, configs, tiled_csl_cuda
 torch.manual_seed(0)
-x = torch.randn(16, 4096, device="cuda", dtype=torch.float16)
+ROWS = int(os.environ.get("NCU_ROWS", "16"))
+x = torch.randn(max(ROWS, 1), 4096, device="cuda", dtype=torch.float16)
 arch = configs.arch_key(torch.cuda.get_device_capability())
 work = []
 for cls, mod, s, options in [(BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragment"}),
@@ -386,7 +387,7 @@ for cls, mod, s, options in [(BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragme
                              (BitmapWeight, bitmap_cuda, 0.8, {"value_cap": configs.FIT, "tiles_per_stage": 2,
                                                                "probe": 1})]:
     probe = options.pop("probe", 0)
-    rows = options.pop("rows", 16)
+    rows = options.pop("rows", ROWS)
     cfg = configs.with_options(configs.get_config(arch, mod.FORMAT, 11008, 4096, rows, s), options, mod.FORMAT)
     if probe:
         cfg = ProbeConfig(**asdict(cfg), probe=probe)

@@ -142,12 +142,16 @@ MAX_PREFETCH = 16
 #   tiles.
 # What binds the kernel instead (Nsight Compute, same run): the L1/shared-memory pipe (79-84% of
 # its peak, stalls on shared-memory results first) and instruction issue, not DRAM.
-# Compiled and emulated, not yet run on a GPU (written in the fourteenth session, which had none):
+# Validated on an H200 on 2026-11-27 (sixteenth session: smoke tests, 656 GPU tests, memcheck,
+# racecheck), written in the fourteenth, and slower than the configured tensor-core launch at every
+# sparsity (the 18 issue layers at N = 1, geomean time ratio configured / option: cores 0.35-0.70x,
+# cores_warp 0.65-0.82x from 50 to 90%; BENCHMARKS.md), so the rule uses neither and the tuner
+# offers both at N = 1:
 # - "cores" and "cores_warp": Tiled-CSL products of one activation row (a decode step at batch 1)
 #   on the CUDA cores from the words, no dense tile (FLASHLLM_CORES in cuda/tiled_csl_spmm.cu): work
 #   per non-zero instead of per element (BENCHMARKS.md, fourteenth session); fp32 sums per lane
 #   shared by the block's warps (compare-and-swap adds), or per warp (plain adds, 4x the memory).
-UNVALIDATED: frozenset[str] = frozenset({"cores", "cores_warp"})
+UNVALIDATED: frozenset[str] = frozenset()
 
 # Shared-memory layout constants, mirrored from the .cu files (the kernels trap if the launch
 # provides less shared memory than they lay out, so a drift shows as an error, not as corruption).
