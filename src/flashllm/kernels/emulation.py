@@ -429,7 +429,7 @@ def tiled_csl_expanded(w: TiledCSLWeight) -> torch.Tensor:
 # Tiled-CSL
 # ---------------------------------------------------------------------------------------------
 def _slot_half(words: torch.Tensor) -> torch.Tensor:
-    """`csl::store_word`: the 16-bit shared slot a word's value is stored in, its byte offset
+    """`csl::store_word_if`: the 16-bit shared slot a word's value is stored in, its byte offset
     (the word's high half) clamped to the spare slot, halved."""
     return (words >> 16).clamp(max=2 * TILE_ELEMS) >> 1
 

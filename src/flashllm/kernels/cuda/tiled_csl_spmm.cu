@@ -120,26 +120,50 @@ struct alignas(8) RunInfo {
   int count;  // words of the tile, padding included
 };
 
-// The value of word w lands at byte (w >> 16) of the dense tile at shared address `base`. Clamped
-// (to `limit`, the spare slot's address) so that corrupt data, which the format's validation
-// refuses, lands there instead of outside the buffer. The slot is added before the clamp, so a word
-// costs two instructions (LEA.HI, VIMNMX) and the store; no memory clobber, so the next words'
-// loads may move above the stores (__syncthreads orders them with the ldmatrix reads).
-__device__ __forceinline__ void store_word(u32 base, u32 limit, u32 w) {
-  asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(min(base + (w >> 16), limit)), "h"(static_cast<unsigned short>(w)));
+// The value of word w lands at byte (w >> 16) of the dense tile at shared address `base`, if `ok`.
+// Clamped (to `limit`, the spare slot's address) so that corrupt data, which the format's
+// validation refuses, lands there instead of outside the buffer. The slot is added before the
+// clamp, so a word costs two instructions (LEA.HI, VIMNMX) and the store; no memory clobber, so
+// the next words' loads may move above the stores (__syncthreads orders them with the ldmatrix
+// reads). Predicated, not branched: a batch's last loads (below) are past the words for some
+// threads, and a branch around each quad's stores cost three instructions more per quad.
+__device__ __forceinline__ void store_word_if(u32 base, u32 limit, u32 w, bool ok) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.u32 p, %2, 0;\n @p st.shared.u16 [%0], %1;\n}\n" ::"r"(min(base + (w >> 16), limit)),
+      "h"(static_cast<unsigned short>(w)), "r"(static_cast<u32>(ok)));
 }
+
+// A thread's 16-byte word loads per batch, all issued before the batch's stores: ptxas keeps a
+// shared load below any earlier shared store (they might alias), so a loop of load-then-stores
+// waited out each load's latency in turn, with only a few warps per scheduler to hide it (Nsight
+// Compute: 72% of issue cycles idle at 80%, N = 8). A stage's words take CAPW / (4 THREADS) loads
+// per thread (4 at 2048 words and 4 warps); at most 4 per batch, 2 with 8 warps (3 cost an 8-warp
+// build a resident block).
+constexpr int SCATTER_MAX_BATCH = WARPS == 8 ? 2 : 4;
+constexpr int SCATTER_BATCH = (CAPW / 4 + THREADS - 1) / THREADS < SCATTER_MAX_BATCH
+                                  ? (CAPW / 4 + THREADS - 1) / THREADS
+                                  : SCATTER_MAX_BATCH;
 
 __device__ __forceinline__ void scatter_words(const unsigned char* words, int n, u16* dense, int tid) {
   if constexpr (!RUN_SCATTER) return;
   const U4* w4 = reinterpret_cast<const U4*>(words);
   const u32 base = smem_u32(dense);
   const u32 limit = base + SENTINEL_SLOT;
-  for (int q = tid; q < (n >> 2); q += THREADS) {
-    const U4 v = w4[q];
-    store_word(base, limit, v.x);
-    store_word(base, limit, v.y);
-    store_word(base, limit, v.z);
-    store_word(base, limit, v.w);
+  const int quads = n >> 2;
+  for (int q0 = tid; q0 < quads; q0 += SCATTER_BATCH * THREADS) {
+    U4 v[SCATTER_BATCH];
+#pragma unroll
+    for (int b = 0; b < SCATTER_BATCH; ++b) {
+      if (q0 + b * THREADS < quads) v[b] = w4[q0 + b * THREADS];
+    }
+#pragma unroll
+    for (int b = 0; b < SCATTER_BATCH; ++b) {
+      const bool ok = q0 + b * THREADS < quads;
+      store_word_if(base, limit, v[b].x, ok);
+      store_word_if(base, limit, v[b].y, ok);
+      store_word_if(base, limit, v[b].z, ok);
+      store_word_if(base, limit, v[b].w, ok);
+    }
   }
 }
 
@@ -359,9 +383,9 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
   auto prefetch = [&](int lo, int hi) {
     prefetch_l2(words + lo, static_cast<u32>(min(max(hi - lo, 0), TILE_ELEMS)) * 4u);
   };
-  // Scatter the tile held by stage st into a dense buffer.
-  auto scatter = [&](int st, u16* d) {
-    each_piece(info[st], stage_words(st), words, tid,
+  // Scatter the tile held by stage st, whose run is `run` (info[st]), into a dense buffer.
+  auto scatter = [&](const RunInfo run, int st, u16* d) {
+    each_piece(run, stage_words(st), words, tid,
                [&](const unsigned char* buf, int count) { scatter_words(buf, count, d, tid); });
   };
   // CORES: add the tile held by stage st into the sums.
@@ -396,7 +420,7 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
   if constexpr (SCATTER_AHEAD) {
     cp_async_wait<STAGES - 2>();
     __syncthreads();  // tile 0 landed, both dense tiles zeroed, info[0] visible
-    scatter(0, dense(0));
+    scatter(info[0], 0, dense(0));
   }
 
   float acc[A_STEPS][2 * HALVES][NT][4];
@@ -431,6 +455,9 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
     // landed. Either way tile i - 1's stage and dense rows are free.
     cp_async_wait<SCATTER_AHEAD ? STAGES - 3 : STAGES - 2>();
     __syncthreads();
+    // Scatter ahead: tile i + 1's run, read here (its writer passed at least one barrier ago): read
+    // where it is used, ptxas kept the load below the re-zeroing stores and the scatter waited on it.
+    const RunInfo next_run = info[st_next];
     const int j = i + STAGES - 1;
     if (j < nk) issue(j, st_issue, nlo, nhi);
     // Unconditional (clamped to the last tile): loaded under a branch, the bounds were kept on the
@@ -445,7 +472,7 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
     if constexpr (CORES) {
       add_tile(st);
     } else if constexpr (!SCATTER_AHEAD) {
-      scatter(st, dense(0));
+      scatter(info[st], st, dense(0));
       __syncthreads();  // every word of tile i is in the dense tile
     }
 
@@ -475,7 +502,7 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
       for (int c = lane; c < WARP_ROWS * TILE_K * 2 / 16; c += 32) rows[c] = U4{0u, 0u, 0u, 0u};
     }
 
-    if (SCATTER_AHEAD && i + 1 < nk) scatter(st_next, dense((i + 1) & 1));
+    if (SCATTER_AHEAD && i + 1 < nk) scatter(next_run, st_next, dense((i + 1) & 1));
 
     st = st_next;
     st_next = st_next + 1 == STAGES ? 0 : st_next + 1;
