@@ -91,38 +91,8 @@ n_ok=$(grep -c '^ok' "$OUT/summary.txt" || true)
 n_all=$(wc -l < "$OUT/jobs.txt")
 echo "compile_check: $n_ok / $n_all variants compiled cleanly"
 
-# NVRTC, which is what runs on users' GPUs, can allocate registers differently from nvcc (on the
-# H200, three Tiled-CSL variants kept a value on the stack with NVRTC and not with nvcc), so every
-# checked variant (shipped, and the options tuning may pick), the split-K epilogue and the
-# expansion kernels are also built the way the launcher builds them, for sm_80 and sm_90, both
-# dtypes, and ptxas's report (NVRTC --ptxas-options=-v) is checked for stack frames and spills.
-# Skipped where no NVRTC is found (FLASHLLM_NVRTC names one; the nvidia-cuda-nvrtc wheel has it).
+# The NVRTC builds the launcher makes, checked the same way (scripts/nvrtc_check.py; skipped where
+# no NVRTC is found).
 nvrtc_ok=1
-PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" "$PY" - <<'EOF' || nvrtc_ok=0
-import re, sys, torch
-from flashllm.kernels import launch
-try:
-    compiler = launch.nvrtc()
-except launch.KernelUnavailable as exc:
-    print(f"NVRTC check skipped: {exc}")
-    sys.exit(0)
-jobs = launch.build_jobs(checked=True)
-headers = {launch.HEADER: launch.kernel_source(launch.HEADER)}
-bad = total = 0
-for arch in ("sm_80", "sm_90"):
-    for source, name, defines in jobs:
-        for dtype in (torch.float16, torch.bfloat16):
-            log: list = []
-            options = launch.compile_options(arch, defines, dtype) + ["--ptxas-options=-v"]
-            compiler.compile(launch.kernel_source(source), source, options, headers, True, log_sink=log)
-            text = "".join(log)
-            stack = [int(v) for v in re.findall(r"(\d+) bytes stack frame", text)]
-            spills = [int(v) for v in re.findall(r"(\d+) bytes spill stores", text)]
-            total += 1
-            if not stack or any(stack) or any(spills):
-                bad += 1
-                print(f"FAIL (NVRTC {compiler.version} {arch}) {source} {defines} {dtype}: stack {stack}, spills {spills}")
-print(f"NVRTC {compiler.version}: {total - bad} / {total} builds with no stack frame and no spills")
-sys.exit(1 if bad else 0)
-EOF
+PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" "$PY" "$ROOT/scripts/nvrtc_check.py" || nvrtc_ok=0
 [ "$status" = 0 ] && [ "$n_ok" = "$n_all" ] && [ "$nvrtc_ok" = 1 ]

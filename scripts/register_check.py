@@ -17,12 +17,12 @@ on sm_90 and 164 KB on sm_80). Exits 1 if any variant spills or loses a block. N
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nvrtc_check import ptxas_numbers  # noqa: E402
 from sass_loops import git_show  # noqa: E402
 
 SHARED_PER_SM = {"sm_80": 164 * 1024, "sm_90": 228 * 1024}
@@ -41,11 +41,9 @@ def resident_blocks(registers: int, threads: int, smem_bytes: int, arch: str) ->
 
 
 def ptxas_report(log: str) -> tuple[int, int, int]:
-    """(registers, stack frame bytes, spill store bytes) from ptxas's -v report."""
-    def first(pattern: str) -> int:
-        found = re.search(pattern, log)
-        return int(found.group(1)) if found else -1
-    return (first(r"Used (\d+) registers"), first(r"(\d+) bytes stack frame"), first(r"(\d+) bytes spill stores"))
+    """(registers, stack frame bytes, spill store bytes) of the first kernel in ptxas's -v report,
+    -1 for what it does not say."""
+    return tuple(found[0] if found else -1 for found in ptxas_numbers(log))
 
 
 def main(argv: list[str] | None = None) -> int:

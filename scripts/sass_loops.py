@@ -16,6 +16,11 @@ instructions it spans) with its instructions by kind. The count is static: the b
 instructions once each, branches inside it included (the copies a tile's last iterations skip, a
 trap path), so it bounds an iteration from above; a loop whose trip count follows the data (the
 scatter decodes) runs its body that many times per tile.
+
+The Tiled-CSL kernel is latency-bound instead (sixteenth session: at N = 8 its schedulers idle in
+58-72% of cycles), so each loop also gets its shared-memory round trips (`shared_waits`): the
+points where a warp stops for a shared load issued since its last such stop, about one load
+latency each when few warps are there to cover it.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Instruction kinds, by SASS opcode (the text before the first '.'), in print order.
 KINDS = {
@@ -46,11 +51,52 @@ _OPCODE_KIND = {op: kind for kind, ops in KINDS.items() for op in ops}
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
 
 
+_REGISTER = re.compile(r"\bR(\d+)\b")
+_WRITES_REGISTER = re.compile(r"R(\d+)(\.\w+)*")
+# Opcodes whose operands are all read (no destination register).
+_NO_DESTINATION = ("STS", "STG", "ST", "STL", "RED", "BAR", "BRA", "DEPBAR", "LDGSTS")
+
+
+def _shared_load_registers(opcode: str) -> int:
+    """Registers a shared-memory load writes: LDS.64/.128 two/four, LDSM.x.2/.4 two/four, else one."""
+    suffix = opcode.split(".")[-1]
+    if opcode.startswith("LDSM"):
+        return int(suffix) if suffix in ("2", "4") else 1
+    return {"64": 2, "128": 4}.get(suffix, 1)
+
+
+def shared_waits(opcodes: list[str], operands: list[str]) -> int:
+    """Shared-memory round trips in one pass over a loop body: the instructions that read a
+    register written by a shared load issued since the last such wait. Every load issued before a
+    wait is in flight during it, so loads issued together and then used cost one round trip and a
+    loop of load-then-use one per load. A latency-bound kernel (few warps per scheduler, idle issue
+    slots) pays about one load latency per round trip. Static and in address order: a wait that a
+    branch skips is counted, and a loop-carried use (a load for the next iteration) is not."""
+    pending: set[int] = set()  # registers written by loads issued since the last wait
+    waits = 0
+    for opcode, ops in zip(opcodes, operands):
+        parts = [p.strip() for p in ops.split(",")]
+        base = opcode.split(".")[0]
+        dest = _WRITES_REGISTER.fullmatch(parts[0]) if base not in _NO_DESTINATION else None
+        read = ",".join(parts[1:] if dest else parts)
+        if any(int(r) in pending for r in _REGISTER.findall(read)):
+            waits += 1
+            pending.clear()
+        if dest:
+            first = int(dest.group(1))
+            if base in ("LDS", "LDSM"):
+                pending.update(first + k for k in range(_shared_load_registers(opcode)))
+            else:
+                pending.discard(first)  # overwritten before any read
+    return waits
+
+
 @dataclass
 class Loop:
     start: int  # address of the first instruction (the branch target)
     end: int  # address of the backward branch
     opcodes: list[str]
+    operands: list[str] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -58,6 +104,9 @@ class Loop:
 
     def kinds(self) -> Counter:
         return Counter(_OPCODE_KIND.get(op.split(".")[0], "other") for op in self.opcodes)
+
+    def shared_waits(self) -> int:
+        return shared_waits(self.opcodes, self.operands)
 
 
 def parse_sass(text: str) -> list[tuple[int, str, str]]:
@@ -82,7 +131,8 @@ def loops(instructions: list[tuple[int, str, str]]) -> list[Loop]:
             continue
         start = int(target.group(1), 16)
         if start < address:
-            found.append(Loop(start, address, [op for a, op, _ in instructions if start <= a <= address]))
+            body = [(op, operands) for a, op, operands in instructions if start <= a <= address]
+            found.append(Loop(start, address, [op for op, _ in body], [ops for _, ops in body]))
     return sorted(found, key=lambda lp: (lp.start, -lp.end))
 
 
@@ -173,17 +223,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.spec} on {args.shape}, N = {args.n}, {args.sparsity:.0%}, {args.arch} {args.dtype}: {cfg}")
     print(f"{source} {' '.join(f'-D{k}={v}' for k, v in sorted(defines.items()))}")
     print(f"{len(instructions)} instructions in the kernel")
-    header = ["loop", "instructions", *KINDS, "other"]
+    header = ["loop", "instructions", *KINDS, "other", "shared-load waits"]
     print(" | ".join(header))
     found = loops(instructions)
     for lp in found:
         kinds = lp.kinds()
-        print(" | ".join([f"{lp.start:#06x}-{lp.end:#06x}", str(lp.size), *(str(kinds.get(k, 0)) for k in [*KINDS, "other"])]))
+        print(" | ".join([f"{lp.start:#06x}-{lp.end:#06x}", str(lp.size), *(str(kinds.get(k, 0)) for k in [*KINDS, "other"]),
+                          str(lp.shared_waits())]))
     if found:
         main_loop = find_main_loop(found)
         per = weights_per_warp_iteration(fmt, cfg)
         print(f"main loop {main_loop.start:#06x}-{main_loop.end:#06x}: {main_loop.size} instructions per warp and "
-              f"tile of {per} weights per warp, {main_loop.size / per:.3f} per weight (inner loops once)")
+              f"tile of {per} weights per warp, {main_loop.size / per:.3f} per weight, {main_loop.shared_waits()} "
+              f"waits on shared-memory loads (inner loops once)")
         if args.base:
             options = launch.compile_options(args.arch, defines, dtype)
             sources = {name: git_show(args.base, name) for name in (source, launch.HEADER)}
@@ -193,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             if base_found:
                 base = find_main_loop(base_found)
                 print(f"at {args.base}: main loop {base.size} instructions per warp and tile "
-                      f"({main_loop.size - base.size:+d} now, {main_loop.size / base.size - 1:+.1%})")
+                      f"({main_loop.size - base.size:+d} now, {main_loop.size / base.size - 1:+.1%}), "
+                      f"{base.shared_waits()} waits on shared-memory loads ({main_loop.shared_waits() - base.shared_waits():+d} now)")
     return 0
 
 

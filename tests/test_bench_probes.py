@@ -189,6 +189,21 @@ def test_sass_loops_script_counts_each_loop_by_kind():
     kinds = outer.kinds()
     assert kinds["shared load"] == 2 and kinds["tensor core"] == 1 and kinds["popcount/bits"] == 2
     assert kinds["branch"] == 2 and sum(kinds.values()) == outer.size
+    # shared-memory round trips: the PRMT reads the LDS.U16's (and the LDS.128's) result, one wait
+    assert outer.shared_waits() == 1 and inner.shared_waits() == 1
+    waits = script.shared_waits
+    # load-then-use, twice (the Tiled-CSL scatter before the sixteenth session): two round trips
+    assert waits(["LDS.128", "LEA.HI", "STS.U16", "LDS.128", "LEA.HI", "STS.U16"],
+                 ["R20, [R32]", "R24, R20, R29, RZ, 0x10", "[R24], R21",
+                  "R20, [R32+0x800]", "R24, R20, R29, RZ, 0x10", "[R24], R21"]) == 2
+    # both loads first, then their uses: one
+    assert waits(["LDS.128", "LDS.128", "LEA.HI", "STS.U16", "LEA.HI", "STS.U16"],
+                 ["R8, [R33]", "R12, [R33+0x800]", "R36, R8, UR7, RZ, 0x10", "[R36], R9",
+                  "R37, R12, UR7, RZ, 0x10", "[R37], R13"]) == 1
+    assert waits(["LDS.U16", "STS.U16"], ["R5, [R2]", "[R3], R5"]) == 1  # a store reads every operand
+    assert waits(["LDSM.16.M88.4", "HMMA.16816.F32"], ["R24, [R35]", "R64, R48, R27, R64"]) == 1  # x4: R24-R27
+    # a load into RZ, and a loaded register overwritten before any read, never wait
+    assert waits(["LDS", "LDS.U16", "MOV", "IADD3"], ["RZ, [RZ]", "R4, [R2]", "R4, RZ", "R6, R4, 1, RZ"]) == 0
     from flashllm.kernels.configs import LaunchConfig
 
     assert script.weights_per_warp_iteration("bitmap", LaunchConfig(nrows=16, strips=2)) == 2048
