@@ -123,10 +123,11 @@ struct alignas(8) RunInfo {
 // The value of word w lands at byte (w >> 16) of the dense tile at shared address `base`, if `ok`.
 // Clamped (to `limit`, the spare slot's address) so that corrupt data, which the format's
 // validation refuses, lands there instead of outside the buffer. The slot is added before the
-// clamp, so a word costs two instructions (LEA.HI, VIMNMX) and the store; no memory clobber, so
-// the next words' loads may move above the stores (__syncthreads orders them with the ldmatrix
-// reads). Predicated, not branched: a batch's last loads (below) are past the words for some
-// threads, and a branch around each quad's stores cost three instructions more per quad.
+// clamp, so a word costs two instructions (LEA.HI, VIMNMX) and the store; no memory clobber
+// (__syncthreads orders the stores with the ldmatrix reads), though ptxas still keeps a later
+// shared load below them (SCATTER_BATCH). Predicated, not branched: a batch's last loads (below)
+// are past the words for some threads, and a branch around each quad's stores cost three
+// instructions more per quad.
 __device__ __forceinline__ void store_word_if(u32 base, u32 limit, u32 w, bool ok) {
   asm volatile(
       "{\n .reg .pred p;\n setp.ne.u32 p, %2, 0;\n @p st.shared.u16 [%0], %1;\n}\n" ::"r"(min(base + (w >> 16), limit)),
