@@ -286,3 +286,6 @@ def test_register_check_counts_resident_blocks_and_reads_ptxas():
     log = "ptxas info : Used 92 registers, used 1 barriers, 16 bytes stack frame, 20 bytes spill stores, 8 bytes spill loads"
     assert script.ptxas_report(log) == (92, 16, 20)
     assert script.ptxas_report("no report") == (-1, -1, -1)
+    # scripts/nvrtc_check.py reads every kernel of a module's report (register_check the first)
+    two = log + "\nptxas info : Used 40 registers, 0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"
+    assert _script("nvrtc_check").ptxas_numbers(two) == ([92, 40], [16, 0], [20, 0])
