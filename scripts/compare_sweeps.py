@@ -17,6 +17,7 @@ import math
 import sys
 from collections import defaultdict
 
+
 def read(path: str) -> dict[tuple, float]:
     """(dtype, shape, n, sparsity, method) -> time in µs, for every row with a time."""
     out = {}

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from flashllm.kernels import configs, launch
 
     compiler = launch.nvrtc()
-    trees = {"now": lambda name: launch.kernel_source(name), args.base: lambda name: git_show(args.base, name)}
+    trees = {"now": launch.kernel_source, args.base: lambda name: git_show(args.base, name)}
     deltas: Counter = Counter()
     bad = 0
     jobs = [(fmt, cfg) for fmt, cfg in configs.checked_variants() if not args.only or args.only in fmt]

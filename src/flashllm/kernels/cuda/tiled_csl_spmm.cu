@@ -140,10 +140,9 @@ __device__ __forceinline__ void store_word_if(u32 base, u32 limit, u32 w, bool o
 // Compute: 72% of issue cycles idle at 80%, N = 8). A stage's words take CAPW / (4 THREADS) loads
 // per thread (4 at 2048 words and 4 warps); at most 4 per batch, 2 with 8 warps (3 cost an 8-warp
 // build a resident block).
+constexpr int SCATTER_LOADS = (CAPW / 4 + THREADS - 1) / THREADS;  // per thread, a full stage
 constexpr int SCATTER_MAX_BATCH = WARPS == 8 ? 2 : 4;
-constexpr int SCATTER_BATCH = (CAPW / 4 + THREADS - 1) / THREADS < SCATTER_MAX_BATCH
-                                  ? (CAPW / 4 + THREADS - 1) / THREADS
-                                  : SCATTER_MAX_BATCH;
+constexpr int SCATTER_BATCH = SCATTER_LOADS < SCATTER_MAX_BATCH ? SCATTER_LOADS : SCATTER_MAX_BATCH;
 
 __device__ __forceinline__ void scatter_words(const unsigned char* words, int n, u16* dense, int tid) {
   if constexpr (!RUN_SCATTER) return;
