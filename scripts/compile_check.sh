@@ -33,8 +33,8 @@ if [ "${FULL:-0}" = "1" ]; then
 else
   # The pipeline depth and stage size change constants, not code: keep the first variant of each
   # (source, NROWS, STRIPS, DECODE, WARPS, VALCAP, DENSE_TILES, PREFETCH, FIXUP, PERSISTENT, OFFSET_RING, BULK, TPS,
-  # CORES).
-  awk '{ key = $1; for (i = 2; i <= NF; i++) if ($i ~ /NROWS|STRIPS|DECODE|WARPS|VALCAP|DENSE_TILES|PREFETCH|FIXUP|PERSISTENT|OFFSET_RING|BULK|TPS|CORES/) key = key " " $i;
+  # CORES, WGMMA).
+  awk '{ key = $1; for (i = 2; i <= NF; i++) if ($i ~ /NROWS|STRIPS|DECODE|WARPS|VALCAP|DENSE_TILES|PREFETCH|FIXUP|PERSISTENT|OFFSET_RING|BULK|TPS|CORES|WGMMA/) key = key " " $i;
          if (!(key in seen)) { seen[key] = 1; print } }' "$LIST.all" > "$LIST"
 fi
 # The split-K epilogue and the expansion kernels (prefill) have no tile parameters.
@@ -57,6 +57,8 @@ while read -r src defs; do
     for dtype in 1 2; do
       # Quick mode: bf16 (a different mma type string) on sm_90a only.
       if [ "${FULL:-0}" != "1" ] && [ "$dtype" = 2 ] && [[ "$arch" != *sm_90a ]]; then continue; fi
+      # The warpgroup MMA (wgmma) exists on sm_90a alone.
+      if [[ "$defs" == *FLASHLLM_WGMMA=1* ]] && [[ "$arch" != *sm_90a ]]; then continue; fi
       i=$((i + 1))
       echo "$i|$arch|$dtype|$src|$defs" >> "$OUT/jobs.txt"
     done

@@ -39,16 +39,20 @@ def main() -> int:
     bad = total = 0
     for arch in ("sm_80", "sm_90"):
         for source, _name, defines in jobs:
+            if not launch.builds_for(arch, defines):
+                continue
             for dtype in (torch.float16, torch.bfloat16):
                 log: list = []
                 options = launch.compile_options(arch, defines, dtype) + ["--ptxas-options=-v"]
                 compiler.compile(launch.kernel_source(source), source, options, headers, True, log_sink=log)
                 _, stack, spills = ptxas_numbers("".join(log))
                 total += 1
-                if not stack or any(stack) or any(spills):  # no report at all counts as a failure
+                # ptxas serializes wgmma (with a "Potential Performance Loss" warning) where it
+                # cannot prove the accumulators untouched between a wgmma and its wait.
+                if not stack or any(stack) or any(spills) or "Performance Loss" in "".join(log):
                     bad += 1
                     print(f"FAIL (NVRTC {compiler.version} {arch}) {source} {defines} {dtype}: "
-                          f"stack {stack}, spills {spills}")
+                          f"stack {stack}, spills {spills}; {' '.join(log).strip()[-300:]}")
     print(f"NVRTC {compiler.version}: {total - bad} / {total} builds with no stack frame and no spills")
     return 1 if bad else 0
 

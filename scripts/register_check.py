@@ -66,13 +66,28 @@ def main(argv: list[str] | None = None) -> int:
     for arch in args.arch or sorted(SHARED_PER_SM):
         for fmt, cfg in dict.fromkeys(jobs):
             source, defines = configs.kernel_source(fmt), cfg.defines(fmt)
+            if not launch.builds_for(arch, defines):
+                continue
             options = launch.compile_options(arch, defines, torch.float16) + ["--ptxas-options=-v"]
             reports = {}
             for tree, read in trees.items():
                 log: list = []
-                compiler.compile(read(source), source, options, {launch.HEADER: read(launch.HEADER)}, True,
-                                 log_sink=log)
+                try:
+                    compiler.compile(read(source), source, options, {launch.HEADER: read(launch.HEADER)}, True,
+                                     log_sink=log)
+                except RuntimeError:
+                    if tree == "now":
+                        raise
+                    reports[tree] = None  # a variant the base tree does not have
+                    continue
                 reports[tree] = ptxas_report("".join(log))
+            if reports[args.base] is None:
+                regs, stack, spill = reports["now"]
+                blocks = resident_blocks(regs, cfg.threads, defines["FLASHLLM_SMEM_BYTES"], arch)
+                print(f"{arch} {fmt} {cfg}: new, {regs} registers, {blocks} blocks"
+                      f"{', SPILLS' if stack or spill else ''}")
+                bad += 1 if stack or spill or blocks < 1 else 0
+                continue
             (regs, stack, spill), (base_regs, _, _) = reports["now"], reports[args.base]
             threads = cfg.threads
             blocks = resident_blocks(regs, threads, defines["FLASHLLM_SMEM_BYTES"], arch)

@@ -489,6 +489,171 @@ def test_the_launcher_refuses_cuda_cores_for_more_than_one_row():
         tiled_csl_cuda.KERNEL.plan(2, torch.float16, torch.device("cpu"), [], 256, 256, cfg)
 
 
+# --- Tiled-CSL through Hopper's warpgroup MMA (FLASHLLM_WGMMA) ---------------------------------------
+def test_sw128_addressing_is_the_dense_tiles_swizzle():
+    # The tensor cores' 128-byte swizzle, sliced 32 bytes per k16 step into a 1024-byte group, reads
+    # chunk 2 kc + k / 8 of row r where the Tiled-CSL tile stores it (chunk ^ r % 8), and a k16
+    # slice of 8 rows touches all 32 banks (conflict-free) for each of its two chunks.
+    from flashllm.formats.tiled_csl import slot_of
+
+    for kc in range(4):
+        addr = E.sw128_addresses(kc * 32, 64)  # rows 0-63, k 16 kc ..
+        loc = torch.arange(64)[:, None] * 64 + kc * 16 + torch.arange(16)[None, :]
+        assert torch.equal(addr, slot_of(loc))
+        for chunk in (0, 8):
+            banks = {int(a) // 4 % 32 for a in addr[:8, chunk : chunk + 8].reshape(-1)}
+            assert len(banks) == 32
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("shape", ((1, 1), (127, 63), (129, 130), (300, 70)))
+@pytest.mark.parametrize("words_per_stage", (256, 2048))
+def test_tiled_csl_wgmma_operands_decode_exactly(dtype, sparsity, shape, words_per_stage, gen):
+    w = TiledCSLWeight.from_dense(pruned(*shape, sparsity, dtype, gen))
+    decoded = E.tiled_csl_wgmma_decoded(w, words_per_stage)
+    assert torch.equal(decoded.view(torch.int16), w.to_dense().view(torch.int16)), f"seed {gen.initial_seed()}"
+
+
+@pytest.mark.parametrize("nrows", [8, 16, 32, 64])
+@pytest.mark.parametrize("n0,n", [(0, 1), (0, 200), (64, 69)])
+def test_swizzled_activation_stage_is_what_the_tensor_cores_read(nrows, n0, n, gen):
+    # XStagerT<true>: every chunk copied once by one thread (common.cuh's pass arithmetic), and the
+    # wgmma B operand of each k16 step, read through the swizzle, is the activation tile (zeros past
+    # N and past the valid columns).
+    threads, chunks = 128, nrows * 8
+    rows_per_pass, passes = threads // 8, max(1, chunks // threads)
+    placed = {}
+    for t in range(threads):
+        if chunks < threads and t >= chunks:
+            continue
+        r0, c = t >> 3, t & 7
+        for p in range(passes):
+            row = r0 + p * rows_per_pass
+            byte = r0 * 128 + ((c ^ (r0 & 7)) << 4) + p * rows_per_pass * 128
+            assert byte == row * 128 + ((c ^ (row & 7)) << 4) and (row, c) not in placed
+            placed[(row, c)] = byte
+    assert sorted(placed) == [(r, c) for r in range(nrows) for c in range(8)]
+    x = torch.randn(n, 150, generator=gen).to(torch.float16)
+    xp, kx = E.padded_activations(x, 150)
+    for k0 in (0, 128):
+        xs = E.stage_x_sw128(xp, nrows, n0, k0, kx)
+        for (row, c), byte in placed.items():  # the emulated stage is the stager's placement
+            assert torch.equal(xs[byte // 2 : byte // 2 + 8], E.stage_x(xp, nrows, n0, k0, kx)[row, 8 * c : 8 * c + 8])
+        want = torch.zeros(nrows, 64, dtype=torch.float64)
+        rows, cols = max(0, min(nrows, n - n0)), min(64, kx - k0)
+        want[:rows, :cols] = xp[n0 : n0 + rows, k0 : k0 + cols].double()
+        for kc in range(4):
+            got = E.halves_to_float(E.wgmma_operand(xs, kc * 32, nrows), torch.float16)
+            assert torch.equal(got, want[:, 16 * kc : 16 * kc + 16])
+
+
+@pytest.mark.parametrize("nrows", [8, 16, 32, 64])
+def test_wgmma_epilogue_stores_every_accumulator_once_in_pairs(nrows):
+    # The documented D layout gives each (row, column) of a 64 x N half to exactly one register, and
+    # store_half's shuffle with lane ^ 4 stores each one at its own (n, m), the even row of a pair
+    # by the lane holding it at column n, the odd one by its partner at column n + 1.
+    row, col = E.wgmma_d_layout(nrows)
+    assert sorted(zip(row.reshape(-1).tolist(), col.reshape(-1).tolist())) == [
+        (r, c) for r in range(64) for c in range(nrows)]
+    d = (row * 1000 + col).double()  # each register holds its own coordinates
+    seen = {}
+    for vals, nn, m, live in E.store_half_targets(d, 0, 0, 64, nrows):
+        assert bool(live.all())
+        for v, n_, m_ in zip(vals.tolist(), nn.tolist(), m.tolist()):
+            assert v == m_ * 1000 + n_ and (n_, m_) not in seen
+            seen[(n_, m_)] = True
+    assert len(seen) == 64 * nrows
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,n,sparsity,plan", [
+    (200, 300, 17, 0.8, E.Plan(nrows=16, split_k=1, wgmma=True)),
+    (200, 300, 5, 0.5, E.Plan(nrows=8, split_k=3, wgmma=True)),
+    (130, 70, 1, 0.95, E.Plan(nrows=8, split_k=1, words_per_stage=256, wgmma=True)),
+    (129, 129, 40, 0.0, E.Plan(nrows=32, split_k=2, wgmma=True)),
+    (64, 64, 5, 1.0, E.Plan(nrows=8, split_k=1, wgmma=True)),
+    (257, 100, 70, 0.8, E.Plan(nrows=64, split_k=1, words_per_stage=3072, wgmma=True)),
+])
+@pytest.mark.parametrize("fmt", ["bitmap", "tiled_csl"])
+def test_wgmma_kernels_emulated(fmt, dtype, m, k, n, sparsity, plan, gen):
+    # Both kernels: Tiled-CSL's A from the scattered dense tiles through the swizzle, the bitmap
+    # kernel's A from its decoded registers (one 64-row strip per block), B from the swizzled stage.
+    w = pruned(m, k, sparsity, dtype, gen)
+    x = torch.randn(n, k, generator=gen).to(dtype)
+    bias = torch.randn(m, generator=gen).to(dtype) if n % 2 else None
+    if fmt == "bitmap":
+        y, writes = E.bitmap_kernel(x, BitmapWeight.from_dense(w), bias, plan)
+    else:
+        y, writes = E.tiled_csl_kernel(x, TiledCSLWeight.from_dense(w), bias, plan)
+    _reference_check(y, writes, x, w, bias, len(E.split_ranges(-(-k // 64), plan.split_k)))
+
+
+def test_bitmap_wgmma_a_registers_are_the_decoded_blocks(gen):
+    # a0..a3 of warp w, step kc: rows 16 w + (0-7, 8-15) x k 16 kc + (0-7, 8-15), as mma.m16n8k16's
+    # A layout places them, so the four warps' registers are the strip's 64 x 16 slice bit for bit.
+    w = BitmapWeight.from_dense(pruned(130, 190, 0.6, torch.float16, gen))
+    regs = E.bitmap_wgmma_a(w)  # (tiles, kc, warp, 32, 4)
+    got = E.a_matrix(regs, torch.float16)  # (tiles, kc, warp, 16, 16)
+    dense = F.pad(w.to_dense().double(), (0, 192 - 190, 0, 192 - 130))
+    for t in range(regs.shape[0]):
+        strip, kt = divmod(t, 3)
+        for kc in range(4):
+            want = dense[64 * strip : 64 * strip + 64, 64 * kt + 16 * kc : 64 * kt + 16 * kc + 16]
+            assert torch.equal(got[t, kc].reshape(64, 16), want)
+
+
+def test_wgmma_is_a_tiled_csl_compile_option(monkeypatch):
+    on = LaunchConfig(nrows=16, words_per_stage=2048, wgmma=True).validate("tiled_csl")
+    off = LaunchConfig(nrows=16, words_per_stage=2048)
+    # 1024 bytes of slack, two dense tiles padded to 17 KB, unpadded 128-byte activation rows
+    assert on.smem_bytes("tiled_csl") == 1024 + 2 * 17 * 1024 + 3 * (2048 * 4 + 16 * 128) + 3 * 8
+    assert on.defines("tiled_csl") == {**off.defines("tiled_csl"), "FLASHLLM_WGMMA": 1,
+                                       "FLASHLLM_SMEM_BYTES": on.smem_bytes("tiled_csl")}
+    assert configs.unvalidated_options(on) == (["wgmma"] if "wgmma" in configs.UNVALIDATED else [])
+    assert configs.parse_options("tiled_csl", ["wgmma", "stages4"]) == {"wgmma": True, "stages": 4}
+    for bad in (dict(warps=8), dict(dense_tiles=1, stages=2), dict(prefetch=4), dict(nrows=128)):
+        with pytest.raises(ValueError, match="wgmma"):
+            replace(on, **bad).validate("tiled_csl")
+    # the bitmap kernel: one strip, the fragment decode, the plain pipeline; a stage begins with its
+    # 128-byte activation rows and is padded to 1024 bytes
+    bm = LaunchConfig(nrows=16, value_cap=1536, wgmma=True).validate("bitmap")
+    assert bm.smem_bytes("bitmap") == 1024 + 3 * 6144 + 4 * 32 * 8  # 16 x 128 + 512 + (1536 + 8) x 2 -> 6144
+    assert bm.defines("bitmap")["FLASHLLM_WGMMA"] == 1
+    for bad in (dict(strips=2), dict(decode="scatter"), dict(persistent=True), dict(offset_ring=True),
+                dict(bulk_copy=True), dict(tiles_per_stage=2), dict(prefetch=4), dict(nrows=128)):
+        with pytest.raises(ValueError, match="wgmma"):
+            replace(bm, **bad).validate("bitmap")
+    forced_bm = configs.with_options(LaunchConfig(nrows=32, strips=2, decode="scatter", persistent=False),
+                                     {"wgmma": True}, "bitmap")
+    assert (forced_bm.strips, forced_bm.decode, forced_bm.wgmma) == (1, "fragment", True)
+    # forced on any launch it brings its geometry: one warpgroup, two dense tiles, no prefetch
+    forced = configs.with_options(LaunchConfig(nrows=32, stages=2, words_per_stage=1024, warps=8, dense_tiles=1,
+                                               prefetch=4), {"wgmma": True}, "tiled_csl")
+    assert (forced.warps, forced.dense_tiles, forced.prefetch, forced.stages, forced.wgmma) == (4, 2, 0, 3, True)
+    # sm_90 only: built for sm_90a, refused elsewhere, and forcing it on another GPU says so
+    assert "--gpu-architecture=sm_90a" in launch.compile_options("sm_90", on.defines("tiled_csl"), torch.float16)
+    assert launch.builds_for("sm_90", on.defines("tiled_csl")) and not launch.builds_for("sm_80", on.defines("tiled_csl"))
+    assert launch.builds_for("sm_80", off.defines("tiled_csl"))
+    with pytest.raises(launch.KernelUnavailable, match="sm_90 GPUs"):
+        launch.compile_options("sm_80", on.defines("tiled_csl"), torch.float16)
+    monkeypatch.setenv(configs.FORCED_OPTIONS_ENV, "wgmma")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert configs.get_config("sm90", "tiled_csl", 4096, 4096, 16, 0.8).wgmma
+        assert configs.get_config("sm90", "bitmap", 4096, 4096, 64, 0.8).wgmma
+        assert not configs.get_config("sm90", "bitmap", 4096, 4096, 128, 0.8).wgmma  # 128 rows keep theirs
+        with pytest.raises(ValueError, match="sm_90 GPUs"):
+            configs.get_config("sm80", "tiled_csl", 4096, 4096, 16, 0.8)
+    # tuning offers it (where validated) at every N up to 64; the checked variants cover its N shapes
+    assert any(c.wgmma for c in configs.candidates("tiled_csl", 8, 0.8, unvalidated=True))
+    assert not any(c.wgmma for c in configs.candidates("tiled_csl", 8, 0.8)) or "wgmma" not in configs.UNVALIDATED
+    for fmt in ("bitmap", "tiled_csl"):
+        checked = [c for f, c in configs.checked_variants() if c.wgmma and f == fmt]
+        assert {c.nrows for c in checked} == {8, 16, 32, 64} and any(c.fixup for c in checked)
+    assert any(c.wgmma and c.value_cap for f, c in configs.checked_variants() if f == "bitmap")
+
+
 @pytest.mark.parametrize("warps", configs.CSL_WARPS)
 def test_tiled_csl_warps_own_every_row_once(warps):
     # tiled_csl_spmm.cu with WARPS warps: warp w reads rows WARP_ROWS w + 16 h + (q / 2) 8 + lane % 8
@@ -1011,7 +1176,7 @@ def test_kernels_compile_with_the_launchers_sizes(tmp_path, monkeypatch):
     kind, nvrtc = _compiler()
     variants = {}
     for fmt, cfg in configs.checked_variants():  # one per code shape keeps this quick
-        variants.setdefault((fmt, cfg.nrows, cfg.strips, cfg.decode, cfg.warps), cfg)
+        variants.setdefault((fmt, cfg.nrows, cfg.strips, cfg.decode, cfg.warps, cfg.wgmma), cfg)
     for (fmt, *_), cfg in variants.items():
         src, name = configs.kernel_source(fmt), f"flashllm_{fmt}_spmm"
         opts = launch.compile_options("sm_90", cfg.defines(fmt), torch.float16)
@@ -1023,8 +1188,9 @@ def test_kernels_compile_with_the_launchers_sizes(tmp_path, monkeypatch):
         else:
             cuda_dir = os.path.join(os.path.dirname(launch.__file__), "cuda")
             defs = [f"-D{k}={v}" for k, v in cfg.defines(fmt).items()]
-            subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-std=c++17", f"-I{cuda_dir}", "-DFLASHLLM_DTYPE=1",
-                            *defs, os.path.join(cuda_dir, src), "-o", str(tmp_path / "k.cubin")], check=True)
+            subprocess.run(["nvcc", "-cubin", "-gencode=arch=compute_90a,code=sm_90a", "-std=c++17", f"-I{cuda_dir}",
+                            "-DFLASHLLM_DTYPE=1", *defs, os.path.join(cuda_dir, src), "-o", str(tmp_path / "k.cubin")],
+                           check=True)
 
 
 def test_bitmap_selector_shift_matches_the_prmt_table():

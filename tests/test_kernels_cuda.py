@@ -175,6 +175,45 @@ def test_tiled_csl_one_dense_tile(dtype, sparsity, split_k, nrows, stages, words
     check("tiled_csl", 129, 1000, nrows + 3, sparsity, dtype, cfg)
 
 
+def skip_unless_built_here(cfg: LaunchConfig) -> None:
+    """Skip a variant this GPU cannot build: the warpgroup MMA (wgmma) exists on sm_90 alone."""
+    cc = torch.cuda.get_device_capability()
+    if not launch.builds_for(f"sm_{cc[0]}{cc[1]}", {"FLASHLLM_WGMMA": int(cfg.wgmma)}):
+        pytest.skip(f"the warpgroup MMA (wgmma) runs on sm_90 GPUs only, this one is sm_{cc[0]}{cc[1]}")
+
+
+@pending(wgmma=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("nrows,stages,words", [(8, 3, 2048), (16, 4, 256), (32, 3, 1024), (64, 3, 4096)])
+def test_tiled_csl_wgmma(dtype, sparsity, split_k, nrows, stages, words):
+    # Hopper's warpgroup MMA: every N it has (n8 to n64), odd shapes and many strips, a partial and
+    # two blocks along N, 256-word stages so that tiles from 3% density reload in pieces (a barrier
+    # inside the scatter while the tensor cores run), and the last-block split-K.
+    cfg = LaunchConfig(nrows=nrows, stages=stages, split_k=split_k, words_per_stage=words, wgmma=True)
+    skip_unless_built_here(cfg)
+    check("tiled_csl", 200, 300, max(1, nrows - 3), sparsity, dtype, cfg)
+    check("tiled_csl", 129, 1000, nrows + 5, sparsity, dtype, cfg, with_bias=False)
+    check("tiled_csl", 4000, 777, nrows, sparsity, dtype, replace(cfg, fixup=True, split_k=max(split_k, 2)))
+
+
+@pending(wgmma=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("nrows,stages,fit", [(8, 3, False), (16, 4, True), (32, 3, False), (64, 3, True)])
+def test_bitmap_wgmma(dtype, sparsity, split_k, nrows, stages, fit):
+    # The bitmap decode's fragments as the warpgroup MMA's A operand: every N it has, odd shapes and
+    # many strips, a partial and two blocks along N, full and fitted value buffers, and the
+    # last-block split-K.
+    cfg = LaunchConfig(nrows=nrows, stages=stages, split_k=split_k, value_cap=configs.FIT if fit else 0, wgmma=True)
+    skip_unless_built_here(cfg)
+    check("bitmap", 200, 300, max(1, nrows - 3), sparsity, dtype, cfg)
+    check("bitmap", 129, 1000, nrows + 5, sparsity, dtype, cfg, with_bias=False)
+    check("bitmap", 4000, 777, nrows, sparsity, dtype, replace(cfg, fixup=True, split_k=max(split_k, 2)))
+
+
 @pytest.mark.parametrize("sums", [pytest.param(s, marks=pending_marks(LaunchConfig(nrows=8, cores=s))) for s in (1, 2)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("sparsity", SPARSITIES)
@@ -372,6 +411,7 @@ def _checked(fmt):
 
 @pytest.mark.parametrize("cfg", _checked("bitmap"))
 def test_every_bitmap_variant(cfg):
+    skip_unless_built_here(cfg)
     # A fitted value buffer (value_cap) must hold every tile's run: weights sparse enough that a
     # tile averages 80% of the cap (a run past it would be refused with a ValueError).
     sparsity = 1 - 0.8 * cfg.value_cap / 4096 if cfg.value_cap else 0.7
@@ -383,6 +423,7 @@ def test_every_bitmap_variant(cfg):
 @pytest.mark.parametrize("cfg", _checked("tiled_csl"))
 def test_every_tiled_csl_variant(cfg):
     # The CUDA-core path (cores) multiplies one activation row.
+    skip_unless_built_here(cfg)
     for n in {1} if cfg.cores else {max(1, cfg.nrows - 3), cfg.nrows + 5}:
         check("tiled_csl", 300, 700, n, 0.7, torch.float16, cfg)
     check("tiled_csl", 130, 200, 1 if cfg.cores else cfg.nrows, 0.5, torch.bfloat16, replace(cfg, split_k=2))
@@ -399,6 +440,9 @@ def test_kernel_reports_no_spills():
     for fmt, cfgs in (("bitmap", _checked("bitmap")), ("tiled_csl", _checked("tiled_csl"))):
         _, module = FORMATS[fmt]
         for cfg in (p.values[0] for p in cfgs):
+            cc = torch.cuda.get_device_capability()
+            if not launch.builds_for(f"sm_{cc[0]}{cc[1]}", cfg.defines(fmt)):
+                continue  # (wgmma: sm_90 only)
             for dtype in DTYPES:
                 kernel = launch.get_kernel(module.KERNEL.source, module.KERNEL.kernel, cfg.defines(fmt), dtype,
                                            torch.device("cuda"), cfg.smem_bytes(fmt), cfg.threads)

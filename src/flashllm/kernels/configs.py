@@ -9,8 +9,9 @@ down_proj at N 16; on 2026-11-27 Llama-2-7B up_proj and OPT-66B qkv_proj at N 8/
 bitmap block, 3 stages, the scatter decode from 85% sparsity at N <= 16, stage buffers fitted to
 the weight from 75% up to 32 rows; Tiled-CSL stages of 2-3K words, one dense tile up to 32 rows, 8
 warps at 75-85% and N <= 16; as many K splits as keep each split 4 tiles deep, up to 16. Every
-option has run on a GPU; the L2 prefetch (`prefetch`) and split-K ended by the last block of
-each output tile (`fixup`) measured slower and are left to the tuner. To tune more shapes or another GPU:
+option but Hopper's warpgroup MMA (`wgmma`, written since, pending in `UNVALIDATED`) has run on a
+GPU; the L2 prefetch (`prefetch`) and split-K ended by the last block of each output tile (`fixup`)
+measured slower and are left to the tuner. To tune more shapes or another GPU:
 
     flashllm bench kernels --tune --shapes opt-66b,llama-70b --n 1,8,16,32,64 \\
         --sparsity 0.5,0.7,0.8,0.9 --write-configs tuned.json
@@ -151,7 +152,12 @@ MAX_PREFETCH = 16
 #   on the CUDA cores from the words, no dense tile (FLASHLLM_CORES in cuda/tiled_csl_spmm.cu): work
 #   per non-zero instead of per element (BENCHMARKS.md, fourteenth session); fp32 sums per lane
 #   shared by the block's warps (compare-and-swap adds), or per warp (plain adds, 4x the memory).
-UNVALIDATED: frozenset[str] = frozenset()
+# Written in the seventeenth session (no GPU), compiled and counted only:
+# - "wgmma": the tensor cores as Hopper's asynchronous warpgroup MMA (FLASHLLM_WGMMA, sm_90 only),
+#   the activations read from shared memory once per block: Tiled-CSL's dense tile read from shared
+#   memory too, the next tile's scatter overlapping the tensor cores; the bitmap kernel's decoded
+#   fragments passed in registers, each k16 step's product overlapping the next step's decode.
+UNVALIDATED: frozenset[str] = frozenset({"wgmma"})
 
 # Shared-memory layout constants, mirrored from the .cu files (the kernels trap if the launch
 # provides less shared memory than they lay out, so a drift shows as an error, not as corruption).
@@ -160,6 +166,8 @@ _BITMAP_MASK_BYTES = 512
 _BITMAP_TILE_BYTES = 64 * 64 * 2
 _BITMAP_RING_BYTES = 16 * 4  # per strip: RING run bounds (offset_ring)
 _CSL_DENSE_BYTES = (8192 + 8) * 2
+_CSL_WGMMA_DENSE_BYTES = 17 * 1024  # `wgmma`: a dense tile and its spare slot, padded to 1024 bytes
+_WGMMA_SLACK = 1024  # `wgmma`: the layout starts at the block's first 1024-byte boundary
 _CSL_CORE_SUMS_BYTES = 128 * 32 * 4  # `cores`: per-lane fp32 sums of the tile's 128 rows
 
 
@@ -182,6 +190,7 @@ class LaunchConfig:
     bulk_copy: bool = False  # bitmap: the weight's bytes by bulk copies (TMA) from sm_90, not cp.async chunks
     tiles_per_stage: int = 1  # bitmap: tiles per pipeline stage (TILES_PER_STAGE), one barrier per stage
     cores: int = 0  # Tiled-CSL: N = 1 on the CUDA cores from the words, no dense tile (CORE_SUMS; 4 warps, nrows 8)
+    wgmma: bool = False  # sm_90: Hopper's warpgroup MMA (Tiled-CSL 4 warps, 2 dense tiles; bitmap 1 strip, fragments)
 
     def validate(self, fmt: str) -> "LaunchConfig":
         if self.nrows not in NROWS:
@@ -192,13 +201,20 @@ class LaunchConfig:
             raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
         if not 0 <= self.prefetch <= MAX_PREFETCH:
             raise ValueError(f"prefetch must be 0..{MAX_PREFETCH} tiles, got {self.prefetch}")
-        for flag in ("fixup", "persistent", "offset_ring", "rezero", "bulk_copy"):
+        for flag in ("fixup", "persistent", "offset_ring", "rezero", "bulk_copy", "wgmma"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.cores not in CORE_SUMS:
             raise ValueError(f"cores must be one of {tuple(CORE_SUMS)} ({CORE_SUMS}), got {self.cores!r}")
         if self.cores and fmt != "tiled_csl":
             raise ValueError(f"the CUDA-core path (cores) is a Tiled-CSL option, got {self} for {fmt}")
+        if self.wgmma and (self.nrows > 64 or self.prefetch or (
+                fmt == "tiled_csl" and (self.warps != 4 or self.dense_tiles != 2 or self.cores)) or (
+                fmt == "bitmap" and (self.strips != 1 or self.decode != "fragment" or self.persistent
+                                     or self.offset_ring or self.bulk_copy or self.tiles_per_stage != 1))):
+            raise ValueError(f"the warpgroup MMA (wgmma) runs up to 64 activation rows and no L2 prefetch; for "
+                             f"Tiled-CSL 4 warps (one warpgroup), two dense tiles and not the CUDA-core path; for "
+                             f"bitmap one strip, the fragment decode and the plain pipeline; got {self} for {fmt}")
         if self.bulk_copy and fmt != "bitmap":
             raise ValueError(f"bulk copies of the weight are a bitmap option, got {self} for {fmt}")
         if self.tiles_per_stage not in TILES_PER_STAGE or (self.tiles_per_stage > 1 and fmt != "bitmap"):
@@ -264,6 +280,8 @@ class LaunchConfig:
             d["FLASHLLM_BULK"] = 1
         if self.tiles_per_stage > 1:  # likewise
             d["FLASHLLM_TPS"] = self.tiles_per_stage
+        if self.wgmma:  # likewise
+            d["FLASHLLM_WGMMA"] = 1
         if fmt == "bitmap":
             d["FLASHLLM_STRIPS"] = self.strips
             d["FLASHLLM_DECODE"] = DECODES.index(self.decode)
@@ -307,11 +325,17 @@ class LaunchConfig:
             ring = self.strips * _BITMAP_RING_BYTES if self.offset_ring else 0
             barriers = self.stages * 8 if self.bulk_copy else 0  # one mbarrier per stage
             flag = 16 if self.persistent and self.fixup else 0  # stream-K's own last-block flag
+            if self.wgmma:  # a stage starts with its 128-byte activation rows, padded to 1024 bytes
+                stage = -(-(self.nrows * 128 + _BITMAP_MASK_BYTES + (values + 8) * 2) // 1024) * 1024
+                return _WGMMA_SLACK + self.stages * stage + decode
             return self.stages * self.tiles_per_stage * stage + decode + ring + barriers + flag
         stage = self.words_per_stage * 4 + x_stage
         if self.cores:  # no dense tile; the per-lane sums (per warp with 2) after the run bounds, 16-aligned
             arrays = self.warps if self.cores == 2 else 1
             return self.stages * stage + -(-self.stages * 8 // 16) * 16 + arrays * _CSL_CORE_SUMS_BYTES
+        if self.wgmma:  # 1024-byte aligned operands: unpadded 128-byte activation rows, padded dense tiles
+            stage = self.words_per_stage * 4 + self.nrows * 128
+            return _WGMMA_SLACK + self.dense_tiles * _CSL_WGMMA_DENSE_BYTES + self.stages * stage + self.stages * 8
         return self.dense_tiles * _CSL_DENSE_BYTES + self.stages * stage + self.stages * 8
 
     def rows_per_block(self, fmt: str) -> int:
@@ -339,6 +363,7 @@ OPTION_SPELLINGS: dict[str, tuple[str, object]] = {
     "tps2": ("tiles_per_stage", 2),
     "cores": ("cores", 1),
     "cores_warp": ("cores", 2),
+    "wgmma": ("wgmma", True),
 }
 FORCED_OPTIONS_ENV = "FLASHLLM_KERNEL_OPTIONS"
 _forced: dict[str, dict[str, dict]] = {}
@@ -420,6 +445,7 @@ KERNEL_OPTIONS: tuple[KernelOption, ...] = (
     KernelOption("tps", lambda c: c.tiles_per_stage > 1, ("bitmap:tps2",)),
     KernelOption("cores", lambda c: c.cores == 1, ("tiled_csl:cores",)),
     KernelOption("cores_warp", lambda c: c.cores == 2, ("tiled_csl:cores_warp",)),
+    KernelOption("wgmma", lambda c: c.wgmma, ("bitmap:wgmma", "tiled_csl:wgmma")),
 )
 OPTION_NAMES = tuple(o.name for o in KERNEL_OPTIONS)
 assert UNVALIDATED <= set(OPTION_NAMES), UNVALIDATED - set(OPTION_NAMES)
@@ -602,6 +628,11 @@ def with_options(cfg: LaunchConfig, options: dict, fmt: str) -> LaunchConfig:
         options = {**options, "strips": 1}
     if options.get("cores"):  # the CUDA-core path's one geometry, whatever the launch it is forced on had
         options = {"nrows": 8, "warps": 4, "dense_tiles": 2, **options}
+    if options.get("wgmma") and fmt == "tiled_csl":  # one warpgroup, two dense tiles (3 stages at least)
+        options = {"warps": 4, "dense_tiles": 2, "prefetch": 0, "stages": max(cfg.stages, 3), **options}
+    elif options.get("wgmma"):  # one strip, the fragment decode, the plain pipeline
+        options = {"strips": 1, "decode": "fragment", "prefetch": 0, "persistent": False, "offset_ring": False,
+                   "bulk_copy": False, "tiles_per_stage": 1, **options}
     return replace(cfg, **options).validate(fmt)
 
 
@@ -620,6 +651,11 @@ def get_config(arch: str, fmt: str, out_features: int, in_features: int, n: int,
     forced = forced_options(fmt)
     if forced.get("cores") and n > 1:  # the CUDA-core path multiplies one row: other N keep their launch
         forced = {k: v for k, v in forced.items() if k != "cores"}
+    if forced.get("wgmma") and arch != "sm90":
+        raise ValueError(f"{FORCED_OPTIONS_ENV}: the warpgroup MMA (wgmma) runs on sm_90 GPUs (H100, H200) only, "
+                         f"not on {arch}")
+    if forced.get("wgmma") and cfg.nrows > 64:  # its accumulators cover 64 rows: larger N keep their launch
+        forced = {k: v for k, v in forced.items() if k != "wgmma"}
     if forced:
         try:
             cfg = with_options(cfg, forced, fmt)
@@ -708,6 +744,13 @@ def candidates(fmt: str, n: int, sparsity: float, unvalidated: bool = False) -> 
         # Two tiles per stage: half the waits and barriers per tile, 2 or 3 stages of them.
         for stages in (2, 3):
             add(replace(base, stages=stages, value_cap=FIT, tiles_per_stage=2))
+        # Hopper's warpgroup MMA (sm_90; on other GPUs its compile fails and the tuner skips it).
+        if base.nrows <= 64:
+            wg = replace(base, strips=1, decode="fragment", prefetch=0, wgmma=True)
+            for stages in (3, 4):
+                for cap in (FULL_TILE, FIT):
+                    add(replace(wg, stages=stages, value_cap=cap))
+            add(replace(wg, value_cap=FIT, fixup=True))
     else:
         for words in (1024, 2048, 3072, 4096, 6144):
             for stages in (3, 4):
@@ -726,6 +769,14 @@ def candidates(fmt: str, n: int, sparsity: float, unvalidated: bool = False) -> 
             add(replace(base, dense_tiles=tiles, prefetch=4))
         add(replace(base, fixup=True))
         add(replace(base, rezero=True))
+        # Hopper's warpgroup MMA (sm_90; on other GPUs its compile fails and the tuner skips it): one
+        # warpgroup, two dense tiles, the stage depths and buffers offered above.
+        if base.nrows <= 64:
+            for stages in (3, 4):
+                for words in dict.fromkeys((base.words_per_stage, 2048)):
+                    add(replace(base, stages=stages, words_per_stage=words, warps=4, dense_tiles=2, prefetch=0,
+                                wgmma=True))
+            add(replace(base, words_per_stage=2048, warps=4, dense_tiles=2, prefetch=0, wgmma=True, fixup=True))
         if n == 1:  # one activation row: the CUDA cores, from the words (no dense tile)
             core = replace(base, nrows=8, warps=4, dense_tiles=2, cores=1)
             for stages in (2, 3, 4):
@@ -877,6 +928,13 @@ CHECKED_RING = ((8, 1, 3, "fragment", 0, False), (16, 1, 3, "fragment", 0, False
 CHECKED_CORES = ((1, 3, 2048, False, 0), (1, 2, 1024, False, 0), (1, 4, 1024, False, 0), (1, 4, 4096, False, 0),
                  (1, 3, 2048, True, 0), (1, 3, 2048, False, 4), (2, 3, 2048, False, 0), (2, 6, 1024, False, 0),
                  (2, 3, 2048, True, 0))
+# The warpgroup MMA (sm_90 only), every N shape it has (8, 16, 32 and 64 activation rows), a deeper
+# pipeline and the last-block split-K: Tiled-CSL (rows, stages, words per stage, fixup), bitmap
+# (rows, stages, value cap, fixup).
+CHECKED_WGMMA = ((8, 3, 2048, False), (16, 3, 2048, False), (32, 3, 1024, False), (64, 3, 4096, False),
+                 (16, 4, 3072, False), (8, 3, 2048, True), (16, 3, 1024, True))
+CHECKED_WGMMA_BITMAP = ((8, 3, 0, False), (16, 3, 1536, False), (32, 3, 0, False), (64, 3, 2560, False),
+                        (16, 4, 1024, False), (8, 3, 0, True), (16, 3, 2048, True))
 # Bitmap variants with two tiles per stage: (rows, strips, stages, decode, value cap, fixup).
 CHECKED_TPS = ((8, 1, 3, "fragment", 0, False), (16, 1, 2, "fragment", 0, False), (16, 1, 3, "fragment", 1536, False),
                (16, 2, 3, "fragment", 0, False), (16, 1, 3, "scatter", 0, False), (32, 1, 3, "fragment", 1024, False),
@@ -930,6 +988,10 @@ def checked_variants() -> list[tuple[str, LaunchConfig]]:
             for n, st, sg, d, c, f in CHECKED_TPS]
     out += [("tiled_csl", LaunchConfig(nrows=8, stages=sg, words_per_stage=w, fixup=f, prefetch=p, cores=c))
             for c, sg, w, f, p in CHECKED_CORES]
+    out += [("tiled_csl", LaunchConfig(nrows=n, stages=sg, words_per_stage=w, fixup=f, wgmma=True))
+            for n, sg, w, f in CHECKED_WGMMA]
+    out += [("bitmap", LaunchConfig(nrows=n, stages=sg, value_cap=c, fixup=f, wgmma=True))
+            for n, sg, c, f in CHECKED_WGMMA_BITMAP]
     return out
 
 

@@ -24,6 +24,12 @@ can compare the result with `to_dense` bit for bit and with a float64 product:
 * `tiled_csl_cores_kernel`: the Tiled-CSL kernel's CUDA-core path for one activation row: the 8
   swizzled copies of the staged row (`row_copies`), and per word the row its product adds into
   and the activation its slot addresses (`tiled_csl_core_terms`).
+* `tiled_csl_wgmma_kernel`, `bitmap_wgmma_kernel`: both kernels through Hopper's warpgroup MMA
+  (FLASHLLM_WGMMA): the shared-memory operands as the tensor cores address them through their
+  descriptors in the 128-byte swizzle (`sw128_addresses`; Tiled-CSL's dense tiles, and the
+  activations staged in that swizzle, `stage_x_sw128`), the bitmap decode's registers as the A
+  operand (`bitmap_wgmma_a`), the documented accumulator layout (`wgmma_d_layout`) and the
+  epilogue's shuffle into pairs along M (`store_half_targets`).
 * `mma_m16n8k16`: the tensor-core instruction at register level, with the fragment layouts the PTX
   ISA documents; `bitmap_kernel` / `tiled_csl_kernel` chain everything with the kernels' split-K
   partition, blocks along N and the epilogue's (n, m) mapping.
@@ -504,6 +510,7 @@ class Plan:
     # one dense tile
     warps: int = 4
     dense_tiles: int = 2
+    wgmma: bool = False  # Hopper's warpgroup MMA (FLASHLLM_WGMMA; bitmap: one strip, the fragment decode)
 
 
 def split_ranges(k_tiles: int, split_k: int) -> list[range]:
@@ -611,6 +618,8 @@ def _run_blocks(a_regs_for, b_regs_for, k_tiles: int, blocks_m: list[list[int]],
 def bitmap_kernel(x: torch.Tensor, w: BitmapWeight, bias: Optional[torch.Tensor], plan: Plan,
                   stale: Optional[int] = 0x7E00) -> tuple[torch.Tensor, torch.Tensor]:
     """The bitmap kernel's output (and per-element write counts) for x (N, K), emulated."""
+    if plan.wgmma:
+        return bitmap_wgmma_kernel(x, w, bias, plan, stale)
     out_features, in_features = w.shape
     tm, tk = -(-out_features // GROUP_M), -(-in_features // GROUP_K)
     frags = bitmap_fragments(w, stale, plan.decode).reshape(tm, tk, WARPS, 4, 2, 2, LANES)
@@ -696,6 +705,8 @@ def tiled_csl_kernel(x: torch.Tensor, w: TiledCSLWeight, bias: Optional[torch.Te
     """The Tiled-CSL kernel's output (and per-element write counts) for x (N, K), emulated."""
     if plan.cores:
         return tiled_csl_cores_kernel(x, w, bias, plan)
+    if plan.wgmma:
+        return tiled_csl_wgmma_kernel(x, w, bias, plan)
     out_features, in_features = w.shape
     tm, tk = -(-out_features // TILE_M), -(-in_features // TILE_K)
     frags = tiled_csl_b_fragments(w, plan.words_per_stage).reshape(tm, tk, WARPS, 4, 2, 4, LANES)
@@ -716,3 +727,155 @@ def tiled_csl_kernel(x: torch.Tensor, w: TiledCSLWeight, bias: Optional[torch.Te
 
     return _run_blocks(a_regs, b_regs, tk, [[s] for s in range(tm)], m8_of, WARPS * 4, x, out_features, bias, plan,
                        steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiled-CSL through Hopper's warpgroup MMA (FLASHLLM_WGMMA in tiled_csl_spmm.cu)
+# ---------------------------------------------------------------------------------------------
+def sw128_addresses(start: int, rows: int) -> torch.Tensor:
+    """The shared-memory byte addresses (rows, 16) a wgmma reads for a K-major operand of `rows`
+    rows x 16 k in the 128-byte swizzle from descriptor start address `start` (relative to a
+    1024-byte aligned base; stride offset 1024 bytes): row r, k at start + 1024 (r // 8) + 128 (r %
+    8) + 2 k, its 16-byte chunk (address bits 4-6) XORed with its row in the 8-row group (bits 7-9),
+    as the PTX ISA's 128-byte swizzle mode does. The kernel's slices start 32 bytes per k16 step into
+    a 1024-byte aligned group (`sw128_desc`)."""
+    r = torch.arange(rows)[:, None]
+    k = torch.arange(16)[None, :]
+    a = start + 1024 * (r // 8) + 128 * (r % 8) + 2 * k
+    return a ^ (((a >> 7) & 7) << 4)
+
+
+def wgmma_operand(buf: torch.Tensor, start: int, rows: int) -> torch.Tensor:
+    """(..., rows, 16) 16-bit patterns a wgmma reads from shared buffers `buf` (..., halves)."""
+    return buf[..., sw128_addresses(start, rows) // 2]
+
+
+def stage_x_sw128(x: torch.Tensor, nrows: int, n0: int, k0: int, kx: int) -> torch.Tensor:
+    """`XStagerT<true>` (common.cuh): the staged activation tile as (nrows * 64,) 16-bit patterns, row
+    n's 16-byte chunk c at chunk c ^ (n % 8) of its 128-byte row (thread t copies chunk t % 8 of row
+    t / 8 to byte 128 (t / 8) + 16 ((t % 8) ^ (t / 8 % 8)), plus 128 rows per pass), zero past N and
+    past the kx valid columns."""
+    plain = stage_x(x, nrows, n0, k0, kx)[:, :64].reshape(nrows, 8, 8)
+    out = torch.empty_like(plain)
+    r = torch.arange(nrows)[:, None]
+    c = torch.arange(8)[None, :]
+    out[r, c ^ (r % 8)] = plain[r.expand(-1, 8), c.expand(nrows, -1)]
+    return out.reshape(-1)
+
+
+def tiled_csl_wgmma_a(w: TiledCSLWeight, words_per_stage: int = 2048) -> torch.Tensor:
+    """The A operands the kernel's wgmma read from each scattered dense tile: (tiles, half, kc, 64,
+    16) 16-bit patterns, half h's rows 64 h.., k16 step kc's slice starting at 8192 h + 32 kc."""
+    shared = tiled_csl_shared_tiles(w, words_per_stage)
+    return torch.stack([torch.stack([wgmma_operand(shared, h * 64 * 128 + kc * 32, 64) for kc in range(4)], 1)
+                        for h in range(2)], 1)
+
+
+def tiled_csl_wgmma_decoded(w: TiledCSLWeight, words_per_stage: int = 2048) -> torch.Tensor:
+    """The dense weight as the wgmma path's A operands hold it (compare bitwise)."""
+    a = tiled_csl_wgmma_a(w, words_per_stage)
+    tm, tk = -(-w.shape[0] // TILE_M), -(-w.shape[1] // TILE_K)
+    tile = a.permute(0, 1, 3, 2, 4).reshape(tm * tk, TILE_M, TILE_K)  # (tile, 64 h + r, 16 kc + k)
+    dense = tile.reshape(tm, tk, TILE_M, TILE_K).transpose(1, 2).reshape(tm * TILE_M, tk * TILE_K)
+    return dense[: w.shape[0], : w.shape[1]].to(torch.int32).to(torch.int16).view(w.dtype)
+
+
+def wgmma_d_layout(nrows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The m64nNk16 accumulators (PTX ISA, wgmma D fragments), N = nrows: the row and column of
+    register i of thread t, (128, nrows / 2) each: warp w's 16 rows, then mma.m16n8's C layout in
+    every 8 columns."""
+    t = torch.arange(4 * LANES)[:, None]
+    i = torch.arange(nrows // 2)[None, :]
+    lane = t & 31
+    row = 16 * (t >> 5) + (lane >> 2) + 8 * ((i % 4) >> 1)
+    col = 8 * (i // 4) + 2 * (lane & 3) + (i & 1)
+    return row, col
+
+
+def store_half_targets(d: torch.Tensor, m0: int, n0: int, out_features: int, n: int
+                       ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`csl::store_half` on registers d (128, nrows / 2): per store, (values, n, m, whether it is
+    stored) of every thread, after the shuffle with lane ^ 4 that pairs rows m, m + 1."""
+    t = torch.arange(4 * LANES)
+    lane = t & 31
+    odd = ((lane >> 2) & 1).bool()
+    out = []
+    for e2 in range(2):
+        m = m0 + 16 * (t >> 5) + (lane >> 2) + 8 * e2 - odd.long()
+        for j in range(d.shape[1] // 4):
+            at_n, at_n1 = d[:, 4 * j + 2 * e2], d[:, 4 * j + 2 * e2 + 1]
+            other = torch.where(odd, at_n, at_n1)[t ^ 4]  # __shfl_xor_sync(..., 4)
+            nn = n0 + 8 * j + 2 * (lane & 3) + odd.long()
+            live = (m < out_features) & (nn < n)
+            out.append((torch.where(odd, other, at_n), nn, m, live))
+            out.append((torch.where(odd, at_n1, other), nn, m + 1, live & (m + 1 < out_features)))
+    return out
+
+
+def _wgmma_blocks(a_for, tm: int, tk: int, rows: int, x: torch.Tensor, out_features: int,
+                  bias: Optional[torch.Tensor], plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared driver of the warpgroup-MMA kernels: every block (strip of `rows` weight rows, split, N
+    chunk) sums its tiles' products, a_for(strip, kt) (rows / 64 halves, 4 k16 steps, 64, 16) float64
+    A operands against the swizzled activation stage as the B operand, spreads each 64-row half over
+    the threads' registers as the hardware does and stores it through `store_half`. Returns (y,
+    write count per element). Sums are kept per tile in float64 and rounded to fp32 per tile, as
+    `_run_blocks` does (the hardware rounds per instruction)."""
+    n, dtype, nrows = x.shape[0], x.dtype, plan.nrows
+    xp, kx = padded_activations(x, x.shape[1])
+    row, col = wgmma_d_layout(nrows)
+    splits = split_ranges(tk, plan.split_k)
+    ws = torch.zeros(n, out_features, dtype=torch.float32)
+    y = torch.zeros(n, out_features, dtype=dtype)
+    writes = torch.zeros(n, out_features, dtype=torch.int64)
+    bias_f = None if bias is None else bias.to(torch.float32)
+    for z in range(-(-n // nrows)):
+        n0 = z * nrows
+        b = {kt: halves_to_float(torch.stack([wgmma_operand(stage_x_sw128(xp, nrows, n0, kt * 64, kx), kc * 32, nrows)
+                                              for kc in range(4)]), dtype)
+             for kt in range(tk)}  # (kc, nrows, 16)
+        for kts in splits:
+            for strip in range(tm):
+                acc = torch.zeros(rows // 64, 64, nrows, dtype=torch.float32)
+                for kt in kts:
+                    acc = (acc.double() + torch.einsum("hcrk,cnk->hrn", a_for(strip, kt), b[kt])).float()
+                for h in range(rows // 64):
+                    for vals, nn, m, live in store_half_targets(acc[h][row, col], strip * rows + 64 * h, n0,
+                                                                out_features, n):
+                        if len(splits) > 1:
+                            ws.index_put_((nn[live], m[live]), vals[live], accumulate=True)
+                        else:
+                            bb = 0.0 if bias_f is None else bias_f[m[live]]
+                            y[nn[live], m[live]] = (vals[live] + bb).to(dtype)
+                        writes.index_put_((nn[live], m[live]), torch.ones_like(m[live]), accumulate=True)
+    if len(splits) > 1:  # flashllm_splitk_finalize
+        y = (ws + (0.0 if bias_f is None else bias_f)).to(dtype)
+    return y, writes
+
+
+def tiled_csl_wgmma_kernel(x: torch.Tensor, w: TiledCSLWeight, bias: Optional[torch.Tensor],
+                           plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Tiled-CSL kernel through the warpgroup MMA, emulated: the wgmma's views of the scattered
+    dense tiles (two 64-row halves) against the swizzled activation stages (`_wgmma_blocks`)."""
+    out_features, in_features = w.shape
+    tm, tk = -(-out_features // TILE_M), -(-in_features // TILE_K)
+    a = halves_to_float(tiled_csl_wgmma_a(w, plan.words_per_stage), x.dtype).reshape(tm, tk, 2, 4, 64, 16)
+    return _wgmma_blocks(lambda strip, kt: a[strip, kt], tm, tk, TILE_M, x, out_features, bias, plan)
+
+
+def bitmap_wgmma_a(w: BitmapWeight, stale: Optional[int] = 0x7E00, value_cap: int = 4096) -> torch.Tensor:
+    """The A registers the bitmap kernel hands each wgmma (FLASHLLM_WGMMA): (tiles, kc, warp, 32, 4),
+    the fragment decode's blocks (jj, bc) = (0, 0), (1, 0), (0, 1), (1, 1) as a0..a3."""
+    f = bitmap_fragments(w, stale, "fragment", value_cap)  # (tiles, warp, kc, jj, bc, 32)
+    regs = torch.stack([f[:, :, :, 0, 0], f[:, :, :, 1, 0], f[:, :, :, 0, 1], f[:, :, :, 1, 1]], -1)
+    return regs.permute(0, 2, 1, 3, 4)  # (tiles, kc, warp, 32, 4)
+
+
+def bitmap_wgmma_kernel(x: torch.Tensor, w: BitmapWeight, bias: Optional[torch.Tensor], plan: Plan,
+                        stale: Optional[int] = 0x7E00) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bitmap kernel through the warpgroup MMA, emulated: each k16 step's A operand is the four
+    warps' decoded registers in mma.m16n8k16's A layout (warp w rows 16 w..), one strip of 64 rows."""
+    out_features, in_features = w.shape
+    tm, tk = -(-out_features // GROUP_M), -(-in_features // GROUP_K)
+    regs = bitmap_wgmma_a(w, stale).reshape(tm, tk, 4, WARPS, LANES, 4)
+    a = a_matrix(regs, x.dtype).reshape(tm, tk, 4, WARPS * 16, 16).unsqueeze(2)  # (tm, tk, 1, kc, 64, 16)
+    return _wgmma_blocks(lambda strip, kt: a[strip, kt], tm, tk, GROUP_M, x, out_features, bias, plan)

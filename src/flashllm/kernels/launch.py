@@ -413,7 +413,19 @@ def availability() -> tuple[bool, str]:
     return registered, f"NVRTC {state.nvrtc.version[0]}.{state.nvrtc.version[1]} ({state.nvrtc.path}); {flag}"
 
 
+def builds_for(arch: str, defines: dict[str, int]) -> bool:
+    """Whether a variant with `defines` compiles for `arch` (an NVRTC target): Tiled-CSL's warpgroup
+    MMA (FLASHLLM_WGMMA) exists on sm_90 alone, every other variant on all of them."""
+    return not defines.get("FLASHLLM_WGMMA") or arch in ("sm_90", "sm_90a")
+
+
 def compile_options(arch: str, defines: dict[str, int], dtype: torch.dtype) -> list[str]:
+    if defines.get("FLASHLLM_WGMMA"):
+        # wgmma is an sm_90a instruction (arch-specific: no later GPU runs it).
+        if not builds_for(arch, defines):
+            raise KernelUnavailable(f"the warpgroup MMA (wgmma) variants run on sm_90 GPUs (H100, H200) only, "
+                                    f"not on {arch}")
+        arch = "sm_90a"
     opts = [f"--gpu-architecture={arch}", "--std=c++17", f"-DFLASHLLM_DTYPE={_DTYPE_CODES[dtype]}"]
     opts += [f"-D{k}={v}" for k, v in sorted(defines.items())]
     if os.environ.get("FLASHLLM_LINEINFO") == "1":  # for compute-sanitizer and ncu source views
@@ -731,6 +743,8 @@ def prebuild(arch: str, folder: Optional[str] = None, checked: bool = False) -> 
     compiler = nvrtc()
     count = 0
     for source, name, defines in build_jobs(checked):
+        if not builds_for(arch, defines):
+            continue
         for dtype in _DTYPE_CODES:
             compile_image(source, name, compile_options(arch, defines, dtype), True, compiler)
             count += 1

@@ -63,6 +63,13 @@
 // synchronization (the period did not fall with a deeper pipeline, BENCHMARKS.md, tenth session),
 // that cost is then shared by TPS tiles. Not with the ring, bulk copies, stream-K or the prefetch.
 //
+// FLASHLLM_WGMMA = 1 (sm_90a: H100, H200; one strip, the fragment decode) hands each k16 step's
+// decoded fragments to Hopper's warpgroup MMA as its A operand (registers) and reads the
+// activations as B straight from shared memory (staged in the tensor cores' 128-byte swizzle), so
+// there are no activation ldmatrix per warp and one wgmma.m64nNk16 per step in place of 2 NT
+// mma.sync; the tensor cores run a step while the warp decodes the next. The activations were read
+// by each warp for its own 16 rows (shared-memory bound from N = 32); the warpgroup reads them once.
+//
 // FLASHLLM_PROBE (diagnostics only, python -m flashllm.bench.probes; the output is then not the
 // product) leaves out the later parts of the work, so that timing each level shows where the time
 // goes: 1 streams the stages (copies, waits, barriers) and nothing else, 2 adds the per-warp scan
@@ -98,10 +105,16 @@ constexpr bool FULL_TILES = VALCAP == GROUP * GROUP;
 constexpr int MAX_VALUE_CHUNKS = VALCAP / 8;  // 16-byte chunks of the longest run a stage takes
 // The longest run plus slack: a lane reads values[rank + 1] with rank <= nnz <= VALCAP.
 constexpr int VAL_BYTES = (VALCAP + 8) * 2;
-constexpr int MASKS_OFF = 0;
-constexpr int VALS_OFF = STRIPS * MASK_BYTES;
-constexpr int X_OFF = VALS_OFF + STRIPS * VAL_BYTES;
-constexpr int STAGE_BYTES = X_OFF + X_STAGE_BYTES;
+// FLASHLLM_WGMMA (sm_90a; one strip, the fragment decode): the tensor cores as Hopper's warpgroup
+// MMA, A (the decoded fragments) from registers, B (the activations) from shared memory in the
+// 128-byte swizzle. A stage then starts with its activations (NROWS rows of 128 bytes) and is a
+// multiple of 1024 bytes, from the block's first 1024-byte boundary (the swizzle's period).
+constexpr bool WGMMA = FLASHLLM_WGMMA != 0;  // (common.cuh: 0 unless defined)
+constexpr int W_X_BYTES = NROWS * 128;
+constexpr int MASKS_OFF = WGMMA ? W_X_BYTES : 0;
+constexpr int VALS_OFF = MASKS_OFF + STRIPS * MASK_BYTES;
+constexpr int X_OFF = WGMMA ? 0 : VALS_OFF + STRIPS * VAL_BYTES;
+constexpr int STAGE_BYTES = WGMMA ? (VALS_OFF + STRIPS * VAL_BYTES + 1023) / 1024 * 1024 : X_OFF + X_STAGE_BYTES;
 constexpr bool SCATTER = FLASHLLM_DECODE == 1;
 #ifndef FLASHLLM_TPS
 #define FLASHLLM_TPS 1
@@ -115,7 +128,7 @@ static_assert(TPS == 1 || TPS == 2, "TPS");
 static_assert(FLASHLLM_PROBE >= 0 && FLASHLLM_PROBE <= 3, "PROBE");
 constexpr bool RUN_SCAN = FLASHLLM_PROBE == 0 || FLASHLLM_PROBE >= 2;
 constexpr bool RUN_DECODE = FLASHLLM_PROBE == 0 || FLASHLLM_PROBE >= 3;
-constexpr bool RUN_MMA = FLASHLLM_PROBE == 0;
+constexpr bool RUN_MMA = FLASHLLM_PROBE == 0 && !WGMMA;  // (the mma.sync path's A loads)
 // k16 steps per A-fragment load (common.cuh, load_a_frags): two at NROWS == 8.
 constexpr int A_STEPS = HALF_A ? 2 : 1;
 static_assert(FLASHLLM_DECODE == 0 || FLASHLLM_DECODE == 1, "DECODE");
@@ -143,7 +156,7 @@ constexpr int BARS_OFF = RING_OFF + (FLASHLLM_OFFSET_RING ? STRIPS * RING * 4 : 
 // Stream-K blocks ending split-K themselves (FLASHLLM_PERSISTENT and FLASHLLM_FIXUP) need a flag
 // of their own: they finish strips while their pipeline still fills the stages.
 constexpr int FLAG_OFF = BARS_OFF + (FLASHLLM_BULK ? STAGES * 8 : 0);
-constexpr int SMEM_BYTES = FLAG_OFF + (FLASHLLM_PERSISTENT && FLASHLLM_FIXUP ? 16 : 0);
+constexpr int SMEM_BYTES = FLAG_OFF + (FLASHLLM_PERSISTENT && FLASHLLM_FIXUP ? 16 : 0) + (WGMMA ? 1024 : 0);
 static_assert(BARS_OFF % 8 == 0, "mbarriers are 8-byte aligned");
 #if FLASHLLM_BULK && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define FLASHLLM_USE_BULK 1
@@ -152,6 +165,9 @@ static_assert(BARS_OFF % 8 == 0, "mbarriers are 8-byte aligned");
 #endif
 static_assert(TPS == 1 || !(FLASHLLM_OFFSET_RING || FLASHLLM_BULK || FLASHLLM_PERSISTENT || FLASHLLM_PREFETCH),
               "tiles per stage: the plain pipeline only");
+static_assert(!WGMMA || (STRIPS == 1 && !SCATTER && TPS == 1 && !FLASHLLM_PERSISTENT && !FLASHLLM_OFFSET_RING &&
+                         !FLASHLLM_BULK && PREFETCH == 0 && FLASHLLM_PROBE == 0 && NROWS <= 64),
+              "WGMMA: one strip, the fragment decode, the plain pipeline, NROWS <= 64");
 static_assert(VAL_BYTES % 16 == 0 && STAGE_BYTES % 16 == 0, "16-byte aligned stage buffers");
 #ifdef FLASHLLM_SMEM_BYTES  // the launcher's size (kernels/configs.py) must match this layout
 static_assert(SMEM_BYTES == FLASHLLM_SMEM_BYTES, "configs.LaunchConfig.smem_bytes disagrees with the kernel");
@@ -274,7 +290,13 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
     int* __restrict__ counters) {  // FIXUP: zeroed split-K arrival counts, one per output tile
   using namespace flashllm;
   using namespace flashllm::bitmap;
+#if FLASHLLM_WGMMA
+  // The layout starts at the first 1024-byte boundary (the swizzle's period).
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* const smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
+#else
   extern __shared__ __align__(16) unsigned char smem[];
+#endif
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -330,7 +352,7 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
     tile_masks[s] = tile_masks0[s] + (tid % (MASK_BYTES / 16)) * 16;
 #endif
   }
-  const XStager xstage(x, ldx, n0, N, kx, tid);
+  const XStagerT<WGMMA> xstage(x, ldx, n0, N, kx, tid);
 
   // Run bounds of the next tile(s) to issue, loaded one iteration (stage) before their use so the
   // load's latency hides behind a stage of work instead of stalling the copy loop.
@@ -474,8 +496,14 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
   const u32 below_mask = (1u << sh) - 1u;
   const u32 sh_sel = (sh - 4u) & 31u;  // rotating right by this puts the lane's bits at 4-5
 
+#if FLASHLLM_WGMMA
+  float acc_w[NROWS / 2];  // the warpgroup's m64nN accumulators (common.cuh, store_half)
+#pragma unroll
+  for (int e = 0; e < NROWS / 2; ++e) acc_w[e] = 0.f;
+#else
   float acc[A_STEPS][STRIPS][2][NT][4];
   FLASHLLM_ZERO_ACC(acc);
+#endif
 
   Entry* table = reinterpret_cast<Entry*>(smem + DECODE_OFF) + warp * STRIPS * 32;
   // Scatter path: this warp's rows of strip 0's dense tile (strip s at + s * TILE_BYTES), zeroed
@@ -532,6 +560,9 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
     cp_async_wait<STAGES - 2>();
 #if FLASHLLM_USE_BULK
     mbar_wait(bars + st * 8, phase);  // tile i's bulk copies (cp.async: its activations, above)
+#endif
+#if FLASHLLM_WGMMA
+    fence_proxy_async();  // this thread's copies of tile i's activations, for the tensor cores' reads
 #endif
     // Tile i has landed for every thread, and every warp is done with tile i - 1's stage.
     __syncthreads();
@@ -599,6 +630,13 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
 
     const u32 xs = sbase + st * STAGE_BYTES + X_OFF;
     u32 a[NT][4];
+#if FLASHLLM_WGMMA
+    // Each k16 step's fragments go to the tensor cores as A of one wgmma.m64nNk16 (B: the staged
+    // activations), which runs while the warp decodes the next step; its own registers per step,
+    // held until the tile's wait.
+    const u64 x_desc = sw128_desc(desc_lo(xs));
+    u32 a_w[4][4];
+#endif
 #pragma unroll
     for (int kc = 0; kc < (RUN_DECODE ? 4 : 0); ++kc) {
       if (RUN_MMA && acc_step<A_STEPS>(kc) == 0) load_a_frags<A_STEPS>(xs, kc, lane, a);
@@ -632,6 +670,15 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
         }
 #if FLASHLLM_PROBE
         sink ^= b[0][0] ^ b[0][1] ^ b[1][0] ^ b[1][1];
+#elif FLASHLLM_WGMMA
+        // The A layout's registers: rows 0-7 / 8-15 of the warp's 16 x k 0-7, then x k 8-15, i.e.
+        // blocks (jj, bc) = (0, 0), (1, 0), (0, 1), (1, 1), each lane's 2 elements as decoded.
+        a_w[kc][0] = b[0][0];
+        a_w[kc][1] = b[1][0];
+        a_w[kc][2] = b[0][1];
+        a_w[kc][3] = b[1][1];
+        wgmma_fence();  // the registers just written, before the wgmma that reads them
+        wgmma_k16_rs<NROWS>(acc_w, a_w[kc], x_desc + kc * 2);  // + 32 bytes per k16 step
 #else
 #pragma unroll
         for (int jj = 0; jj < 2; ++jj)
@@ -642,6 +689,11 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
 #endif
       }
     }
+#if FLASHLLM_WGMMA
+    wgmma_commit();
+    wgmma_wait_all();  // before the next tile's copies reuse a stage and before its barrier
+    pin(acc_w);
+#endif
     if constexpr (SCATTER && RUN_SCAN) {
       __syncwarp();  // every lane's ldmatrix has read the rows before any lane clears them
       zero_rows();
@@ -692,7 +744,9 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
   if (sink == 0x9e3779b9u) acc[0][0][0][0][0] += 1.f;  // a use of `sink` the compiler cannot drop
 #endif
 
-#if !FLASHLLM_PERSISTENT  // (stored strip by strip in the loop)
+#if FLASHLLM_WGMMA
+  store_half(acc_w, strip0 * GROUP, n0, lane, M, N, bias, y, ws);
+#elif !FLASHLLM_PERSISTENT  // (stored strip by strip in the loop)
 #pragma unroll
   for (int s = 0; s < STRIPS; ++s) {
     if (!valid[s]) continue;

@@ -257,9 +257,14 @@ __device__ __forceinline__ u32 scan_step(u32 x) {
 // or past kx are zero-filled by the copy itself (src-size 0: nothing read, and the address is x),
 // so padding rows and the K tail multiply as exact zeros. Needs ldx % 8 == 0, kx % 8 == 0 and a
 // 16-byte aligned x. With fewer chunks than threads (NROWS * 8 < THREADS) the rest sit idle.
-struct XStager {
+// SW128 lays the stage out for the tensor cores' 128-byte swizzle instead (Tiled-CSL's wgmma path):
+// rows of 128 bytes, 16-byte chunk c of row r at chunk c ^ (r % 8), no padding.
+template <bool SW128 = false>
+struct XStagerT {
   static constexpr int CHUNKS = NROWS * 8;
+  static constexpr int ROW_BYTES = SW128 ? 128 : XS_STRIDE * 2;
   static constexpr int ROWS_PER_PASS = THREADS / 8;
+  static_assert(!SW128 || ROWS_PER_PASS % 8 == 0, "SW128: every pass's rows share the first row's swizzle");
   static constexpr int PASSES = CHUNKS >= THREADS ? CHUNKS / THREADS : 1;
   static_assert(CHUNKS % THREADS == 0 || THREADS % CHUNKS == 0, "chunks and threads are powers of two");
 
@@ -272,12 +277,14 @@ struct XStager {
   int kx;
   bool mine;         // this thread has chunks to copy
 
-  __device__ __forceinline__ XStager(const u16* __restrict__ x_, int ldx, int n0, int N, int kx_, int tid)
+  __device__ __forceinline__ XStagerT(const u16* __restrict__ x_, int ldx, int n0, int N, int kx_, int tid)
       : x(x_), pass_step(static_cast<size_t>(ROWS_PER_PASS) * ldx), col((tid & 7) * 8), kx(kx_),
         mine(tid < CHUNKS) {
     const int r0 = tid >> 3;
     first = x_ + static_cast<size_t>(n0 + r0) * ldx + col;
-    dst = static_cast<u32>(r0 * XS_STRIDE + col) * 2u;
+    // (ROWS_PER_PASS is a multiple of 8: a pass's rows keep the first row's swizzle.)
+    dst = SW128 ? static_cast<u32>(r0 * ROW_BYTES + (((tid & 7) ^ (r0 & 7)) << 4))
+                : static_cast<u32>(r0 * XS_STRIDE + col) * 2u;
     live = 0u;
 #pragma unroll
     for (int p = 0; p < PASSES; ++p) live |= (n0 + r0 + p * ROWS_PER_PASS < N ? 1u : 0u) << p;
@@ -290,10 +297,11 @@ struct XStager {
     for (int p = 0; p < PASSES; ++p) {
       const bool ok = col_ok && ((live >> p) & 1u);
       const u16* src = ok ? first + p * pass_step + k0 : x;
-      cp_async16(xs + dst + static_cast<u32>(p * ROWS_PER_PASS * XS_STRIDE * 2), src, ok ? 16u : 0u);
+      cp_async16(xs + dst + static_cast<u32>(p * ROWS_PER_PASS * ROW_BYTES), src, ok ? 16u : 0u);
     }
   }
 };
+using XStager = XStagerT<false>;
 
 // cp.async a contiguous run of `chunks` <= MAX_CHUNKS 16-byte chunks (the compressed weight of a
 // tile), chunk c by thread c % THREADS. Unrolled to the largest run, each chunk addressed as a
@@ -361,10 +369,31 @@ __device__ __forceinline__ void fold_steps(float* acc, const float* acc_odd) {
 // ---------------------------------------------------------------------------------------------
 // Epilogue
 // ---------------------------------------------------------------------------------------------
+// y[n][m], y[n][m + 1] = v0, v1 (the second only if `pair`, i.e. m + 1 < M), with b0, b1 the bias
+// of m, m + 1 (0 with split-K). Without split-K (ws == null) the result is rounded once into y; with
+// split-K it is added into the fp32 workspace and flashllm_splitk_finalize rounds it.
+__device__ __forceinline__ void store_pair(float v0, float v1, float b0, float b1, int m, int n, int M, bool pair,
+                                           u16* __restrict__ y, float* __restrict__ ws) {
+  const size_t i = static_cast<size_t>(n) * M + m;
+  if (ws == nullptr) {
+    if (pair && (M & 1) == 0) {
+      *reinterpret_cast<u32*>(y + i) = pack_float2(v0 + b0, v1 + b1);
+    } else {
+      y[i] = from_float(v0 + b0);
+      if (pair) y[i + 1] = from_float(v1 + b1);
+    }
+  } else {
+    if (pair && (M & 1) == 0) {
+      red_add_f32x2(ws + i, v0, v1);
+    } else {
+      atomicAdd(ws + i, v0);
+      if (pair) atomicAdd(ws + i + 1, v1);
+    }
+  }
+}
+
 // One accumulator of an (n16, m8) tile: acc[0], acc[1] are y[n][m], y[n][m + 1]; acc[2], acc[3]
-// the same for n + 8; m = m8 + 2 * (lane % 4), n = n16 + lane / 4. Without split-K (ws == null)
-// the result is rounded once, bias included, into y; with split-K it is added into the fp32
-// workspace and flashllm_splitk_finalize rounds it.
+// the same for n + 8; m = m8 + 2 * (lane % 4), n = n16 + lane / 4.
 __device__ __forceinline__ void store_acc(const float* acc, int m8, int n16, int lane, int M, int N,
                                           const u16* __restrict__ bias, u16* __restrict__ y,
                                           float* __restrict__ ws) {
@@ -381,23 +410,7 @@ __device__ __forceinline__ void store_acc(const float* acc, int m8, int n16, int
   for (int h = 0; h < (HALF_A ? 1 : 2); ++h) {
     const int n = n16 + (lane >> 2) + 8 * h;
     if (n >= N) continue;
-    const size_t i = static_cast<size_t>(n) * M + m;
-    const float v0 = acc[2 * h], v1 = acc[2 * h + 1];
-    if (ws == nullptr) {
-      if (pair && (M & 1) == 0) {
-        *reinterpret_cast<u32*>(y + i) = pack_float2(v0 + b0, v1 + b1);
-      } else {
-        y[i] = from_float(v0 + b0);
-        if (pair) y[i + 1] = from_float(v1 + b1);
-      }
-    } else {
-      if (pair && (M & 1) == 0) {
-        red_add_f32x2(ws + i, v0, v1);
-      } else {
-        atomicAdd(ws + i, v0);
-        if (pair) atomicAdd(ws + i + 1, v1);
-      }
-    }
+    store_pair(acc[2 * h], acc[2 * h + 1], b0, b1, m, n, M, pair, y, ws);
   }
 }
 
@@ -466,5 +479,151 @@ __device__ __forceinline__ void splitk_fixup(float* __restrict__ ws, int* __rest
   fixup_tile<ROWS>(ws, counters, bias, y, M, N, blockIdx.x * ROWS, blockIdx.z * NROWS,
                    [] { return static_cast<int>(blockIdx.z * gridDim.x + blockIdx.x); }, 1, splits, flag);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Hopper's warpgroup MMA (FLASHLLM_WGMMA; sm_90a only): the block's 4 warps are one warpgroup
+// ---------------------------------------------------------------------------------------------
+#ifndef FLASHLLM_WGMMA
+#define FLASHLLM_WGMMA 0
+#endif
+#if FLASHLLM_WGMMA
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "FLASHLLM_WGMMA needs the sm_90a target (launch.compile_options picks it for an H100 or H200)"
+#endif
+
+
+// A K-major operand in the tensor cores' 128-byte swizzle: rows of 128 bytes (64 k values), 16-byte
+// chunk c of row r stored at chunk c ^ (r % 8), 8-row groups 1024 bytes apart from a 1024-byte
+// aligned base. The descriptor of the 16-k slice at `addr` (a group's base plus 32 bytes per k16
+// step, which the hardware swizzles with the row as it addresses): start address, leading offset
+// (unused in this swizzle, 1 by convention), stride offset 1024 bytes, swizzle mode 1 (128 bytes);
+// addresses in 16-byte units, so a later slice is the descriptor plus its byte offset / 16. A tile's
+// descriptor is assembled from its low word (`desc_lo`) and the fixed high word in one move.
+constexpr u32 SW128_DESC_HI = (1024u >> 4) | (1u << 30);
+__device__ __forceinline__ u32 desc_lo(u32 addr) { return ((addr & 0x3FFFFu) >> 4) | (1u << 16); }
+__device__ __forceinline__ u64 sw128_desc(u32 lo) {
+  u64 d;
+  asm("mov.b64 %0, {%1, %2};\n" : "=l"(d) : "r"(lo), "r"(SW128_DESC_HI));
+  return d;
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Shared memory written by ordinary stores (the scatter; cp.async's activations) and read next by
+// the tensor cores (the async proxy): each writing thread fences before the barrier.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// The compiler must not read, move or reuse the accumulators while the tensor cores write them
+// (from a wgmma to its wait): an empty asm claiming to change each one pins them there.
+template <int R>
+__device__ __forceinline__ void pin(float (&d)[R]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+#if FLASHLLM_DTYPE == 1
+#define FLASHLLM_WGMMA_TYPES ".f32.f16.f16"
+#else
+#define FLASHLLM_WGMMA_TYPES ".f32.bf16.bf16"
+#endif
+#define FLASHLLM_F4(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
+#define FLASHLLM_F16(i) FLASHLLM_F4(i), FLASHLLM_F4(i + 4), FLASHLLM_F4(i + 8), FLASHLLM_F4(i + 12)
+// (scale-d is a predicate: set true, D += A B; both operands K-major, neither negated nor transposed.)
+#define FLASHLLM_WGMMA_ASM(shape, regs, a, b) \
+  "{\n.reg .pred acc;\nsetp.ne.b32 acc, 1, 0;\nwgmma.mma_async.sync.aligned." shape FLASHLLM_WGMMA_TYPES " " regs \
+  ", " a ", " b ", acc, 1, 1, 0, 0;\n}\n"
+
+// d (this thread's m64nNk16 accumulators, N = NROWS) += A (64 weight rows x 16 k, descriptor a) *
+// B (16 k x N activation rows, descriptor b), issued asynchronously (wgmma_commit, wgmma_wait_all).
+template <int N>
+__device__ __forceinline__ void wgmma_k16(float (&d)[N / 2], u64 a, u64 b) {
+  if constexpr (N == 8) {
+    asm volatile(FLASHLLM_WGMMA_ASM("m64n8k16", "{%0, %1, %2, %3}", "%4", "%5")
+                 : FLASHLLM_F4(0)
+                 : "l"(a), "l"(b));
+  } else if constexpr (N == 16) {
+    asm volatile(FLASHLLM_WGMMA_ASM("m64n16k16", "{%0, %1, %2, %3, %4, %5, %6, %7}", "%8", "%9")
+                 : FLASHLLM_F4(0), FLASHLLM_F4(4)
+                 : "l"(a), "l"(b));
+  } else if constexpr (N == 32) {
+    asm volatile(FLASHLLM_WGMMA_ASM("m64n32k16",
+                                    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}",
+                                    "%16", "%17")
+                 : FLASHLLM_F16(0)
+                 : "l"(a), "l"(b));
+  } else {
+    static_assert(N == 64, "wgmma_k16: N is 8, 16, 32 or 64");
+    asm volatile(FLASHLLM_WGMMA_ASM("m64n64k16",
+                                    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                                    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}",
+                                    "%32", "%33")
+                 : FLASHLLM_F16(0), FLASHLLM_F16(16)
+                 : "l"(a), "l"(b));
+  }
+}
+
+// The same with A from registers: a[0..3] of this warp's 16 rows x 16 k in mma.m16n8k16's A layout
+// (rows g, g + 8 and k 2 t.., 8 + 2 t.. of lane 4 g + t), written before a wgmma_fence. ptxas keeps
+// them (and the accumulators) until the wgmma_wait that follows.
+#define FLASHLLM_WGMMA_RS_ASM(shape, regs, a, b) \
+  "{\n.reg .pred acc;\nsetp.ne.b32 acc, 1, 0;\nwgmma.mma_async.sync.aligned." shape FLASHLLM_WGMMA_TYPES " " regs \
+  ", " a ", " b ", acc, 1, 1, 0;\n}\n"
+#define FLASHLLM_A4 "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3])
+template <int N>
+__device__ __forceinline__ void wgmma_k16_rs(float (&d)[N / 2], const u32 (&a)[4], u64 b) {
+  if constexpr (N == 8) {
+    asm volatile(FLASHLLM_WGMMA_RS_ASM("m64n8k16", "{%0, %1, %2, %3}", "{%4, %5, %6, %7}", "%8")
+                 : FLASHLLM_F4(0)
+                 : FLASHLLM_A4, "l"(b));
+  } else if constexpr (N == 16) {
+    asm volatile(FLASHLLM_WGMMA_RS_ASM("m64n16k16", "{%0, %1, %2, %3, %4, %5, %6, %7}", "{%8, %9, %10, %11}", "%12")
+                 : FLASHLLM_F4(0), FLASHLLM_F4(4)
+                 : FLASHLLM_A4, "l"(b));
+  } else if constexpr (N == 32) {
+    asm volatile(FLASHLLM_WGMMA_RS_ASM("m64n32k16",
+                                       "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}",
+                                       "{%16, %17, %18, %19}", "%20")
+                 : FLASHLLM_F16(0)
+                 : FLASHLLM_A4, "l"(b));
+  } else {
+    static_assert(N == 64, "wgmma_k16_rs: N is 8, 16, 32 or 64");
+    asm volatile(FLASHLLM_WGMMA_RS_ASM("m64n64k16",
+                                       "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                                       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}",
+                                       "{%32, %33, %34, %35}", "%36")
+                 : FLASHLLM_F16(0), FLASHLLM_F16(16)
+                 : FLASHLLM_A4, "l"(b));
+  }
+}
+
+// One 64-row half's sums into y (or the split-K workspace). Thread (warp w, lane l) holds d[4 j + e]
+// of weight row m = m0 + 16 w + l / 4 + 8 (e / 2) and activation row n = n0 + 8 j + 2 (l % 4) + e % 2.
+// Lanes l and l ^ 4 hold rows m and m ^ 1 of the same activation rows: one shuffle hands each the
+// value the other stores, so the lane of the even row stores (m, m + 1) of activation row n and the
+// other those of n + 1, as aligned pairs along M like the mma.sync path's.
+__device__ __forceinline__ void store_half(const float (&d)[NROWS / 2], int m0, int n0, int lane, int M, int N,
+                                           const u16* __restrict__ bias, u16* __restrict__ y,
+                                           float* __restrict__ ws) {
+  const bool odd = (lane >> 2) & 1;
+#pragma unroll
+  for (int e2 = 0; e2 < 2; ++e2) {
+    const int m = m0 + 16 * (threadIdx.x >> 5) + (lane >> 2) + 8 * e2 - (odd ? 1 : 0);  // the pair's even row
+    const bool pair = m + 1 < M;
+    float b0 = 0.f, b1 = 0.f;
+    if (m < M && ws == nullptr && bias != nullptr) {
+      b0 = to_float(bias[m]);
+      if (pair) b1 = to_float(bias[m + 1]);
+    }
+#pragma unroll
+    for (int j = 0; j < NROWS / 8; ++j) {
+      const float at_n = d[4 * j + 2 * e2], at_n1 = d[4 * j + 2 * e2 + 1];
+      const float other = __shfl_xor_sync(FULL, odd ? at_n : at_n1, 4);
+      const int n = n0 + 8 * j + 2 * (lane & 3) + (odd ? 1 : 0);
+      if (m < M && n < N) store_pair(odd ? other : at_n, odd ? at_n1 : other, b0, b1, m, n, M, pair, y, ws);
+    }
+  }
+}
+#endif  // FLASHLLM_WGMMA
 
 }  // namespace flashllm

@@ -42,9 +42,23 @@
 // words of one row stay in program order), for 48 KB more shared memory per block (2 resident
 // blocks instead of 5) and a fold over the 4 warps' sums too.
 //
+// FLASHLLM_WGMMA = 1 (sm_90a: H100, H200) runs the tensor cores as Hopper's warpgroup MMA instead
+// of ldmatrix + mma.sync: the 4 warps are one warpgroup, which per tile issues 8 wgmma.m64nNk16
+// (two 64-row halves x four k16 steps, N = NROWS) that read the dense tile and the activations
+// straight from shared memory, asynchronously. The warps scatter the next tile into the other dense
+// tile while the tensor cores read this one, then wait for them and zero the tile they read. The
+// kernel is latency-bound (BENCHMARKS.md, sixteenth session: no warp eligible in 58-72% of cycles
+// at N = 8), and this takes the ldmatrix -> mma dependency chains, the fragment registers and their
+// address arithmetic off the warps; at N = 8 no half of an mma is wasted (n8 is a wgmma shape), and
+// each activation row is read once per 64 weight rows instead of once per warp's 16 or 32. The
+// dense tile's XOR swizzle is exactly the tensor cores' 128-byte swizzle, so the format does not
+// change; the activations are staged in it too (XStagerT<true>), and every operand starts 1024-byte
+// aligned (the swizzle's period: the block's first up to 1024 bytes of shared memory are slack).
+//
 // Extra compile-time parameter: FLASHLLM_CAPW, words per stage buffer (a multiple of 4); optional
 // FLASHLLM_WARPS 4 (default) or 8, FLASHLLM_DENSE_TILES 2 (default) or 1, FLASHLLM_CORES 0
-// (default), 1 or 2 (4 warps, NROWS 8, DENSE_TILES ignored: no dense tile). FLASHLLM_PROBE
+// (default), 1 or 2 (4 warps, NROWS 8, DENSE_TILES ignored: no dense tile), FLASHLLM_WGMMA 0
+// (default) or 1 (4 warps, two dense tiles, NROWS <= 64, no prefetch or probe). FLASHLLM_PROBE
 // (diagnostics only, python -m flashllm.bench.probes; the output is then not the product): 1
 // streams the stages and reloads the pieces of dense tiles but scatters nothing, 2 adds the scatter
 // and the re-zeroing, without the ldmatrix and mma; 0 (default) is the kernel.
@@ -84,14 +98,14 @@ constexpr bool SCATTER_AHEAD = DENSE_TILES == 2;  // scatter tile i + 1 while re
 // one dense tile went from 64 to 72 (4 resident blocks down to 3; capped at 64 the pairing saved
 // 4 instructions of 18), so they keep one step per load; 4 warps (two 16-row halves each) take
 // 92-111 under the launch bounds below, which keep their resident blocks.
-constexpr int A_STEPS = HALF_A && (HALVES == 2 || DENSE_TILES == 2) ? 2 : 1;
+[[maybe_unused]] constexpr int A_STEPS = HALF_A && (HALVES == 2 || DENSE_TILES == 2) ? 2 : 1;
 #ifndef FLASHLLM_PROBE
 #define FLASHLLM_PROBE 0
 #endif
 static_assert(FLASHLLM_PROBE >= 0 && FLASHLLM_PROBE <= 2, "PROBE");
 static_assert(FLASHLLM_PROBE == 0 || !CORES, "PROBE: the CUDA-core path has no levels to leave out");
 constexpr bool RUN_SCATTER = FLASHLLM_PROBE != 1 && !CORES;
-constexpr bool RUN_MMA = FLASHLLM_PROBE == 0 && !CORES;
+[[maybe_unused]] constexpr bool RUN_MMA = FLASHLLM_PROBE == 0 && !CORES;
 static_assert(STAGES >= (SCATTER_AHEAD ? 3 : 2), "STAGES: 3 or more to scatter ahead, 2 otherwise");
 constexpr int DENSE_BYTES = (TILE_ELEMS + 8) * 2;  // the tile plus the sentinel's slot
 constexpr int STAGE0_OFF = DENSE_TILES * DENSE_BYTES;
@@ -104,7 +118,20 @@ constexpr int SUMS_OFF = INFO_OFF + (STAGES * 8 + 15) / 16 * 16;
 constexpr int SUM_ROWS = TILE_M;
 constexpr int SUMS_BYTES = SUM_ROWS * 32 * 4;
 constexpr int SUM_ARRAYS = WARP_SUMS ? WARPS : 1;
-constexpr int SMEM_BYTES = CORES ? SUMS_OFF + SUM_ARRAYS * SUMS_BYTES : INFO_OFF + STAGES * 8;
+constexpr bool WGMMA = FLASHLLM_WGMMA != 0;  // (common.cuh: 0 unless defined)
+static_assert(!WGMMA || (WARPS == 4 && DENSE_TILES == 2 && NROWS <= 64 && PREFETCH == 0 && FLASHLLM_PROBE == 0),
+              "WGMMA: one warpgroup (4 warps), two dense tiles, NROWS <= 64, no prefetch, no probe");
+// WGMMA's layout, from the first 1024-byte boundary of the block's shared memory: the dense tiles
+// (each with its spare slot, padded to 1024 bytes), the activation stages (NROWS rows of 128
+// bytes), the word stages, the run bounds.
+constexpr int W_DENSE_STRIDE = (DENSE_BYTES + 1023) / 1024 * 1024;
+constexpr int W_X_BYTES = NROWS * 128;
+constexpr int W_X_OFF = DENSE_TILES * W_DENSE_STRIDE;
+constexpr int W_WORDS_OFF = W_X_OFF + STAGES * W_X_BYTES;
+constexpr int W_INFO_OFF = W_WORDS_OFF + STAGES * WORDS_BYTES;
+static_assert(W_X_BYTES % 1024 == 0 && TILE_K * 2 == 128, "WGMMA: 1024-byte aligned operands, 128-byte rows");
+constexpr int SMEM_BYTES = WGMMA ? 1024 + W_INFO_OFF + STAGES * 8
+                           : CORES ? SUMS_OFF + SUM_ARRAYS * SUMS_BYTES : INFO_OFF + STAGES * 8;
 static_assert(!CORES || X_STAGE_BYTES >= 8 * TILE_K * 2, "CORES: 8 copies of the row fit a stage's activations");
 static_assert(SUMS_OFF % 16 == 0, "CORES: the sums are zeroed 16 bytes at a time");
 static_assert(DENSE_BYTES % 16 == 0 && STAGE_BYTES % 16 == 0, "16-byte aligned buffers");
@@ -315,6 +342,7 @@ __device__ __forceinline__ void each_piece(const RunInfo run, unsigned char* buf
 #define FLASHLLM_CSL_BOUNDS __launch_bounds__(flashllm::THREADS)
 #endif
 
+#if !FLASHLLM_WGMMA
 extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
     // pointers
     const u16* __restrict__ x,       // (N, ldx) activations, row-major
@@ -546,3 +574,148 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
   }
 #endif
 }
+#else  // FLASHLLM_WGMMA
+// ---------------------------------------------------------------------------------------------
+// FLASHLLM_WGMMA: the tensor cores as Hopper's warpgroup MMA (see the top of the file; the
+// instructions' wrappers, the descriptors and the epilogue are in common.cuh)
+// ---------------------------------------------------------------------------------------------
+
+extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_tiled_csl_spmm(
+    // pointers
+    const u16* __restrict__ x,       // (N, ldx) activations, row-major
+    const u32* __restrict__ words,   // packed value | slot << 16
+    const int* __restrict__ offsets,  // tiles + 1 run starts, in words
+    const u16* __restrict__ bias,    // (M,) or null
+    u16* __restrict__ y,             // (N, M) output when ws is null
+    float* __restrict__ ws,          // (N, M) zeroed fp32 split-K workspace, or null
+    // sizes
+    int M, int N, int ldx, int kx,  // kx: valid activation columns, a multiple of 8
+    int KT, int MT,                 // tiles along K and along M
+    int kt_per_split,
+    // last, so that the parameters above keep their offsets in the variants without it
+    int* __restrict__ counters) {  // FIXUP: zeroed split-K arrival counts, one per output tile
+  using namespace flashllm;
+  using namespace flashllm::csl;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+
+  const int tid = threadIdx.x;
+  const int strip = blockIdx.x;
+  const int kt0 = blockIdx.y * kt_per_split;
+  const int nk = min(KT - kt0, kt_per_split);
+  const int n0 = blockIdx.z * NROWS;
+  if (nk <= 0 || strip >= MT) return;  // block-uniform, before any barrier
+
+  trap_unless_smem(SMEM_BYTES, tid);
+  // The layout starts at the first 1024-byte boundary (the swizzle's period).
+  const u32 sraw = smem_u32(smem_raw);
+  const u32 pad = (1024u - (sraw & 1023u)) & 1023u;
+  unsigned char* smem = smem_raw + pad;
+  const u32 sbase = sraw + pad;
+  RunInfo* info = reinterpret_cast<RunInfo*>(smem + W_INFO_OFF);
+  auto stage_words = [&](int st) { return smem + W_WORDS_OFF + st * WORDS_BYTES; };
+  auto dense = [&](int b) { return reinterpret_cast<u16*>(smem + b * W_DENSE_STRIDE); };
+  // Zeroes dense tile b's 128 rows (not its spare slot): 8 16-byte stores per thread.
+  auto zero_tile = [&](int b) {
+    U4* rows = reinterpret_cast<U4*>(smem + b * W_DENSE_STRIDE) + tid;
+#pragma unroll
+    for (int c = 0; c < TILE_ELEMS * 2 / 16 / THREADS; ++c) rows[c * THREADS] = U4{0u, 0u, 0u, 0u};
+  };
+  zero_tile(0);
+  zero_tile(1);
+
+  const int* tile_offsets = offsets + static_cast<size_t>(strip) * KT + kt0;  // this block's tiles
+  const XStagerT<true> xstage(x, ldx, n0, N, kx, tid);
+  auto load_offsets = [&](int j, int& lo, int& hi) {
+    lo = tile_offsets[j];
+    hi = tile_offsets[j + 1];
+  };
+  auto issue = [&](int j, int st, int lo, int hi) {
+    const int count = min(max(hi - lo, 0), TILE_ELEMS);
+    const int first = min(count, CAPW);
+    copy_run<CAPW / 4>(smem_u32(stage_words(st)), words + lo, first >> 2, tid);
+    xstage.stage(sbase + W_X_OFF + st * W_X_BYTES, (kt0 + j) * TILE_K);
+    if (tid == 0) info[st] = RunInfo{lo, count};  // read after at least one barrier
+  };
+  auto scatter = [&](const RunInfo run, int st, u16* d) {
+    each_piece(run, stage_words(st), words, tid,
+               [&](const unsigned char* buf, int count) { scatter_words(buf, count, d, tid); });
+  };
+
+  int nlo = 0, nhi = 0;  // run of the next tile to issue
+  {
+    int plo[STAGES] = {}, phi[STAGES] = {};
+#pragma unroll
+    for (int p = 0; p < STAGES; ++p) {
+      if (p < nk) load_offsets(p, plo[p], phi[p]);
+    }
+#pragma unroll
+    for (int p = 0; p < STAGES - 1; ++p) {
+      if (p < nk) issue(p, p, plo[p], phi[p]);
+      cp_async_commit();
+    }
+    nlo = plo[STAGES - 1];
+    nhi = phi[STAGES - 1];
+  }
+  cp_async_wait<STAGES - 2>();
+  __syncthreads();  // tile 0 landed, both dense tiles zeroed, info[0] visible
+  scatter(info[0], 0, dense(0));
+
+  float acc[2][NROWS / 2];  // the two 64-row halves of the strip
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int e = 0; e < NROWS / 2; ++e) acc[h][e] = 0.f;
+  const u32 dense_lo = desc_lo(sbase);         // dense tile 0, rows 0-63, k 0-15
+  const u32 x_lo = desc_lo(sbase + W_X_OFF);  // stage 0's activations, k 0-15
+
+  int st = 0;                 // stage of tile i (its activations)
+  int st_next = 1;            // stage of tile i + 1 (its words)
+  int st_issue = STAGES - 1;  // stage receiving tile i + STAGES - 1 (the one tile i - 1 freed)
+  for (int i = 0; i < nk; ++i) {
+    // Tile i + 1 has landed and tile i is scattered (into dense tile i % 2); tile i - 1's stage and
+    // dense tile are free (its tensor-core work finished last iteration).
+    cp_async_wait<STAGES - 3>();
+    fence_proxy_async();  // this thread's scatter of tile i and its copies of tile i's activations
+    __syncthreads();
+    const RunInfo next_run = info[st_next];
+    const int j = i + STAGES - 1;
+    if (j < nk) issue(j, st_issue, nlo, nhi);
+    load_offsets(min(j + 1, nk - 1), nlo, nhi);  // unconditional: see the mma.sync kernel
+    cp_async_commit();
+
+    // Tensor cores on tile i, asynchronously: two 64-row halves x four k16 steps.
+    const int dense_i = i & 1;
+    const u64 a_desc = sw128_desc(dense_lo + dense_i * (W_DENSE_STRIDE >> 4));
+    const u64 b_desc = sw128_desc(x_lo + st * (W_X_BYTES >> 4));
+    wgmma_fence();
+#pragma unroll
+    for (int kc = 0; kc < 4; ++kc) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        wgmma_k16<NROWS>(acc[h], a_desc + (h * 64 * 128 + kc * 32) / 16, b_desc + kc * 32 / 16);
+      }
+    }
+    wgmma_commit();
+    // Meanwhile the next tile into the other dense tile (zeroed by last iteration's readers).
+    if (i + 1 < nk) scatter(next_run, st_next, dense(dense_i ^ 1));
+    wgmma_wait_all();
+    pin(acc[0]);
+    pin(acc[1]);
+    zero_tile(dense_i);  // for tile i + 2 (the next barrier orders it before that scatter)
+
+    st = st_next;
+    st_next = st_next + 1 == STAGES ? 0 : st_next + 1;
+    st_issue = st_issue + 1 == STAGES ? 0 : st_issue + 1;
+  }
+  cp_async_wait<0>();
+
+  const int lane = tid & 31;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) store_half(acc[h], strip * TILE_M + 64 * h, n0, lane, M, N, bias, y, ws);
+#if FLASHLLM_FIXUP
+  if (ws != nullptr) {
+    splitk_fixup<TILE_M>(ws, counters, bias, y, M, N, KT, kt_per_split, reinterpret_cast<volatile int*>(smem));
+  }
+#endif
+}
+#endif  // FLASHLLM_WGMMA
