@@ -515,7 +515,7 @@ def test_tiled_csl_wgmma_operands_decode_exactly(dtype, sparsity, shape, words_p
     assert torch.equal(decoded.view(torch.int16), w.to_dense().view(torch.int16)), f"seed {gen.initial_seed()}"
 
 
-@pytest.mark.parametrize("nrows", [8, 16, 32, 64])
+@pytest.mark.parametrize("nrows", [8, 16, 32, 64, 128])
 @pytest.mark.parametrize("n0,n", [(0, 1), (0, 200), (64, 69)])
 def test_swizzled_activation_stage_is_what_the_tensor_cores_read(nrows, n0, n, gen):
     # XStagerT<true>: every chunk copied once by one thread (common.cuh's pass arithmetic), and the
@@ -548,7 +548,7 @@ def test_swizzled_activation_stage_is_what_the_tensor_cores_read(nrows, n0, n, g
             assert torch.equal(got, want[:, 16 * kc : 16 * kc + 16])
 
 
-@pytest.mark.parametrize("nrows", [8, 16, 32, 64])
+@pytest.mark.parametrize("nrows", [8, 16, 32, 64, 128])
 def test_wgmma_epilogue_stores_every_accumulator_once_in_pairs(nrows):
     # The documented D layout gives each (row, column) of a 64 x N half to exactly one register, and
     # store_half's shuffle with lane ^ 4 stores each one at its own (n, m), the even row of a pair
@@ -566,16 +566,22 @@ def test_wgmma_epilogue_stores_every_accumulator_once_in_pairs(nrows):
     assert len(seen) == 64 * nrows
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,k,n,sparsity,plan", [
+_WGMMA_CASES = [
     (200, 300, 17, 0.8, E.Plan(nrows=16, split_k=1, wgmma=True)),
     (200, 300, 5, 0.5, E.Plan(nrows=8, split_k=3, wgmma=True)),
     (130, 70, 1, 0.95, E.Plan(nrows=8, split_k=1, words_per_stage=256, wgmma=True)),
     (129, 129, 40, 0.0, E.Plan(nrows=32, split_k=2, wgmma=True)),
     (64, 64, 5, 1.0, E.Plan(nrows=8, split_k=1, wgmma=True)),
     (257, 100, 70, 0.8, E.Plan(nrows=64, split_k=1, words_per_stage=3072, wgmma=True)),
+    (130, 200, 131, 0.7, E.Plan(nrows=128, split_k=2, wgmma=True)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt,m,k,n,sparsity,plan", [
+    (fmt, *case) for case in _WGMMA_CASES for fmt in ("bitmap", "tiled_csl")
+    if fmt == "bitmap" or case[-1].nrows <= 64  # Tiled-CSL blocks take up to 64 activation rows
 ])
-@pytest.mark.parametrize("fmt", ["bitmap", "tiled_csl"])
 def test_wgmma_kernels_emulated(fmt, dtype, m, k, n, sparsity, plan, gen):
     # Both kernels: Tiled-CSL's A from the scattered dense tiles through the swizzle, the bitmap
     # kernel's A from its decoded registers (one 64-row strip per block), B from the swizzled stage.
@@ -612,7 +618,7 @@ def test_wgmma_is_a_tiled_csl_compile_option(monkeypatch):
                                        "FLASHLLM_SMEM_BYTES": on.smem_bytes("tiled_csl")}
     assert configs.unvalidated_options(on) == (["wgmma"] if "wgmma" in configs.UNVALIDATED else [])
     assert configs.parse_options("tiled_csl", ["wgmma", "stages4"]) == {"wgmma": True, "stages": 4}
-    for bad in (dict(warps=8), dict(dense_tiles=1, stages=2), dict(prefetch=4), dict(nrows=128)):
+    for bad in (dict(warps=8), dict(dense_tiles=1, stages=2), dict(prefetch=4)):
         with pytest.raises(ValueError, match="wgmma"):
             replace(on, **bad).validate("tiled_csl")
     # the bitmap kernel: one strip, the fragment decode, the plain pipeline; a stage begins with its
@@ -620,8 +626,9 @@ def test_wgmma_is_a_tiled_csl_compile_option(monkeypatch):
     bm = LaunchConfig(nrows=16, value_cap=1536, wgmma=True).validate("bitmap")
     assert bm.smem_bytes("bitmap") == 1024 + 3 * 6144 + 4 * 32 * 8  # 16 x 128 + 512 + (1536 + 8) x 2 -> 6144
     assert bm.defines("bitmap")["FLASHLLM_WGMMA"] == 1
+    assert replace(bm, nrows=128).validate("bitmap").wgmma  # m64n128k16: prefill at batch 1
     for bad in (dict(strips=2), dict(decode="scatter"), dict(persistent=True), dict(offset_ring=True),
-                dict(bulk_copy=True), dict(tiles_per_stage=2), dict(prefetch=4), dict(nrows=128)):
+                dict(bulk_copy=True), dict(tiles_per_stage=2), dict(prefetch=4)):
         with pytest.raises(ValueError, match="wgmma"):
             replace(bm, **bad).validate("bitmap")
     forced_bm = configs.with_options(LaunchConfig(nrows=32, strips=2, decode="scatter", persistent=False),
@@ -641,16 +648,15 @@ def test_wgmma_is_a_tiled_csl_compile_option(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert configs.get_config("sm90", "tiled_csl", 4096, 4096, 16, 0.8).wgmma
-        assert configs.get_config("sm90", "bitmap", 4096, 4096, 64, 0.8).wgmma
-        assert not configs.get_config("sm90", "bitmap", 4096, 4096, 128, 0.8).wgmma  # 128 rows keep theirs
+        assert configs.get_config("sm90", "bitmap", 4096, 4096, 128, 0.8).wgmma
         with pytest.raises(ValueError, match="sm_90 GPUs"):
             configs.get_config("sm80", "tiled_csl", 4096, 4096, 16, 0.8)
     # tuning offers it (where validated) at every N up to 64; the checked variants cover its N shapes
     assert any(c.wgmma for c in configs.candidates("tiled_csl", 8, 0.8, unvalidated=True))
     assert not any(c.wgmma for c in configs.candidates("tiled_csl", 8, 0.8)) or "wgmma" not in configs.UNVALIDATED
-    for fmt in ("bitmap", "tiled_csl"):
+    for fmt, rows in (("bitmap", {8, 16, 32, 64, 128}), ("tiled_csl", {8, 16, 32, 64})):
         checked = [c for f, c in configs.checked_variants() if c.wgmma and f == fmt]
-        assert {c.nrows for c in checked} == {8, 16, 32, 64} and any(c.fixup for c in checked)
+        assert {c.nrows for c in checked} == rows and any(c.fixup for c in checked)
     assert any(c.wgmma and c.value_cap for f, c in configs.checked_variants() if f == "bitmap")
 
 

@@ -202,7 +202,8 @@ def test_tiled_csl_wgmma(dtype, sparsity, split_k, nrows, stages, words):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 @pytest.mark.parametrize("split_k", [1, 3])
-@pytest.mark.parametrize("nrows,stages,fit", [(8, 3, False), (16, 4, True), (32, 3, False), (64, 3, True)])
+@pytest.mark.parametrize("nrows,stages,fit", [(8, 3, False), (16, 4, True), (32, 3, False), (64, 3, True),
+                                               (128, 3, False)])
 def test_bitmap_wgmma(dtype, sparsity, split_k, nrows, stages, fit):
     # The bitmap decode's fragments as the warpgroup MMA's A operand: every N it has, odd shapes and
     # many strips, a partial and two blocks along N, full and fitted value buffers, and the

@@ -208,13 +208,13 @@ class LaunchConfig:
             raise ValueError(f"cores must be one of {tuple(CORE_SUMS)} ({CORE_SUMS}), got {self.cores!r}")
         if self.cores and fmt != "tiled_csl":
             raise ValueError(f"the CUDA-core path (cores) is a Tiled-CSL option, got {self} for {fmt}")
-        if self.wgmma and (self.nrows > 64 or self.prefetch or (
+        if self.wgmma and (self.prefetch or (
                 fmt == "tiled_csl" and (self.warps != 4 or self.dense_tiles != 2 or self.cores)) or (
                 fmt == "bitmap" and (self.strips != 1 or self.decode != "fragment" or self.persistent
                                      or self.offset_ring or self.bulk_copy or self.tiles_per_stage != 1))):
-            raise ValueError(f"the warpgroup MMA (wgmma) runs up to 64 activation rows and no L2 prefetch; for "
-                             f"Tiled-CSL 4 warps (one warpgroup), two dense tiles and not the CUDA-core path; for "
-                             f"bitmap one strip, the fragment decode and the plain pipeline; got {self} for {fmt}")
+            raise ValueError(f"the warpgroup MMA (wgmma) runs no L2 prefetch; for Tiled-CSL 4 warps (one "
+                             f"warpgroup), two dense tiles and not the CUDA-core path; for bitmap one strip, the "
+                             f"fragment decode and the plain pipeline; got {self} for {fmt}")
         if self.bulk_copy and fmt != "bitmap":
             raise ValueError(f"bulk copies of the weight are a bitmap option, got {self} for {fmt}")
         if self.tiles_per_stage not in TILES_PER_STAGE or (self.tiles_per_stage > 1 and fmt != "bitmap"):
@@ -654,8 +654,6 @@ def get_config(arch: str, fmt: str, out_features: int, in_features: int, n: int,
     if forced.get("wgmma") and arch != "sm90":
         raise ValueError(f"{FORCED_OPTIONS_ENV}: the warpgroup MMA (wgmma) runs on sm_90 GPUs (H100, H200) only, "
                          f"not on {arch}")
-    if forced.get("wgmma") and cfg.nrows > 64:  # its accumulators cover 64 rows: larger N keep their launch
-        forced = {k: v for k, v in forced.items() if k != "wgmma"}
     if forced:
         try:
             cfg = with_options(cfg, forced, fmt)
@@ -745,12 +743,11 @@ def candidates(fmt: str, n: int, sparsity: float, unvalidated: bool = False) -> 
         for stages in (2, 3):
             add(replace(base, stages=stages, value_cap=FIT, tiles_per_stage=2))
         # Hopper's warpgroup MMA (sm_90; on other GPUs its compile fails and the tuner skips it).
-        if base.nrows <= 64:
-            wg = replace(base, strips=1, decode="fragment", prefetch=0, wgmma=True)
-            for stages in (3, 4):
-                for cap in (FULL_TILE, FIT):
-                    add(replace(wg, stages=stages, value_cap=cap))
-            add(replace(wg, value_cap=FIT, fixup=True))
+        wg = replace(base, strips=1, decode="fragment", prefetch=0, wgmma=True)
+        for stages in (3, 4):
+            for cap in (FULL_TILE, FIT):
+                add(replace(wg, stages=stages, value_cap=cap))
+        add(replace(wg, value_cap=FIT, fixup=True))
     else:
         for words in (1024, 2048, 3072, 4096, 6144):
             for stages in (3, 4):
@@ -771,12 +768,11 @@ def candidates(fmt: str, n: int, sparsity: float, unvalidated: bool = False) -> 
         add(replace(base, rezero=True))
         # Hopper's warpgroup MMA (sm_90; on other GPUs its compile fails and the tuner skips it): one
         # warpgroup, two dense tiles, the stage depths and buffers offered above.
-        if base.nrows <= 64:
-            for stages in (3, 4):
-                for words in dict.fromkeys((base.words_per_stage, 2048)):
-                    add(replace(base, stages=stages, words_per_stage=words, warps=4, dense_tiles=2, prefetch=0,
-                                wgmma=True))
-            add(replace(base, words_per_stage=2048, warps=4, dense_tiles=2, prefetch=0, wgmma=True, fixup=True))
+        for stages in (3, 4):
+            for words in dict.fromkeys((base.words_per_stage, 2048)):
+                add(replace(base, stages=stages, words_per_stage=words, warps=4, dense_tiles=2, prefetch=0,
+                            wgmma=True))
+        add(replace(base, words_per_stage=2048, warps=4, dense_tiles=2, prefetch=0, wgmma=True, fixup=True))
         if n == 1:  # one activation row: the CUDA cores, from the words (no dense tile)
             core = replace(base, nrows=8, warps=4, dense_tiles=2, cores=1)
             for stages in (2, 3, 4):
@@ -928,13 +924,13 @@ CHECKED_RING = ((8, 1, 3, "fragment", 0, False), (16, 1, 3, "fragment", 0, False
 CHECKED_CORES = ((1, 3, 2048, False, 0), (1, 2, 1024, False, 0), (1, 4, 1024, False, 0), (1, 4, 4096, False, 0),
                  (1, 3, 2048, True, 0), (1, 3, 2048, False, 4), (2, 3, 2048, False, 0), (2, 6, 1024, False, 0),
                  (2, 3, 2048, True, 0))
-# The warpgroup MMA (sm_90 only), every N shape it has (8, 16, 32 and 64 activation rows), a deeper
-# pipeline and the last-block split-K: Tiled-CSL (rows, stages, words per stage, fixup), bitmap
-# (rows, stages, value cap, fixup).
+# The warpgroup MMA (sm_90 only), every N shape it has (8 to 64 activation rows; the bitmap kernel
+# also 128), a deeper pipeline and the last-block split-K: Tiled-CSL (rows, stages, words per stage,
+# fixup), bitmap (rows, stages, value cap, fixup).
 CHECKED_WGMMA = ((8, 3, 2048, False), (16, 3, 2048, False), (32, 3, 1024, False), (64, 3, 4096, False),
                  (16, 4, 3072, False), (8, 3, 2048, True), (16, 3, 1024, True))
 CHECKED_WGMMA_BITMAP = ((8, 3, 0, False), (16, 3, 1536, False), (32, 3, 0, False), (64, 3, 2560, False),
-                        (16, 4, 1024, False), (8, 3, 0, True), (16, 3, 2048, True))
+                        (128, 3, 0, False), (16, 4, 1024, False), (8, 3, 0, True), (16, 3, 2048, True))
 # Bitmap variants with two tiles per stage: (rows, strips, stages, decode, value cap, fixup).
 CHECKED_TPS = ((8, 1, 3, "fragment", 0, False), (16, 1, 2, "fragment", 0, False), (16, 1, 3, "fragment", 1536, False),
                (16, 2, 3, "fragment", 0, False), (16, 1, 3, "scatter", 0, False), (32, 1, 3, "fragment", 1024, False),

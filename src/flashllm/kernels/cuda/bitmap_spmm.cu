@@ -166,8 +166,8 @@ static_assert(BARS_OFF % 8 == 0, "mbarriers are 8-byte aligned");
 static_assert(TPS == 1 || !(FLASHLLM_OFFSET_RING || FLASHLLM_BULK || FLASHLLM_PERSISTENT || FLASHLLM_PREFETCH),
               "tiles per stage: the plain pipeline only");
 static_assert(!WGMMA || (STRIPS == 1 && !SCATTER && TPS == 1 && !FLASHLLM_PERSISTENT && !FLASHLLM_OFFSET_RING &&
-                         !FLASHLLM_BULK && PREFETCH == 0 && FLASHLLM_PROBE == 0 && NROWS <= 64),
-              "WGMMA: one strip, the fragment decode, the plain pipeline, NROWS <= 64");
+                         !FLASHLLM_BULK && PREFETCH == 0 && FLASHLLM_PROBE == 0),
+              "WGMMA: one strip, the fragment decode, the plain pipeline");
 static_assert(VAL_BYTES % 16 == 0 && STAGE_BYTES % 16 == 0, "16-byte aligned stage buffers");
 #ifdef FLASHLLM_SMEM_BYTES  // the launcher's size (kernels/configs.py) must match this layout
 static_assert(SMEM_BYTES == FLASHLLM_SMEM_BYTES, "configs.LaunchConfig.smem_bytes disagrees with the kernel");
