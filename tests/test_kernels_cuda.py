@@ -215,6 +215,40 @@ def test_bitmap_wgmma(dtype, sparsity, split_k, nrows, stages, fit):
     check("bitmap", 4000, 777, nrows, sparsity, dtype, replace(cfg, fixup=True, split_k=max(split_k, 2)))
 
 
+@pending(wgmma=True)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("nrows", [8, 64])
+def test_wgmma_operand_layouts_one_hot(fmt, nrows):
+    # Exact products that locate a layout error: activation row n is one-hot at column c(n), so
+    # y[n, m] must be exactly W[m, c(n)] (small integers: exact in fp16 and fp32). Where it is not,
+    # the message says where the value came from: the weight element holding it (a wrong A
+    # descriptor or swizzle), another activation row's column (B), or another output position (the
+    # accumulator layout or the epilogue's pairing), so a failing GPU run shows which one to fix.
+    cfg = LaunchConfig(nrows=nrows, stages=3, split_k=1, wgmma=True,
+                       words_per_stage=2048 if fmt == "tiled_csl" else 0)
+    skip_unless_built_here(cfg)
+    cls, module = FORMATS[fmt]
+    m, k = 128, 64
+    rows, cols = torch.meshgrid(torch.arange(m), torch.arange(k), indexing="ij")
+    w = ((rows * 13 + cols * 7) % 61 + 1).to(torch.float16).cuda()  # 1..61, no zeros
+    cols_of = torch.tensor([(5 * i + 3) % k for i in range(nrows)])
+    x = torch.zeros(nrows, k, dtype=torch.float16, device="cuda")
+    x[torch.arange(nrows), cols_of.cuda()] = 1
+    y = module.linear(x, cls.from_dense(w), None, cfg, out=torch.full((nrows, m), float("nan"), device="cuda",
+                                                                     dtype=torch.float16))
+    torch.cuda.synchronize()
+    want = w[:, cols_of.cuda()].T  # (nrows, m)
+    wrong = (y != want).nonzero().tolist()
+    where = []
+    for n_, m_ in wrong[:8]:
+        got = float(y[n_, m_])
+        at_w = [(int(a), int(b)) for a, b in (w == got).nonzero().tolist()[:3]]
+        at_y = [(int(a), int(b)) for a, b in (want == got).nonzero().tolist()[:3]]
+        where.append(f"y[{n_}, {m_}] = {got} (want {float(want[n_, m_])}; W holds it at {at_w}, "
+                     f"the right output at {at_y})")
+    assert not wrong, f"{len(wrong)} of {y.numel()} outputs wrong: " + "; ".join(where)
+
+
 @pytest.mark.parametrize("sums", [pytest.param(s, marks=pending_marks(LaunchConfig(nrows=8, cores=s))) for s in (1, 2)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("sparsity", SPARSITIES)
