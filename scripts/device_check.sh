@@ -53,6 +53,9 @@
 #      kernels outside the linear layers fused, dense and sparse alike; compiles per model and
 #      batch, give E2E_LIMIT room); E2E_COMPILE=both times each model and batch without and
 #      with it (an A/B in one run); E2E_BATCH replaces the batch sizes (1,16)
+#      E2E_PROFILE=1 profiles one prefill per model at the first batch size (torch.profiler:
+#      wall time, the sparse kernels' device time, the rest, idle device time; prefill_profile/),
+#      where the time to first token goes                                         (~10 s a model)
 # Writes device_check.log under $OUT (./out when unset) and everything else into $OUT/results.tgz
 # (the device tool returns at most 8 files). The last lines printed are the summary.
 # Step limits in seconds: PYTEST_LIMIT (300), TUNE_LIMIT (240), BENCH_LIMIT (300), NCU_LIMIT (150),
@@ -489,9 +492,12 @@ if [ "${DEVICE_CHECK_E2E:-0}" = "1" ]; then
   E2E_FLAGS=()
   [ "${E2E_COMPILE:-0}" = "1" ] && E2E_FLAGS=(--compile)
   [ "${E2E_COMPILE:-0}" = "both" ] && E2E_FLAGS=(--compile both)
+  PROFILE_FLAGS=()
+  [ "${E2E_PROFILE:-0}" = "1" ] && PROFILE_FLAGS=(--profile-prefill "$OUT/prefill_profile")
   limited "${E2E_LIMIT:-240}" "$PY" -m flashllm.cli bench e2e --models "${E2E_MODELS:-llama-2-7b}" \
     --sparsities "${E2E_SPARSITIES:-0.5,0.8}" --batch "${E2E_BATCH:-1,16}" --format "${E2E_FORMAT:-bitmap}" \
-    --new-tokens "${E2E_NEW_TOKENS:-64}" --predict "${E2E_FLAGS[@]}" --csv "$OUT/e2e.csv" --plot "$OUT/e2e.png" 2>&1 | tee "$OUT/e2e.log" | tail -n 40
+    --new-tokens "${E2E_NEW_TOKENS:-64}" --predict "${E2E_FLAGS[@]}" "${PROFILE_FLAGS[@]}" --csv "$OUT/e2e.csv" \
+    --plot "$OUT/e2e.png" 2>&1 | tee "$OUT/e2e.log" | tail -n 40
   STATUS[e2e]=${PIPESTATUS[0]}
   if [ "${E2E_BIG:-0}" = "1" ]; then  # OPT-66B and OPT-175B at 80% on one GPU, built layer by layer
     limited "${E2E_BIG_LIMIT:-240}" "$PY" -m flashllm.cli bench e2e --big --batch "${E2E_BIG_BATCH:-1,8}" --new-tokens 32 \

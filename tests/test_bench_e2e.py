@@ -93,6 +93,20 @@ def test_tiny_e2e_run_writes_rows_and_plot(tmp_path, capsys):
     assert "| tiny | flashllm | 50% | 1 |" in capsys.readouterr().out
 
 
+def test_prefill_profile_names_where_the_time_goes(tmp_path, capsys):
+    # --profile-prefill: one profiled prefill per model at the first batch size, written per model
+    # with a summary line (on a GPU it splits the device time into the sparse kernels and the rest).
+    out = tmp_path / "prefill"
+    assert main(["bench", "e2e", "--tiny", "--batch", "2,1", "--sparsities", "0.5", "--new-tokens", "2",
+                 "--profile-prefill", str(out), "--csv", str(tmp_path / "e2e.csv"), "--plot", str(tmp_path / "e2e.png")]) == 0
+    files = sorted(f.name for f in out.iterdir())
+    assert files == ["tiny_dense_b2.txt", "tiny_s0.5_bitmap_b2.txt"]
+    text = (out / "tiny_s0.5_bitmap_b2.txt").read_text()
+    assert text.startswith("prefill tiny_s0.5_bitmap_b2: ") and "ms wall" in text
+    assert "aten::" in text  # the profiler's table of ops
+    assert "prefill tiny_dense_b2: " in capsys.readouterr().out
+
+
 def test_forced_kernel_options_are_checked_first_and_recorded(tmp_path, monkeypatch, capsys):
     from flashllm.kernels import configs
 

@@ -15,6 +15,14 @@ Each row records the SM clock NVML read during its timed generation (`sm_mhz`, b
     flashllm bench e2e --compile        # the decode step (dense and sparse) through torch.compile
     flashllm bench e2e --compile both   # each model and batch timed without and with it
     flashllm bench e2e --tiny           # a CPU smoke run of the harness itself
+    flashllm bench e2e --profile-prefill out/   # where each model's time to first token goes
+
+`--profile-prefill DIR` runs one more prefill of each model at the first batch size under
+torch.profiler and writes, per model, the ops and kernels by their own device (or, on a CPU, host)
+time to DIR, with a summary line: the prefill's wall time, the device time of the sparse kernels
+(flashllm_*), of everything else on the device, and the host time not covered by device work. The
+time to first token of a sparse model was 2-3x the dense one's on an H200 (BENCHMARKS.md, eleventh
+and sixteenth sessions), more than the kernels' own times explain; this says where it goes.
 """
 
 from __future__ import annotations
@@ -237,6 +245,58 @@ def run_one(model: nn.Module, batch: int, prompt: int, new_tokens: int, vocab: i
     }
 
 
+def _self_device_us(event) -> float:
+    # (torch 2.x renamed self_cuda_time_total to self_device_time_total)
+    return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
+
+
+def profile_prefill(model: nn.Module, batch: int, prompt: int, vocab: int, device: torch.device,
+                    path: Path) -> str:
+    """One prefill of `batch` x `prompt` tokens (after a warm-up one) under torch.profiler: writes
+    the ops and kernels by their own device time (host time on a CPU) to `path` and returns a
+    summary line (wall time; device time of the flashllm kernels, of everything else; host time
+    the device did not cover)."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from ..decode import StaticDecoder
+
+    cuda = device.type == "cuda"
+    decoder = StaticDecoder(model, batch, prompt + 1, cuda_graph=False)
+    ids = torch.randint(0, vocab, (batch, prompt), device=device)
+    decoder.generate(ids, 1)  # one new token: the prefill alone; plans, checks and allocations warmed
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        decoder.generate(ids, 1)  # (it synchronizes the device before it returns)
+        wall_ms = (time.perf_counter() - start) * 1e3
+    events = prof.key_averages()
+    table = events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=30)
+    device_ms = sparse_ms = 0.0
+    sparse_calls = 0
+    if cuda:
+        from torch.autograd import DeviceType
+
+        for event in events:
+            # The device's own events (kernels, copies, memsets): a host op's row repeats its kernels' time.
+            ms = _self_device_us(event) / 1e3
+            if getattr(event, "device_type", None) != DeviceType.CUDA or ms <= 0:
+                continue
+            device_ms += ms
+            if event.key.startswith("flashllm_"):
+                sparse_ms += ms
+                sparse_calls += event.count
+    summary = (f"prefill {path.stem}: {wall_ms:.1f} ms wall; device {device_ms:.1f} ms, of which flashllm kernels "
+               f"(products, split-K epilogues, expansions) {sparse_ms:.1f} ms in {sparse_calls} launches and the rest "
+               f"{device_ms - sparse_ms:.1f} ms; wall time the device was not busy {max(wall_ms - device_ms, 0.0):.1f} ms"
+               if cuda else
+               f"prefill {path.stem}: {wall_ms:.1f} ms wall on the CPU (no device timeline)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{summary}\n\n{table}\n")
+    return summary
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default="llama-2-7b,llama-2-13b,opt-30b",
                         help=f"comma-separated, from {', '.join(sorted(CONFIGS))}")
@@ -259,6 +319,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny", action="store_true", help="a small CPU-sized model: checks the harness")
     parser.add_argument("--kernel-options", help="force kernel options on every sparse product, e.g. fixup or "
                         "bitmap:fit (sets FLASHLLM_KERNEL_OPTIONS; recorded in the format column)")
+    parser.add_argument("--profile-prefill", type=Path, metavar="DIR",
+                        help="profile one prefill per model at the first batch size (torch.profiler) into DIR")
     parser.add_argument("--csv", type=Path, default=Path("bench-results/e2e.csv"), help="rows are appended")
     parser.add_argument("--plot", type=Path, default=Path("bench-results/e2e.png"))
 
@@ -332,6 +394,10 @@ def main(args: argparse.Namespace) -> int:
                                 device=device_name, torch=torch.__version__, date=date, **stats))
                 print(_format_row(rows[-1]), flush=True)
                 _write_csv(rows[-1:], args.csv)  # as it comes: a run cut short keeps what it measured
+                if args.profile_prefill is not None and batch == batches[0] and not compiled:
+                    label = f"{name}_{'dense' if sparsity is None else f's{sparsity:g}_{args.format}'}_b{batch}"
+                    print(profile_prefill(model, batch, prompt, config.vocab_size, device,
+                                          args.profile_prefill / f"{label}.txt"), flush=True)
             del model
             if args.compile != "off":
                 torch._dynamo.reset()  # compiled steps' caches and guards may still refer to the model
