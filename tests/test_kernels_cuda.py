@@ -182,37 +182,30 @@ def skip_unless_built_here(cfg: LaunchConfig) -> None:
         pytest.skip(f"the warpgroup MMA (wgmma) runs on sm_90 GPUs only, this one is sm_{cc[0]}{cc[1]}")
 
 
-@pending(wgmma=True)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("sparsity", SPARSITIES)
-@pytest.mark.parametrize("split_k", [1, 3])
-@pytest.mark.parametrize("nrows,stages,words", [(8, 3, 2048), (16, 4, 256), (32, 3, 1024), (64, 3, 4096)])
-def test_tiled_csl_wgmma(dtype, sparsity, split_k, nrows, stages, words):
-    # Hopper's warpgroup MMA: every N it has (n8 to n64), odd shapes and many strips, a partial and
-    # two blocks along N, 256-word stages so that tiles from 3% density reload in pieces (a barrier
-    # inside the scatter while the tensor cores run), and the last-block split-K.
-    cfg = LaunchConfig(nrows=nrows, stages=stages, split_k=split_k, words_per_stage=words, wgmma=True)
-    skip_unless_built_here(cfg)
-    check("tiled_csl", 200, 300, max(1, nrows - 3), sparsity, dtype, cfg)
-    check("tiled_csl", 129, 1000, nrows + 5, sparsity, dtype, cfg, with_bias=False)
-    check("tiled_csl", 4000, 777, nrows, sparsity, dtype, replace(cfg, fixup=True, split_k=max(split_k, 2)))
+# Each format's wgmma cases: every N it has (Tiled-CSL n8 to n64, the bitmap kernel to n128), Tiled-CSL
+# stages of 256 words so that tiles from 3% density reload in pieces (a barrier inside the scatter
+# while the tensor cores run), bitmap value buffers full and fitted.
+WGMMA_CASES = [
+    *(("tiled_csl", LaunchConfig(nrows=n, stages=st, words_per_stage=w, wgmma=True))
+      for n, st, w in ((8, 3, 2048), (16, 4, 256), (32, 3, 1024), (64, 3, 4096))),
+    *(("bitmap", LaunchConfig(nrows=n, stages=st, value_cap=configs.FIT if fit else 0, wgmma=True))
+      for n, st, fit in ((8, 3, False), (16, 4, True), (32, 3, False), (64, 3, True), (128, 3, False))),
+]
 
 
 @pending(wgmma=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 @pytest.mark.parametrize("split_k", [1, 3])
-@pytest.mark.parametrize("nrows,stages,fit", [(8, 3, False), (16, 4, True), (32, 3, False), (64, 3, True),
-                                               (128, 3, False)])
-def test_bitmap_wgmma(dtype, sparsity, split_k, nrows, stages, fit):
-    # The bitmap decode's fragments as the warpgroup MMA's A operand: every N it has, odd shapes and
-    # many strips, a partial and two blocks along N, full and fitted value buffers, and the
-    # last-block split-K.
-    cfg = LaunchConfig(nrows=nrows, stages=stages, split_k=split_k, value_cap=configs.FIT if fit else 0, wgmma=True)
+@pytest.mark.parametrize("fmt,cfg", WGMMA_CASES, ids=[f"{f}-{c.nrows}" for f, c in WGMMA_CASES])
+def test_wgmma(fmt, cfg, dtype, sparsity, split_k):
+    # Hopper's warpgroup MMA in both kernels: odd shapes and many strips, a partial and two blocks
+    # along N, bias on and off, and the last-block split-K.
+    cfg = replace(cfg, split_k=split_k)
     skip_unless_built_here(cfg)
-    check("bitmap", 200, 300, max(1, nrows - 3), sparsity, dtype, cfg)
-    check("bitmap", 129, 1000, nrows + 5, sparsity, dtype, cfg, with_bias=False)
-    check("bitmap", 4000, 777, nrows, sparsity, dtype, replace(cfg, fixup=True, split_k=max(split_k, 2)))
+    check(fmt, 200, 300, max(1, cfg.nrows - 3), sparsity, dtype, cfg)
+    check(fmt, 129, 1000, cfg.nrows + 5, sparsity, dtype, cfg, with_bias=False)
+    check(fmt, 4000, 777, cfg.nrows, sparsity, dtype, replace(cfg, fixup=True, split_k=max(split_k, 2)))
 
 
 @pending(wgmma=True)

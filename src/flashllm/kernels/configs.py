@@ -333,7 +333,7 @@ class LaunchConfig:
         if self.cores:  # no dense tile; the per-lane sums (per warp with 2) after the run bounds, 16-aligned
             arrays = self.warps if self.cores == 2 else 1
             return self.stages * stage + -(-self.stages * 8 // 16) * 16 + arrays * _CSL_CORE_SUMS_BYTES
-        if self.wgmma:  # 1024-byte aligned operands: unpadded 128-byte activation rows, padded dense tiles
+        if self.wgmma:  # 1024-byte aligned operands: padded dense tiles, unpadded 128-byte activation rows
             stage = self.words_per_stage * 4 + self.nrows * 128
             return _WGMMA_SLACK + self.dense_tiles * _CSL_WGMMA_DENSE_BYTES + self.stages * stage + self.stages * 8
         return self.dense_tiles * _CSL_DENSE_BYTES + self.stages * stage + self.stages * 8

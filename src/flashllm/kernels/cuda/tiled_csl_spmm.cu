@@ -105,32 +105,32 @@ constexpr bool SCATTER_AHEAD = DENSE_TILES == 2;  // scatter tile i + 1 while re
 static_assert(FLASHLLM_PROBE >= 0 && FLASHLLM_PROBE <= 2, "PROBE");
 static_assert(FLASHLLM_PROBE == 0 || !CORES, "PROBE: the CUDA-core path has no levels to leave out");
 constexpr bool RUN_SCATTER = FLASHLLM_PROBE != 1 && !CORES;
-[[maybe_unused]] constexpr bool RUN_MMA = FLASHLLM_PROBE == 0 && !CORES;
+[[maybe_unused]] constexpr bool RUN_MMA = FLASHLLM_PROBE == 0 && !CORES && !FLASHLLM_WGMMA;  // (mma.sync path)
 static_assert(STAGES >= (SCATTER_AHEAD ? 3 : 2), "STAGES: 3 or more to scatter ahead, 2 otherwise");
 constexpr int DENSE_BYTES = (TILE_ELEMS + 8) * 2;  // the tile plus the sentinel's slot
-constexpr int STAGE0_OFF = DENSE_TILES * DENSE_BYTES;
+constexpr bool WGMMA = FLASHLLM_WGMMA != 0;  // (common.cuh: 0 unless defined)
+static_assert(!WGMMA || (WARPS == 4 && DENSE_TILES == 2 && NROWS <= 64 && PREFETCH == 0 && FLASHLLM_PROBE == 0),
+              "WGMMA: one warpgroup (4 warps), two dense tiles, NROWS <= 64, no prefetch, no probe");
+// The dense tiles, the stages (each its words, then its activations), the run bounds. WGMMA's
+// operands start on 1024-byte boundaries (the 128-byte swizzle's period) from the block's first
+// one: the dense tiles padded to 1024 bytes, then the activation stages in a region of their own
+// (NROWS unpadded 128-byte rows each), then stages of words alone.
+constexpr int DENSE_STRIDE = WGMMA ? (DENSE_BYTES + 1023) / 1024 * 1024 : DENSE_BYTES;
+constexpr int X_REGION_OFF = DENSE_TILES * DENSE_STRIDE;  // WGMMA
+constexpr int W_X_BYTES = NROWS * 128;                      // WGMMA: one stage's activations
+constexpr int STAGE0_OFF = X_REGION_OFF + (WGMMA ? STAGES * W_X_BYTES : 0);
 constexpr int WORDS_BYTES = CAPW * 4;
-constexpr int STAGE_BYTES = WORDS_BYTES + X_STAGE_BYTES;
+constexpr int STAGE_BYTES = WORDS_BYTES + (WGMMA ? 0 : X_STAGE_BYTES);
 constexpr int INFO_OFF = STAGE0_OFF + STAGES * STAGE_BYTES;
+static_assert(!WGMMA || (X_REGION_OFF % 1024 == 0 && W_X_BYTES % 1024 == 0 && TILE_K * 2 == 128),
+              "WGMMA: 1024-byte aligned operands, 128-byte rows");
 // CORES: the per-lane row sums after the run bounds (16-byte aligned), 128 rows of 32 lanes' floats
 // (one such array per warp with WARP_SUMS, warp w's at + SUMS_BYTES w).
 constexpr int SUMS_OFF = INFO_OFF + (STAGES * 8 + 15) / 16 * 16;
 constexpr int SUM_ROWS = TILE_M;
 constexpr int SUMS_BYTES = SUM_ROWS * 32 * 4;
 constexpr int SUM_ARRAYS = WARP_SUMS ? WARPS : 1;
-constexpr bool WGMMA = FLASHLLM_WGMMA != 0;  // (common.cuh: 0 unless defined)
-static_assert(!WGMMA || (WARPS == 4 && DENSE_TILES == 2 && NROWS <= 64 && PREFETCH == 0 && FLASHLLM_PROBE == 0),
-              "WGMMA: one warpgroup (4 warps), two dense tiles, NROWS <= 64, no prefetch, no probe");
-// WGMMA's layout, from the first 1024-byte boundary of the block's shared memory: the dense tiles
-// (each with its spare slot, padded to 1024 bytes), the activation stages (NROWS rows of 128
-// bytes), the word stages, the run bounds.
-constexpr int W_DENSE_STRIDE = (DENSE_BYTES + 1023) / 1024 * 1024;
-constexpr int W_X_BYTES = NROWS * 128;
-constexpr int W_X_OFF = DENSE_TILES * W_DENSE_STRIDE;
-constexpr int W_WORDS_OFF = W_X_OFF + STAGES * W_X_BYTES;
-constexpr int W_INFO_OFF = W_WORDS_OFF + STAGES * WORDS_BYTES;
-static_assert(W_X_BYTES % 1024 == 0 && TILE_K * 2 == 128, "WGMMA: 1024-byte aligned operands, 128-byte rows");
-constexpr int SMEM_BYTES = WGMMA ? 1024 + W_INFO_OFF + STAGES * 8
+constexpr int SMEM_BYTES = WGMMA ? 1024 + INFO_OFF + STAGES * 8  // (+ the slack before the first boundary)
                            : CORES ? SUMS_OFF + SUM_ARRAYS * SUMS_BYTES : INFO_OFF + STAGES * 8;
 static_assert(!CORES || X_STAGE_BYTES >= 8 * TILE_K * 2, "CORES: 8 copies of the row fit a stage's activations");
 static_assert(SUMS_OFF % 16 == 0, "CORES: the sums are zeroed 16 bytes at a time");
@@ -219,7 +219,7 @@ struct RowCopiesStager {
 
 template <bool ROW_COPIES>
 struct StagerOf {
-  using type = XStager;
+  using type = XStagerT<WGMMA>;  // (WGMMA: the 128-byte swizzle)
 };
 template <>
 struct StagerOf<true> {
@@ -342,7 +342,6 @@ __device__ __forceinline__ void each_piece(const RunInfo run, unsigned char* buf
 #define FLASHLLM_CSL_BOUNDS __launch_bounds__(flashllm::THREADS)
 #endif
 
-#if !FLASHLLM_WGMMA
 extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
     // pointers
     const u16* __restrict__ x,       // (N, ldx) activations, row-major
@@ -359,7 +358,13 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
     int* __restrict__ counters) {  // FIXUP: zeroed split-K arrival counts, one per output tile
   using namespace flashllm;
   using namespace flashllm::csl;
+#if FLASHLLM_WGMMA
+  // The layout starts at the first 1024-byte boundary (the swizzle's period).
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* const smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
+#else
   extern __shared__ __align__(16) unsigned char smem[];
+#endif
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -376,12 +381,24 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
   const u32 sbase = smem_u32(smem);
   RunInfo* info = reinterpret_cast<RunInfo*>(smem + INFO_OFF);
   auto stage_words = [&](int st) { return smem + STAGE0_OFF + st * STAGE_BYTES; };
-  auto dense = [&](int b) { return reinterpret_cast<u16*>(smem + b * DENSE_BYTES); };
+  auto dense = [&](int b) { return reinterpret_cast<u16*>(smem + b * DENSE_STRIDE); };
 
+#if FLASHLLM_WGMMA
+  // Zeroes dense tile b's 128 rows (not its spare slot): 8 16-byte stores per thread. The tiles
+  // start zeroed; afterwards the block zeroes a tile once the tensor cores are done with it.
+  auto zero_tile = [&](int b) {
+    U4* rows = reinterpret_cast<U4*>(smem + b * DENSE_STRIDE) + tid;
+#pragma unroll
+    for (int c = 0; c < TILE_ELEMS * 2 / 16 / THREADS; ++c) rows[c * THREADS] = U4{0u, 0u, 0u, 0u};
+  };
+  zero_tile(0);
+  zero_tile(1);
+#else
   // The dense tiles start zeroed; afterwards each warp re-zeroes the rows it consumed.
   for (int c = tid; c < DENSE_TILES * DENSE_BYTES / 16; c += THREADS) {
     reinterpret_cast<U4*>(smem)[c] = U4{0u, 0u, 0u, 0u};
   }
+#endif
   // CORES: the sums start at zero (the loop's first barrier orders this before any add); this
   // lane's column of them (of its warp's array with WARP_SUMS).
   unsigned char* sums = smem + SUMS_OFF + (WARP_SUMS ? warp * SUMS_BYTES : 0) + lane * 4;
@@ -402,7 +419,11 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
     const int first = min(count, CAPW);
     const u32 dst = smem_u32(stage_words(st));
     copy_run<CAPW / 4>(dst, words + lo, first >> 2, tid);
+#if FLASHLLM_WGMMA
+    xstage.stage(sbase + X_REGION_OFF + st * W_X_BYTES, (kt0 + j) * TILE_K);
+#else
     xstage.stage(dst + WORDS_BYTES, (kt0 + j) * TILE_K);
+#endif
     if (tid == 0) info[st] = RunInfo{lo, count};  // read after at least one barrier
   };
   // FLASHLLM_PREFETCH: thread 0 asks L2 for tile t's words, PREFETCH tiles past the copies (see the
@@ -451,6 +472,15 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
     scatter(info[0], 0, dense(0));
   }
 
+#if FLASHLLM_WGMMA
+  float acc_w[2][NROWS / 2];  // the strip's two 64-row halves (common.cuh, store_half)
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int e = 0; e < NROWS / 2; ++e) acc_w[h][e] = 0.f;
+  const u32 dense_lo = desc_lo(sbase);                            // dense tile 0, rows 0-63, k 0-15
+  const u32 x_lo = desc_lo(sbase + X_REGION_OFF);  // stage 0's activations, k 0-15
+#else
   float acc[A_STEPS][2 * HALVES][NT][4];
 #pragma unroll
   for (int p = 0; p < A_STEPS; ++p)
@@ -474,6 +504,7 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
     b_offsets[h] = kept(static_cast<u32>(row * TILE_K + (((q & 1) ^ (lane & 7)) << 3)) * 2u);
   }
   static_assert(TILE_K * 2 == 128, "b_offsets: step kc's chunk bits 1-2 are address bits 5-6 of a 128-byte row");
+#endif
 
   int st = 0;                 // stage of tile i (its activations)
   int st_next = 1;            // stage of tile i + 1 (its words)
@@ -482,6 +513,9 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
     // Scatter ahead: tile i + 1 has landed and tile i is scattered. One dense tile: tile i has
     // landed. Either way tile i - 1's stage and dense rows are free.
     cp_async_wait<SCATTER_AHEAD ? STAGES - 3 : STAGES - 2>();
+#if FLASHLLM_WGMMA
+    fence_proxy_async();  // this thread's scatter of tile i and its copies of tile i's activations
+#endif
     __syncthreads();
     // Scatter ahead: tile i + 1's run, read here (its writer passed at least one barrier ago): read
     // where it is used, ptxas kept the load below the re-zeroing stores and the scatter waited on it.
@@ -504,9 +538,30 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
       __syncthreads();  // every word of tile i is in the dense tile
     }
 
+#if FLASHLLM_WGMMA
+    // Tensor cores on tile i, asynchronously: two 64-row halves x four k16 steps; meanwhile the
+    // next tile into the other dense tile (zeroed after its last reading); then this tile zeroed
+    // for tile i + 2 (the next barrier orders that before its scatter).
+    const u64 a_desc = sw128_desc(dense_lo + dense_i * (DENSE_STRIDE >> 4));
+    const u64 b_desc = sw128_desc(x_lo + st * (W_X_BYTES >> 4));
+    wgmma_fence();
+#pragma unroll
+    for (int kc = 0; kc < 4; ++kc) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        wgmma_k16<NROWS>(acc_w[h], a_desc + (h * 64 * 128 + kc * 32) / 16, b_desc + kc * 32 / 16);
+      }
+    }
+    wgmma_commit();
+    if (i + 1 < nk) scatter(next_run, st_next, dense(dense_i ^ 1));
+    wgmma_wait_all();
+    pin(acc_w[0]);
+    pin(acc_w[1]);
+    zero_tile(dense_i);
+#else
     // Tensor cores on tile i: warp w owns rows WARP_ROWS w.. as HALVES 16-row halves; one
     // ldmatrix.x4 gives the B fragments (k 0-7 and 8-15) of both 8-row groups of a half.
-    const u32 d_addr = sbase + dense_i * DENSE_BYTES;
+    const u32 d_addr = sbase + dense_i * DENSE_STRIDE;
     const u32 xs = sbase + STAGE0_OFF + st * STAGE_BYTES + WORDS_BYTES;
     u32 a[NT][4];
 #pragma unroll
@@ -525,12 +580,13 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
     }
     __syncwarp();
     if constexpr (RUN_SCATTER) {
-      U4* rows = reinterpret_cast<U4*>(smem + dense_i * DENSE_BYTES + warp * WARP_ROWS * TILE_K * 2);
+      U4* rows = reinterpret_cast<U4*>(smem + dense_i * DENSE_STRIDE + warp * WARP_ROWS * TILE_K * 2);
 #pragma unroll
       for (int c = lane; c < WARP_ROWS * TILE_K * 2 / 16; c += 32) rows[c] = U4{0u, 0u, 0u, 0u};
     }
 
     if (SCATTER_AHEAD && i + 1 < nk) scatter(next_run, st_next, dense((i + 1) & 1));
+#endif
 
     st = st_next;
     st_next = st_next + 1 == STAGES ? 0 : st_next + 1;
@@ -559,6 +615,10 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
       }
     }
   } else {
+#if FLASHLLM_WGMMA
+#pragma unroll
+    for (int h = 0; h < 2; ++h) store_half(acc_w[h], strip * TILE_M + 64 * h, n0, lane, M, N, bias, y, ws);
+#else
 #pragma unroll
     for (int mt = 0; mt < 2 * HALVES; ++mt)
 #pragma unroll
@@ -567,6 +627,7 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
         store_acc(acc[0][mt][nt], strip * TILE_M + warp * WARP_ROWS + mt * 8, n0 + nt * 16, lane, M, N,
                   bias, y, ws);
       }
+#endif
   }
 #if FLASHLLM_FIXUP  // (an `if constexpr` would do, but it changes the other variants' SASS)
   if (ws != nullptr) {
@@ -574,148 +635,3 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
   }
 #endif
 }
-#else  // FLASHLLM_WGMMA
-// ---------------------------------------------------------------------------------------------
-// FLASHLLM_WGMMA: the tensor cores as Hopper's warpgroup MMA (see the top of the file; the
-// instructions' wrappers, the descriptors and the epilogue are in common.cuh)
-// ---------------------------------------------------------------------------------------------
-
-extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_tiled_csl_spmm(
-    // pointers
-    const u16* __restrict__ x,       // (N, ldx) activations, row-major
-    const u32* __restrict__ words,   // packed value | slot << 16
-    const int* __restrict__ offsets,  // tiles + 1 run starts, in words
-    const u16* __restrict__ bias,    // (M,) or null
-    u16* __restrict__ y,             // (N, M) output when ws is null
-    float* __restrict__ ws,          // (N, M) zeroed fp32 split-K workspace, or null
-    // sizes
-    int M, int N, int ldx, int kx,  // kx: valid activation columns, a multiple of 8
-    int KT, int MT,                 // tiles along K and along M
-    int kt_per_split,
-    // last, so that the parameters above keep their offsets in the variants without it
-    int* __restrict__ counters) {  // FIXUP: zeroed split-K arrival counts, one per output tile
-  using namespace flashllm;
-  using namespace flashllm::csl;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-
-  const int tid = threadIdx.x;
-  const int strip = blockIdx.x;
-  const int kt0 = blockIdx.y * kt_per_split;
-  const int nk = min(KT - kt0, kt_per_split);
-  const int n0 = blockIdx.z * NROWS;
-  if (nk <= 0 || strip >= MT) return;  // block-uniform, before any barrier
-
-  trap_unless_smem(SMEM_BYTES, tid);
-  // The layout starts at the first 1024-byte boundary (the swizzle's period).
-  const u32 sraw = smem_u32(smem_raw);
-  const u32 pad = (1024u - (sraw & 1023u)) & 1023u;
-  unsigned char* smem = smem_raw + pad;
-  const u32 sbase = sraw + pad;
-  RunInfo* info = reinterpret_cast<RunInfo*>(smem + W_INFO_OFF);
-  auto stage_words = [&](int st) { return smem + W_WORDS_OFF + st * WORDS_BYTES; };
-  auto dense = [&](int b) { return reinterpret_cast<u16*>(smem + b * W_DENSE_STRIDE); };
-  // Zeroes dense tile b's 128 rows (not its spare slot): 8 16-byte stores per thread.
-  auto zero_tile = [&](int b) {
-    U4* rows = reinterpret_cast<U4*>(smem + b * W_DENSE_STRIDE) + tid;
-#pragma unroll
-    for (int c = 0; c < TILE_ELEMS * 2 / 16 / THREADS; ++c) rows[c * THREADS] = U4{0u, 0u, 0u, 0u};
-  };
-  zero_tile(0);
-  zero_tile(1);
-
-  const int* tile_offsets = offsets + static_cast<size_t>(strip) * KT + kt0;  // this block's tiles
-  const XStagerT<true> xstage(x, ldx, n0, N, kx, tid);
-  auto load_offsets = [&](int j, int& lo, int& hi) {
-    lo = tile_offsets[j];
-    hi = tile_offsets[j + 1];
-  };
-  auto issue = [&](int j, int st, int lo, int hi) {
-    const int count = min(max(hi - lo, 0), TILE_ELEMS);
-    const int first = min(count, CAPW);
-    copy_run<CAPW / 4>(smem_u32(stage_words(st)), words + lo, first >> 2, tid);
-    xstage.stage(sbase + W_X_OFF + st * W_X_BYTES, (kt0 + j) * TILE_K);
-    if (tid == 0) info[st] = RunInfo{lo, count};  // read after at least one barrier
-  };
-  auto scatter = [&](const RunInfo run, int st, u16* d) {
-    each_piece(run, stage_words(st), words, tid,
-               [&](const unsigned char* buf, int count) { scatter_words(buf, count, d, tid); });
-  };
-
-  int nlo = 0, nhi = 0;  // run of the next tile to issue
-  {
-    int plo[STAGES] = {}, phi[STAGES] = {};
-#pragma unroll
-    for (int p = 0; p < STAGES; ++p) {
-      if (p < nk) load_offsets(p, plo[p], phi[p]);
-    }
-#pragma unroll
-    for (int p = 0; p < STAGES - 1; ++p) {
-      if (p < nk) issue(p, p, plo[p], phi[p]);
-      cp_async_commit();
-    }
-    nlo = plo[STAGES - 1];
-    nhi = phi[STAGES - 1];
-  }
-  cp_async_wait<STAGES - 2>();
-  __syncthreads();  // tile 0 landed, both dense tiles zeroed, info[0] visible
-  scatter(info[0], 0, dense(0));
-
-  float acc[2][NROWS / 2];  // the two 64-row halves of the strip
-#pragma unroll
-  for (int h = 0; h < 2; ++h)
-#pragma unroll
-    for (int e = 0; e < NROWS / 2; ++e) acc[h][e] = 0.f;
-  const u32 dense_lo = desc_lo(sbase);         // dense tile 0, rows 0-63, k 0-15
-  const u32 x_lo = desc_lo(sbase + W_X_OFF);  // stage 0's activations, k 0-15
-
-  int st = 0;                 // stage of tile i (its activations)
-  int st_next = 1;            // stage of tile i + 1 (its words)
-  int st_issue = STAGES - 1;  // stage receiving tile i + STAGES - 1 (the one tile i - 1 freed)
-  for (int i = 0; i < nk; ++i) {
-    // Tile i + 1 has landed and tile i is scattered (into dense tile i % 2); tile i - 1's stage and
-    // dense tile are free (its tensor-core work finished last iteration).
-    cp_async_wait<STAGES - 3>();
-    fence_proxy_async();  // this thread's scatter of tile i and its copies of tile i's activations
-    __syncthreads();
-    const RunInfo next_run = info[st_next];
-    const int j = i + STAGES - 1;
-    if (j < nk) issue(j, st_issue, nlo, nhi);
-    load_offsets(min(j + 1, nk - 1), nlo, nhi);  // unconditional: see the mma.sync kernel
-    cp_async_commit();
-
-    // Tensor cores on tile i, asynchronously: two 64-row halves x four k16 steps.
-    const int dense_i = i & 1;
-    const u64 a_desc = sw128_desc(dense_lo + dense_i * (W_DENSE_STRIDE >> 4));
-    const u64 b_desc = sw128_desc(x_lo + st * (W_X_BYTES >> 4));
-    wgmma_fence();
-#pragma unroll
-    for (int kc = 0; kc < 4; ++kc) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        wgmma_k16<NROWS>(acc[h], a_desc + (h * 64 * 128 + kc * 32) / 16, b_desc + kc * 32 / 16);
-      }
-    }
-    wgmma_commit();
-    // Meanwhile the next tile into the other dense tile (zeroed by last iteration's readers).
-    if (i + 1 < nk) scatter(next_run, st_next, dense(dense_i ^ 1));
-    wgmma_wait_all();
-    pin(acc[0]);
-    pin(acc[1]);
-    zero_tile(dense_i);  // for tile i + 2 (the next barrier orders it before that scatter)
-
-    st = st_next;
-    st_next = st_next + 1 == STAGES ? 0 : st_next + 1;
-    st_issue = st_issue + 1 == STAGES ? 0 : st_issue + 1;
-  }
-  cp_async_wait<0>();
-
-  const int lane = tid & 31;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) store_half(acc[h], strip * TILE_M + 64 * h, n0, lane, M, N, bias, y, ws);
-#if FLASHLLM_FIXUP
-  if (ws != nullptr) {
-    splitk_fixup<TILE_M>(ws, counters, bias, y, M, N, KT, kt_per_split, reinterpret_cast<volatile int*>(smem));
-  }
-#endif
-}
-#endif  // FLASHLLM_WGMMA
