@@ -152,7 +152,7 @@ MAX_PREFETCH = 16
 #   on the CUDA cores from the words, no dense tile (FLASHLLM_CORES in cuda/tiled_csl_spmm.cu): work
 #   per non-zero instead of per element (BENCHMARKS.md, fourteenth session); fp32 sums per lane
 #   shared by the block's warps (compare-and-swap adds), or per warp (plain adds, 4x the memory).
-# Written in the seventeenth session (no GPU), compiled and counted only:
+# Written in the seventeenth session (no GPU): compiled, counted and emulated, never run:
 # - "wgmma": the tensor cores as Hopper's asynchronous warpgroup MMA (FLASHLLM_WGMMA, sm_90 only),
 #   the activations read from shared memory once per block: Tiled-CSL's dense tile read from shared
 #   memory too, the next tile's scatter overlapping the tensor cores; the bitmap kernel's decoded

@@ -730,7 +730,7 @@ def tiled_csl_kernel(x: torch.Tensor, w: TiledCSLWeight, bias: Optional[torch.Te
 
 
 # ---------------------------------------------------------------------------------------------
-# Tiled-CSL through Hopper's warpgroup MMA (FLASHLLM_WGMMA in tiled_csl_spmm.cu)
+# Both kernels through Hopper's warpgroup MMA (FLASHLLM_WGMMA)
 # ---------------------------------------------------------------------------------------------
 def sw128_addresses(start: int, rows: int) -> torch.Tensor:
     """The shared-memory byte addresses (rows, 16) a wgmma reads for a K-major operand of `rows`
@@ -753,8 +753,8 @@ def wgmma_operand(buf: torch.Tensor, start: int, rows: int) -> torch.Tensor:
 def stage_x_sw128(x: torch.Tensor, nrows: int, n0: int, k0: int, kx: int) -> torch.Tensor:
     """`XStagerT<true>` (common.cuh): the staged activation tile as (nrows * 64,) 16-bit patterns, row
     n's 16-byte chunk c at chunk c ^ (n % 8) of its 128-byte row (thread t copies chunk t % 8 of row
-    t / 8 to byte 128 (t / 8) + 16 ((t % 8) ^ (t / 8 % 8)), plus 128 rows per pass), zero past N and
-    past the kx valid columns."""
+    t / 8 to byte 128 (t / 8) + 16 ((t % 8) ^ (t / 8 % 8)), and in each later pass the rows THREADS /
+    8 further), zero past N and past the kx valid columns."""
     plain = stage_x(x, nrows, n0, k0, kx)[:, :64].reshape(nrows, 8, 8)
     out = torch.empty_like(plain)
     r = torch.arange(nrows)[:, None]
@@ -794,7 +794,7 @@ def wgmma_d_layout(nrows: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def store_half_targets(d: torch.Tensor, m0: int, n0: int, out_features: int, n: int
                        ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """`csl::store_half` on registers d (128, nrows / 2): per store, (values, n, m, whether it is
+    """`store_half` (common.cuh) on registers d (128, nrows / 2): per store, (values, n, m, whether it is
     stored) of every thread, after the shuffle with lane ^ 4 that pairs rows m, m + 1."""
     t = torch.arange(4 * LANES)
     lane = t & 31

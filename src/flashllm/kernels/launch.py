@@ -414,8 +414,8 @@ def availability() -> tuple[bool, str]:
 
 
 def builds_for(arch: str, defines: dict[str, int]) -> bool:
-    """Whether a variant with `defines` compiles for `arch` (an NVRTC target): Tiled-CSL's warpgroup
-    MMA (FLASHLLM_WGMMA) exists on sm_90 alone, every other variant on all of them."""
+    """Whether a variant with `defines` compiles for `arch` (an NVRTC target): the warpgroup-MMA
+    variants (FLASHLLM_WGMMA) exist on sm_90 alone, every other variant on all of them."""
     return not defines.get("FLASHLLM_WGMMA") or arch in ("sm_90", "sm_90a")
 
 

@@ -257,7 +257,7 @@ __device__ __forceinline__ u32 scan_step(u32 x) {
 // or past kx are zero-filled by the copy itself (src-size 0: nothing read, and the address is x),
 // so padding rows and the K tail multiply as exact zeros. Needs ldx % 8 == 0, kx % 8 == 0 and a
 // 16-byte aligned x. With fewer chunks than threads (NROWS * 8 < THREADS) the rest sit idle.
-// SW128 lays the stage out for the tensor cores' 128-byte swizzle instead (Tiled-CSL's wgmma path):
+// SW128 lays the stage out for the tensor cores' 128-byte swizzle instead (the wgmma paths):
 // rows of 128 bytes, 16-byte chunk c of row r at chunk c ^ (r % 8), no padding.
 template <bool SW128 = false>
 struct XStagerT {
@@ -490,7 +490,6 @@ __device__ __forceinline__ void splitk_fixup(float* __restrict__ ws, int* __rest
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #error "FLASHLLM_WGMMA needs the sm_90a target (launch.compile_options picks it for an H100 or H200)"
 #endif
-
 
 // A K-major operand in the tensor cores' 128-byte swizzle: rows of 128 bytes (64 k values), 16-byte
 // chunk c of row r stored at chunk c ^ (r % 8), 8-row groups 1024 bytes apart from a 1024-byte

@@ -478,7 +478,7 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
   for (int h = 0; h < 2; ++h)
 #pragma unroll
     for (int e = 0; e < NROWS / 2; ++e) acc_w[h][e] = 0.f;
-  const u32 dense_lo = desc_lo(sbase);                            // dense tile 0, rows 0-63, k 0-15
+  const u32 dense_lo = desc_lo(sbase);             // dense tile 0, rows 0-63, k 0-15
   const u32 x_lo = desc_lo(sbase + X_REGION_OFF);  // stage 0's activations, k 0-15
 #else
   float acc[A_STEPS][2 * HALVES][NT][4];
