@@ -448,7 +448,8 @@ cases = ([(BitmapWeight, bitmap_cuda, {"decode": d}) for d in configs.DECODES]
          + [(BitmapWeight, bitmap_cuda, {"bulk_copy": True}), (BitmapWeight, bitmap_cuda, {"bulk_copy": True, "strips": 2}),
             (BitmapWeight, bitmap_cuda, {"bulk_copy": True, "offset_ring": True, "persistent": True, "stages": 6})]
          + [(TiledCSLWeight, tiled_csl_cuda, {"cores": c}) for c in (1, 2)]
-         + [(TiledCSLWeight, tiled_csl_cuda, {"cores": 1, "fixup": True})])
+         + [(TiledCSLWeight, tiled_csl_cuda, {"cores": 1, "fixup": True})]
+         + [(BitmapWeight, bitmap_cuda, {"wgmma": True}), (TiledCSLWeight, tiled_csl_cuda, {"wgmma": True})])
 for cls, mod, options in cases:
     if set(configs.unvalidated_options(replace(configs.LaunchConfig(nrows=8), **options))) & \
             set(os.environ.get("FLASHLLM_SKIP_OPTIONS", "").split(",")):
