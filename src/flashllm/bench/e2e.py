@@ -396,8 +396,11 @@ def main(args: argparse.Namespace) -> int:
                 _write_csv(rows[-1:], args.csv)  # as it comes: a run cut short keeps what it measured
                 if args.profile_prefill is not None and batch == batches[0] and not compiled:
                     label = f"{name}_{'dense' if sparsity is None else f's{sparsity:g}_{args.format}'}_b{batch}"
-                    print(profile_prefill(model, batch, prompt, config.vocab_size, device,
-                                          args.profile_prefill / f"{label}.txt"), flush=True)
+                    try:  # a diagnosis: the measured rows stand whatever the profiler does
+                        print(profile_prefill(model, batch, prompt, config.vocab_size, device,
+                                              args.profile_prefill / f"{label}.txt"), flush=True)
+                    except (RuntimeError, OSError) as err:
+                        print(f"prefill {label}: not profiled ({type(err).__name__}: {err})", flush=True)
             del model
             if args.compile != "off":
                 torch._dynamo.reset()  # compiled steps' caches and guards may still refer to the model
