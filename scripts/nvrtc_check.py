@@ -45,14 +45,15 @@ def main() -> int:
                 log: list = []
                 options = launch.compile_options(arch, defines, dtype) + ["--ptxas-options=-v"]
                 compiler.compile(launch.kernel_source(source), source, options, headers, True, log_sink=log)
-                _, stack, spills = ptxas_numbers("".join(log))
+                report = "".join(log)
+                _, stack, spills = ptxas_numbers(report)
                 total += 1
                 # ptxas serializes wgmma (with a "Potential Performance Loss" warning) where it
                 # cannot prove the accumulators untouched between a wgmma and its wait.
-                if not stack or any(stack) or any(spills) or "Performance Loss" in "".join(log):
+                if not stack or any(stack) or any(spills) or "Performance Loss" in report:
                     bad += 1
                     print(f"FAIL (NVRTC {compiler.version} {arch}) {source} {defines} {dtype}: "
-                          f"stack {stack}, spills {spills}; {' '.join(log).strip()[-300:]}")
+                          f"stack {stack}, spills {spills}; {report.strip()[-300:]}")
     print(f"NVRTC {compiler.version}: {total - bad} / {total} builds with no stack frame and no spills")
     return 1 if bad else 0
 

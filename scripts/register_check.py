@@ -81,21 +81,18 @@ def main(argv: list[str] | None = None) -> int:
                     reports[tree] = None  # a variant the base tree does not have
                     continue
                 reports[tree] = ptxas_report("".join(log))
-            if reports[args.base] is None:
-                regs, stack, spill = reports["now"]
-                blocks = resident_blocks(regs, cfg.threads, defines["FLASHLLM_SMEM_BYTES"], arch)
-                print(f"{arch} {fmt} {cfg}: new, {regs} registers, {blocks} blocks"
-                      f"{', SPILLS' if stack or spill else ''}")
-                bad += 1 if stack or spill or blocks < 1 else 0
-                continue
-            (regs, stack, spill), (base_regs, _, _) = reports["now"], reports[args.base]
-            threads = cfg.threads
-            blocks = resident_blocks(regs, threads, defines["FLASHLLM_SMEM_BYTES"], arch)
-            base_blocks = resident_blocks(base_regs, threads, defines["FLASHLLM_SMEM_BYTES"], arch)
-            deltas[regs - base_regs] += 1
+            regs, stack, spill = reports["now"]
+            blocks = resident_blocks(regs, cfg.threads, defines["FLASHLLM_SMEM_BYTES"], arch)
             if stack or spill:
                 bad += 1
                 print(f"SPILL  {arch} {fmt} {cfg}: {regs} registers, stack {stack}, spills {spill}")
+            if reports[args.base] is None:
+                bad += blocks < 1
+                print(f"NEW    {arch} {fmt} {cfg}: {regs} registers, {blocks} blocks per SM")
+                continue
+            base_regs = reports[args.base][0]
+            base_blocks = resident_blocks(base_regs, cfg.threads, defines["FLASHLLM_SMEM_BYTES"], arch)
+            deltas[regs - base_regs] += 1
             if blocks != base_blocks:
                 bad += blocks < base_blocks
                 print(f"{'LOST ' if blocks < base_blocks else 'GAINED'} {arch} {fmt} {cfg}: {base_regs} -> {regs} "

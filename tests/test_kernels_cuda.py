@@ -175,11 +175,15 @@ def test_tiled_csl_one_dense_tile(dtype, sparsity, split_k, nrows, stages, words
     check("tiled_csl", 129, 1000, nrows + 3, sparsity, dtype, cfg)
 
 
-def skip_unless_built_here(cfg: LaunchConfig) -> None:
-    """Skip a variant this GPU cannot build: the warpgroup MMA (wgmma) exists on sm_90 alone."""
+def builds_here(defines: dict[str, int]) -> bool:
+    """Whether this GPU can build a variant: the warpgroup MMA (wgmma) exists on sm_90 alone."""
     cc = torch.cuda.get_device_capability()
-    if not launch.builds_for(f"sm_{cc[0]}{cc[1]}", {"FLASHLLM_WGMMA": int(cfg.wgmma)}):
-        pytest.skip(f"the warpgroup MMA (wgmma) runs on sm_90 GPUs only, this one is sm_{cc[0]}{cc[1]}")
+    return launch.builds_for(f"sm_{cc[0]}{cc[1]}", defines)
+
+
+def skip_unless_built_here(cfg: LaunchConfig) -> None:
+    if not builds_here({"FLASHLLM_WGMMA": int(cfg.wgmma)}):
+        pytest.skip(f"the warpgroup MMA (wgmma) runs on sm_90 GPUs only, not on {torch.cuda.get_device_capability()}")
 
 
 # Each format's wgmma cases: every N it has (Tiled-CSL n8 to n64, the bitmap kernel to n128), Tiled-CSL
@@ -468,8 +472,7 @@ def test_kernel_reports_no_spills():
     for fmt, cfgs in (("bitmap", _checked("bitmap")), ("tiled_csl", _checked("tiled_csl"))):
         _, module = FORMATS[fmt]
         for cfg in (p.values[0] for p in cfgs):
-            cc = torch.cuda.get_device_capability()
-            if not launch.builds_for(f"sm_{cc[0]}{cc[1]}", cfg.defines(fmt)):
+            if not builds_here(cfg.defines(fmt)):
                 continue  # (wgmma: sm_90 only)
             for dtype in DTYPES:
                 kernel = launch.get_kernel(module.KERNEL.source, module.KERNEL.kernel, cfg.defines(fmt), dtype,

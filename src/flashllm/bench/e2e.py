@@ -33,6 +33,7 @@ import gc
 import itertools
 import os
 import platform
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -256,8 +257,6 @@ def profile_prefill(model: nn.Module, batch: int, prompt: int, vocab: int, devic
     the ops and kernels by their own device time (host time on a CPU) to `path` and returns a
     summary line (wall time; device time of the flashllm kernels, of everything else; host time
     the device did not cover)."""
-    import time
-
     from torch.profiler import ProfilerActivity, profile
 
     from ..decode import StaticDecoder

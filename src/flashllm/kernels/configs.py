@@ -166,7 +166,7 @@ _BITMAP_MASK_BYTES = 512
 _BITMAP_TILE_BYTES = 64 * 64 * 2
 _BITMAP_RING_BYTES = 16 * 4  # per strip: RING run bounds (offset_ring)
 _CSL_DENSE_BYTES = (8192 + 8) * 2
-_CSL_WGMMA_DENSE_BYTES = 17 * 1024  # `wgmma`: a dense tile and its spare slot, padded to 1024 bytes
+_CSL_WGMMA_DENSE_BYTES = -(-_CSL_DENSE_BYTES // 1024) * 1024  # `wgmma`: padded to 1024 bytes
 _WGMMA_SLACK = 1024  # `wgmma`: the layout starts at the block's first 1024-byte boundary
 _CSL_CORE_SUMS_BYTES = 128 * 32 * 4  # `cores`: per-lane fp32 sums of the tile's 128 rows
 

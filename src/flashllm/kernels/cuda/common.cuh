@@ -491,6 +491,12 @@ __device__ __forceinline__ void splitk_fixup(float* __restrict__ ws, int* __rest
 #error "FLASHLLM_WGMMA needs the sm_90a target (launch.compile_options picks it for an H100 or H200)"
 #endif
 
+// The block's dynamic shared memory from its first 1024-byte boundary, where a kernel's wgmma layout
+// starts (the swizzle's period; the launch provides up to 1024 bytes of slack before it).
+__device__ __forceinline__ unsigned char* swizzle_aligned(unsigned char* smem_raw) {
+  return smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
+}
+
 // A K-major operand in the tensor cores' 128-byte swizzle: rows of 128 bytes (64 k values), 16-byte
 // chunk c of row r stored at chunk c ^ (r % 8), 8-row groups 1024 bytes apart from a 1024-byte
 // aligned base. The descriptor of the 16-k slice at `addr` (a group's base plus 32 bytes per k16

@@ -359,9 +359,8 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
   using namespace flashllm;
   using namespace flashllm::csl;
 #if FLASHLLM_WGMMA
-  // The layout starts at the first 1024-byte boundary (the swizzle's period).
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  unsigned char* const smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
+  unsigned char* const smem = swizzle_aligned(smem_raw);
 #else
   extern __shared__ __align__(16) unsigned char smem[];
 #endif
