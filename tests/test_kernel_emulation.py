@@ -11,6 +11,7 @@ shared-memory sizes configs.py computes.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -116,6 +117,15 @@ def test_expansion_kernels_write_the_dense_weight(dtype, sparsity, shape, gen):
     expected[dense == 0] = 0  # -0.0 is stored as a zero
     assert torch.equal(E.bitmap_expanded(BitmapWeight.from_dense(dense)), expected), f"seed {gen.initial_seed()}"
     assert torch.equal(E.tiled_csl_expanded(TiledCSLWeight.from_dense(dense)), expected), f"seed {gen.initial_seed()}"
+
+
+def test_bitmap_expansion_grid_matches_the_kernel():
+    # The launch's grid (cuda_op) and the emulation take the tiles per block from bitmap_cuda; the
+    # kernel's own constant must agree, or blocks would skip tiles or write others' twice.
+    from flashllm.kernels import bitmap_cuda, launch
+
+    source = launch.kernel_source("bitmap_expand.cu")
+    assert re.search(r"constexpr int TILES = (\d+);", source).group(1) == str(bitmap_cuda.KERNEL.expand_tiles)
 
 
 def test_bitmap_decodes_give_the_same_registers(gen):

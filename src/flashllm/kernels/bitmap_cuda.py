@@ -27,6 +27,7 @@ KERNEL = CudaKernel(
     payload="values",
     runs="offsets",
     expand_source="bitmap_expand.cu",
+    expand_tiles=4,
 )
 fast_kernel = KERNEL.fast_kernel
 # `weight.to_dense()` by cuda/bitmap_expand.cu: what products above MAX_FAST_N rows multiply.

@@ -162,6 +162,7 @@ class CudaKernel:
     # The source of `flashllm_<format>_expand`, which writes the dense weight for products above
     # MAX_FAST_N rows (`expand`); None: those run the reference decode.
     expand_source: Optional[str] = None
+    expand_tiles: int = 1  # consecutive tiles each block of the expansion kernel writes (its TILES)
     _declined: set = field(default_factory=set, compare=False, repr=False)
     # (launch config, dtype, device index) -> what its first-use check found (None: right); self_check.
     _verdicts: dict = field(default_factory=dict, compare=False, repr=False)
@@ -235,7 +236,7 @@ class CudaKernel:
                                    threads=EXPAND_THREADS)
         mt, kt = self.grid(out_features, in_features)
         args = launch.KernelArgs([*(ptr(t) for t in tensors), ptr(None), i32(out_features), i32(in_features), i32(kt)])
-        return ExpansionPlan(kernel, (mt * kt, 1, 1), args, out_features, in_features, dtype,
+        return ExpansionPlan(kernel, (-(-mt * kt // self.expand_tiles), 1, 1), args, out_features, in_features, dtype,
                              tuple(t.data_ptr() for t in tensors))
 
     def expand_weight(self, weight, out: Optional[torch.Tensor] = None) -> torch.Tensor:

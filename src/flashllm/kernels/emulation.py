@@ -18,8 +18,9 @@ can compare the result with `to_dense` bit for bit and with a float64 product:
   with 8 warps and one dense tile) whose one x4 serves two k16 steps, each accumulating into its own
   rows (`_run_blocks` folds them as `fold_steps` does).
 * `bitmap_expanded`: `cuda/bitmap_expand.cu`, the prefill path's expansion to a dense weight:
-  each thread's two mask bytes, the block-wide scan of their popcounts, the (row, column) each
-  byte's row piece lands on, and the stores that stop at M and K; `tiled_csl_expanded` the same
+  each block's tiles' runs copied into one shared stage, each thread's two mask bytes per tile,
+  the block-wide scans of their popcounts, the (row, column) each byte's row piece lands on, and
+  the stores that stop at M and K; `tiled_csl_expanded` the same
   for `cuda/tiled_csl_expand.cu`: the scatter into the zeroed shared tile, the rows written out.
 * `tiled_csl_cores_kernel`: the Tiled-CSL kernel's CUDA-core path for one activation row: the 8
   swizzled copies of the staged row (`row_copies`), and per word the row its product adds into
@@ -373,11 +374,18 @@ def bitmap_decoded(w: BitmapWeight, stale: Optional[int] = 0x7E00, decode: str =
 # ---------------------------------------------------------------------------------------------
 # The expansion kernels (prefill: the dense weight written out for cuBLAS)
 # ---------------------------------------------------------------------------------------------
-def bitmap_expanded(w: BitmapWeight) -> torch.Tensor:
-    """The dense weight `flashllm_bitmap_expand` writes (as value bits in `w`'s dtype, M x K)."""
+def bitmap_expanded(w: BitmapWeight, tiles_per_block: Optional[int] = None) -> torch.Tensor:
+    """The dense weight `flashllm_bitmap_expand` writes (as value bits in `w`'s dtype, M x K): each
+    block's `tiles_per_block` tiles' runs copied into one shared stage, whose unwritten rest holds
+    stale bits (-1 here: a read of it shows in the result), and decoded from there."""
+    from .bitmap_cuda import KERNEL
+
+    tiles_per_block = tiles_per_block or KERNEL.expand_tiles
     m, k = w.shape
     k_tiles = -(-k // GROUP_K)
     tiles = w.offsets.numel() - 1
+    blocks = -(-tiles // tiles_per_block)
+    offsets = w.offsets.to(torch.int64)
     masks = w.masks.to(torch.int64).view(tiles, 256, 2)
     pair = masks[:, :, 0] | masks[:, :, 1] << 8  # the little-endian 16-bit load of each thread
     count = popc(pair)
@@ -385,10 +393,17 @@ def bitmap_expanded(w: BitmapWeight) -> torch.Tensor:
     inclusive = warp_count.cumsum(dim=2)  # the shuffle scan
     warp_totals = inclusive[:, :, -1]
     earlier_warps = warp_totals.cumsum(dim=1) - warp_totals
-    source = (w.offsets[:-1, None, None].to(torch.int64) + inclusive - warp_count + earlier_warps[:, :, None])
-    source = source.view(tiles, 256)
-    values = w.values.view(torch.int16).to(torch.int64) & 0xFFFF  # fp16 and bf16 alike: bits
     tile = torch.arange(tiles)[:, None]
+    first = tile // tiles_per_block * tiles_per_block  # the block's first tile
+    within = (inclusive - warp_count + earlier_warps[:, :, None]).view(tiles, 256)
+    source = offsets[:-1, None] - offsets[first] + within  # into the block's stage
+    values = w.values.view(torch.int16).to(torch.int64) & 0xFFFF  # fp16 and bf16 alike: bits
+    stage = torch.full((blocks, tiles_per_block * GROUP_M * GROUP_K), -1, dtype=torch.int64)
+    for b in range(blocks):
+        begin, end = offsets[b * tiles_per_block], offsets[min((b + 1) * tiles_per_block, tiles)]
+        assert 0 <= end - begin <= stage.shape[1], "the kernel traps on a run longer than its stage"
+        stage[b, : end - begin] = values[begin:end]
+    block = (tile // tiles_per_block).expand(tiles, 256)
     t = torch.arange(256)[None, :]
     tile_row, tile_col = tile // k_tiles, tile % k_tiles
     dense = torch.full((m, k), -1, dtype=torch.int64)  # anything not stored stays -1: a test catches it
@@ -400,8 +415,7 @@ def bitmap_expanded(w: BitmapWeight) -> torch.Tensor:
         nxt = source.clone()
         for c in range(8):
             bit = (byte >> c) & 1
-            read = torch.where(bit.bool(), nxt, 0)  # only set bits load (no run has values past its end)
-            piece = torch.where(bit.bool(), values[read], 0) if values.numel() else torch.zeros_like(nxt)
+            piece = torch.where(bit.bool(), stage[block, torch.where(bit.bool(), nxt, 0)], 0)
             nxt = nxt + bit
             keep = (row < m) & (col + c < k)
             dense[row[keep], (col + c)[keep]] = piece[keep]
