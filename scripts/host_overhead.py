@@ -17,7 +17,7 @@ synchronized once per run.
 
     python scripts/host_overhead.py [--shape 512x512] [--n 1,16,128,512] [--sparsity 0.8]
 
-N above FLASHLLM_KERNEL_MAX_N (96) is a prefill-sized product: `SparseLinear` and `spmm` expand the
+N above FLASHLLM_KERNEL_MAX_N (112) is a prefill-sized product: `SparseLinear` and `spmm` expand the
 weight (the kept expansion plan) and multiply densely, while `kernel.run` still runs the fused kernel.
 """
 

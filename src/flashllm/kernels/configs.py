@@ -62,9 +62,10 @@ BANDS = ((0.6, "50"), (0.75, "70"), (0.85, "80"), (1.01, "90"))
 # they ran at 0.56-0.70x of cuBLAS at N = 64, well ahead of expansion + cuBLAS, and at
 # 0.33-0.42x at N = 128, where the expansion kernels' measured bandwidth puts expansion + cuBLAS
 # ahead for Tiled-CSL on 33 of 36 points (1.17x) and level for bitmap (0.98x; 1.2x ahead once its
-# expansion reaches 75% of copy bandwidth). The times cross at about N = 100 (BENCHMARKS.md,
-# eighteenth session); 256, the first setting, sent N = 97-256 to the slower path.
-MAX_FAST_N = int(os.environ.get("FLASHLLM_KERNEL_MAX_N", "96"))
+# expansion reaches 75% of copy bandwidth). Interpolated, the times cross at N = 100-110 (bitmap
+# with its one-tile expansion kernel: at 128 or later; scripts/crossover_estimate.py, BENCHMARKS.md,
+# eighteenth session); 256, the first setting, sent N = 113-256 to the slower path.
+MAX_FAST_N = int(os.environ.get("FLASHLLM_KERNEL_MAX_N", "112"))
 # There, the weight is expanded by one CUDA kernel per format (cuda/*_expand.cu: one pass, the
 # compressed bytes in and the dense bytes out) instead of the reference decode's torch passes:
 # validated on an H200 on 2026-11-27 (their GPU tests, bit for bit against to_dense, memcheck and
