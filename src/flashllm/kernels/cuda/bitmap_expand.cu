@@ -46,10 +46,11 @@ extern "C" __global__ void __launch_bounds__(256, 6) flashllm_bitmap_expand(
 
   // Every load before the copies (whose asm orders memory accesses): the masks' and the offsets'
   // round trips overlap, and the copies wait only for the offsets.
+  const unsigned short* mask_pairs =
+      reinterpret_cast<const unsigned short*>(masks) + static_cast<long long>(first) * 256 + t;
   unsigned int pair[TILES];
 #pragma unroll
-  for (int i = 0; i < TILES; ++i)
-    pair[i] = i < here ? reinterpret_cast<const unsigned short*>(masks)[static_cast<long long>(first + i) * 256 + t] : 0u;
+  for (int i = 0; i < TILES; ++i) pair[i] = i < here ? mask_pairs[i * 256] : 0u;
   const int run_begin = offsets[first];
   const int chunks = (offsets[first + here] - run_begin) >> 3;
   // Validated weights never exceed a full tile's run per tile; anything else stops the kernel
@@ -58,7 +59,8 @@ extern "C" __global__ void __launch_bounds__(256, 6) flashllm_bitmap_expand(
   const Chunk16* run = reinterpret_cast<const Chunk16*>(values + run_begin);
   const unsigned int stage = static_cast<unsigned int>(__cvta_generic_to_shared(staged));
   for (int c = t; c < chunks; c += 256)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(stage + 16u * c), "l"(run + c) : "memory");
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(stage + 16u * c), "l"(run + c)
+                 : "memory");
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 
   int inclusive[TILES];
