@@ -31,6 +31,20 @@ def compressed_bytes(fmt: str, m: int, k: int, sparsity: float) -> float:
     raise ValueError(f"unknown format {fmt!r}")
 
 
+def ratios(rows: list[dict], fraction: dict[str, float]) -> dict[tuple[int, str, float], list[float]]:
+    """(N, format, sparsity) -> per layer, the fused kernel's time over expansion + cuBLAS's."""
+    cublas = {(r["shape"], r["n"]): float(r["time_us"]) for r in rows if r["method"] == "cublas"}
+    out = defaultdict(list)
+    for r in rows:
+        if r["method"] not in fraction or (r["shape"], r["n"]) not in cublas:
+            continue
+        m, k, s = int(r["out_features"]), int(r["in_features"]), float(r["sparsity"])
+        moved = compressed_bytes(r["method"], m, k, s) + 2 * m * k
+        expand_us = moved / (fraction[r["method"]] * float(r["copy_gbps"]) * 1e9) * 1e6
+        out[(int(r["n"]), r["method"], s)].append(float(r["time_us"]) / (expand_us + cublas[(r["shape"], r["n"])]))
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("csv", help="a flashllm bench kernels CSV with cublas and format rows")
@@ -38,19 +52,11 @@ def main(argv=None) -> int:
                         help="each format's expansion kernel, as a fraction of copy bandwidth")
     args = parser.parse_args(argv)
     fraction = {fmt: float(v) for fmt, v in (item.split("=") for item in args.expand_fraction.split(","))}
-    rows = list(csv.DictReader(open(args.csv)))
-    cublas = {(r["shape"], r["n"]): float(r["time_us"]) for r in rows if r["method"] == "cublas"}
-    ratios = defaultdict(list)  # (n, format, sparsity) -> fused time / expansion-path time
-    for r in rows:
-        if r["method"] not in fraction or (r["shape"], r["n"]) not in cublas:
-            continue
-        m, k, s = int(r["out_features"]), int(r["in_features"]), float(r["sparsity"])
-        moved = compressed_bytes(r["method"], m, k, s) + 2 * m * k
-        expand_us = moved / (fraction[r["method"]] * float(r["copy_gbps"]) * 1e9) * 1e6
-        ratios[(int(r["n"]), r["method"], s)].append(float(r["time_us"]) / (expand_us + cublas[(r["shape"], r["n"])]))
+    with open(args.csv) as f:
+        rows = list(csv.DictReader(f))
     print("| N | format | sparsity | fused / (expansion + cuBLAS), geomean | min | max | expansion faster |")
     print("|---|---|---|---|---|---|---|")
-    for (n, fmt, s), v in sorted(ratios.items()):
+    for (n, fmt, s), v in sorted(ratios(rows, fraction).items()):
         geomean = math.exp(sum(map(math.log, v)) / len(v))
         print(f"| {n} | {fmt} | {s:.0%} | {geomean:.2f} | {min(v):.2f} | {max(v):.2f} | "
               f"{sum(x > 1 for x in v)} / {len(v)} |")
