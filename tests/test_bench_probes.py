@@ -166,6 +166,18 @@ def test_crossover_estimate_adds_the_expansion_to_cublas():
     assert got[(128, "tiled_csl", 0.8)] == [pytest.approx(12.0 / (tiled_us + 10.0))]
 
 
+def test_sweep_fit_separates_fixed_cost_from_rate():
+    # scripts/sweep_fit.py backs BENCHMARKS.md's fixed-cost / per-byte-rate table: a method whose
+    # times lie on a line gets that line back, exactly.
+    script = _script("sweep_fit")
+    rows = [{"out_features": str(m), "in_features": "1000", "n": "8", "method": meth, "sparsity": s,
+             "time_us": str(a + b * m * 1000 * 2 / 1e6)}
+            for m in (1000, 3000, 7000) for meth, s, a, b in (("cublas", "0.0", 9.0, 0.25), ("bitmap", "0.8", 12.0, 0.2))]
+    got = script.fits(rows)
+    assert got[(8, "cublas", 0.0)] == pytest.approx((9.0, 0.25, 0.0), abs=1e-9)
+    assert got[(8, "bitmap", 0.8)] == pytest.approx((12.0, 0.2, 0.0), abs=1e-9)
+
+
 def _script(name: str):
     import importlib.util
     import sys
