@@ -15,20 +15,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import statistics
 import sys
 from collections import defaultdict
 
 
 def fit(points: list[tuple[float, float]]) -> tuple[float, float, float]:
     """(intercept, slope, rms residual) of the least-squares line through (x, y) points."""
-    n = len(points)
-    sx = sum(x for x, _ in points)
-    sy = sum(y for _, y in points)
-    sxx = sum(x * x for x, _ in points)
-    sxy = sum(x * y for x, y in points)
-    slope = (n * sxy - sx * sy) / (n * sxx - sx * sx)
-    intercept = (sy - slope * sx) / n
-    rms = (sum((y - intercept - slope * x) ** 2 for x, y in points) / n) ** 0.5
+    slope, intercept = statistics.linear_regression(*zip(*points))
+    rms = statistics.fmean((y - intercept - slope * x) ** 2 for x, y in points) ** 0.5
     return intercept, slope, rms
 
 

@@ -153,14 +153,14 @@ def test_crossover_estimate_adds_the_expansion_to_cublas():
     # fraction of copy bandwidth + cuBLAS's time at the same layer and N).
     script = _script("crossover_estimate")
     base = {"shape": "l", "out_features": "4096", "in_features": "2048", "n": "128", "copy_gbps": "4000.0"}
-    rows = [{**base, "method": "cublas", "sparsity": "0.0", "time_us": "10.0"},
-            {**base, "method": "bitmap", "sparsity": "0.8", "time_us": "30.0"},
-            {**base, "method": "tiled_csl", "sparsity": "0.8", "time_us": "12.0"},
-            {**base, "n": "64", "method": "bitmap", "sparsity": "0.8", "time_us": "5.0"}]  # no cuBLAS row: left out
+    rows = [{**base, "method": "cublas", "sparsity": "0.0", "time_us": "10.0", "ideal": "1.0"},
+            {**base, "method": "bitmap", "sparsity": "0.8", "time_us": "30.0", "ideal": "3.8"},
+            {**base, "method": "tiled_csl", "sparsity": "0.8", "time_us": "12.0", "ideal": "2.5"},
+            {**base, "n": "64", "method": "bitmap", "sparsity": "0.8", "time_us": "5.0", "ideal": "3.8"}]  # no cuBLAS row
     got = script.ratios(rows, {"bitmap": 0.5, "tiled_csl": 1.0})
-    m, k = 4096, 2048
-    bitmap_us = (m * k / 8 + 2 * m * k * 0.2 + 2 * m * k) / (0.5 * 4000e9) * 1e6
-    tiled_us = (4 * m * k * 0.2 + 2 * m * k) / 4000e9 * 1e6
+    dense = 2 * 4096 * 2048
+    bitmap_us = (dense / 3.8 + dense) / (0.5 * 4000e9) * 1e6
+    tiled_us = (dense / 2.5 + dense) / 4000e9 * 1e6
     assert set(got) == {(128, "bitmap", 0.8), (128, "tiled_csl", 0.8)}
     assert got[(128, "bitmap", 0.8)] == [pytest.approx(30.0 / (bitmap_us + 10.0))]
     assert got[(128, "tiled_csl", 0.8)] == [pytest.approx(12.0 / (tiled_us + 10.0))]

@@ -458,12 +458,10 @@ def cublas_fit_lines(rows: list[Row]) -> list[str]:
         pts = [(r.gbps * r.time_us * 1e3, r.time_us) for r in dense]
         if len(pts) < 3 or len({b for b, _ in pts}) < 2:
             continue
-        mean_b = statistics.fmean(b for b, _ in pts)
-        mean_t = statistics.fmean(t for _, t in pts)
-        slope = sum((b - mean_b) * (t - mean_t) for b, t in pts) / sum((b - mean_b) ** 2 for b, _ in pts)
+        slope, intercept = statistics.linear_regression(*zip(*pts))
         if slope <= 0:
             continue
-        lines.append(f"{dense[0].method} at N={n}: {mean_t - slope * mean_b:5.1f} us + bytes at "
+        lines.append(f"{dense[0].method} at N={n}: {intercept:5.1f} us + bytes at "
                      f"{1e-3 / slope:5.0f} GB/s (least squares over {len(pts)} layers)")
     return lines
 
