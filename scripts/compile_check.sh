@@ -33,13 +33,14 @@ if [ "${FULL:-0}" = "1" ]; then
 else
   # The pipeline depth and stage size change constants, not code: keep the first variant of each
   # (source, NROWS, STRIPS, DECODE, WARPS, VALCAP, DENSE_TILES, PREFETCH, FIXUP, PERSISTENT, OFFSET_RING, BULK, TPS,
-  # CORES, WGMMA).
-  awk '{ key = $1; for (i = 2; i <= NF; i++) if ($i ~ /NROWS|STRIPS|DECODE|WARPS|VALCAP|DENSE_TILES|PREFETCH|FIXUP|PERSISTENT|OFFSET_RING|BULK|TPS|CORES|WGMMA/) key = key " " $i;
+  # CORES, WGMMA, PDL).
+  awk '{ key = $1; for (i = 2; i <= NF; i++) if ($i ~ /NROWS|STRIPS|DECODE|WARPS|VALCAP|DENSE_TILES|PREFETCH|FIXUP|PERSISTENT|OFFSET_RING|BULK|TPS|CORES|WGMMA|PDL/) key = key " " $i;
          if (!(key in seen)) { seen[key] = 1; print } }' "$LIST.all" > "$LIST"
 fi
 # The split-K epilogue and the expansion kernels (prefill) have no tile parameters.
 echo "splitk_finalize.cu" >> "$LIST"
 echo "splitk_finalize.cu -DFLASHLLM_REZERO=1" >> "$LIST"
+echo "splitk_finalize.cu -DFLASHLLM_PDL=1 -DFLASHLLM_REZERO=1" >> "$LIST"
 echo "bitmap_expand.cu" >> "$LIST"
 echo "tiled_csl_expand.cu" >> "$LIST"
 # The diagnostic probe builds (FLASHLLM_PROBE, python -m flashllm.bench.probes), one code shape each.
@@ -59,6 +60,8 @@ while read -r src defs; do
       if [ "${FULL:-0}" != "1" ] && [ "$dtype" = 2 ] && [[ "$arch" != *sm_90a ]]; then continue; fi
       # The warpgroup MMA (wgmma) exists on sm_90a alone.
       if [[ "$defs" == *FLASHLLM_WGMMA=1* ]] && [[ "$arch" != *sm_90a ]]; then continue; fi
+      # Programmatic dependent launch from sm_90 on (the launcher builds it for no older GPU).
+      if [[ "$defs" == *FLASHLLM_PDL=1* ]] && [[ "$arch" != *sm_90a ]]; then continue; fi
       i=$((i + 1))
       echo "$i|$arch|$dtype|$src|$defs" >> "$OUT/jobs.txt"
     done

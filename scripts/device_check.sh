@@ -9,8 +9,9 @@
 #   1. environment: GPU, driver, torch, NVRTC                                       (~5 s)
 #   2. smoke: one small product per format against float64                         (~10 s)
 #      2b. the same for each option not yet validated on a GPU, one at a time
-#      (`python -m flashllm.kernels.configs pending`: wgmma, since the seventeenth session); one that
-#      fails or hangs is left out of steps 3-7, the others run there              (~10 s each)
+#      (`python -m flashllm.kernels.configs pending`: wgmma since the seventeenth session, pdl
+#      since the nineteenth); one that fails or hangs is left out of steps 3-7, the others run
+#      there                                                                       (~10 s each)
 #   3. pytest -m gpu: the kernels' correctness grid, every config variant, spmm/SparseLinear
 #      dispatch, torch.compile, CUDA graphs; CUDA-graph decoding of a sparse model  (~1 min)
 #   4. DEVICE_CHECK_TUNE=1: tune the launch configs on the --quick shapes (tuned.json, tune.log);
@@ -103,7 +104,7 @@ set -uo pipefail
 if [ "${DEVICE_CHECK_PRESET:-}" = "diagnose" ]; then
   : "${BENCH_SELECT:=--shapes llama-2-7b.up,opt-66b.qkv --n 1,16 --sparsity 0.5,0.8,0.9}"
   : "${BENCH_BASELINES:=cublas}"
-  : "${BENCH_FORMATS:=bitmap,tiled_csl,bitmap:persistent,bitmap:ring,bitmap:ring:persistent,bitmap:rezero,tiled_csl:rezero,bitmap:split1,bitmap:fit,bitmap:pf4,bitmap:fit:stages6,bitmap:fit:stages6:ring,bitmap:fit:stages6:ring:persistent,bitmap:bulk,bitmap:fit:stages6:bulk,bitmap:fit:stages6:ring:bulk,bitmap:persistent:fixup,bitmap:fit:stages6:ring:bulk:persistent:fixup,bitmap:tps2,bitmap:fit:tps2,bitmap:fixup,tiled_csl:split1,tiled_csl:dense2,tiled_csl:pf4,tiled_csl:fixup,tiled_csl:cores,tiled_csl:cores:stages4,tiled_csl:cores:pf4,tiled_csl:cores_warp,tiled_csl:cores_warp:stages6,tiled_csl:wgmma,bitmap:wgmma}"
+  : "${BENCH_FORMATS:=bitmap,tiled_csl,bitmap:persistent,bitmap:ring,bitmap:ring:persistent,bitmap:rezero,tiled_csl:rezero,bitmap:split1,bitmap:fit,bitmap:pf4,bitmap:fit:stages6,bitmap:fit:stages6:ring,bitmap:fit:stages6:ring:persistent,bitmap:bulk,bitmap:fit:stages6:bulk,bitmap:fit:stages6:ring:bulk,bitmap:persistent:fixup,bitmap:fit:stages6:ring:bulk:persistent:fixup,bitmap:tps2,bitmap:fit:tps2,bitmap:fixup,tiled_csl:split1,tiled_csl:dense2,tiled_csl:pf4,tiled_csl:fixup,tiled_csl:cores,tiled_csl:cores:stages4,tiled_csl:cores:pf4,tiled_csl:cores_warp,tiled_csl:cores_warp:stages6,tiled_csl:wgmma,bitmap:wgmma,bitmap:pdl,tiled_csl:pdl}"
   : "${DEVICE_CHECK_PROBE:=1}" "${PROBE_FORMATS:=bitmap,tiled_csl,bitmap:persistent,bitmap:ring,bitmap:fit:stages6,bitmap:fit:stages6:ring,bitmap:bulk,bitmap:fit:tps2,bitmap:split1}"
   : "${PROBE_SELECT:=--shapes llama-2-7b.up,opt-66b.qkv --n 1,16 --sparsity 0.5,0.9}"
   : "${DEVICE_CHECK_FLUSH:=1}"
@@ -449,7 +450,8 @@ cases = ([(BitmapWeight, bitmap_cuda, {"decode": d}) for d in configs.DECODES]
             (BitmapWeight, bitmap_cuda, {"bulk_copy": True, "offset_ring": True, "persistent": True, "stages": 6})]
          + [(TiledCSLWeight, tiled_csl_cuda, {"cores": c}) for c in (1, 2)]
          + [(TiledCSLWeight, tiled_csl_cuda, {"cores": 1, "fixup": True})]
-         + [(BitmapWeight, bitmap_cuda, {"wgmma": True}), (TiledCSLWeight, tiled_csl_cuda, {"wgmma": True})])
+         + [(BitmapWeight, bitmap_cuda, {"wgmma": True}), (TiledCSLWeight, tiled_csl_cuda, {"wgmma": True})]
+         + [(BitmapWeight, bitmap_cuda, {"pdl": True}), (TiledCSLWeight, tiled_csl_cuda, {"pdl": True})])
 for cls, mod, options in cases:
     if set(configs.unvalidated_options(replace(configs.LaunchConfig(nrows=8), **options))) & \
             set(os.environ.get("FLASHLLM_SKIP_OPTIONS", "").split(",")):

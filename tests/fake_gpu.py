@@ -42,6 +42,7 @@ class Launch:
     grid: tuple[int, int, int]
     args: list[int]
     defines: dict[str, int]
+    programmatic: bool = False
 
 
 @dataclass
@@ -62,13 +63,17 @@ class FakeGPU:
         return kernel
 
     # launch.Driver.launch
-    def launch(self, func, grid, block, smem, stream, args) -> None:
+    def launch(self, func, grid, block, smem, stream, args, programmatic=False) -> None:
         (name, defines, dtype, _, _), _ = self.compiled[func]
+        # A programmatic launch may start before the kernel ahead of it finishes: only a kernel
+        # built to wait for it (FLASHLLM_PDL) may be launched so, and one so built always is.
+        if programmatic != bool(dict(defines).get("FLASHLLM_PDL")):
+            raise AssertionError(f"{name} {dict(defines)} launched with programmatic={programmatic}")
         # Read through the pointer array, as the driver does: what the launch really passes.
         ctype = {"ptr": ctypes.c_uint64, "i32": ctypes.c_int32, "i64": ctypes.c_int64}
         values = [ctypes.cast(args.pointers[i], ctypes.POINTER(ctype[kind])).contents.value
                   for i, kind in enumerate(args.kinds)]
-        self.launches.append(Launch(name, tuple(grid), values, dict(defines)))
+        self.launches.append(Launch(name, tuple(grid), values, dict(defines), programmatic))
         if name == FINALIZE:
             self._finalize(values, dtype, dict(defines))
         elif name in EXPANSIONS:

@@ -176,14 +176,16 @@ def test_tiled_csl_one_dense_tile(dtype, sparsity, split_k, nrows, stages, words
 
 
 def builds_here(defines: dict[str, int]) -> bool:
-    """Whether this GPU can build a variant: the warpgroup MMA (wgmma) exists on sm_90 alone."""
+    """Whether this GPU can build a variant: the warpgroup MMA (wgmma) exists on sm_90 alone, the
+    programmatic dependent launch (pdl) from sm_90 on."""
     cc = torch.cuda.get_device_capability()
     return launch.builds_for(f"sm_{cc[0]}{cc[1]}", defines)
 
 
 def skip_unless_built_here(cfg: LaunchConfig) -> None:
-    if not builds_here({"FLASHLLM_WGMMA": int(cfg.wgmma)}):
-        pytest.skip(f"the warpgroup MMA (wgmma) runs on sm_90 GPUs only, not on {torch.cuda.get_device_capability()}")
+    if not builds_here({"FLASHLLM_WGMMA": int(cfg.wgmma), "FLASHLLM_PDL": int(cfg.pdl)}):
+        pytest.skip(f"the warpgroup MMA (wgmma) runs on sm_90 GPUs only, programmatic dependent launch (pdl) "
+                    f"from sm_90 on; this GPU is {torch.cuda.get_device_capability()}")
 
 
 # Each format's wgmma cases: every N it has (Tiled-CSL n8 to n64, the bitmap kernel to n128), Tiled-CSL
@@ -424,6 +426,79 @@ def test_splitk_kept_workspace_in_a_cuda_graph(fmt, option):
         torch.cuda.synchronize()
         ref = static_x.double() @ w.double().T
         assert (static_y.double() - ref).norm() <= 2 * (F.linear(static_x, w).double() - ref).norm() + 1e-6
+
+
+def product_chain(fmt: str, sizes: list[int], n: int, sparsity: float, dtype: torch.dtype,
+                  cfgs: list[LaunchConfig]):
+    """Weights (sizes[i + 1] x sizes[i]) and a product per weight, each one's input the output of the
+    one before: (x, run) where run() fills and returns the outputs, poisoned with NaN beforehand."""
+    cls, module = FORMATS[fmt]
+    dense = [random_weight(m, k, sparsity, dtype) for k, m in zip(sizes, sizes[1:])]
+    weights = [cls.from_dense(w) for w in dense]
+    biases = [torch.randn(w.shape[0], device="cuda", dtype=dtype) for w in dense]
+    x = torch.randn(n, sizes[0], device="cuda", dtype=dtype) / 4
+    outs = [torch.empty(n, w.shape[0], device="cuda", dtype=dtype) for w in dense]
+
+    def run():
+        for out in outs:
+            out.fill_(float("nan"))
+        inp = x
+        for weight, bias, cfg, out in zip(weights, biases, cfgs, outs):
+            inp = module.linear(inp, weight, bias, cfg, out=out)
+        return outs
+
+    def check_outputs(outs_now):
+        torch.cuda.synchronize()
+        inp = x
+        for i, (w, bias, y) in enumerate(zip(dense, biases, outs_now)):
+            assert bool(torch.isfinite(y).all()), f"product {i}: {int((~torch.isfinite(y)).sum())} outputs stale or unwritten"
+            ref = inp.double() @ w.double().T + bias.double()
+            err_torch = (F.linear(inp, w, bias).double() - ref).norm().item()
+            err = (y.double() - ref).norm().item()
+            assert err <= 2 * err_torch + 1e-5 * ref.norm().item() + 1e-6, f"product {i}: err {err:.3e}"
+            inp = y  # the next product's input is what this one wrote
+    return x, run, check_outputs
+
+
+@pending(pdl=True)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparsity", [0.0, 0.8, 1.0])
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_programmatic_dependent_launch(fmt, dtype, sparsity, split_k):
+    # Products whose input is the output of the product just before, every kernel launched to
+    # overlap the previous one's tail: a kernel that read its activations (or the output the
+    # finalize launch writes) before waiting would find the NaN poison or last round's values.
+    # Split-K chains the finalize launch too, which lets the next product start at once. Mixed
+    # chains (pdl after an ordinary launch and the reverse), stream-K blocks, the last-block split-K.
+    base = replace(configs.default_config(fmt, 17, max(sparsity, 0.5)), split_k=split_k, pdl=True)
+    skip_unless_built_here(base)
+    variants = [[base] * 4, [base, replace(base, pdl=False), base, replace(base, pdl=False)],
+                [base, replace(base, fixup=True, split_k=max(split_k, 2)), base, base]]
+    if fmt == "bitmap":
+        variants.append([replace(base, persistent=True, strips=1)] * 4)
+    for cfgs in variants:
+        _, run, check_outputs = product_chain(fmt, [300, 1000, 257, 2000, 129], 17, sparsity, dtype, cfgs)
+        for _ in range(3):  # a race shows some times, not every time
+            check_outputs(run())
+
+
+@pending(pdl=True)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_programmatic_dependent_launch_in_a_cuda_graph(fmt, split_k):
+    # Stream capture turns the launches into programmatic edges between the graph's kernel nodes.
+    cfg = replace(configs.default_config(fmt, 16, 0.8), split_k=split_k, pdl=True)
+    skip_unless_built_here(cfg)
+    x, run, check_outputs = product_chain(fmt, [2048, 1000, 3000, 512], 16, 0.8, torch.float16, [cfg] * 3)
+    check_outputs(run())  # compiled, checked and loaded before capturing
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = run()
+    for _ in range(3):
+        x.copy_(torch.randn_like(x) / 4)
+        graph.replay()
+        check_outputs(outs)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -53,12 +53,16 @@ def record_plans(monkeypatch, *weights) -> list[int]:
 
 def options(fmt: str) -> list[configs.LaunchConfig]:
     """The launch shapes the host side treats differently: unsplit, split with a memset and an
-    epilogue, split ended by the last block, split with a kept, rezeroed workspace, stream-K."""
+    epilogue, split ended by the last block, split with a kept, rezeroed workspace, stream-K, and
+    programmatic dependent launches (their split-K on a kept workspace, with or without the last
+    block ending it)."""
     base = configs.default_config(fmt, 16, 0.5)
     shapes = [replace(base, split_k=1), replace(base, split_k=3), replace(base, split_k=3, fixup=True),
-              replace(base, split_k=3, rezero=True)]
+              replace(base, split_k=3, rezero=True), replace(base, split_k=1, pdl=True),
+              replace(base, split_k=3, pdl=True), replace(base, split_k=3, pdl=True, fixup=True)]
     if fmt == "bitmap":
-        shapes += [replace(base, persistent=True), replace(base, persistent=True, fixup=True)]
+        shapes += [replace(base, persistent=True), replace(base, persistent=True, fixup=True),
+                   replace(base, persistent=True, pdl=True)]
     return shapes
 
 
@@ -80,6 +84,28 @@ def test_every_launch_shape_computes_the_product(monkeypatch, fmt, dtype):
             check_product(y, x, dense, bias)
             finalizes = len(gpu.of(fake_gpu.FINALIZE))
             assert finalizes == (0 if cfg.split_k == 1 and not cfg.persistent or cfg.fixup else 1), cfg
+            # (the fake refuses a programmatic launch of a kernel built not to wait, and the reverse)
+            assert [entry.programmatic for entry in gpu.launches] == [cfg.pdl] * len(gpu.launches), cfg
+
+
+@pytest.mark.parametrize("fmt", MODULES)
+def test_programmatic_launches_chain_without_a_memset(monkeypatch, fmt):
+    """With pdl a split product is two programmatic launches on a workspace kept zero: a memset
+    (torch.zeros, an ordinary kernel) between them and the kernel before would end the overlap."""
+    fake_gpu.install(monkeypatch)
+    dense, weight = random_weight(fmt, (133, 203), 0.6)
+    tensors = list(weight.tensors().values())
+    cfg = replace(configs.default_config(fmt, 16, 0.6), split_k=3, pdl=True)
+    plan = MODULES[fmt].KERNEL.plan(16, torch.float16, torch.device("cpu"), tensors, 133, 203, cfg)
+    assert plan.kept_workspace and plan.finalize.programmatic
+    x = torch.randn(16, 203).half()
+    check_product(plan.run(x), x, dense)  # (the stream's workspace may be allocated, zeroed, here)
+    zeros = []
+    monkeypatch.setattr(torch, "zeros", lambda *a, **k: zeros.append(a) or torch.empty(*a, **k).zero_())
+    for _ in range(2):
+        x = torch.randn(16, 203).half()
+        check_product(plan.run(x), x, dense)
+    assert (16, 133) not in [tuple(a[0]) if a and isinstance(a[0], tuple) else a for a in zeros]  # (the fake's own decode allocates too)
 
 
 @pytest.mark.parametrize("fmt", MODULES)

@@ -9,8 +9,8 @@ down_proj at N 16; on 2026-11-27 Llama-2-7B up_proj and OPT-66B qkv_proj at N 8/
 bitmap block, 3 stages, the scatter decode from 85% sparsity at N <= 16, stage buffers fitted to
 the weight from 75% up to 32 rows; Tiled-CSL stages of 2-3K words, one dense tile up to 32 rows, 8
 warps at 75-85% and N <= 16; as many K splits as keep each split 4 tiles deep, up to 16. Every
-option but Hopper's warpgroup MMA (`wgmma`, written since, pending in `UNVALIDATED`) has run on a
-GPU; the L2 prefetch (`prefetch`) and split-K ended by the last block of each output tile (`fixup`)
+option but Hopper's warpgroup MMA (`wgmma`) and programmatic dependent launch (`pdl`), written
+since and pending in `UNVALIDATED`, has run on a GPU; the L2 prefetch (`prefetch`) and split-K ended by the last block of each output tile (`fixup`)
 measured slower and are left to the tuner. To tune more shapes or another GPU:
 
     flashllm bench kernels --tune --shapes opt-66b,llama-70b --n 1,8,16,32,64 \\
@@ -164,7 +164,12 @@ MAX_PREFETCH = 16
 #   the activations read from shared memory once per block: Tiled-CSL's dense tile read from shared
 #   memory too, the next tile's scatter overlapping the tensor cores; the bitmap kernel's decoded
 #   fragments passed in registers, each k16 step's product overlapping the next step's decode.
-UNVALIDATED: frozenset[str] = frozenset({"wgmma"})
+# Written in the nineteenth session (no GPU): compiled, counted, tested on the fake driver, never run:
+# - "pdl": programmatic dependent launch (FLASHLLM_PDL, sm_90 and later): the kernel may start while
+#   the one before it in the stream finishes, asks L2 for its first tiles, and waits for it before
+#   reading anything; it lets the next kernel start during its epilogue; split-K ends in a finalize
+#   launch made the same way, on a workspace kept zero (no memset, which would break the chain).
+UNVALIDATED: frozenset[str] = frozenset({"wgmma", "pdl"})
 
 # Shared-memory layout constants, mirrored from the .cu files (the kernels trap if the launch
 # provides less shared memory than they lay out, so a drift shows as an error, not as corruption).
@@ -198,6 +203,7 @@ class LaunchConfig:
     tiles_per_stage: int = 1  # bitmap: tiles per pipeline stage (TILES_PER_STAGE), one barrier per stage
     cores: int = 0  # Tiled-CSL: N = 1 on the CUDA cores from the words, no dense tile (CORE_SUMS; 4 warps, nrows 8)
     wgmma: bool = False  # sm_90: Hopper's warpgroup MMA (Tiled-CSL 4 warps, 2 dense tiles; bitmap 1 strip, fragments)
+    pdl: bool = False  # sm_90 and later: programmatic dependent launch (overlaps the previous kernel's tail)
 
     def validate(self, fmt: str) -> "LaunchConfig":
         if self.nrows not in NROWS:
@@ -208,7 +214,7 @@ class LaunchConfig:
             raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
         if not 0 <= self.prefetch <= MAX_PREFETCH:
             raise ValueError(f"prefetch must be 0..{MAX_PREFETCH} tiles, got {self.prefetch}")
-        for flag in ("fixup", "persistent", "offset_ring", "rezero", "bulk_copy", "wgmma"):
+        for flag in ("fixup", "persistent", "offset_ring", "rezero", "bulk_copy", "wgmma", "pdl"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.cores not in CORE_SUMS:
@@ -289,6 +295,8 @@ class LaunchConfig:
             d["FLASHLLM_TPS"] = self.tiles_per_stage
         if self.wgmma:  # likewise
             d["FLASHLLM_WGMMA"] = 1
+        if self.pdl:  # likewise
+            d["FLASHLLM_PDL"] = 1
         if fmt == "bitmap":
             d["FLASHLLM_STRIPS"] = self.strips
             d["FLASHLLM_DECODE"] = DECODES.index(self.decode)
@@ -371,6 +379,7 @@ OPTION_SPELLINGS: dict[str, tuple[str, object]] = {
     "cores": ("cores", 1),
     "cores_warp": ("cores", 2),
     "wgmma": ("wgmma", True),
+    "pdl": ("pdl", True),
 }
 FORCED_OPTIONS_ENV = "FLASHLLM_KERNEL_OPTIONS"
 _forced: dict[str, dict[str, dict]] = {}
@@ -453,6 +462,7 @@ KERNEL_OPTIONS: tuple[KernelOption, ...] = (
     KernelOption("cores", lambda c: c.cores == 1, ("tiled_csl:cores",)),
     KernelOption("cores_warp", lambda c: c.cores == 2, ("tiled_csl:cores_warp",)),
     KernelOption("wgmma", lambda c: c.wgmma, ("bitmap:wgmma", "tiled_csl:wgmma")),
+    KernelOption("pdl", lambda c: c.pdl, ("bitmap:pdl", "tiled_csl:pdl")),
 )
 OPTION_NAMES = tuple(o.name for o in KERNEL_OPTIONS)
 assert UNVALIDATED <= set(OPTION_NAMES), UNVALIDATED - set(OPTION_NAMES)
@@ -554,6 +564,11 @@ RULE_FITTED = {"sm90"}
 
 def arch_key(capability: tuple[int, int]) -> str:
     return f"sm{capability[0]}{capability[1]}"
+
+
+def pdl_capable(arch: str) -> bool:
+    """Whether GPUs of `arch` (an `arch_key`) have programmatic dependent launch: sm_90 and later."""
+    return int(arch.removeprefix("sm")) >= 90
 
 
 def shape_class(out_features: int, in_features: int) -> str:
@@ -661,6 +676,9 @@ def get_config(arch: str, fmt: str, out_features: int, in_features: int, n: int,
     if forced.get("wgmma") and arch != "sm90":
         raise ValueError(f"{FORCED_OPTIONS_ENV}: the warpgroup MMA (wgmma) runs on sm_90 GPUs (H100, H200) only, "
                          f"not on {arch}")
+    if forced.get("pdl") and not pdl_capable(arch):
+        raise ValueError(f"{FORCED_OPTIONS_ENV}: programmatic dependent launch (pdl) needs sm_90 or later "
+                         f"(H100, H200), not {arch}")
     if forced:
         try:
             cfg = with_options(cfg, forced, fmt)
@@ -755,6 +773,10 @@ def candidates(fmt: str, n: int, sparsity: float, unvalidated: bool = False) -> 
             for cap in (FULL_TILE, FIT):
                 add(replace(wg, stages=stages, value_cap=cap))
         add(replace(wg, value_cap=FIT, fixup=True))
+        # Programmatic dependent launch (sm_90 and later; elsewhere its compile fails and the tuner
+        # skips it), on the default and on fitted buffers.
+        add(replace(base, pdl=True))
+        add(replace(base, value_cap=FIT, pdl=True))
     else:
         for words in (1024, 2048, 3072, 4096, 6144):
             for stages in (3, 4):
@@ -780,6 +802,7 @@ def candidates(fmt: str, n: int, sparsity: float, unvalidated: bool = False) -> 
                 add(replace(base, stages=stages, words_per_stage=words, warps=4, dense_tiles=2, prefetch=0,
                             wgmma=True))
         add(replace(base, words_per_stage=2048, warps=4, dense_tiles=2, prefetch=0, wgmma=True, fixup=True))
+        add(replace(base, pdl=True))  # programmatic dependent launch (as for bitmap)
         if n == 1:  # one activation row: the CUDA cores, from the words (no dense tile)
             core = replace(base, nrows=8, warps=4, dense_tiles=2, cores=1)
             for stages in (2, 3, 4):
@@ -938,6 +961,16 @@ CHECKED_WGMMA = ((8, 3, 2048, False), (16, 3, 2048, False), (32, 3, 1024, False)
                  (16, 4, 3072, False), (8, 3, 2048, True), (16, 3, 1024, True))
 CHECKED_WGMMA_BITMAP = ((8, 3, 0, False), (16, 3, 1536, False), (32, 3, 0, False), (64, 3, 2560, False),
                         (128, 3, 0, False), (16, 4, 1024, False), (8, 3, 0, True), (16, 3, 2048, True))
+# Programmatic dependent launch (sm_90 and later), one per prologue it precedes and epilogue it
+# follows: bitmap (rows, strips, decode, value cap, option), Tiled-CSL (rows, warps, dense tiles,
+# option), the option one of "", "fixup", "persistent", "ring", "bulk", "tps2", "wgmma", "cores".
+CHECKED_PDL_BITMAP = ((8, 1, "fragment", 1536, ""), (16, 1, "fragment", 0, ""), (16, 2, "fragment", 0, ""),
+                      (16, 1, "scatter", 1024, ""), (64, 1, "fragment", 0, ""), (16, 1, "fragment", 0, "fixup"),
+                      (16, 1, "fragment", 0, "persistent"), (16, 1, "fragment", 0, "ring"),
+                      (16, 1, "fragment", 0, "bulk"), (16, 1, "fragment", 1536, "tps2"),
+                      (16, 1, "fragment", 0, "wgmma"))
+CHECKED_PDL_CSL = ((8, 4, 1, ""), (16, 4, 2, ""), (16, 8, 2, ""), (64, 4, 2, ""), (16, 4, 1, "fixup"),
+                   (8, 4, 2, "cores"), (16, 4, 2, "wgmma"))
 # Bitmap variants with two tiles per stage: (rows, strips, stages, decode, value cap, fixup).
 CHECKED_TPS = ((8, 1, 3, "fragment", 0, False), (16, 1, 2, "fragment", 0, False), (16, 1, 3, "fragment", 1536, False),
                (16, 2, 3, "fragment", 0, False), (16, 1, 3, "scatter", 0, False), (32, 1, 3, "fragment", 1024, False),
@@ -995,6 +1028,12 @@ def checked_variants() -> list[tuple[str, LaunchConfig]]:
             for n, sg, w, f in CHECKED_WGMMA]
     out += [("bitmap", LaunchConfig(nrows=n, stages=sg, value_cap=c, fixup=f, wgmma=True))
             for n, sg, c, f in CHECKED_WGMMA_BITMAP]
+    out += [("bitmap", with_options(LaunchConfig(nrows=n, strips=s, decode=d, value_cap=c, pdl=True),
+                                    parse_options("bitmap", [o] if o else []), "bitmap"))
+            for n, s, d, c, o in CHECKED_PDL_BITMAP]
+    out += [("tiled_csl", with_options(LaunchConfig(nrows=n, words_per_stage=2048, warps=w, dense_tiles=t, pdl=True),
+                                       parse_options("tiled_csl", [o] if o else []), "tiled_csl"))
+            for n, w, t, o in CHECKED_PDL_CSL]
     return out
 
 

@@ -72,7 +72,7 @@ class LaunchPlan:
     out_features: int
     in_features: int
     reduce: bool  # split-K (or stream-K) blocks add into a workspace
-    kept_workspace: bool  # ... kept zero between launches (fixup, rezero) instead of a memset per call
+    kept_workspace: bool  # ... kept zero between launches (fixup, rezero, pdl) instead of a memset per call
     output_tiles: int  # the arrival counters a kept workspace needs
     finalize: Optional[launch.SplitKFinalize]  # the epilogue launch, unless the last block rounds
     weight_ptrs: tuple[int, ...]  # where the weight's tensors were: a plan serves only those
@@ -107,7 +107,7 @@ class LaunchPlan:
                 (0, xk.data_ptr()), (t + 1, 0 if bias is None else bias.data_ptr()), (t + 2, y.data_ptr()),
                 (t + 3, 0 if ws is None else ws.data_ptr()), (t + 6, ldx),
                 (t + 11, 0 if counters is None else counters.data_ptr()),
-            ))
+            ), self.cfg.pdl)
             if self.finalize is not None:
                 self.finalize.run(ws, bias, y, stream)
         return y
@@ -348,7 +348,9 @@ class CudaKernel:
             splits, per_split = launch.split_plan(kt, split)
             grid = (blocks_m, splits, blocks_n)
             reduce = splits > 1
-        kept = reduce and (cfg.fixup or cfg.rezero)  # a workspace kept zero between launches
+        # A workspace kept zero between launches: by the last block (fixup) or the finalize launch
+        # (rezero; and with pdl, whose chain of launches a memset between them would break).
+        kept = reduce and (cfg.fixup or cfg.rezero or cfg.pdl)
         args = launch.KernelArgs([
             # pointers: activations, the format's tensors, bias, output, split-K workspace (set per call)
             ptr(None), *(ptr(t) for t in tensors), ptr(None), ptr(None), ptr(None),
@@ -359,7 +361,7 @@ class CudaKernel:
         ])
         finalize = None
         if reduce and not cfg.fixup:  # a finalize launch rounds the workspace (and rezeroes it)
-            finalize = launch.splitk_finalize(n, out_features, dtype, device, rezero=cfg.rezero)
+            finalize = launch.splitk_finalize(n, out_features, dtype, device, rezero=kept, pdl=cfg.pdl)
         return LaunchPlan(cfg, kernel, grid, args, n, out_features, in_features,
                           reduce, kept, blocks_m * blocks_n, finalize, tuple(t.data_ptr() for t in tensors))
 

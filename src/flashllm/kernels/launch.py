@@ -202,6 +202,16 @@ CU_FUNC_ATTRIBUTE_NUM_REGS = 4
 CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES = 3
 CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = 97
+CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an id, padding, a 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int), ("rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("smem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
 
 
 class Driver:
@@ -223,6 +233,12 @@ class Driver:
         self.lib.cuCtxSetCurrent.argtypes = [c.c_void_p]
         self._check(self.lib.cuInit(0), "cuInit")
         self._contexts: dict[int, int] = {}
+        # Programmatic dependent launches (`programmatic=True`) go through cuLaunchKernelEx (CUDA
+        # 11.8+), one attribute, set up once.
+        self._launch_ex = getattr(self.lib, "cuLaunchKernelEx", None)
+        if self._launch_ex is not None:
+            self._launch_ex.argtypes = [c.POINTER(_LaunchConfig), c.c_void_p, c.c_void_p, c.c_void_p]
+        self._programmatic = _LaunchAttribute(id=CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
 
     def _check(self, result: int, what: str) -> None:
         if result != 0:
@@ -279,10 +295,20 @@ class Driver:
         return blocks.value
 
     def launch(self, func: int, grid: tuple[int, int, int], block: tuple[int, int, int], smem: int,
-               stream: int, args: "KernelArgs") -> None:
-        self._check(
-            self.lib.cuLaunchKernel(func, *grid, *block, smem, stream, args.pointers, None), "cuLaunchKernel"
-        )
+               stream: int, args: "KernelArgs", programmatic: bool = False) -> None:
+        """Launch on `stream`; with `programmatic`, as a programmatic dependent launch: the grid may
+        start before the kernel ahead of it in the stream has finished, and must wait for it
+        (`wait_for_prior_grids` in cuda/common.cuh) before reading anything that kernel writes."""
+        if not programmatic:
+            self._check(
+                self.lib.cuLaunchKernel(func, *grid, *block, smem, stream, args.pointers, None), "cuLaunchKernel"
+            )
+            return
+        if self._launch_ex is None:
+            raise KernelUnavailable("this CUDA driver has no cuLaunchKernelEx (programmatic dependent launch)")
+        config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), smem, stream,
+                               ctypes.pointer(self._programmatic), 1)
+        self._check(self._launch_ex(ctypes.byref(config), func, args.pointers, None), "cuLaunchKernelEx")
 
 
 @dataclass(frozen=True)
@@ -348,15 +374,15 @@ class CompiledKernel:
     threads: int = THREADS  # the block size it is written for
 
     def launch(self, grid: tuple[int, int, int], params: Union[Sequence[Param], KernelArgs], stream: int,
-               changes: Sequence[tuple[int, int]] = ()) -> None:
+               changes: Sequence[tuple[int, int]] = (), programmatic: bool = False) -> None:
         """Launch on `stream` with `params`, or with prepared `KernelArgs` after setting `changes`
-        ((index, value) pairs) in them."""
+        ((index, value) pairs) in them; `programmatic`: see `Driver.launch`."""
         args = params if isinstance(params, KernelArgs) else KernelArgs(params)
         driver = _state().driver
         with args.lock:
             for index, value in changes:
                 args.set(index, value)
-            driver.launch(self.func, grid, (self.threads, 1, 1), self.smem, stream, args)
+            driver.launch(self.func, grid, (self.threads, 1, 1), self.smem, stream, args, programmatic)
 
 
 class _State:
@@ -415,8 +441,13 @@ def availability() -> tuple[bool, str]:
 
 def builds_for(arch: str, defines: dict[str, int]) -> bool:
     """Whether a variant with `defines` compiles for `arch` (an NVRTC target): the warpgroup-MMA
-    variants (FLASHLLM_WGMMA) exist on sm_90 alone, every other variant on all of them."""
-    return not defines.get("FLASHLLM_WGMMA") or arch in ("sm_90", "sm_90a")
+    variants (FLASHLLM_WGMMA) exist on sm_90 alone, the programmatic-launch ones (FLASHLLM_PDL) from
+    sm_90 on, every other variant on all of them."""
+    if defines.get("FLASHLLM_WGMMA"):
+        return arch in ("sm_90", "sm_90a")
+    if defines.get("FLASHLLM_PDL"):
+        return int(arch.removeprefix("sm_").rstrip("af")) >= 90
+    return True
 
 
 def compile_options(arch: str, defines: dict[str, int], dtype: torch.dtype) -> list[str]:
@@ -426,6 +457,8 @@ def compile_options(arch: str, defines: dict[str, int], dtype: torch.dtype) -> l
             raise KernelUnavailable(f"the warpgroup MMA (wgmma) variants run on sm_90 GPUs (H100, H200) only, "
                                     f"not on {arch}")
         arch = "sm_90a"
+    elif not builds_for(arch, defines):
+        raise KernelUnavailable(f"programmatic dependent launch (pdl) needs sm_90 or later, not {arch}")
     opts = [f"--gpu-architecture={arch}", "--std=c++17", f"-DFLASHLLM_DTYPE={_DTYPE_CODES[dtype]}"]
     opts += [f"-D{k}={v}" for k, v in sorted(defines.items())]
     if os.environ.get("FLASHLLM_LINEINFO") == "1":  # for compute-sanitizer and ncu source views
@@ -621,9 +654,13 @@ def splitk_workspace(device: torch.device, stream: int, floats: int, tiles: int)
         return ws
 
 
-def finalize_job(rezero: bool) -> tuple[str, str, dict[str, int]]:
-    """(source file, kernel name, defines) of the split-K epilogue, with or without re-zeroing."""
-    return "splitk_finalize.cu", "flashllm_splitk_finalize", {"FLASHLLM_REZERO": 1} if rezero else {}
+def finalize_job(rezero: bool, pdl: bool = False) -> tuple[str, str, dict[str, int]]:
+    """(source file, kernel name, defines) of the split-K epilogue, with or without re-zeroing, as a
+    programmatic dependent launch or not."""
+    defines = {"FLASHLLM_REZERO": 1} if rezero else {}
+    if pdl:
+        defines["FLASHLLM_PDL"] = 1
+    return "splitk_finalize.cu", "flashllm_splitk_finalize", defines
 
 
 @dataclass(frozen=True)
@@ -633,22 +670,25 @@ class SplitKFinalize:
     kernel: CompiledKernel
     grid: tuple[int, int, int]
     args: KernelArgs
+    programmatic: bool = False  # launched to overlap the split blocks' tail (FLASHLLM_PDL)
 
     def run(self, ws: torch.Tensor, bias: Optional[torch.Tensor], y: torch.Tensor, stream: int) -> None:
         """y = round(ws + bias) (the workspace's first y.numel() floats left zero if it rezeroes)."""
         self.kernel.launch(self.grid, self.args, stream,
-                           ((0, ws.data_ptr()), (1, 0 if bias is None else bias.data_ptr()), (2, y.data_ptr())))
+                           ((0, ws.data_ptr()), (1, 0 if bias is None else bias.data_ptr()), (2, y.data_ptr())),
+                           self.programmatic)
 
 
 def splitk_finalize(rows: int, cols: int, dtype: torch.dtype, device: torch.device,
-                    rezero: bool = False) -> SplitKFinalize:
+                    rezero: bool = False, pdl: bool = False) -> SplitKFinalize:
     """The split-K epilogue for a (rows x cols) `dtype` output on `device`, with or without
-    re-zeroing the workspace it reads."""
-    kernel = get_kernel(*finalize_job(rezero), dtype, device, 0, threads=256)
+    re-zeroing the workspace it reads, as a programmatic dependent launch or not."""
+    kernel = get_kernel(*finalize_job(rezero, pdl), dtype, device, 0, threads=256)
     total = rows * cols
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     blocks = max(1, min(-(-total // kernel.threads), sms * 8))
-    return SplitKFinalize(kernel, (blocks, 1, 1), KernelArgs([ptr(None), ptr(None), ptr(None), i32(cols), i64(total)]))
+    return SplitKFinalize(kernel, (blocks, 1, 1), KernelArgs([ptr(None), ptr(None), ptr(None), i32(cols), i64(total)]),
+                          pdl)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -757,7 +797,8 @@ def build_jobs(checked: bool = False) -> list[tuple[str, str, dict[str, int]]]:
     tests run: `configs.checked_variants`). What `prebuild` and scripts/compile_check.sh build."""
     from . import configs
 
-    jobs = [finalize_job(False), finalize_job(True), ("bitmap_expand.cu", "flashllm_bitmap_expand", {}),
+    jobs = [finalize_job(False), finalize_job(True), finalize_job(True, pdl=True),
+            ("bitmap_expand.cu", "flashllm_bitmap_expand", {}),
             ("tiled_csl_expand.cu", "flashllm_tiled_csl_expand", {})]
     for fmt, cfg in configs.checked_variants() if checked else configs.shipped_variants():
         jobs.append((configs.kernel_source(fmt), f"flashllm_{fmt}_spmm", cfg.defines(fmt)))

@@ -314,7 +314,10 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
   const int nk = min(KT - kt0, kt_per_split);
 #endif
   const int n0 = blockIdx.z * NROWS;
-  if (nk <= 0) return;  // block-uniform, before any barrier
+  if (nk <= 0) {  // block-uniform, before any barrier
+    wait_for_prior_grids();  // (a grid that completes has waited: the next one's wait covers this one's)
+    return;
+  }
 
   trap_unless_smem(SMEM_BYTES, tid);
 
@@ -351,6 +354,17 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
     tile_masks[s] = tile_masks0[s] + (tid % (MASK_BYTES / 16)) * 16;
 #endif
   }
+#if FLASHLLM_PDL
+  // Launched while the kernel before may still run: only the weight's first tiles asked of L2
+  // (masks, runs) until the wait; everything this kernel reads comes after it.
+  const int first_tiles = min(nk, (STAGES - 1) * TPS + 1);
+#pragma unroll
+  for (int s = 0; s < STRIPS; ++s) {
+    prefetch_first_tiles<2, MASK_BYTES>(tile_offsets[s], first_tiles, offsets + static_cast<size_t>(MT) * KT,
+                                        values, GROUP * GROUP, tile_masks0[s], tid);
+  }
+  wait_for_prior_grids();
+#endif
   const XStagerT<WGMMA> xstage(x, ldx, n0, N, kx, tid);
 
   // Run bounds of the next tile(s) to issue, loaded one iteration (stage) before their use so the
@@ -739,6 +753,7 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
 #endif
   }
   cp_async_wait<0>();  // nothing may be left writing shared memory when the block exits
+  allow_dependent_grids();  // FLASHLLM_PDL: the next kernel's blocks may start during the epilogue
 #if FLASHLLM_PROBE
   if (sink == 0x9e3779b9u) acc[0][0][0][0][0] += 1.f;  // a use of `sink` the compiler cannot drop
 #endif

@@ -14,6 +14,8 @@
 //                   fetch, one tile per stage (optional, default 0 = none)
 //   FLASHLLM_FIXUP  1 = split-K ends in the last block of each output tile (`splitk_fixup`), 0 = in
 //                   a separate finalize launch (optional, default 0)
+//   FLASHLLM_PDL    1 = programmatic dependent launch (sm_90 and later; `wait_for_prior_grids`),
+//                   optional, default 0
 // plus kernel-specific ones documented in each .cu file.
 //
 // Conventions shared by both kernels. The product is y = x @ W.T with x (N x K) and W (M x K).
@@ -58,6 +60,9 @@ constexpr int STAGES = FLASHLLM_STAGES;
 constexpr int PREFETCH = FLASHLLM_PREFETCH;
 #ifndef FLASHLLM_FIXUP
 #define FLASHLLM_FIXUP 0
+#endif
+#ifndef FLASHLLM_PDL
+#define FLASHLLM_PDL 0
 #endif
 static_assert(PREFETCH >= 0 && PREFETCH <= 16, "PREFETCH");
 static_assert(NROWS == 8 || NROWS == 16 || NROWS == 32 || NROWS == 64 || NROWS == 128, "NROWS");
@@ -109,6 +114,64 @@ __device__ __forceinline__ void prefetch_l2(const void* p, u32 bytes) {
   }
   asm volatile("prefetch.global.L2 [%0];\n" ::"l"(c + bytes - 1u) : "memory");
 #endif
+}
+// Programmatic dependent launch (FLASHLLM_PDL; the launcher sets the programmatic stream
+// serialization attribute, launch.Driver.launch). The grid may then start while the kernel before
+// it in the stream is still finishing: its blocks launch, run what depends on nothing that kernel
+// writes, and wait here until every prior grid has completed and its writes are visible. Anything
+// read before the wait may be stale, so before it the kernels only ask L2 for the weight's first
+// tiles (a hint: a stale line is replaced by the writer's, L2 being where global memory is
+// coherent) and read nothing into registers or shared memory. Without the attribute, or below
+// sm_90, the wait returns at once (and is compiled out below sm_90).
+__device__ __forceinline__ void wait_for_prior_grids() {
+#if FLASHLLM_PDL && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+// Lets the next kernel in the stream (if launched with the attribute) start its blocks once every
+// block of this grid has called it or exited: they then overlap this grid's tail. It orders nothing:
+// the next kernel still waits for this one's completion before it reads what this one writes.
+__device__ __forceinline__ void allow_dependent_grids() {
+#if FLASHLLM_PDL && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+// Before the wait, every thread of the block asks L2 for one 128-byte line of [p, end): line
+// `tid`, if it starts before `end` (a predicated prefetch, no branch: code branching on the thread
+// index ahead of the pipeline made ptxas keep the copies' memory descriptor out of the uniform
+// registers, 10 more instructions per bitmap tile). A hint: nothing waits for it.
+__device__ __forceinline__ void prefetch_l2_line(const void* p, const void* end, int tid) {
+  const unsigned char* line = static_cast<const unsigned char*>(p) + tid * 128;
+  asm volatile(
+      "{\n .reg .pred q;\n setp.lt.u64 q, %0, %1;\n @q prefetch.global.L2 [%0];\n}\n" ::"l"(line), "l"(end));
+}
+__device__ __forceinline__ int load_l2(const int* p) {  // .cg: leaves no line in L1 to go stale
+  int v;
+  asm volatile("ld.global.cg.s32 %0, [%1];\n" : "=r"(v) : "l"(p));
+  return v;
+}
+// Before the wait: line `tid` of the run of a block's first `tiles` tiles (`bounds` = their
+// offsets, `last` = the format's last offset, the payload's length), located by a look at the
+// offsets that may be stale (if the kernel before rewrote the weight, which nothing does between
+// products); clamped to the payload and to full tiles, so even then it stays inside the payload.
+// Every thread reads the same three offsets: one request per warp. FIXED_BYTES > 0: line `tid` of
+// the tiles' fixed-size part too (the bitmap's masks, `fixed`), its address made to depend on the
+// loaded length (by a zero ptxas cannot fold): computed from the parameters alone, it made ptxas
+// keep the copies' memory descriptor out of the uniform registers in the main loop (10-17 more
+// instructions per bitmap tile), as any branch on the thread index here did.
+template <int ELEM_BYTES, int FIXED_BYTES>
+__device__ __forceinline__ void prefetch_first_tiles(const int* bounds, int tiles, const int* last,
+                                                     const void* payload, int tile_elems,
+                                                     const unsigned char* fixed, int tid) {
+  const int total = load_l2(last);
+  const int lo = min(max(load_l2(bounds), 0), max(total, 0));
+  const int hi = min(max(load_l2(bounds + tiles), lo), min(total, lo + tiles * tile_elems));
+  const unsigned char* p = static_cast<const unsigned char*>(payload);
+  prefetch_l2_line(p + static_cast<size_t>(lo) * ELEM_BYTES, p + static_cast<size_t>(hi) * ELEM_BYTES, tid);
+  if constexpr (FIXED_BYTES > 0) {
+    const unsigned char* f = fixed + min(max(total, 0), 0);
+    prefetch_l2_line(f, f + static_cast<size_t>(tiles) * FIXED_BYTES, tid);
+  }
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int PENDING>

@@ -24,6 +24,9 @@ extern "C" __global__ void __launch_bounds__(256) flashllm_splitk_finalize(
     u16* __restrict__ y,           // (N, M)
     int M, long long total) {
   using namespace flashllm;
+  // FLASHLLM_PDL: launched while the split blocks finish; the workspace is read after they have.
+  wait_for_prior_grids();
+  allow_dependent_grids();
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
   for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += stride) {

@@ -372,7 +372,10 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
   const int kt0 = blockIdx.y * kt_per_split;
   const int nk = min(KT - kt0, kt_per_split);
   const int n0 = blockIdx.z * NROWS;
-  if (nk <= 0 || strip >= MT) return;  // block-uniform, before any barrier
+  if (nk <= 0 || strip >= MT) {  // block-uniform, before any barrier
+    wait_for_prior_grids();  // (as in the bitmap kernel)
+    return;
+  }
 
   trap_unless_smem(SMEM_BYTES, tid);
   if (CORES && N - n0 > 1) __trap();  // one activation row per block: more would be dropped
@@ -408,6 +411,12 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
   }
 
   const int* tile_offsets = offsets + static_cast<size_t>(strip) * KT + kt0;  // this block's tiles
+#if FLASHLLM_PDL
+  // Until the wait only the first tiles' words asked of L2 (see the bitmap kernel).
+  prefetch_first_tiles<4, 0>(tile_offsets, min(nk, STAGES), offsets + static_cast<size_t>(MT) * KT, words,
+                             TILE_ELEMS, nullptr, tid);
+  wait_for_prior_grids();
+#endif
   const typename StagerOf<CORES>::type xstage(x, ldx, n0, N, kx, tid);
   auto load_offsets = [&](int j, int& lo, int& hi) {
     lo = tile_offsets[j];
@@ -592,6 +601,7 @@ extern "C" __global__ void FLASHLLM_CSL_BOUNDS flashllm_tiled_csl_spmm(
     st_issue = st_issue + 1 == STAGES ? 0 : st_issue + 1;
   }
   cp_async_wait<0>();
+  allow_dependent_grids();  // FLASHLLM_PDL: the next kernel's blocks may start during the epilogue
 
   if constexpr (CORES) {
     // Thread r folds row r's 32 lane sums (of every warp's array with WARP_SUMS), rotated by r so
