@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Compile every CUDA kernel variant flashllm can launch, with nvcc, for sm_80 (A100) and sm_90a
-# (H100/H200), and fail on any error, warning, register spill or stack use. Needs nvcc (no GPU).
+# (H100/H200), and fail on any error, warning, register spill or stack use. Needs nvcc (no GPU);
+# without a CUDA toolkit, PyPI's wheels give one (and a host g++):
+#   pip install --target /tmp/cuda13 "nvidia-cuda-nvcc==13.0.*" "nvidia-nvvm==13.0.*" \
+#       "nvidia-cuda-crt==13.0.*" "nvidia-cuda-runtime==13.0.*"
+#   PATH=/tmp/cuda13/nvidia/cu13/bin:$PATH scripts/compile_check.sh
 # Where NVRTC is found, the NVRTC builds the launcher makes (sm_80, sm_90) are checked too.
 #
 #   scripts/compile_check.sh            # one variant per code shape (format, NROWS, STRIPS): ~1 min on 2 cores

@@ -253,6 +253,7 @@ print(','.join(n for n in sys.argv[1].split(',') if n and not uses_skipped(n)))"
 }
 [ -n "${BENCH_FORMATS:-}" ] && BENCH_FORMATS=$(keep_formats "$BENCH_FORMATS")
 [ -n "${PROBE_FORMATS:-}" ] && PROBE_FORMATS=$(keep_formats "$PROBE_FORMATS")
+[ -n "${SWEEP_FORMATS:-}" ] && SWEEP_FORMATS=$(keep_formats "$SWEEP_FORMATS")
 
 if [ "${DEVICE_CHECK_TESTS:-1}" = "1" ]; then
   step "3. GPU tests"

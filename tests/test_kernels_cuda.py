@@ -431,7 +431,8 @@ def test_splitk_kept_workspace_in_a_cuda_graph(fmt, option):
 def product_chain(fmt: str, sizes: list[int], n: int, sparsity: float, dtype: torch.dtype,
                   cfgs: list[LaunchConfig]):
     """Weights (sizes[i + 1] x sizes[i]) and a product per weight, each one's input the output of the
-    one before: (x, run) where run() fills and returns the outputs, poisoned with NaN beforehand."""
+    one before: (x, run, check) where run() poisons the outputs with NaN, launches the chain and
+    returns the outputs, and check(outputs) compares each with float64 from its actual input."""
     cls, module = FORMATS[fmt]
     dense = [random_weight(m, k, sparsity, dtype) for k, m in zip(sizes, sizes[1:])]
     weights = [cls.from_dense(w) for w in dense]
@@ -468,7 +469,7 @@ def product_chain(fmt: str, sizes: list[int], n: int, sparsity: float, dtype: to
 def test_programmatic_dependent_launch(fmt, dtype, sparsity, split_k):
     # Products whose input is the output of the product just before, every kernel launched to
     # overlap the previous one's tail: a kernel that read its activations (or the output the
-    # finalize launch writes) before waiting would find the NaN poison or last round's values.
+    # finalize launch writes) before waiting would find the NaN poison or a half-written output.
     # Split-K chains the finalize launch too, which lets the next product start at once. Mixed
     # chains (pdl after an ordinary launch and the reverse), stream-K blocks, the last-block split-K.
     base = replace(configs.default_config(fmt, 17, max(sparsity, 0.5)), split_k=split_k, pdl=True)

@@ -5,8 +5,10 @@ a setting changes."""
 
 from __future__ import annotations
 
+import ctypes
 import subprocess
 import sys
+import types
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -326,3 +328,39 @@ def test_forced_cuda_cores_take_the_one_row_products_only(monkeypatch):
             check_product(layer(x), x, dense)
             product = gpu.of("flashllm_tiled_csl_spmm")[-1]
             assert product.defines.get("FLASHLLM_CORES") == (2 if n == 1 else None), (n, product.defines)
+
+
+def test_a_programmatic_launch_passes_the_driver_a_cuda_launch_config():
+    # The real driver is not here: a stand-in library records what `Driver.launch` hands
+    # cuLaunchKernelEx, read back through the structures' fields, which must lay out as cuda.h's
+    # CUlaunchConfig (7 unsigned ints, the stream at 32, the attributes at 40 and their count at 48)
+    # and CUlaunchAttribute (an id, 4 bytes of padding, a 64-byte value union).
+    assert ctypes.sizeof(launch._LaunchConfig) == 56 and launch._LaunchConfig.stream.offset == 32
+    assert launch._LaunchConfig.attrs.offset == 40 and launch._LaunchConfig.num_attrs.offset == 48
+    assert ctypes.sizeof(launch._LaunchAttribute) == 72 and launch._LaunchAttribute.value.offset == 8
+    seen = []
+
+    def launch_ex(config, func, params, extra):
+        cfg = config._obj
+        attr = cfg.attrs[0]
+        seen.append((tuple(cfg.grid), tuple(cfg.block), cfg.smem, cfg.stream, cfg.num_attrs, attr.id, attr.value,
+                     func, params, extra))
+        return 0
+
+    def launch_plain(*args):
+        seen.append(("plain", *args))
+        return 0
+
+    driver = launch.Driver.__new__(launch.Driver)
+    driver.lib = types.SimpleNamespace(cuLaunchKernel=launch_plain)
+    driver._launch_ex = launch_ex
+    driver._programmatic = launch._LaunchAttribute(id=launch.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+                                                   value=1)
+    args = launch.KernelArgs([launch.i32(7)])
+    driver.launch(0x1234, (5, 6, 7), (128, 1, 1), 4096, 0xABC, args, programmatic=True)
+    assert seen[-1] == ((5, 6, 7), (128, 1, 1), 4096, 0xABC, 1, 6, 1, 0x1234, args.pointers, None)
+    driver.launch(0x1234, (5, 6, 7), (128, 1, 1), 4096, 0xABC, args)
+    assert seen[-1] == ("plain", 0x1234, 5, 6, 7, 128, 1, 1, 4096, 0xABC, args.pointers, None)
+    driver._launch_ex = None  # a driver older than CUDA 11.8
+    with pytest.raises(launch.KernelUnavailable, match="cuLaunchKernelEx"):
+        driver.launch(0x1234, (1, 1, 1), (128, 1, 1), 0, 0, args, programmatic=True)

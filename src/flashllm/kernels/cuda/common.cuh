@@ -137,9 +137,8 @@ __device__ __forceinline__ void allow_dependent_grids() {
 #endif
 }
 // Before the wait, every thread of the block asks L2 for one 128-byte line of [p, end): line
-// `tid`, if it starts before `end` (a predicated prefetch, no branch: code branching on the thread
-// index ahead of the pipeline made ptxas keep the copies' memory descriptor out of the uniform
-// registers, 10 more instructions per bitmap tile). A hint: nothing waits for it.
+// `tid`, if it starts before `end` (a predicated prefetch, not a branch: see prefetch_first_tiles).
+// A hint: nothing waits for it.
 __device__ __forceinline__ void prefetch_l2_line(const void* p, const void* end, int tid) {
   const unsigned char* line = static_cast<const unsigned char*>(p) + tid * 128;
   asm volatile(
@@ -156,9 +155,10 @@ __device__ __forceinline__ int load_l2(const int* p) {  // .cg: leaves no line i
 // products); clamped to the payload and to full tiles, so even then it stays inside the payload.
 // Every thread reads the same three offsets: one request per warp. FIXED_BYTES > 0: line `tid` of
 // the tiles' fixed-size part too (the bitmap's masks, `fixed`), its address made to depend on the
-// loaded length (by a zero ptxas cannot fold): computed from the parameters alone, it made ptxas
-// keep the copies' memory descriptor out of the uniform registers in the main loop (10-17 more
-// instructions per bitmap tile), as any branch on the thread index here did.
+// loaded length (by a zero ptxas cannot fold). A prefetch address computed from the parameters
+// alone, like any branch on the thread index here, made ptxas keep the copies' memory descriptor
+// out of the uniform registers in the bitmap kernel's main loop: 10 `R2UR`, 11-17 instructions
+// more per tile.
 template <int ELEM_BYTES, int FIXED_BYTES>
 __device__ __forceinline__ void prefetch_first_tiles(const int* bounds, int tiles, const int* last,
                                                      const void* payload, int tile_elems,
