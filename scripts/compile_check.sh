@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compile every CUDA kernel variant flashllm can launch, with nvcc, for sm_80 (A100) and sm_90a
-# (H100/H200), and fail on any error, warning, register spill or stack use. Needs nvcc (no GPU);
-# without a CUDA toolkit, PyPI's wheels give one (and a host g++):
+# (H100/H200), and fail on any error, warning, register spill or stack use. Needs nvcc (no GPU):
+# NVCC=/usr/local/cuda-13.0/bin/nvcc on the build machines; without a toolkit, PyPI's wheels give
+# one (with a host g++):
 #   pip install --target /tmp/cuda13 "nvidia-cuda-nvcc==13.0.*" "nvidia-nvvm==13.0.*" \
 #       "nvidia-cuda-crt==13.0.*" "nvidia-cuda-runtime==13.0.*"
 #   PATH=/tmp/cuda13/nvidia/cu13/bin:$PATH scripts/compile_check.sh
