@@ -1263,3 +1263,37 @@ def test_bulk_copy_barrier_phases(stages, nk):
         st = 0 if st + 1 == stages else st + 1
         st_issue = 0 if st_issue + 1 == stages else st_issue + 1
         phase ^= 1 if st == 0 else 0
+
+
+def test_programmatic_dependent_launch_is_an_sm90_option_of_both_kernels(monkeypatch):
+    # FLASHLLM_PDL: a define of its own (the other builds keep their cache keys), both formats and
+    # every other option (it touches only the prologue and the end of the main loop), from sm_90 on:
+    # built for sm_90 and later, refused below with a message naming it, forcing it there refused.
+    for fmt, cfg in (("bitmap", LaunchConfig(nrows=16)), ("tiled_csl", LaunchConfig(nrows=16, words_per_stage=2048))):
+        on = replace(cfg, pdl=True).validate(fmt)
+        assert on.defines(fmt)["FLASHLLM_PDL"] == 1 and "FLASHLLM_PDL" not in cfg.defines(fmt)
+        assert on.smem_bytes(fmt) == cfg.smem_bytes(fmt)  # no shared memory of its own
+        for arch, built in (("sm_80", False), ("sm_86", False), ("sm_90", True), ("sm_90a", True), ("sm_100", True)):
+            assert launch.builds_for(arch, on.defines(fmt)) == built, arch
+        with pytest.raises(launch.KernelUnavailable, match="pdl"):
+            launch.compile_options("sm_80", on.defines(fmt), torch.float16)
+        assert "--gpu-architecture=sm_90" in launch.compile_options("sm_90", on.defines(fmt), torch.float16)
+    assert configs.pdl_capable("sm90") and configs.pdl_capable("sm100") and not configs.pdl_capable("sm89")
+    # the split-K epilogue's own build: waits too, re-zeroes its workspace (no memset between launches)
+    assert launch.finalize_job(True, pdl=True)[2] == {"FLASHLLM_REZERO": 1, "FLASHLLM_PDL": 1}
+    assert launch.finalize_job(True, pdl=True) in launch.build_jobs()
+    with_every = configs.with_options(LaunchConfig(nrows=16), {"pdl": True, "persistent": True, "offset_ring": True,
+                                                             "bulk_copy": True, "fixup": True}, "bitmap")
+    assert with_every.pdl and with_every.persistent
+    monkeypatch.setenv(configs.FORCED_OPTIONS_ENV, "pdl")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert configs.get_config("sm90", "bitmap", 4096, 4096, 16, 0.8).pdl
+        assert configs.get_config("sm90", "tiled_csl", 4096, 4096, 1, 0.9).pdl
+        with pytest.raises(ValueError, match="pdl"):
+            configs.get_config("sm80", "bitmap", 4096, 4096, 16, 0.8)
+    # pending: offered by the tuner with the unvalidated options; the checked variants cover both kernels
+    assert "pdl" in configs.UNVALIDATED or any(c.pdl for c in configs.candidates("bitmap", 16, 0.8))
+    for fmt in ("bitmap", "tiled_csl"):
+        assert any(c.pdl for c in configs.candidates(fmt, 16, 0.8, unvalidated=True))
+        assert any(c.pdl for f, c in configs.checked_variants() if f == fmt)
