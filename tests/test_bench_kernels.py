@@ -336,3 +336,28 @@ def test_device_check_presets_name_formats_that_parse():
     for option in configs.pending_options():
         assert any(option in configs.unvalidated_options(configs.example_config(*bench.parse_format(n)))
                    for n in diagnose), option
+
+
+def test_chain_times_back_to_back_products_and_reports_each(tmp_path, monkeypatch):
+    # --chain K: each method runs over K weights of its own, one after the other, timed as one run
+    # and reported per product ("x K" in the timing column); the library baselines stay single.
+    calls = []
+    real = bench.chained
+
+    def counting(runs):
+        calls.append(len(runs))
+        return real(runs)
+
+    monkeypatch.setattr(bench, "chained", counting)
+    assert bench.main(parse("--dry-run", "--rep", "1", "--chain", "3", "--out", str(tmp_path), "--no-plot")) == 0
+    with open(tmp_path / "kernels.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["timing"] for r in rows if r["method"] != "csr"} == {"eager x 3"}
+    assert {r["timing"] for r in rows if r["method"] == "csr"} == {"eager"}
+    assert all(float(r["err"]) < 1e-3 for r in rows)  # the first product of each chain, checked
+    assert calls and set(calls) == {3}
+    # the chain runs every product, in order, and returns the last one's result
+    order = []
+    assert real([lambda i=i: order.append(i) or i for i in range(4)])() == 3 and order == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="--chain"):
+        bench._finish_args(parse("--chain", "0"))

@@ -14,8 +14,11 @@ timed eagerly, as is anything whose capture fails (marked "eager"). Weights are 
 "GB/s" counts the stored weight plus activations and output once; "copy" is that rate as a
 fraction of a device-to-device copy measured in the same run. Every sparse result is checked
 against cuBLAS's before it is timed ("err" column). "sm_mhz" is the SM clock NVML read while each
-was timed (bench/clocks.py): a time is only comparable with another at the same clock. Where the
-time goes inside a kernel: `python -m flashllm.bench.probes`.
+was timed (bench/clocks.py): a time is only comparable with another at the same clock. `--chain
+K` times K back-to-back products (each with its own weight) as one graph, L2 flushed before it,
+and reports the time per product: what a product costs between neighbours, as in a decode step,
+rather than after the timer's event. Where the time goes inside a kernel: `python -m
+flashllm.bench.probes`.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ class Row:
     gbps: float  # (stored weight + x + y) bytes / time
     frac_copy: float  # gbps / measured copy bandwidth
     err: float  # relative error against cuBLAS's result (0 for cuBLAS itself)
-    timing: str  # "graph" or "eager"
+    timing: str  # "graph", "graph x K" (a chain of K products, `--chain`; time_us per product) or "eager"
     config: str = ""
     sm_mhz: float = float("nan")  # median SM clock while timed (NVML; nan without it)
 
@@ -366,6 +369,18 @@ def environment(device: torch.device) -> dict:
     }
 
 
+def chained(runs: list[Callable[[], torch.Tensor]]) -> Callable[[], torch.Tensor]:
+    """The products `runs` one after the other on the stream (each with its own weight): `--chain`
+    times them as one graph, a decode step's back-to-back products instead of one product after an
+    event, so the time per product is what a kernel costs between neighbours (the overlap of
+    programmatic dependent launch, `pdl`, included) rather than after the timer's event."""
+    def run() -> torch.Tensor:
+        for fn in runs[:-1]:
+            fn()
+        return runs[-1]()
+    return run
+
+
 def sampled_points(args) -> set[tuple[str, int, float]]:
     """The (layer, N, sparsity) points to time: all of them, or `--sample` of them drawn with
     `--seed` (so a sweep over every issue shape fits a short GPU session)."""
@@ -388,11 +403,12 @@ def run(args) -> tuple[list[Row], dict]:
             if not any((name, n, s) in points for s in args.sparsity):
                 continue
             x = torch.randn(n, k, device=device, dtype=dtype, generator=gen)
-            dense_w = random_pruned(m, k, 0.0, dtype, device, gen)
+            dense_ws = [random_pruned(m, k, 0.0, dtype, device, gen) for _ in range(args.chain)]
             dense_bytes = m * k * dtype.itemsize
             io_bytes = (n * k + n * m) * dtype.itemsize
-            ref_fn, ref_mode = _graphed(lambda x=x, w=dense_w: F.linear(x, w), device)
+            ref_fn, ref_mode = _graphed(chained([lambda x=x, w=w: F.linear(x, w) for w in dense_ws]), device)
             dense_ms, dense_mhz = timed(ref_fn)
+            dense_ms, ref_mode = _per_product(dense_ms, ref_mode, args.chain)
             del ref_fn
             base = dict(shape=name, out_features=m, in_features=k, n=n)
             if "cublas" in args.baselines:
@@ -400,19 +416,28 @@ def run(args) -> tuple[list[Row], dict]:
                 rows.append(Row(**base, sparsity=0.0, method="cublas" if device.type == "cuda" else "dense",
                                 time_us=dense_ms * 1e3, speedup=1.0, ideal=1.0, gbps=gbps,
                                 frac_copy=gbps / env["copy_gbps"], err=0.0, timing=ref_mode, sm_mhz=dense_mhz))
-            del dense_w
+            del dense_ws
             for s in args.sparsity:
                 if (name, n, s) not in points:
                     continue
                 w = random_pruned(m, k, s, dtype, device, gen)
                 expected = F.linear(x, w).float()
                 methods = sparse_methods(w, x, args.formats, fast, args.expand) + baseline_methods(w, x, args.baselines, s)
-                for method in methods:
+                # --chain: the same methods over chain - 1 more weights, run after the first in one graph
+                more = [sparse_methods(random_pruned(m, k, s, dtype, device, gen), x, args.formats, fast, args.expand)
+                        for _ in range(args.chain - 1)]
+                for j, method in enumerate(methods):
                     try:
                         got = method.run().float()
                         err = ((got - expected).norm() / expected.norm().clamp_min(1e-30)).item()
-                        fn, mode = _graphed(method.run, device) if method.capture else (method.run, "eager")
+                        if not method.capture:  # the library baselines (after the sparse methods): one product
+                            fn, mode, count = method.run, "eager", 1
+                        else:
+                            runs = [method.run, *(group[j].run for group in more)]
+                            fn, mode = _graphed(chained(runs), device)
+                            count = len(runs)
                         ms, mhz = timed(fn)
+                        ms, mode = _per_product(ms, mode, count)
                     except Exception as exc:  # noqa: BLE001 - report and continue the sweep
                         print(f"  {name} N={n} s={s} {method.name}: FAILED {type(exc).__name__}: {exc}",
                               file=sys.stderr, flush=True)
@@ -425,7 +450,7 @@ def run(args) -> tuple[list[Row], dict]:
                     print(f"  {name:20s} N={n:<4d} s={s:.2f} {method.name:16s} {ms * 1e3:9.1f} us "
                           f"{dense_ms / ms:5.2f}x (ideal {dense_bytes / method.stored_bytes:4.2f}) err {err:.1e}"
                           + ("" if mhz != mhz else f" @ {mhz:.0f} MHz"), flush=True)
-                del w, expected, methods
+                del w, expected, methods, more
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     return rows, env
@@ -434,6 +459,11 @@ def run(args) -> tuple[list[Row], dict]:
 # ---------------------------------------------------------------------------------------------
 # Output: table, CSV, plot
 # ---------------------------------------------------------------------------------------------
+def _per_product(ms: float, mode: str, count: int) -> tuple[float, str]:
+    """A chain's time per product, and its timing label ("graph x 4")."""
+    return ms / count, mode if count == 1 else f"{mode} x {count}"
+
+
 def format_table(rows: list[Row]) -> str:
     head = f"{'layer':20s} {'M':>6s} {'K':>6s} {'N':>4s} {'spars':>5s} {'method':16s} {'time us':>9s} " \
            f"{'x cuBLAS':>8s} {'ideal':>5s} {'GB/s':>6s} {'copy':>5s} {'err':>7s}"
@@ -442,7 +472,7 @@ def format_table(rows: list[Row]) -> str:
         lines.append(
             f"{r.shape:20s} {r.out_features:6d} {r.in_features:6d} {r.n:4d} {r.sparsity:5.2f} {r.method:16s} "
             f"{r.time_us:9.1f} {r.speedup:8.2f} {r.ideal:5.2f} {r.gbps:6.0f} {r.frac_copy:5.0%} {r.err:7.1e}"
-            + ("" if r.timing == "graph" else " (eager)")
+            + ("" if r.timing == "graph" else f" ({r.timing})")
         )
     return "\n".join(lines)
 
@@ -654,6 +684,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="L2 flush before each timed call: read (sum a 256 MiB buffer; leaves clean "
                              "lines, as between a decode step's layers) or write (zero it, as do_bench "
                              "does; leaves dirty lines, whose write-back slows bandwidth-bound kernels)")
+    parser.add_argument("--chain", type=int, default=1, metavar="K",
+                        help="time K back-to-back products, each with its own weight, as one graph and report "
+                             "the time per product (a decode step's neighbours instead of one product after the "
+                             "timer's event; what programmatic dependent launch, pdl, overlaps). Default 1")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="folder for the CSV and PNG (default: $OUT or ./bench_out)")
     parser.add_argument("--csv", default=None, help="CSV to append to (default: <out>/kernels.csv)")
@@ -671,6 +705,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _finish_args(args) -> argparse.Namespace:
     if args.sample is not None and args.sample < 1:
         raise ValueError(f"--sample must be at least 1, got {args.sample}")
+    if args.chain < 1:
+        raise ValueError(f"--chain must be at least 1, got {args.chain}")
     if args.dry_run:
         args.shapes, args.n, args.sparsity = DRY_RUN["shapes"], DRY_RUN["n"], DRY_RUN["sparsity"]
         args.device = "cpu"
