@@ -317,6 +317,29 @@ def test_event_timer_times_a_copy_after_either_flush(flush):
     assert 0 < bench.timing_floor(device, timer) < ms
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/device_check.sh runs it)")
+def test_chain_on_the_gpu_graphs_the_products_and_checks_the_first(tmp_path):
+    # The kernels (and pdl where the GPU has it, unless the device script's smoke test dropped it)
+    # four at a time in one graph: every row captured as a chain, every product right.
+    import os
+
+    from flashllm.kernels import configs
+
+    formats = "bitmap,tiled_csl"
+    if configs.pdl_capable(configs.arch_key(torch.cuda.get_device_capability())) and \
+            "pdl" not in os.environ.get("FLASHLLM_SKIP_OPTIONS", "").split(","):
+        formats += ",bitmap:pdl,tiled_csl:pdl"
+    assert bench.main(parse("--shapes", "1000x2000", "--n", "1,16", "--sparsity", "0.8", "--formats", formats,
+                            "--baselines", "cublas", "--chain", "4", "--warmup", "2", "--rep", "5",
+                            "--out", str(tmp_path), "--no-plot")) == 0
+    with open(tmp_path / "kernels.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["method"] for r in rows} == {"cublas", *formats.split(",")}
+    assert {r["timing"] for r in rows} == {"graph x 4"}
+    assert all(float(r["err"]) < 1e-2 and 0 < float(r["time_us"]) < 1e4 for r in rows)
+
+
 def test_device_check_presets_name_formats_that_parse():
     # A misspelt entry would cost a GPU session's benchmark step; every pending option is in the
     # diagnose preset's benchmark (its A/B) under at least one spelling.
