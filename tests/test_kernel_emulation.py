@@ -619,6 +619,19 @@ def test_bitmap_wgmma_a_registers_are_the_decoded_blocks(gen):
             assert torch.equal(got[t, kc].reshape(64, 16), want)
 
 
+def forcing_works_on_sm90_only(monkeypatch, option: str, launches, refused_format: str, refusal: str) -> None:
+    """FLASHLLM_KERNEL_OPTIONS=`option` (a LaunchConfig flag of that name) applies to each (format, N,
+    sparsity) of `launches` on an sm_90 GPU, and is refused on an sm_80 one with a message matching
+    `refusal`."""
+    monkeypatch.setenv(configs.FORCED_OPTIONS_ENV, option)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (a pending option warns when forced)
+        for fmt, n, sparsity in launches:
+            assert getattr(configs.get_config("sm90", fmt, 4096, 4096, n, sparsity), option), (fmt, n)
+        with pytest.raises(ValueError, match=refusal):
+            configs.get_config("sm80", refused_format, 4096, 4096, 16, 0.8)
+
+
 def test_wgmma_is_a_tiled_csl_compile_option(monkeypatch):
     on = LaunchConfig(nrows=16, words_per_stage=2048, wgmma=True).validate("tiled_csl")
     off = LaunchConfig(nrows=16, words_per_stage=2048)
@@ -654,13 +667,8 @@ def test_wgmma_is_a_tiled_csl_compile_option(monkeypatch):
     assert launch.builds_for("sm_80", off.defines("tiled_csl"))
     with pytest.raises(launch.KernelUnavailable, match="sm_90 GPUs"):
         launch.compile_options("sm_80", on.defines("tiled_csl"), torch.float16)
-    monkeypatch.setenv(configs.FORCED_OPTIONS_ENV, "wgmma")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert configs.get_config("sm90", "tiled_csl", 4096, 4096, 16, 0.8).wgmma
-        assert configs.get_config("sm90", "bitmap", 4096, 4096, 128, 0.8).wgmma
-        with pytest.raises(ValueError, match="sm_90 GPUs"):
-            configs.get_config("sm80", "tiled_csl", 4096, 4096, 16, 0.8)
+    forcing_works_on_sm90_only(monkeypatch, "wgmma", [("tiled_csl", 16, 0.8), ("bitmap", 128, 0.8)], "tiled_csl",
+                               "sm_90 GPUs")
     # tuning offers it (where validated) at every N up to 64; the checked variants cover its N shapes
     assert any(c.wgmma for c in configs.candidates("tiled_csl", 8, 0.8, unvalidated=True))
     assert not any(c.wgmma for c in configs.candidates("tiled_csl", 8, 0.8)) or "wgmma" not in configs.UNVALIDATED
@@ -1285,13 +1293,7 @@ def test_programmatic_dependent_launch_is_an_sm90_option_of_both_kernels(monkeyp
     with_every = configs.with_options(LaunchConfig(nrows=16), {"pdl": True, "persistent": True, "offset_ring": True,
                                                              "bulk_copy": True, "fixup": True}, "bitmap")
     assert with_every.pdl and with_every.persistent
-    monkeypatch.setenv(configs.FORCED_OPTIONS_ENV, "pdl")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert configs.get_config("sm90", "bitmap", 4096, 4096, 16, 0.8).pdl
-        assert configs.get_config("sm90", "tiled_csl", 4096, 4096, 1, 0.9).pdl
-        with pytest.raises(ValueError, match="pdl"):
-            configs.get_config("sm80", "bitmap", 4096, 4096, 16, 0.8)
+    forcing_works_on_sm90_only(monkeypatch, "pdl", [("bitmap", 16, 0.8), ("tiled_csl", 1, 0.9)], "bitmap", "pdl")
     # pending: offered by the tuner with the unvalidated options; the checked variants cover both kernels
     assert "pdl" in configs.UNVALIDATED or any(c.pdl for c in configs.candidates("bitmap", 16, 0.8))
     for fmt in ("bitmap", "tiled_csl"):

@@ -355,8 +355,8 @@ def test_a_programmatic_launch_passes_the_driver_a_cuda_launch_config():
     driver = launch.Driver.__new__(launch.Driver)
     driver.lib = types.SimpleNamespace(cuLaunchKernel=launch_plain)
     driver._launch_ex = launch_ex
-    driver._programmatic = launch._LaunchAttribute(id=launch.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
-                                                   value=1)
+    driver._programmatic = ctypes.pointer(
+        launch._LaunchAttribute(id=launch.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, value=1))
     args = launch.KernelArgs([launch.i32(7)])
     driver.launch(0x1234, (5, 6, 7), (128, 1, 1), 4096, 0xABC, args, programmatic=True)
     assert seen[-1] == ((5, 6, 7), (128, 1, 1), 4096, 0xABC, 1, 6, 1, 0x1234, args.pointers, None)

@@ -567,8 +567,9 @@ def arch_key(capability: tuple[int, int]) -> str:
 
 
 def pdl_capable(arch: str) -> bool:
-    """Whether GPUs of `arch` (an `arch_key`) have programmatic dependent launch: sm_90 and later."""
-    return int(arch.removeprefix("sm")) >= 90
+    """Whether GPUs of `arch` have programmatic dependent launch: sm_90 and later. `arch` is an
+    `arch_key` ("sm90") or an NVRTC target ("sm_90", "sm_90a"): the one rule for both."""
+    return int(arch.removeprefix("sm").lstrip("_").rstrip("af")) >= 90
 
 
 def shape_class(out_features: int, in_features: int) -> str:

@@ -238,7 +238,8 @@ class Driver:
         self._launch_ex = getattr(self.lib, "cuLaunchKernelEx", None)
         if self._launch_ex is not None:
             self._launch_ex.argtypes = [c.POINTER(_LaunchConfig), c.c_void_p, c.c_void_p, c.c_void_p]
-        self._programmatic = _LaunchAttribute(id=CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+        self._programmatic = ctypes.pointer(
+            _LaunchAttribute(id=CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, value=1))
 
     def _check(self, result: int, what: str) -> None:
         if result != 0:
@@ -307,7 +308,7 @@ class Driver:
         if self._launch_ex is None:
             raise KernelUnavailable("this CUDA driver has no cuLaunchKernelEx (programmatic dependent launch)")
         config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), smem, stream,
-                               ctypes.pointer(self._programmatic), 1)
+                               self._programmatic, 1)
         self._check(self._launch_ex(ctypes.byref(config), func, args.pointers, None), "cuLaunchKernelEx")
 
 
@@ -446,7 +447,9 @@ def builds_for(arch: str, defines: dict[str, int]) -> bool:
     if defines.get("FLASHLLM_WGMMA"):
         return arch in ("sm_90", "sm_90a")
     if defines.get("FLASHLLM_PDL"):
-        return int(arch.removeprefix("sm_").rstrip("af")) >= 90
+        from .configs import pdl_capable
+
+        return pdl_capable(arch)
     return True
 
 
