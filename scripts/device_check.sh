@@ -190,13 +190,13 @@ cat > "$SMOKE_PY" <<'EOF'
 import os, time, torch
 from dataclasses import replace
 from flashllm.bench.kernels import parse_format
-from flashllm.formats import BitmapWeight, TiledCSLWeight
-from flashllm.kernels import bitmap_cuda, configs, tiled_csl_cuda, launch
+from flashllm.formats import get_format
+from flashllm.kernels import configs, cuda_module, launch
 torch.manual_seed(0)
 ok = True
-# The defaults, or (step 2b) one pending option's benchmark names, e.g. "bitmap:pf4,tiled_csl:pf4".
-FORMATS = {"bitmap": (BitmapWeight, bitmap_cuda), "tiled_csl": (TiledCSLWeight, tiled_csl_cuda)}
-cases = [(*FORMATS[fmt], options) for fmt, options in
+# The defaults, or (step 2b) one pending option's (or format's) benchmark names, e.g.
+# "bitmap:pf4,tiled_csl:pf4" or "tiled_csl16".
+cases = [(get_format(fmt), cuda_module(fmt), options) for fmt, options in
          map(parse_format, os.environ.get("SMOKE_FORMATS", "bitmap,tiled_csl").split(","))]
 for cls, mod, options in cases:
     n = 1 if options.get("cores") else 17  # the CUDA-core path multiplies one activation row
@@ -247,8 +247,9 @@ keep_formats() {
 from flashllm.bench.kernels import parse_format
 from flashllm.kernels import configs
 skip = set(filter(None, os.environ.get('FLASHLLM_SKIP_OPTIONS', '').split(',')))
-def uses_skipped(name):
-    return bool(set(configs.unvalidated_options(configs.example_config(*parse_format(name)))) & skip)
+def uses_skipped(name):  # a failed option, or a pending format that failed
+    fmt, options = parse_format(name)
+    return fmt in skip or bool(set(configs.unvalidated_options(configs.example_config(fmt, options))) & skip)
 print(','.join(n for n in sys.argv[1].split(',') if n and not uses_skipped(n)))" "$1"
 }
 [ -n "${BENCH_FORMATS:-}" ] && BENCH_FORMATS=$(keep_formats "$BENCH_FORMATS")
@@ -359,8 +360,8 @@ import os
 import torch
 from dataclasses import asdict, replace
 from flashllm.bench.probes import ProbeConfig
-from flashllm.formats import BitmapWeight, TiledCSLWeight
-from flashllm.kernels import bitmap_cuda, configs, tiled_csl_cuda
+from flashllm.formats import BitmapWeight, TiledCSL16Weight, TiledCSLWeight
+from flashllm.kernels import bitmap_cuda, configs, tiled_csl16_cuda, tiled_csl_cuda
 torch.manual_seed(0)
 ROWS = int(os.environ.get("NCU_ROWS", "16"))
 x = torch.randn(max(ROWS, 1), 4096, device="cuda", dtype=torch.float16)
@@ -373,6 +374,10 @@ for cls, mod, s, options in [(BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragme
                              (TiledCSLWeight, tiled_csl_cuda, 0.8, {"warps": 4}),
                              (TiledCSLWeight, tiled_csl_cuda, 0.8, {"warps": 8}),
                              (TiledCSLWeight, tiled_csl_cuda, 0.9, {"warps": 4, "dense_tiles": 1}),
+                             # Tiled-CSL's 16-row tiles, a warp each, no block barrier per tile
+                             (TiledCSL16Weight, tiled_csl16_cuda, 0.8, {}),
+                             (TiledCSL16Weight, tiled_csl16_cuda, 0.9, {}),
+                             (TiledCSL16Weight, tiled_csl16_cuda, 0.8, {"warps": 8}),
                              # one activation row: the CUDA-core path against the configured launch
                              (TiledCSLWeight, tiled_csl_cuda, 0.8, {"rows": 1}),
                              (TiledCSLWeight, tiled_csl_cuda, 0.8, {"rows": 1, "cores": 1}),
@@ -396,7 +401,8 @@ for cls, mod, s, options in [(BitmapWeight, bitmap_cuda, 0.5, {"decode": "fragme
     cfg = configs.with_options(configs.get_config(arch, mod.FORMAT, 11008, 4096, rows, s), options, mod.FORMAT)
     if probe:
         cfg = ProbeConfig(**asdict(cfg), probe=probe)
-    if set(configs.unvalidated_options(cfg)) & set(os.environ.get("FLASHLLM_SKIP_OPTIONS", "").split(",")):
+    skip = set(os.environ.get("FLASHLLM_SKIP_OPTIONS", "").split(","))
+    if set(configs.unvalidated_options(cfg)) & skip or mod.FORMAT in skip:
         continue  # failed its smoke test (step 2b)
     w = torch.randn(11008, 4096, device="cuda", dtype=torch.float16)
     w[torch.rand_like(w, dtype=torch.float32) < s] = 0
@@ -432,10 +438,11 @@ SAN=/tmp/flashllm_sanitize.py
 cat > "$SAN" <<'EOF'
 import torch
 from dataclasses import replace
-from flashllm.formats import BitmapWeight, TiledCSLWeight
-from flashllm.kernels import bitmap_cuda, tiled_csl_cuda, configs
+from flashllm.formats import BitmapWeight, TiledCSL16Weight, TiledCSLWeight
+from flashllm.kernels import bitmap_cuda, tiled_csl16_cuda, tiled_csl_cuda, configs
 torch.manual_seed(0)
 import os
+skip = set(os.environ.get("FLASHLLM_SKIP_OPTIONS", "").split(","))
 cases = ([(BitmapWeight, bitmap_cuda, {"decode": d}) for d in configs.DECODES]
          + [(BitmapWeight, bitmap_cuda, {"decode": d, "value_cap": configs.FIT}) for d in configs.DECODES]
          + [(TiledCSLWeight, tiled_csl_cuda, {"warps": w}) for w in configs.CSL_WARPS]
@@ -452,10 +459,10 @@ cases = ([(BitmapWeight, bitmap_cuda, {"decode": d}) for d in configs.DECODES]
          + [(TiledCSLWeight, tiled_csl_cuda, {"cores": c}) for c in (1, 2)]
          + [(TiledCSLWeight, tiled_csl_cuda, {"cores": 1, "fixup": True})]
          + [(BitmapWeight, bitmap_cuda, {"wgmma": True}), (TiledCSLWeight, tiled_csl_cuda, {"wgmma": True})]
-         + [(BitmapWeight, bitmap_cuda, {"pdl": True}), (TiledCSLWeight, tiled_csl_cuda, {"pdl": True})])
+         + [(BitmapWeight, bitmap_cuda, {"pdl": True}), (TiledCSLWeight, tiled_csl_cuda, {"pdl": True})]
+         + [(TiledCSL16Weight, tiled_csl16_cuda, {}), (TiledCSL16Weight, tiled_csl16_cuda, {"warps": 8})])
 for cls, mod, options in cases:
-    if set(configs.unvalidated_options(replace(configs.LaunchConfig(nrows=8), **options))) & \
-            set(os.environ.get("FLASHLLM_SKIP_OPTIONS", "").split(",")):
+    if set(configs.unvalidated_options(replace(configs.LaunchConfig(nrows=8), **options))) & skip or mod.FORMAT in skip:
         continue  # failed its smoke test (step 2b)
     # (the 700-column case: more tiles than the pipeline and the prefetch distance together)
     for m, k, n, s, split in ((70, 130, 3, 0.8, 1), (130, 200, 17, 0.0, 2), (200, 70, 9, 0.95, 1), (70, 700, 5, 0.5, 1)):
@@ -467,6 +474,8 @@ for cls, mod, options in cases:
                                    options, mod.FORMAT)
         if mod is tiled_csl_cuda and s == 0.0:
             cfg = replace(cfg, words_per_stage=256)  # the piecewise reload path
+        if mod is tiled_csl16_cuda and s == 0.0:
+            cfg = replace(cfg, words_per_stage=64)  # over-full tiles: the rest scattered from global memory
         y = mod.linear(x, cls.from_dense(w), torch.randn(m, device="cuda", dtype=torch.float16), cfg)
         torch.cuda.synchronize()
 for m, k, s in ((70, 130, 0.8), (130, 200, 0.0), (65, 1000, 0.5)):  # the prefill path's expansions
@@ -474,6 +483,8 @@ for m, k, s in ((70, 130, 0.8), (130, 200, 0.0), (65, 1000, 0.5)):  # the prefil
     w[torch.rand(m, k, device="cuda") < s] = 0
     bitmap_cuda.expand(BitmapWeight.from_dense(w))
     tiled_csl_cuda.expand(TiledCSLWeight.from_dense(w))
+    if "tiled_csl16" not in skip:
+        tiled_csl16_cuda.expand(TiledCSL16Weight.from_dense(w))
     torch.cuda.synchronize()
 print("sanitizer workload done")
 EOF

@@ -188,9 +188,12 @@ def variant(spec: str, shape: str, n: int, sparsity: float, arch: str):
 
 def weights_per_warp_iteration(fmt: str, cfg) -> int:
     """Weights a warp covers per iteration of the kernel's main loop (one tile): a bitmap tile is
-    64 x 64 per strip over 4 warps, a Tiled-CSL tile 128 x 64 over its warps."""
+    64 x 64 per strip over 4 warps, a Tiled-CSL tile 128 x 64 over its warps, a tiled_csl16 tile
+    16 x 64 by one warp."""
     if fmt == "bitmap":
         return 64 * 64 * cfg.strips // 4
+    if fmt == "tiled_csl16":
+        return 16 * 64
     return 128 * 64 // cfg.warps
 
 

@@ -39,12 +39,12 @@ def tiled_csl_version_1(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def pytest_configure(config):
-    # One marker per kernel option a GPU run validates on its own (configs.unvalidated_options):
-    # scripts/device_check.sh deselects `unvalidated_<name>` for an option that failed its smoke test.
-    from flashllm.kernels.configs import OPTION_NAMES
+    # One marker per kernel option or format a GPU run validates on its own (configs.PENDING_NAMES):
+    # scripts/device_check.sh deselects `unvalidated_<name>` for one that failed its smoke test.
+    from flashllm.kernels.configs import PENDING_NAMES
 
-    for name in OPTION_NAMES:
-        config.addinivalue_line("markers", f"unvalidated_{name}: covers the pending kernel option {name}")
+    for name in PENDING_NAMES:
+        config.addinivalue_line("markers", f"unvalidated_{name}: covers the pending kernel option or format {name}")
 
 
 @pytest.fixture(autouse=True)

@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 import torch
 
 from flashllm.formats import get_format
-from flashllm.kernels import bitmap_cuda, cuda_op, launch, tiled_csl_cuda
+from flashllm.kernels import bitmap_cuda, cuda_op, launch, tiled_csl16_cuda, tiled_csl_cuda
 from flashllm.kernels.spmm import FAST_KERNELS
 
-KERNELS = {k.KERNEL.kernel: k.KERNEL for k in (bitmap_cuda, tiled_csl_cuda)}
-EXPANSIONS = {f"flashllm_{k.FORMAT}_expand": k.KERNEL for k in (bitmap_cuda, tiled_csl_cuda)}
+MODULES = (bitmap_cuda, tiled_csl_cuda, tiled_csl16_cuda)
+KERNELS = {k.KERNEL.kernel: k.KERNEL for k in MODULES}
+EXPANSIONS = {f"flashllm_{k.FORMAT}_expand": k.KERNEL for k in MODULES}
 FINALIZE = launch.finalize_job(False)[1]
 
 
@@ -153,7 +154,7 @@ def install(monkeypatch, capturing: bool = False) -> FakeGPU:
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device=None: types.SimpleNamespace(multi_processor_count=132))
-    for module in (bitmap_cuda, tiled_csl_cuda):
+    for module in MODULES:
         code = get_format(module.FORMAT).format_code
         monkeypatch.setitem(FAST_KERNELS, (code, "cpu"), module.fast_kernel)
     return gpu

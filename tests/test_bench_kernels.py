@@ -357,6 +357,8 @@ def test_device_check_presets_name_formats_that_parse():
             configs.example_config(fmt, options).validate(fmt)  # the options combine into a valid launch
     diagnose = lists[0].split(",")
     for option in configs.pending_options():
+        if option in configs.PENDING_FORMATS:  # a pending kernel joins every benchmark once it passes its smoke test
+            continue
         assert any(option in configs.unvalidated_options(configs.example_config(*bench.parse_format(n)))
                    for n in diagnose), option
 

@@ -12,8 +12,9 @@ def test_info_lists_versions_and_kernel_paths(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "flashllm 0." in out and "torch" in out
-    assert "bitmap    on cpu : reference" in out
-    assert "tiled_csl on cuda:" in out
+    assert "bitmap      on cpu : reference" in out
+    assert "tiled_csl   on cuda:" in out
+    assert "tiled_csl16 on cuda:" in out and "experimental: not yet run on a GPU" in out
 
 
 def test_console_script_runs():

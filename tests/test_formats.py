@@ -1,3 +1,4 @@
+import functools
 import io
 
 import pytest
@@ -7,10 +8,17 @@ from hypothesis import strategies as st
 from safetensors.torch import load, save
 
 from conftest import DTYPES, SPARSITIES, random_sparse, same_bits, tiled_csl_version_1
-from flashllm.formats import FORMATS, BitmapWeight, FormatError, TiledCSLWeight, bitmap, tiled_csl
+from flashllm.formats import (FORMATS, FORMATS_BY_CODE, BitmapWeight, FormatError, TiledCSL16Weight, TiledCSLWeight,
+                              bitmap, tiled_csl, tiled_csl16)
 
 FORMAT_CLASSES = list(FORMATS.values())
 ODD_SHAPES = [(1, 1), (1, 300), (300, 1), (59, 97), (129, 65), (257, 1025), (64, 64), (128, 64)]
+LAYOUT_MODULES = {BitmapWeight: bitmap, TiledCSLWeight: tiled_csl, TiledCSL16Weight: tiled_csl16}
+
+
+def tile_shape(cls) -> tuple[int, int]:
+    module = LAYOUT_MODULES[cls]
+    return (module.GROUP_M, module.GROUP_K) if cls is BitmapWeight else (module.TILE_M, module.TILE_K)
 
 
 @pytest.mark.parametrize("cls", FORMAT_CLASSES, ids=lambda c: c.name)
@@ -68,7 +76,7 @@ def test_round_trip_hypothesis(rows, cols, sparsity, dtype, cls, seed):
 @pytest.mark.parametrize("cls", FORMAT_CLASSES, ids=lambda c: c.name)
 def test_tiles_all_dense_all_zero_and_mixed(cls):
     """Whole tiles at 100% density next to empty tiles: the published kernel's blind spot."""
-    tile_m, tile_k = (bitmap.GROUP_M, bitmap.GROUP_K) if cls is BitmapWeight else (tiled_csl.TILE_M, tiled_csl.TILE_K)
+    tile_m, tile_k = tile_shape(cls)
     w = torch.zeros(3 * tile_m + 5, 3 * tile_k + 7, dtype=torch.float16)
     w[:tile_m, :tile_k] = torch.rand(tile_m, tile_k).half() + 1  # 100% dense, no zero at all
     w[tile_m : 2 * tile_m, tile_k : 2 * tile_k] = random_sparse(tile_m, tile_k, 0.3, torch.float16)
@@ -97,12 +105,12 @@ def bitmap_nbytes_formula(w: torch.Tensor) -> int:
     return m_pad * k_pad // 8 + w.element_size() * values + 4 * (nnz_t.numel() + 1) + 40
 
 
-def csl_nbytes_formula(w: torch.Tensor) -> int:
-    m_pad = -(-w.shape[0] // 128) * 128
+def csl_nbytes_formula(w: torch.Tensor, tile_m: int = 128) -> int:
+    m_pad = -(-w.shape[0] // tile_m) * tile_m
     k_pad = -(-w.shape[1] // 64) * 64
     tiles = torch.zeros(m_pad, k_pad, dtype=w.dtype)
     tiles[: w.shape[0], : w.shape[1]] = w
-    nnz_t = (tiles.reshape(m_pad // 128, 128, k_pad // 64, 64) != 0).sum(dim=(1, 3)).flatten()
+    nnz_t = (tiles.reshape(m_pad // tile_m, tile_m, k_pad // 64, 64) != 0).sum(dim=(1, 3)).flatten()
     word = 8 if w.dtype == torch.float32 else 4
     return word * int(((nnz_t + 3) // 4 * 4).sum()) + 4 * (nnz_t.numel() + 1) + 40
 
@@ -112,7 +120,8 @@ def csl_nbytes_formula(w: torch.Tensor) -> int:
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7, 0.9, 1.0])
 def test_nbytes_matches_docstring_formula(dtype, shape, sparsity):
     w = random_sparse(*shape, sparsity, dtype)
-    for cls, formula in ((BitmapWeight, bitmap_nbytes_formula), (TiledCSLWeight, csl_nbytes_formula)):
+    for cls, formula in ((BitmapWeight, bitmap_nbytes_formula), (TiledCSLWeight, csl_nbytes_formula),
+                         (TiledCSL16Weight, functools.partial(csl_nbytes_formula, tile_m=16))):
         packed = cls.from_dense(w)
         assert packed.nbytes == formula(w)
         stored = sum(t.numel() * t.element_size() for t in packed.state_dict().values())
@@ -250,17 +259,21 @@ def test_csl_corrupted_slots_are_refused():
             TiledCSLWeight.from_state_dict({**state, "words": tiled_csl.make_words(values, far)})
 
 
-@pytest.mark.parametrize("corruption", ["repeat", "real after sentinel", "sentinel value", "extra sentinels"])
-def test_csl_corruption_inside_a_later_tile_is_refused(corruption):
+@pytest.mark.parametrize("cls", [TiledCSLWeight, TiledCSL16Weight], ids=lambda c: c.name)
+@pytest.mark.parametrize("corruption", ["repeat", "real after sentinel", "sentinel value", "extra sentinels",
+                                        "no sentinel"])
+def test_csl_corruption_inside_a_later_tile_is_refused(cls, corruption):
     # Two tiles; the second holds 5 non-zeros, so its run is 5 words and 3 sentinels.
-    w = torch.zeros(128, 128, dtype=torch.float16)
-    w[:, :64] = random_sparse(128, 64, 0.7, torch.float16)
+    module = LAYOUT_MODULES[cls]
+    tile_m = module.TILE_M
+    w = torch.zeros(tile_m, 128, dtype=torch.float16)
+    w[:, :64] = random_sparse(tile_m, 64, 0.7, torch.float16)
     for r, c in ((0, 3), (2, 10), (50, 1), (90, 63), (127, 0)):
-        w[r, 64 + c] = r + c + 1.0
-    state = TiledCSLWeight.from_dense(w).state_dict()
-    values, slots = tiled_csl.split_words(state["words"], torch.float16)
+        w[r % tile_m, 64 + c] = r + c + 1.0
+    state = cls.from_dense(w).state_dict()
+    values, slots = module.split_words(state["words"], torch.float16)
     start, sentinel = int(state["offsets"][1]), int(state["offsets"][1]) + 5
-    assert bool((slots[sentinel:] == tiled_csl.SENTINEL_SLOT).all())
+    assert slots[sentinel:].tolist() == [module.SENTINEL_SLOT] * 3
     words, offsets = None, state["offsets"]
     if corruption == "repeat":
         slots[start + 1] = slots[start]
@@ -268,15 +281,22 @@ def test_csl_corruption_inside_a_later_tile_is_refused(corruption):
         slots[sentinel - 1], slots[sentinel] = slots[sentinel].clone(), slots[sentinel - 1].clone()
     elif corruption == "sentinel value":
         values[sentinel + 1] = 1.0
-    else:  # a whole extra vector of sentinels in the second tile
-        pad = tiled_csl.make_words(torch.zeros(4, dtype=torch.float16), torch.full((4,), tiled_csl.SENTINEL_SLOT))
+    elif corruption == "extra sentinels":  # a whole extra vector of sentinels in the second tile
+        pad = module.make_words(torch.zeros(4, dtype=torch.float16), torch.full((4,), module.SENTINEL_SLOT))
         words = torch.cat([state["words"], pad])
         offsets = offsets.clone()
         offsets[2] += 4
-    words = tiled_csl.make_words(values, slots) if words is None else words
-    with pytest.raises(FormatError, match="repeated|padding is malformed"):
-        TiledCSLWeight.from_state_dict({**state, "words": words, "offsets": offsets})
-    assert same_bits(TiledCSLWeight.from_state_dict(state).to_dense(), w)  # the intact data loads
+    else:  # no corruption: a sentinel turned into a location the tile lacks leaves 6 words and 2 sentinels
+        slots[sentinel] = int(module.slot_of(torch.tensor(64 * 7 + 7)))
+        values[sentinel] = 1.0
+        loaded = cls.from_state_dict({**state, "words": module.make_words(values, slots)})
+        w[7, 64 + 7] = 1.0
+        assert same_bits(loaded.to_dense(), w)
+        return
+    words = module.make_words(values, slots) if words is None else words
+    with pytest.raises(FormatError, match=f"{cls.name} (slots are repeated|padding is malformed)"):
+        cls.from_state_dict({**state, "words": words, "offsets": offsets})
+    assert same_bits(cls.from_state_dict(state).to_dense(), w)  # the intact data loads
 
 
 def test_csl_words_decode_the_same_in_any_order_within_a_tile():
@@ -353,8 +373,8 @@ def test_wrong_format_header_is_refused():
 @pytest.mark.parametrize("cls", FORMAT_CLASSES, ids=lambda c: c.name)
 def test_layout_module_is_used_by_the_format(cls):
     """The storage order lives in one place: decoding storage order must invert encoding."""
-    module = bitmap if cls is BitmapWeight else tiled_csl
-    m, k = (module.GROUP_M, module.GROUP_K) if cls is BitmapWeight else (module.TILE_M, module.TILE_K)
+    module = LAYOUT_MODULES[cls]
+    m, k = tile_shape(cls)
     x = torch.arange(2 * m * 3 * k, dtype=torch.float32).reshape(2 * m, 3 * k)
     tiles = module.to_storage_order(x)
     assert tiles.shape == (6, m * k)
@@ -391,3 +411,182 @@ def test_csl_words_are_the_same_packed_in_passes_of_tiles():
     whole = tiled_csl.bank_ordered_words(tiles.view(torch.int16), tiles != 0)
     passes = tiled_csl.bank_ordered_words(tiles.view(torch.int16), tiles != 0, tiles_per_pass=7)
     assert torch.equal(whole[0], passes[0]) and torch.equal(whole[1], passes[1])
+
+
+# --- tiled_csl16 ---------------------------------------------------------------------------------
+
+def fragment_slot(r: int, c: int) -> int:
+    """tiled_csl16's slot of row r, column c of a tile, as its layout spells it out."""
+    s, kk = c >> 4, c & 15
+    t, e, hi = (kk & 7) >> 1, kk & 1, kk >> 3
+    h, g = r >> 3, r & 7
+    lane, q, j = 4 * g + t, s >> 1, 4 * (s & 1) + 2 * hi + e
+    return 1024 * h + 512 * q + 16 * lane + 2 * j
+
+
+def test_csl16_slots_are_the_fragment_ordered_byte_offsets():
+    expected = [fragment_slot(r, c) for r in range(16) for c in range(64)]
+    locations = torch.arange(tiled_csl16.TILE_ELEMS)
+    slots = tiled_csl16.slot_of(locations)
+    assert slots.tolist() == expected
+    assert sorted(expected) == list(range(0, 2048, 2))  # a bijection onto the even byte offsets
+    assert torch.equal(tiled_csl16.location_of(slots), locations)
+    assert torch.equal(tiled_csl16.location_of(torch.arange(0, 2048, 2))[torch.tensor(expected) // 2], locations)
+    # The sentinel: one past the tile either way.
+    assert tiled_csl16.SENTINEL_SLOT == 2048 == int(tiled_csl16.slot_of(torch.tensor(tiled_csl16.SENTINEL)))
+    assert int(tiled_csl16.location_of(torch.tensor(tiled_csl16.SENTINEL_SLOT))) == tiled_csl16.SENTINEL == 1024
+    # A lane's 16 bytes of one row half and k16 pair: its B registers of k16 steps 2q and 2q + 1.
+    lane_bytes = [(r, c) for r in range(16) for c in range(64) if fragment_slot(r, c) // 16 == 5]
+    assert lane_bytes == [(1, 2), (1, 3), (1, 10), (1, 11), (1, 18), (1, 19), (1, 26), (1, 27)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.8, 0.95, 1.0])
+@pytest.mark.parametrize("shape", [(17, 65), (1, 1), (33, 130), (16, 64), (48, 192)])
+def test_csl16_round_trip_bit_exact(dtype, sparsity, shape):
+    w = random_sparse(*shape, sparsity, dtype)
+    packed = TiledCSL16Weight.from_dense(w)
+    assert same_bits(packed.to_dense(), w)
+    assert packed.nnz == int((w != 0).sum())
+    assert packed.words.dtype == (torch.int64 if dtype == torch.float32 else torch.int32)
+    assert packed.offsets.numel() == -(-shape[0] // 16) * -(-shape[1] // 64) + 1
+    assert same_bits(TiledCSL16Weight.from_state_dict(packed.state_dict()).to_dense(), w)
+    assert packed.state_dict()["header"][:2].tolist() == [TiledCSL16Weight.format_code, 1]
+
+
+def reference_tile_slots(slots: list[int]) -> list[int]:
+    """A tile's slots in tiled_csl16's word order, written out from its layout: round-robin over
+    the banks, rounds of 32 placed as component k % 4 of lanes 32 (k // 4) .. of each full group
+    of 128, the last partial group in round-robin order, sentinels last."""
+    banks = [sorted(x for x in slots if (x >> 2) % 32 == b) for b in range(32)]
+    seq = [bank[k] for k in range(32) for bank in banks if len(bank) > k]
+    full = len(seq) // 128 * 128
+    out = list(seq)
+    for i in range(full):
+        k, lane = divmod(i, 32)
+        out[4 * (32 * (k // 4) + lane) + k % 4] = seq[i]
+    return out + [tiled_csl16.SENTINEL_SLOT] * (-len(seq) % 4)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.8, 0.97])
+def test_csl16_words_are_ordered_for_conflict_free_warp_stores(sparsity):
+    w = random_sparse(48, 192, sparsity, torch.float16)
+    packed = TiledCSL16Weight.from_dense(w)
+    _, slots = tiled_csl16.split_words(packed.words, torch.float16)
+    tiles = tiled_csl16.to_storage_order(w)
+    offsets = packed.offsets.tolist()
+    lanes = torch.arange(32)
+    for t in range(tiles.shape[0]):
+        run = slots[offsets[t] : offsets[t + 1]]
+        kept = tiled_csl16.slot_of(torch.nonzero(tiles[t]).squeeze(1))
+        assert run.tolist() == reference_tile_slots(kept.tolist())
+        # Store c of pass i writes word 4 (32 i + l) + c of lanes l. Every store of a full group
+        # of 128 whose 32 words come from one round of all 32 banks hits 32 different banks.
+        real = run[run != tiled_csl16.SENTINEL_SLOT]
+        rounds_with_every_bank = int(torch.bincount((real >> 2) % 32, minlength=32).min())
+        assert sparsity > 0 or rounds_with_every_bank == 32  # a dense tile: every store
+        for k in range(min(rounds_with_every_bank, real.numel() // 128 * 4)):
+            banks = (run[4 * (32 * (k // 4) + lanes) + k % 4] >> 2) % 32
+            assert banks.unique().numel() == 32, (t, k)
+
+
+def test_csl16_words_are_the_same_packed_in_passes_of_tiles():
+    w = random_sparse(100, 300, 0.6, torch.float16)
+    tiles = tiled_csl16.to_storage_order(torch.nn.functional.pad(w, (0, 320 - 300, 0, 112 - 100)))
+    whole = tiled_csl16.bank_ordered_words(tiles.view(torch.int16), tiles != 0, layout=tiled_csl16.LAYOUT)
+    passes = tiled_csl16.bank_ordered_words(tiles.view(torch.int16), tiles != 0, tiles_per_pass=7,
+                                            layout=tiled_csl16.LAYOUT)
+    assert torch.equal(whole[0], passes[0]) and torch.equal(whole[1], passes[1])
+    assert torch.equal(whole[0], TiledCSL16Weight.from_dense(w).words)
+    with pytest.raises(ValueError, match="1024"):  # tiles of the other layout
+        tiled_csl16.bank_ordered_words(tiles.view(torch.int16)[:8].reshape(1, -1),
+                                       tiles[:8].reshape(1, -1) != 0, layout=tiled_csl16.LAYOUT)
+
+
+def _csl16_state(w: torch.Tensor) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    state = TiledCSL16Weight.from_dense(w).state_dict()
+    values, slots = tiled_csl16.split_words(state["words"], w.dtype)
+    return state, values, slots
+
+
+def _with_words(state: dict, values: torch.Tensor, slots: torch.Tensor) -> dict:
+    return {**state, "words": tiled_csl16.make_words(values, slots)}
+
+
+def test_csl16_corrupted_slots_are_refused():
+    w = random_sparse(32, 128, 0.5, torch.float16)
+    state, values, slots = _csl16_state(w)
+    dup = slots.clone()
+    dup[1] = dup[0]
+    with pytest.raises(FormatError, match="tiled_csl16 slots are repeated"):
+        TiledCSL16Weight.from_state_dict(_with_words(state, values, dup))
+    for bad in (7, tiled_csl16.SENTINEL_SLOT + 2, -2):  # odd (half a value), past the spare slot, negative
+        far = slots.clone()
+        far[0] = bad
+        with pytest.raises(FormatError, match="tiled_csl16 slots fall outside the 16x64 tile"):
+            TiledCSL16Weight.from_state_dict(_with_words(state, values, far))
+    inf = values.clone()
+    inf[0] = float("inf")
+    with pytest.raises(FormatError, match="inf or NaN"):
+        TiledCSL16Weight.from_state_dict(_with_words(state, inf, slots))
+    assert same_bits(TiledCSL16Weight.from_state_dict(state).to_dense(), w)  # the intact data loads
+
+
+def test_csl16_repeated_slots_are_found_in_every_pass_of_tiles(monkeypatch):
+    w = random_sparse(16, 64 * 5, 0.5, torch.float16)
+    state, values, slots = _csl16_state(w)
+    last = int(state["offsets"][4])
+    slots[last + 3] = slots[last]
+    monkeypatch.setattr(tiled_csl, "ELEMS_PER_COUNT", 2 * tiled_csl16.TILE_ELEMS)  # two tiles a pass
+    with pytest.raises(FormatError, match="repeated"):
+        TiledCSL16Weight.from_state_dict(_with_words(state, values, slots))
+
+
+def test_csl16_values_in_padding_are_refused():
+    w = random_sparse(10, 50, 0.0, torch.float16)
+    padded = torch.zeros(16, 64, dtype=torch.float16)
+    padded[:10, :50] = w
+    header = TiledCSL16Weight.from_dense(w).state_dict()["header"]
+    for r, c in ((15, 3), (2, 60)):  # below the last row, right of the last column
+        bad = padded.clone()
+        bad[r, c] = 3.0
+        state = TiledCSL16Weight.from_dense(bad).state_dict()
+        with pytest.raises(FormatError, match="tiled_csl16 stores non-zeros in the padding"):
+            TiledCSL16Weight.from_state_dict({**state, "header": header})
+
+
+def test_csl16_broken_offsets_are_refused():
+    w = random_sparse(40, 130, 0.5, torch.float16)
+    state = TiledCSL16Weight.from_dense(w).state_dict()
+    offsets = state["offsets"]
+    cases = []
+    end = offsets.clone()
+    end[-1] -= 4
+    cases.append((end, "offsets span"))
+    start = offsets.clone()
+    start[0] = 4
+    cases.append((start, "offsets span"))
+    odd = offsets.clone()
+    odd[1] += 2
+    cases.append((odd, "non-decreasing multiples of 4"))
+    backwards = offsets.clone()
+    backwards[1], backwards[2] = offsets[2], offsets[1]
+    cases.append((backwards, "non-decreasing multiples of 4"))
+    cases.append((offsets[:-1], "entries where shape"))
+    cases.append((offsets.to(torch.int64), "int32"))
+    for bad, msg in cases:
+        with pytest.raises(FormatError, match=msg):
+            TiledCSL16Weight.from_state_dict({**state, "offsets": bad})
+
+
+def test_format_codes_are_unique_and_headers_not_interchangeable():
+    assert len({cls.format_code for cls in FORMAT_CLASSES}) == len(FORMAT_CLASSES)
+    assert FORMATS_BY_CODE == {cls.format_code: cls for cls in FORMAT_CLASSES}
+    w = random_sparse(20, 70, 0.5, torch.float16)
+    for cls in FORMAT_CLASSES:
+        state = cls.from_dense(w).state_dict()
+        assert FORMATS_BY_CODE[int(state["header"][0])] is cls
+        for other in FORMAT_CLASSES:
+            if other is not cls:
+                with pytest.raises(FormatError, match=f"format code {cls.format_code}, not {other.name} "):
+                    other.from_state_dict(state)

@@ -18,6 +18,6 @@ def test_import_is_light_and_never_touches_cuda():
 def test_public_api():
     import flashllm
 
-    for name in ("prune_", "sparsify_", "spmm", "SparseLinear", "BitmapWeight", "TiledCSLWeight"):
+    for name in ("prune_", "sparsify_", "spmm", "SparseLinear", "BitmapWeight", "TiledCSLWeight", "TiledCSL16Weight"):
         assert hasattr(flashllm, name), name
-    assert set(flashllm.FORMATS) == {"bitmap", "tiled_csl"}
+    assert set(flashllm.FORMATS) == {"bitmap", "tiled_csl", "tiled_csl16"}

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flashllm.formats import BitmapWeight, TiledCSLWeight
+from flashllm.formats import BitmapWeight, TiledCSL16Weight, TiledCSLWeight
 from flashllm.kernels import bitmap_cuda, configs, cuda_module, emulation as E, launch, tiled_csl_cuda
 from flashllm.kernels.configs import LaunchConfig
 
@@ -117,6 +117,7 @@ def test_expansion_kernels_write_the_dense_weight(dtype, sparsity, shape, gen):
     expected[dense == 0] = 0  # -0.0 is stored as a zero
     assert torch.equal(E.bitmap_expanded(BitmapWeight.from_dense(dense)), expected), f"seed {gen.initial_seed()}"
     assert torch.equal(E.tiled_csl_expanded(TiledCSLWeight.from_dense(dense)), expected), f"seed {gen.initial_seed()}"
+    assert torch.equal(E.tiled_csl16_expanded(TiledCSL16Weight.from_dense(dense)), expected), f"seed {gen.initial_seed()}"
 
 
 def test_bitmap_expansion_grid_matches_the_kernel():
@@ -411,6 +412,82 @@ def test_tiled_csl_kernel_emulated(dtype, m, k, n, sparsity, plan, gen):
     bias = torch.randn(m, generator=gen).to(dtype) if n % 2 else None
     y, writes = E.tiled_csl_kernel(x, TiledCSLWeight.from_dense(w), bias, plan)
     _reference_check(y, writes, x, w, bias, len(E.split_ranges(-(-k // 64), plan.split_k)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("shape", ((1, 1), (15, 63), (17, 65), (33, 130), (300, 70)))
+@pytest.mark.parametrize("words_per_stage", (64, 320, 1024))
+def test_tiled_csl16_lanes_decode_exactly(dtype, sparsity, shape, words_per_stage, gen):
+    # 64 words per stage sends every tile denser than 94% sparsity down the over-full path (the rest
+    # of its run scattered from global memory); 1024 holds any tile.
+    w = TiledCSL16Weight.from_dense(pruned(*shape, sparsity, dtype, gen))
+    decoded = E.tiled_csl16_decoded(w, words_per_stage)
+    assert torch.equal(decoded, E.float_bits(w.to_dense())), f"seed {gen.initial_seed()}"
+
+
+def test_tiled_csl16_lane_reads_its_own_b_fragments():
+    # The fragment order, spelt out for one tile: lane 4 g + t's 16 bytes at 1024 h + 512 q + 16 lane
+    # are (b0, b1) of k16 steps 2q and 2q + 1 for weight row 8 h + g, i.e. columns 16 kc + 2t (+1)
+    # and 16 kc + 2t + 8 (+9): what mma.m16n8k16 reads as B (k = column, n = row).
+    w = torch.arange(1, 1025, dtype=torch.float32).reshape(16, 64)  # every value distinct (and exact in fp16)
+    frags = E.tiled_csl16_b_fragments(TiledCSL16Weight.from_dense(w.half()))[0]  # (h, q, lane, 4)
+    value = E.float_bits(w.half())
+    for h in range(2):
+        for q in range(2):
+            for lane in range(32):
+                g, t = lane // 4, lane % 4
+                for r in range(4):
+                    kc, dk = 2 * q + r // 2, 8 * (r % 2)
+                    col = 16 * kc + dk + 2 * t
+                    expected = int(value[8 * h + g, col]) | int(value[8 * h + g, col + 1]) << 16
+                    assert int(frags[h, q, lane, r]) == expected, (h, q, lane, r)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,n,sparsity,plan", [
+    (200, 300, 19, 0.8, E.Plan(nrows=32, split_k=1, words_per_stage=320)),
+    (200, 300, 19, 0.5, E.Plan(nrows=8, split_k=3, words_per_stage=64)),  # over-full tiles everywhere
+    (130, 70, 1, 0.95, E.Plan(nrows=8, split_k=1, words_per_stage=192)),
+    (129, 129, 40, 0.0, E.Plan(nrows=16, split_k=2, words_per_stage=512)),
+    (64, 64, 5, 1.0, E.Plan(nrows=8, split_k=1, words_per_stage=256)),
+    (257, 100, 70, 0.8, E.Plan(nrows=64, split_k=1, words_per_stage=1024)),
+    (33, 1000, 9, 0.8, E.Plan(nrows=8, split_k=2, words_per_stage=320)),  # 8 activation tiles per chunk, 16 tiles
+])
+def test_tiled_csl16_kernel_emulated(dtype, m, k, n, sparsity, plan, gen):
+    w = pruned(m, k, sparsity, dtype, gen)
+    x = torch.randn(n, k, generator=gen).to(dtype)
+    bias = torch.randn(m, generator=gen).to(dtype) if n % 2 else None
+    y, writes = E.tiled_csl16_kernel(x, TiledCSL16Weight.from_dense(w), bias, plan)
+    _reference_check(y, writes, x, w, bias, len(E.split_ranges(-(-k // 64), plan.split_k)))
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4, 6])
+@pytest.mark.parametrize("nrows", [8, 16, 32, 64])
+@pytest.mark.parametrize("nk", [1, 2, 3, 5, 16, 17, 33, 61])
+def test_tiled_csl16_pipeline_waits_for_what_it_reads(stages, nrows, nk):
+    # tiled_csl16_spmm.cu's loop control replayed: the cp.async groups a thread commits (the first
+    # activation chunk, then one per tile copy, empty past the split, and a chunk's own group at each
+    # later chunk start), the waits, and the run-bound windows. At tile i the wait must leave tile i's
+    # copy and its activation chunk complete, and every shuffle must read inside the current window.
+    xt = 128 // nrows
+    groups = ["x0"] + [f"w{p}" if p < nk else "empty" for p in range(stages - 1)]
+    done = 0  # groups completed, oldest first
+    window = 0
+    for i in range(nk):
+        if i > 0 and i % xt == 0:
+            groups.append(f"x{i // xt}")
+            done = len(groups)  # cp_async_wait<0>
+        else:
+            done = max(done, len(groups) - (stages - 2))  # cp_async_wait<STAGES - 2>
+        assert f"w{i}" in groups[:done] and f"x{i // xt}" in groups[:done], (i, groups, done)
+        if i > 0 and i % 16 == 0:
+            window = i
+        j = i + stages - 1
+        for t in (i, j):  # lo_of(t), hi_of(t): lanes t - window and t + 1 - window
+            assert 0 <= t - window and t + 1 - window < 32, (i, t, window)
+        groups.append(f"w{j}" if j < nk else "empty")
+        assert (j % stages) == ((i - 1) % stages)  # the stage tile i - 1 was read from
 
 
 def test_tiled_csl_core_words_find_their_row_and_activation():
@@ -780,7 +857,7 @@ def test_every_table_entry_is_valid_and_fits_hopper():
     assert "FLASHLLM_WARPS" not in replace(eight, warps=4).defines("tiled_csl")
 
 
-@pytest.mark.parametrize("fmt", ("bitmap", "tiled_csl"))
+@pytest.mark.parametrize("fmt", ("bitmap", "tiled_csl", "tiled_csl16"))
 def test_get_config_covers_every_bucket(fmt, monkeypatch):
     monkeypatch.setattr(configs, "_warned_missing", set())
     for arch in ("sm90", "sm80"):
@@ -790,9 +867,10 @@ def test_get_config_covers_every_bucket(fmt, monkeypatch):
                 for s in (0.0, 0.5, 0.65, 0.8, 0.9, 0.99):
                     cfg = configs.get_config(arch, fmt, 4096, 4096, n, s)
                     cfg.validate(fmt)
-                    assert cfg.nrows >= min(n, 64 if fmt == "tiled_csl" else 128)
+                    assert cfg.nrows >= min(n, 128 if fmt == "bitmap" else 64)
+                    assert cfg.smem_bytes(fmt) <= 227 * 1024
         # the table covers Hopper; elsewhere one warning (not one per call) points at retuning
-        assert len(caught) == (0 if arch == "sm90" else 1), [str(w.message) for w in caught]
+        assert len(caught) == (0 if arch == "sm90" and fmt != "tiled_csl16" else 1), [str(w.message) for w in caught]
 
 
 def test_buckets_and_classes():
@@ -833,8 +911,41 @@ def test_invalid_configs_are_refused():
     assert one.defines("tiled_csl")["FLASHLLM_DENSE_TILES"] == 1 and "FLASHLLM_DENSE_TILES" not in two.defines("tiled_csl")
 
 
+def test_tiled_csl16_configs():
+    base = configs.default_config("tiled_csl16", 8, 0.8)
+    assert (base.nrows, base.warps, base.words_per_stage) == (8, 4, 320) and base.validated()
+    # the kernel's layout: an 18 KB activation chunk (128 / NROWS tiles of NROWS 144-byte rows),
+    # then per warp two 2 KB tiles (+ 16 bytes for the sentinel's slot) and its stages
+    assert base.smem_bytes("tiled_csl16") == 128 * 144 + 4 * (2 * 2064 + 4 * 320 * 4)
+    assert base.defines("tiled_csl16")["FLASHLLM_CAPW"] == 320 and "FLASHLLM_WARPS" not in base.defines("tiled_csl16")
+    eight = replace(base, warps=8)
+    assert eight.defines("tiled_csl16")["FLASHLLM_WARPS"] == 8 and eight.rows_per_block("tiled_csl16") == 128
+    assert (eight.tile_rows_per_block("tiled_csl16"), base.tile_rows_per_block("tiled_csl")) == (8, 1)
+    for bad, match in ((replace(base, words_per_stage=300), "multiple of 32"),
+                       (replace(base, words_per_stage=2048), "multiple of 32 in 64..1024"),
+                       (replace(base, fixup=True), "none of the prefetch"), (replace(base, pdl=True), "none of the"),
+                       (replace(base, nrows=128), "nrows <= 64"), (replace(base, dense_tiles=1), "dense_tiles"),
+                       (replace(base, stages=7), "stages must be 2..6"), (replace(base, cores=1), "Tiled-CSL option")):
+        with pytest.raises(ValueError, match=match):
+            bad.validate("tiled_csl16")
+    # options named without a format go to the two kernels that share them, not to tiled_csl16
+    assert configs.parse_options("tiled_csl16", ["warps8", "stages3"]) == {"warps": 8, "stages": 3}
+    with pytest.raises(ValueError, match="none of the prefetch"):
+        configs.parse_options("tiled_csl16", ["fixup"])
+
+
+def test_forced_options_without_a_format_leave_tiled_csl16_alone(monkeypatch):
+    monkeypatch.setenv(configs.FORCED_OPTIONS_ENV, "fixup,tiled_csl16:warps8")
+    assert configs.forced_options("tiled_csl16") == {"warps": 8}
+    assert configs.forced_options("bitmap") == {"fixup": True} == configs.forced_options("tiled_csl")
+    monkeypatch.setenv(configs.FORCED_OPTIONS_ENV, "tiled_csl16:pdl")
+    with pytest.raises(ValueError, match="none of the prefetch"):
+        configs.forced_options("tiled_csl16")
+
+
 def test_cuda_module_by_format_name():
     assert cuda_module("bitmap") is bitmap_cuda and cuda_module("tiled_csl") is tiled_csl_cuda
+    assert cuda_module("tiled_csl16").KERNEL.tile == (16, 64)
     with pytest.raises(ValueError, match="no CUDA kernel for format 'csr'"):
         cuda_module("csr")
 
@@ -876,7 +987,7 @@ def test_config_table_round_trip(tmp_path, monkeypatch):
 
 
 def test_tuning_candidates_are_valid():
-    for fmt in ("bitmap", "tiled_csl"):
+    for fmt in ("bitmap", "tiled_csl", "tiled_csl16"):
         for n in (1, 16, 64, 128):
             for s in (0.5, 0.8, 0.9):
                 cands = configs.tuning_candidates(fmt, n, s, k_tiles=112)
@@ -887,6 +998,10 @@ def test_tuning_candidates_are_valid():
                 wide = configs.tuning_candidates(fmt, n, s, k_tiles=112, unvalidated=True)
                 assert set(cands) <= set(wide)
                 assert all(c.validated() for c in cands)
+                if fmt == "tiled_csl16":  # its own kernel: warps, stages and stage sizes, no options
+                    assert {c.warps for c in cands} == set(configs.CSL_WARPS) and {c.stages for c in cands} == {3, 4, 6}
+                    assert {(c.prefetch, c.fixup, c.pdl) for c in wide} == {(0, False, False)}
+                    continue
                 if fmt == "bitmap":
                     assert {c.decode for c in wide} == set(configs.DECODES)
                     assert {c.decode for c in cands} == {d for d in configs.DECODES if d not in configs.UNVALIDATED}
@@ -913,7 +1028,7 @@ def test_default_rule_picks_the_options_where_they_won():
     assert configs.default_config("tiled_csl", 12, 0.9).warps == 4
     assert configs.default_config("tiled_csl", 16, 0.7).warps == 4
     assert configs.default_config("tiled_csl", 32, 0.8).warps == 4
-    for fmt in ("bitmap", "tiled_csl"):
+    for fmt in ("bitmap", "tiled_csl", "tiled_csl16"):
         for n in (1, 8, 16, 32, 64, 128):
             for s in (0.0, 0.5, 0.75, 0.85, 0.99):
                 assert configs.default_config(fmt, n, s).validate(fmt).validated()
@@ -954,7 +1069,11 @@ def test_pending_options_are_named_one_by_one():
 
     pending = configs.pending_options()
     for name, formats in pending.items():
-        assert name in configs.OPTION_NAMES and formats
+        assert name in configs.PENDING_NAMES and formats
+        if name in configs.PENDING_FORMATS:  # a pending kernel: its entry is the format's name, no option
+            assert formats == [name] and configs.unvalidated_options(example_config(name, {})) == []
+            continue
+        assert name in configs.OPTION_NAMES
         for entry in formats:  # each entry runs exactly that option (on the default launch)
             assert configs.unvalidated_options(example_config(*parse_format(entry))) == [name]
     both = LaunchConfig(nrows=16, value_cap=configs.FIT, prefetch=4)
@@ -1136,7 +1255,7 @@ def test_importing_and_registration_touch_no_gpu_library():
     )
     env = {k: v for k, v in os.environ.items() if k != "FLASHLLM_CUDA_KERNELS"}
     on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert on.stdout.strip() == "[(1, 'cuda'), (2, 'cuda')] False False"  # registered by default
+    assert on.stdout.strip() == "[(1, 'cuda'), (2, 'cuda'), (3, 'cuda')] False False"  # registered by default
     off = subprocess.run([sys.executable, "-c", code], env={**env, "FLASHLLM_CUDA_KERNELS": "0"},
                          capture_output=True, text=True, check=True)
     assert off.stdout.strip() == "[] False False"
@@ -1179,7 +1298,8 @@ def test_prepare_activations_pads_to_eight_columns():
 
 
 def test_kernel_sources_ship_with_the_package():
-    for name in ("common.cuh", "bitmap_spmm.cu", "tiled_csl_spmm.cu", "splitk_finalize.cu"):
+    for name in ("common.cuh", "bitmap_spmm.cu", "tiled_csl_spmm.cu", "splitk_finalize.cu", "tiled_csl16_spmm.cu",
+                 "tiled_csl16_expand.cu"):
         text = launch.kernel_source(name)
         assert "flashllm" in text and "#include <" not in text  # self-contained: no CUDA headers
 

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 
 import flashllm
-from flashllm.formats import BitmapWeight, TiledCSLWeight
+from flashllm.formats import BitmapWeight, TiledCSL16Weight, TiledCSLWeight
 from flashllm.formats import bitmap as bitmap_format
 from flashllm.kernels import FAST_KERNELS, configs, launch
-from flashllm.kernels import bitmap_cuda, tiled_csl_cuda
+from flashllm.kernels import bitmap_cuda, tiled_csl16_cuda, tiled_csl_cuda
 from flashllm.kernels.configs import LaunchConfig
 
 pytestmark = [
@@ -35,7 +35,18 @@ pytestmark = [
 # The package re-exports the function `spmm` under the submodule's name: fetch the module itself.
 spmm_module = importlib.import_module("flashllm.kernels.spmm")
 
+# The two kernels that share the launch options (prefetch, fixup, rezero, wgmma, pdl, ...), and every
+# kernel: tiled_csl16's has none of those options, and until its first GPU run its tests carry the
+# pending marks (device_check.sh leaves them out if its smoke test fails).
 FORMATS = {"bitmap": (BitmapWeight, bitmap_cuda), "tiled_csl": (TiledCSLWeight, tiled_csl_cuda)}
+KERNELS = {**FORMATS, "tiled_csl16": (TiledCSL16Weight, tiled_csl16_cuda)}
+
+
+def format_marks(fmt: str) -> list:
+    return [pytest.mark.unvalidated, getattr(pytest.mark, f"unvalidated_{fmt}")] if fmt in configs.PENDING_FORMATS else []
+
+
+EVERY_FORMAT = [pytest.param(f, marks=format_marks(f)) for f in KERNELS]
 DTYPES = (torch.float16, torch.bfloat16)
 SPARSITIES = (0.0, 0.5, 0.8, 0.95, 1.0)
 
@@ -56,7 +67,7 @@ def random_weight(m: int, k: int, sparsity: float, dtype: torch.dtype) -> torch.
 
 def check(fmt: str, m: int, k: int, n: int, sparsity: float, dtype: torch.dtype,
           config: LaunchConfig | None, with_bias: bool = True, x: torch.Tensor | None = None) -> torch.Tensor:
-    cls, module = FORMATS[fmt]
+    cls, module = KERNELS[fmt]
     w = random_weight(m, k, sparsity, dtype)
     weight = cls.from_dense(w)
     x = torch.randn(n, k, device="cuda", dtype=dtype) if x is None else x
@@ -76,7 +87,7 @@ def check(fmt: str, m: int, k: int, n: int, sparsity: float, dtype: torch.dtype,
 
 
 # --- correctness over the grid the issue asks for --------------------------------------------------
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", EVERY_FORMAT)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 @pytest.mark.parametrize("split_k", [1, 3])
@@ -226,7 +237,7 @@ def test_wgmma_operand_layouts_one_hot(fmt, nrows):
     cfg = LaunchConfig(nrows=nrows, stages=3, split_k=1, wgmma=True,
                        words_per_stage=2048 if fmt == "tiled_csl" else 0)
     skip_unless_built_here(cfg)
-    cls, module = FORMATS[fmt]
+    cls, module = KERNELS[fmt]
     m, k = 128, 64
     rows, cols = torch.meshgrid(torch.arange(m), torch.arange(k), indexing="ij")
     w = ((rows * 13 + cols * 7) % 61 + 1).to(torch.float16).cuda()  # 1..61, no zeros
@@ -410,7 +421,7 @@ def test_splitk_kept_workspace_in_a_cuda_graph(fmt, option):
     # Captured on torch's capture stream, whose workspace (the first time) is allocated and zeroed
     # inside the capture; the replays must keep finding it zero, and the eager calls on the
     # default stream in between, with and without the option (fixup or rezero), must not disturb it.
-    cls, module = FORMATS[fmt]
+    cls, module = KERNELS[fmt]
     w = random_weight(1000, 2048, 0.8, torch.float16)
     weight = cls.from_dense(w)
     cfg = replace(configs.default_config(fmt, 16, 0.8), split_k=4, **{option: True})
@@ -433,7 +444,7 @@ def product_chain(fmt: str, sizes: list[int], n: int, sparsity: float, dtype: to
     """Weights (sizes[i + 1] x sizes[i]) and a product per weight, each one's input the output of the
     one before: (x, run, check) where run() poisons the outputs with NaN, launches the chain and
     returns the outputs, and check(outputs) compares each with float64 from its actual input."""
-    cls, module = FORMATS[fmt]
+    cls, module = KERNELS[fmt]
     dense = [random_weight(m, k, sparsity, dtype) for k, m in zip(sizes, sizes[1:])]
     weights = [cls.from_dense(w) for w in dense]
     biases = [torch.randn(w.shape[0], device="cuda", dtype=dtype) for w in dense]
@@ -502,7 +513,7 @@ def test_programmatic_dependent_launch_in_a_cuda_graph(fmt, split_k):
         check_outputs(outs)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", EVERY_FORMAT)
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (63, 65, 2), (129, 130, 9), (257, 1000, 33), (1000, 257, 64),
                                    (4173, 520, 5), (70, 4100, 100), (130, 190, 200)])
 @pytest.mark.parametrize("split_k", [0, 1])
@@ -537,6 +548,26 @@ def test_every_tiled_csl_variant(cfg):
     check("tiled_csl", 130, 200, 1 if cfg.cores else cfg.nrows, 0.5, torch.bfloat16, replace(cfg, split_k=2))
 
 
+@pytest.mark.parametrize("cfg", [pytest.param(c, id=str(c), marks=format_marks("tiled_csl16"))
+                                 for c in sorted({c for f, c in configs.checked_variants() if f == "tiled_csl16"}, key=str)])
+def test_every_tiled_csl16_variant(cfg):
+    for n in {max(1, cfg.nrows - 3), cfg.nrows + 5}:  # a partial block, and two blocks along N
+        check("tiled_csl16", 300, 700, n, 0.7, torch.float16, cfg)
+    check("tiled_csl16", 130, 200, cfg.nrows, 0.5, torch.bfloat16, replace(cfg, split_k=2))
+
+
+@pytest.mark.parametrize("warps", configs.CSL_WARPS)
+@pytest.mark.parametrize("sparsity,words,stages", [(0.0, 64, 2), (0.0, 1024, 3), (0.5, 256, 6), (0.95, 64, 4)])
+@pytest.mark.parametrize("dtype", [pytest.param(d, marks=format_marks("tiled_csl16")) for d in DTYPES])
+def test_tiled_csl16_over_full_tiles_and_chunks(warps, sparsity, words, stages, dtype):
+    # Tiles with more words than a warp's stage holds scatter the rest from global memory; K = 2100
+    # is 33 tiles, several activation chunks (128 / NROWS tiles each) and run-bound windows (16).
+    cfg = LaunchConfig(nrows=16, stages=stages, words_per_stage=words, warps=warps)
+    for split in (1, 2):
+        check("tiled_csl16", 257, 2100, 19, sparsity, dtype, replace(cfg, split_k=split))
+    check("tiled_csl16", 33, 130, 70, sparsity, dtype, replace(cfg, nrows=64, split_k=1))
+
+
 @pytest.mark.parametrize("sparsity,words", [(0.0, 256), (0.0, 8192), (0.3, 2048), (0.9, 256)])
 def test_tiled_csl_dense_tiles_reload(sparsity, words):
     # Tiles denser than the stage buffer load the rest in pieces: all of them must land.
@@ -545,8 +576,9 @@ def test_tiled_csl_dense_tiles_reload(sparsity, words):
 
 def test_kernel_reports_no_spills():
     problems = []
-    for fmt, cfgs in (("bitmap", _checked("bitmap")), ("tiled_csl", _checked("tiled_csl"))):
-        _, module = FORMATS[fmt]
+    for fmt, cfgs in (("bitmap", _checked("bitmap")), ("tiled_csl", _checked("tiled_csl")),
+                      ("tiled_csl16", _checked("tiled_csl16"))):
+        _, module = KERNELS[fmt]
         for cfg in (p.values[0] for p in cfgs):
             if not builds_here(cfg.defines(fmt)):
                 continue  # (wgmma: sm_90 only)
@@ -562,7 +594,7 @@ def test_kernel_reports_no_spills():
 
 
 # --- activations the launcher must copy first ----------------------------------------------------
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", EVERY_FORMAT)
 def test_strided_and_unaligned_activations(fmt):
     big = torch.randn(9, 333, device="cuda", dtype=torch.float16)
     check(fmt, 150, 300, 9, 0.8, torch.float16, None, x=big[:, 5:305])  # misaligned view, K % 8 != 0
@@ -570,9 +602,9 @@ def test_strided_and_unaligned_activations(fmt):
 
 
 # --- determinism: without split-K every element has one writer -------------------------------------
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", EVERY_FORMAT)
 def test_repeatable_without_split(fmt):
-    cls, module = FORMATS[fmt]
+    cls, module = KERNELS[fmt]
     w = cls.from_dense(random_weight(513, 777, 0.8, torch.float16))
     x = torch.randn(24, 777, device="cuda", dtype=torch.float16)
     cfg = replace(configs.default_config(fmt, 24, 0.8), split_k=1)
@@ -582,13 +614,13 @@ def test_repeatable_without_split(fmt):
 
 
 # --- through spmm, SparseLinear, torch.compile and CUDA graphs -----------------------------------
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", EVERY_FORMAT)
 def test_spmm_uses_the_kernel(fmt, cuda_kernels, monkeypatch):
     def no_reference(*args, **kwargs):
         raise AssertionError("the reference path ran although a CUDA kernel is registered")
 
     monkeypatch.setattr(spmm_module, "reference_linear", no_reference)
-    cls, _ = FORMATS[fmt]
+    cls, _ = KERNELS[fmt]
     w = random_weight(96, 160, 0.8, torch.float16)
     x = torch.randn(2, 3, 160, device="cuda", dtype=torch.float16)
     y = flashllm.spmm(x, cls.from_dense(w))
@@ -597,12 +629,12 @@ def test_spmm_uses_the_kernel(fmt, cuda_kernels, monkeypatch):
     assert (y.double() - ref).norm() <= 2 * (F.linear(x, w).double() - ref).norm() + 1e-6
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", EVERY_FORMAT)
 @pytest.mark.parametrize("dtype", (*DTYPES, torch.float32))
 def test_formats_round_trip_on_the_gpu(fmt, dtype, monkeypatch):
     """Encoding and the reference path's decoding run on CUDA tensors too, bit for bit (the bitmap
     decoding both in one step and a strip per step)."""
-    cls, _ = FORMATS[fmt]
+    cls, _ = KERNELS[fmt]
     for shape, sparsity in (((257, 1025), 0.5), ((129, 65), 0.95), ((64, 64), 0.0), ((3, 5), 1.0)):
         w = random_weight(*shape, sparsity, dtype)
         packed = cls.from_dense(w)
@@ -612,9 +644,9 @@ def test_formats_round_trip_on_the_gpu(fmt, dtype, monkeypatch):
             assert torch.equal(packed.to_dense(), w)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", EVERY_FORMAT)
 def test_spmm_declines_what_it_does_not_serve(fmt, cuda_kernels):
-    cls, _ = FORMATS[fmt]
+    cls, _ = KERNELS[fmt]
     w32 = random_weight(64, 64, 0.5, torch.float32)
     x32 = torch.randn(4, 64, device="cuda")
     assert FAST_KERNELS[(cls.format_code, "cuda")](x32, list(cls.from_dense(w32).tensors().values()), 64, 64, None) is None
@@ -627,12 +659,12 @@ def test_spmm_declines_what_it_does_not_serve(fmt, cuda_kernels):
                                                        None) is None
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", EVERY_FORMAT)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (63, 65), (129, 200), (257, 1025), (1000, 4104)])
 def test_expansion_kernel(fmt, dtype, shape):
     # The prefill path's expansion: every element written (the output is poisoned), bit for bit.
-    cls, module = FORMATS[fmt]
+    cls, module = KERNELS[fmt]
     for sparsity in SPARSITIES:
         packed = cls.from_dense(random_weight(*shape, sparsity, dtype))
         out = torch.full(shape, float("nan"), device="cuda", dtype=dtype)
@@ -643,7 +675,7 @@ def test_expansion_kernel(fmt, dtype, shape):
         assert torch.equal(module.expand(packed), packed.to_dense())
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", EVERY_FORMAT)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_prefill_products_expand_with_the_kernel(fmt, dtype, cuda_kernels, monkeypatch):
     monkeypatch.setenv(configs.EXPAND_ENV, "1")
@@ -655,7 +687,7 @@ def test_prefill_products_expand_with_the_kernel(fmt, dtype, cuda_kernels, monke
     w = random_weight(300, 520, 0.7, dtype)
     bias = torch.randn(300, device="cuda", dtype=dtype)
     x = torch.randn(2, configs.MAX_FAST_N // 2 + 3, 520, device="cuda", dtype=dtype)  # more rows than MAX_FAST_N
-    y = flashllm.spmm(x, FORMATS[fmt][0].from_dense(w), bias)
+    y = flashllm.spmm(x, KERNELS[fmt][0].from_dense(w), bias)
     ref = x.double() @ w.double().T + bias.double()
     assert y.shape == (*x.shape[:-1], 300)
     assert (y.double() - ref).norm() <= 2 * (F.linear(x, w, bias).double() - ref).norm() + 1e-6
@@ -666,7 +698,7 @@ def test_prefill_products_expand_with_the_kernel(fmt, dtype, cuda_kernels, monke
 def fresh_checks():
     """Every variant checked again, and every decline warned again, in this test and after it."""
     def clear():
-        for _, module in FORMATS.values():
+        for _, module in KERNELS.values():
             module.KERNEL._verdicts.clear()
             module.KERNEL._declined.clear()
     clear()
@@ -674,10 +706,10 @@ def fresh_checks():
     clear()
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", EVERY_FORMAT)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_first_use_check_passes_the_variants_products_pick(fmt, dtype, cuda_kernels, fresh_checks, recwarn):
-    cls, module = FORMATS[fmt]
+    cls, module = KERNELS[fmt]
     for sparsity in (0.5, 0.9):
         w = random_weight(300, 520, sparsity, dtype)
         packed = cls.from_dense(w)
@@ -691,11 +723,11 @@ def test_first_use_check_passes_the_variants_products_pick(fmt, dtype, cuda_kern
     assert not [w for w in recwarn if "first-use" in str(w.message)]
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", EVERY_FORMAT)
 def test_a_variant_failing_its_first_use_check_is_never_used(fmt, cuda_kernels, fresh_checks, monkeypatch):
     from flashllm.kernels import self_check
 
-    cls, module = FORMATS[fmt]
+    cls, module = KERNELS[fmt]
     real = self_check.check_variant
 
     def with_a_planted_fault(kernel, cfg, dtype, device):
@@ -722,12 +754,12 @@ def test_an_expansion_kernel_failing_its_check_is_never_used(fmt, cuda_kernels, 
     from flashllm.kernels import self_check
 
     monkeypatch.setenv(configs.EXPAND_ENV, "1")
-    assert self_check.check_expansion(FORMATS[fmt][1].KERNEL, torch.float16, torch.device("cuda")) is None
+    assert self_check.check_expansion(KERNELS[fmt][1].KERNEL, torch.float16, torch.device("cuda")) is None
     monkeypatch.setattr(self_check, "check_expansion", lambda kernel, dtype, device: "planted")
     w = random_weight(96, 160, 0.8, torch.float16)
     x = torch.randn(configs.MAX_FAST_N + 5, 160, device="cuda", dtype=torch.float16)
     with pytest.warns(UserWarning, match="expansion kernel failed the first-use check on this GPU: planted"):
-        y = flashllm.spmm(x, FORMATS[fmt][0].from_dense(w))
+        y = flashllm.spmm(x, KERNELS[fmt][0].from_dense(w))
     torch.testing.assert_close(y, F.linear(x, w), rtol=1e-2, atol=1e-2)
 
 
@@ -744,7 +776,7 @@ def test_sparse_linear_module(fmt, cuda_kernels):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_torch_compile(fmt, cuda_kernels):
-    cls, _ = FORMATS[fmt]
+    cls, _ = KERNELS[fmt]
     w = random_weight(256, 512, 0.8, torch.float16)
     weight = cls.from_dense(w)
     bias = torch.randn(256, device="cuda", dtype=torch.float16)
@@ -762,7 +794,7 @@ def test_cuda_graph_replay(fmt, rows, cuda_kernels, monkeypatch):
     # Above MAX_FAST_N rows the prefill path runs: the expanded weight is allocated and written
     # inside the capture, and each replay expands again into the graph's memory.
     monkeypatch.setenv(configs.EXPAND_ENV, "1")
-    cls, _ = FORMATS[fmt]
+    cls, _ = KERNELS[fmt]
     w = random_weight(1000, 2048, 0.8, torch.float16)
     weight = cls.from_dense(w)
     static_x = torch.randn(rows, 2048, device="cuda", dtype=torch.float16)
@@ -812,7 +844,7 @@ def test_probe_builds_do_no_math_and_their_full_level_is_the_product(method, tmp
     from flashllm.bench.probes import main, probe_configs
 
     fmt, options = bench.parse_format(method)
-    cls, module = FORMATS[fmt]
+    cls, module = KERNELS[fmt]
     for m, k, n, s, split in ((130, 200, 17, 0.8, 1), (300, 520, 3, 0.5, 3)):
         w = random_weight(m, k, s, torch.float16)
         x = torch.randn(n, k, device="cuda", dtype=torch.float16)

@@ -159,7 +159,7 @@ def test_auto_format_follows_each_layers_sparsity():
     assert [model[i].weight_format.name for i in (0, 2, 4)] == ["bitmap", "bitmap", "tiled_csl"]
     assert summary.format == "auto (2 bitmap, 1 tiled_csl)" and "auto (2 bitmap, 1 tiled_csl)" in str(summary)
     assert torch.allclose(model(x), ref, atol=1e-5)
-    with pytest.raises(ValueError, match=r"choose one of \['bitmap', 'tiled_csl', 'auto'\]"):
+    with pytest.raises(ValueError, match=r"choose one of \['bitmap', 'tiled_csl', 'tiled_csl16', 'auto'\]"):
         format_for("csr", x)
 
 

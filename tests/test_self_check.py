@@ -11,11 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from flashllm.formats import get_format
-from flashllm.kernels import bitmap_cuda, configs, self_check, tiled_csl_cuda
+from flashllm.kernels import bitmap_cuda, configs, self_check, tiled_csl16_cuda, tiled_csl_cuda
 from flashllm.kernels import emulation as E
 from flashllm.kernels.configs import LaunchConfig
 
-KERNELS = {"bitmap": bitmap_cuda.KERNEL, "tiled_csl": tiled_csl_cuda.KERNEL}
+KERNELS = {"bitmap": bitmap_cuda.KERNEL, "tiled_csl": tiled_csl_cuda.KERNEL, "tiled_csl16": tiled_csl16_cuda.KERNEL}
+EMULATED = {"bitmap": lambda x, w, bias, plan: E.bitmap_kernel(x, w, bias, plan, stale=None),
+            "tiled_csl": E.tiled_csl_kernel, "tiled_csl16": E.tiled_csl16_kernel}
 VARIANTS = [
     ("bitmap", LaunchConfig(nrows=16)),
     ("bitmap", LaunchConfig(nrows=8, strips=2, decode="scatter", value_cap=1024)),
@@ -23,6 +25,7 @@ VARIANTS = [
     ("bitmap", LaunchConfig(nrows=16, persistent=True)),  # stream-K: 5 blocks share 12 tiles
     ("tiled_csl", LaunchConfig(nrows=16, words_per_stage=2048)),
     ("tiled_csl", LaunchConfig(nrows=32, words_per_stage=256)),  # the dense tile reloads in pieces
+    ("tiled_csl16", LaunchConfig(nrows=16, words_per_stage=64)),  # over-full tiles: the rest from global memory
 ]
 
 
@@ -40,7 +43,7 @@ def emulated_run(fmt):
         plan = E.Plan(nrows=cfg.nrows, split_k=cfg.split_k, strips=cfg.strips, decode=cfg.decode,
                       words_per_stage=cfg.words_per_stage or 2048, persistent_blocks=blocks, cores=cfg.cores,
                       warps=cfg.warps, dense_tiles=cfg.dense_tiles)
-        y, _ = E.bitmap_kernel(x, w, bias, plan, stale=None) if fmt == "bitmap" else E.tiled_csl_kernel(x, w, bias, plan)
+        y, _ = EMULATED[fmt](x, w, bias, plan)
         out.copy_(y)
         return out
     return run

@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 from .checkpoint import convert_checkpoint, from_pretrained, save_pretrained
 from .data import calibration_data, default_text
 from .evaluate import perplexity
-from .formats import FORMATS, BitmapWeight, FormatError, SparseWeight, TiledCSLWeight, get_format
+from .formats import FORMATS, BitmapWeight, FormatError, SparseWeight, TiledCSL16Weight, TiledCSLWeight, get_format
 from .kernels import spmm
 from .nn import SparseLinear, SparsifySummary, sparsify_
 from .prune import OWL, PruneSummary, prune_
@@ -25,6 +25,7 @@ __all__ = [
     "SparseLinear",
     "SparseWeight",
     "SparsifySummary",
+    "TiledCSL16Weight",
     "TiledCSLWeight",
     "__version__",
     "calibration_data",

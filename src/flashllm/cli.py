@@ -83,7 +83,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("kernel paths:")
     for name in FORMATS:
         for device in ("cuda", "cpu"):
-            print(f"  {name:9s} on {device:4s}: {kernel_path(name, device)}")
+            print(f"  {name:11s} on {device:4s}: {kernel_path(name, device)}")
     return 0
 
 
@@ -104,8 +104,8 @@ def _add_prune_options(parser: argparse.ArgumentParser, sparsity_default=None) -
                         help="OWL: each decoder block's sparsity by its share of outlier weights, the mean kept "
                              "(wanda, sparsegpt; unstructured)")
     parser.add_argument("--format", type=_format, default="bitmap",
-                        help="bitmap (the smallest), tiled_csl, or auto: each layer in the format whose GPU kernel "
-                             "is faster at its sparsity (Tiled-CSL from 78%%)")
+                        help="bitmap (the smallest), tiled_csl, tiled_csl16, or auto: each layer in the format "
+                             "whose GPU kernel is faster at its sparsity (Tiled-CSL from 78%%)")
     parser.add_argument("--calib-samples", type=_positive, default=64, help="calibration sequences")
     parser.add_argument("--calib-seqlen", type=_positive, default=512, help="tokens per calibration sequence")
     parser.add_argument("--calib-text", type=Path, help="calibration text file (default: pydoc topics)")

@@ -176,8 +176,8 @@ def sparsify_(
     progress: bool = True,
 ) -> SparsifySummary:
     """Replace, in place, every linear layer except the LM head by a `SparseLinear` in `format`
-    ("bitmap", "tiled_csl", or "auto": each layer in the format whose GPU kernel is faster at its
-    sparsity, `flashllm.formats.format_for`).
+    ("bitmap", "tiled_csl", "tiled_csl16", or "auto": each layer in the format whose GPU kernel is
+    faster at its sparsity, `flashllm.formats.format_for`).
 
     The weights are packed as they are: prune first (`flashllm.prune_`) to put zeros in them.
     `filter_fn(module, qualified_name)` chooses other layers; it must select linear layers only.

@@ -304,7 +304,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--format", default="bitmap",
-                        help="bitmap, tiled_csl or auto (each layer in the faster format at its sparsity)")
+                        help="bitmap, tiled_csl, tiled_csl16 or auto (each layer in the faster format at its sparsity)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--device", help="default: cuda when available")
     parser.add_argument("--no-graphs", action="store_true", help="decode eagerly (no CUDA graphs)")

@@ -5,8 +5,9 @@ import torch
 from .base import SUPPORTED_DTYPES, FormatError, SparseWeight
 from .bitmap import BitmapWeight
 from .tiled_csl import TiledCSLWeight
+from .tiled_csl16 import TiledCSL16Weight
 
-FORMATS: dict[str, type[SparseWeight]] = {cls.name: cls for cls in (BitmapWeight, TiledCSLWeight)}
+FORMATS: dict[str, type[SparseWeight]] = {cls.name: cls for cls in (BitmapWeight, TiledCSLWeight, TiledCSL16Weight)}
 
 # "auto" packs each layer in the format whose GPU kernel was faster at its sparsity. On an H200
 # (BENCHMARKS.md, thirteenth session: 18 LLM layers, N = 1-16, geomean speedup over cuBLAS) bitmap
@@ -38,7 +39,7 @@ def format_for(name: str, weight: torch.Tensor) -> type[SparseWeight]:
     return TiledCSLWeight if sparsity >= TILED_CSL_FROM else BitmapWeight
 
 
-__all__ = ["AUTO", "FORMATS", "SUPPORTED_DTYPES", "BitmapWeight", "FormatError", "SparseWeight", "TiledCSLWeight",
-           "check_format_name", "format_for", "get_format"]
+__all__ = ["AUTO", "FORMATS", "SUPPORTED_DTYPES", "BitmapWeight", "FormatError", "SparseWeight", "TiledCSL16Weight",
+           "TiledCSLWeight", "check_format_name", "format_for", "get_format"]
 
 FORMATS_BY_CODE: dict[int, type[SparseWeight]] = {cls.format_code: cls for cls in FORMATS.values()}

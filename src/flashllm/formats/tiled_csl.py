@@ -35,9 +35,16 @@ read (`upgrade_state`).
 
 ``nbytes = word * sum_t ceil4(nnz_t) + 4 * (tiles + 1) + 40`` with ``word`` 4 bytes (8 for fp32),
 ``nnz_t`` the non-zeros of tile ``t``, ``ceil4`` rounding up to a multiple of 4, and 40 bytes of header.
+
+All of this but the tile's shape and the slot function is shared with `tiled_csl16`, a smaller
+tile whose slots address a fragment-ordered shared tile: `WordLayout` names what differs,
+`TiledWordsWeight` and `bank_ordered_words` do the rest for both.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -73,20 +80,6 @@ _HALF_TYPES = {
 }
 
 
-def _grid(shape: tuple[int, int]) -> tuple[int, int]:
-    return ceil_to(shape[0], TILE_M) // TILE_M, ceil_to(shape[1], TILE_K) // TILE_K
-
-
-def to_storage_order(padded: torch.Tensor) -> torch.Tensor:
-    tm, tk = padded.shape[0] // TILE_M, padded.shape[1] // TILE_K
-    return padded.reshape(tm, TILE_M, tk, TILE_K).transpose(1, 2).reshape(tm * tk, TILE_ELEMS)
-
-
-def from_storage_order(tiles: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    tm, tk = grid
-    return tiles.reshape(tm, tk, TILE_M, TILE_K).transpose(1, 2).reshape(tm * TILE_M, tk * TILE_K)
-
-
 def make_words(values: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
     return _words(values.view(_HALF_TYPES[values.dtype][0]), locations)
 
@@ -109,27 +102,72 @@ def location_of(slots: torch.Tensor) -> torch.Tensor:
     return half ^ ((half >> 3) & 0x38)
 
 
-PER_BANK = TILE_ELEMS // BANKS  # slots of one bank in a tile
+@dataclass(frozen=True)
+class WordLayout:
+    """What a Tiled-CSL-style format decides for itself (`tiled_csl`, `tiled_csl16`): the tile's
+    shape and the slot of each location. Everything else is shared: the words, their bank order,
+    the sentinel padding, the offsets. `slot_of` must map the tile's locations one-to-one onto the
+    even byte offsets below `sentinel_slot` (so every bank holds ``tile_elems / 32`` slots) and the
+    location one past the tile (`tile_elems`) to `sentinel_slot`; `location_of` undoes it."""
+
+    tile_m: int
+    tile_k: int
+    slot_of: Callable[[torch.Tensor], torch.Tensor]
+    location_of: Callable[[torch.Tensor], torch.Tensor]
+
+    @property
+    def tile_elems(self) -> int:
+        return self.tile_m * self.tile_k
+
+    @property
+    def sentinel_slot(self) -> int:
+        """The spare 16-bit slot one past the shared tile."""
+        return 2 * self.tile_elems
+
+    def grid(self, shape: tuple[int, int]) -> tuple[int, int]:
+        return ceil_to(shape[0], self.tile_m) // self.tile_m, ceil_to(shape[1], self.tile_k) // self.tile_k
+
+    def to_storage_order(self, padded: torch.Tensor) -> torch.Tensor:
+        tm, tk = padded.shape[0] // self.tile_m, padded.shape[1] // self.tile_k
+        return padded.reshape(tm, self.tile_m, tk, self.tile_k).transpose(1, 2).reshape(tm * tk, self.tile_elems)
+
+    def from_storage_order(self, tiles: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        tm, tk = grid
+        return (tiles.reshape(tm, tk, self.tile_m, self.tile_k).transpose(1, 2)
+                .reshape(tm * self.tile_m, tk * self.tile_k))
 
 
-def _bank_major(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+LAYOUT = WordLayout(TILE_M, TILE_K, slot_of, location_of)
+to_storage_order, from_storage_order, _grid = LAYOUT.to_storage_order, LAYOUT.from_storage_order, LAYOUT.grid
+# Elements one pass of `bank_ordered_words` lays out (4096 tiles of 128 x 64), and one pass of
+# `_repeated_slots` counts (1024 such tiles).
+ELEMS_PER_PASS = 4096 * TILE_ELEMS
+ELEMS_PER_COUNT = 1024 * TILE_ELEMS
+
+
+def _bank_major(device: torch.device, layout: WordLayout = LAYOUT) -> tuple[torch.Tensor, torch.Tensor]:
     """(locations, their slots) of a tile listed bank by bank, each bank's in slot order."""
-    locations = torch.arange(TILE_ELEMS, device=device)
-    slots = slot_of(locations)
-    order = torch.argsort(((slots >> 2) % BANKS) * (2 * TILE_ELEMS) + slots)
+    locations = torch.arange(layout.tile_elems, device=device)
+    slots = layout.slot_of(locations)
+    order = torch.argsort(((slots >> 2) % BANKS) * layout.sentinel_slot + slots)
     return locations[order], slots[order]
 
 
-def bank_ordered_words(bits: torch.Tensor, keep: torch.Tensor,
-                       tiles_per_pass: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """(words, offsets) of tiles given densely, in layout version 2 (module docstring): `bits`
-    (tiles, 8192) the value bits (int16, or int32 for fp32) at each location, `keep` which are
-    non-zeros. Each tile's words in round-robin order over the banks, placed for the scatter, then
-    padded with sentinels. Dense per tile rather than sorted: a few passes over the tiles, done
-    `tiles_per_pass` tiles at a time, so the temporaries stay ~20 bytes per element of one pass
-    (~0.7 GB) however large the layer (an OPT-175B layer built on the GPU holds 74k tiles)."""
+def bank_ordered_words(bits: torch.Tensor, keep: torch.Tensor, tiles_per_pass: int | None = None,
+                       layout: WordLayout = LAYOUT) -> tuple[torch.Tensor, torch.Tensor]:
+    """(words, offsets) of tiles given densely, in the word order of the module docstring: `bits`
+    (tiles, ``layout.tile_elems``) the value bits (int16, or int32 for fp32) at each location,
+    `keep` which are non-zeros. Each tile's words in round-robin order over the banks of their
+    slots (``layout.slot_of``), placed for the scatter, then padded with sentinels. Dense per tile
+    rather than sorted: a few passes over the tiles, done `tiles_per_pass` tiles at a time (by
+    default ELEMS_PER_PASS elements), so the temporaries stay ~20 bytes per element of one pass
+    (~0.7 GB) however large the layer (an OPT-175B layer built on the GPU holds 74k 128 x 64 tiles)."""
+    if keep.shape[1] != layout.tile_elems:
+        raise ValueError(f"tiles of {keep.shape[1]} elements given for a layout of {layout.tile_elems}")
+    if tiles_per_pass is None:
+        tiles_per_pass = ELEMS_PER_PASS // layout.tile_elems
     if keep.shape[0] > tiles_per_pass:
-        parts = [_bank_ordered_pass(bits[t : t + tiles_per_pass], keep[t : t + tiles_per_pass])
+        parts = [_bank_ordered_pass(bits[t : t + tiles_per_pass], keep[t : t + tiles_per_pass], layout)
                  for t in range(0, keep.shape[0], tiles_per_pass)]
         sizes = [int(w.numel()) for w, _ in parts]
         if sum(sizes) > MAX_STORED_ELEMENTS:
@@ -138,39 +176,42 @@ def bank_ordered_words(bits: torch.Tensor, keep: torch.Tensor,
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         offsets = torch.cat([parts[0][1][:1]] + [o[1:] + start for (_, o), start in zip(parts, starts)])
         return torch.cat([w for w, _ in parts]), offsets
-    return _bank_ordered_pass(bits, keep)
+    return _bank_ordered_pass(bits, keep, layout)
 
 
-def _bank_ordered_pass(bits: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _bank_ordered_pass(bits: torch.Tensor, keep: torch.Tensor,
+                       layout: WordLayout) -> tuple[torch.Tensor, torch.Tensor]:
     tiles, device = keep.shape[0], keep.device
-    locations, slots = _bank_major(device)
-    keep_bm = keep[:, locations].view(tiles, BANKS, PER_BANK)
-    per_bank = keep_bm.sum(2, dtype=torch.int32)  # (tiles, banks)
+    tile_elems = layout.tile_elems
+    per_bank = tile_elems // BANKS  # slots of one bank in a tile (the slots cover the tile's words)
+    locations, slots = _bank_major(device, layout)
+    keep_bm = keep[:, locations].view(tiles, BANKS, per_bank)
+    bank_counts = keep_bm.sum(2, dtype=torch.int32)  # (tiles, banks)
     rank = keep_bm.cumsum(2, dtype=torch.int32)  # 1-based rank of each kept word in its bank
     # Round r holds the rank-r word of every bank with more than r words, in bank order.
-    active = per_bank[:, :, None] > torch.arange(PER_BANK, dtype=torch.int32, device=device)
+    active = bank_counts[:, :, None] > torch.arange(per_bank, dtype=torch.int32, device=device)
     before = active.cumsum(1, dtype=torch.int32)  # banks up to and including this one still active
     per_round = before[:, -1, :]
     round_start = per_round.cumsum(1, dtype=torch.int32) - per_round
     # The kept words, bank by bank; flat indices into the tiles (1-D gathers are the fast ones).
     flat = torch.nonzero(keep_bm.view(-1)).squeeze(1)
-    if tiles * TILE_ELEMS < 2**31:  # half the bytes of every pass below
+    if tiles * tile_elems < 2**31:  # half the bytes of every pass below
         flat = flat.to(torch.int32)
-    tile, within = flat // TILE_ELEMS, flat % TILE_ELEMS
-    bank = within // PER_BANK
+    tile, within = flat // tile_elems, flat % tile_elems
+    bank = within // per_bank
     r = rank.view(-1).index_select(0, flat).to(flat.dtype) - 1
-    seq = (round_start.view(-1).index_select(0, tile * PER_BANK + r)
-           + before.view(-1).index_select(0, (tile * BANKS + bank) * PER_BANK + r) - 1)  # in round-robin order
-    counts = per_bank.sum(1, dtype=torch.int64)
+    seq = (round_start.view(-1).index_select(0, tile * per_bank + r)
+           + before.view(-1).index_select(0, (tile * BANKS + bank) * per_bank + r) - 1)  # in round-robin order
+    counts = bank_counts.sum(1, dtype=torch.int64)
     full = (counts // GROUP * GROUP).to(flat.dtype).index_select(0, tile)
     rnd, lane = seq // ROUND, seq % ROUND
     place = torch.where(seq < full, WORD_ALIGN * (ROUND * (rnd // WORD_ALIGN) + lane) + rnd % WORD_ALIGN, seq)
     place += (torch.cumsum(counts, 0) - counts).to(flat.dtype).index_select(0, tile)
-    value_bits = bits.reshape(-1).index_select(0, tile * TILE_ELEMS + locations.index_select(0, within))
+    value_bits = bits.reshape(-1).index_select(0, tile * tile_elems + locations.index_select(0, within))
     kept = _words(value_bits, slots.index_select(0, within))
     nonzero_words = torch.empty_like(kept)
     nonzero_words[place] = kept
-    sentinel = SENTINEL_SLOT << (8 * bits.element_size())  # value bits 0 in the low half
+    sentinel = layout.sentinel_slot << (8 * bits.element_size())  # value bits 0 in the low half
     return pack_aligned(counts, nonzero_words, WORD_ALIGN, sentinel)
 
 
@@ -181,23 +222,91 @@ def split_words(words: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, 
     return pair[:, 0].contiguous().view(dtype), pair[:, 1].to(torch.int64)
 
 
-class TiledCSLWeight(SparseWeight):
-    name = "tiled_csl"
-    format_code = 1
-    version = 2
-    upgradable_versions = (1,)
+class TiledWordsWeight(SparseWeight):
+    """What the Tiled-CSL formats share (`TiledCSLWeight`, `tiled_csl16.TiledCSL16Weight`): words
+    of value bits and slots, in the bank order of `bank_ordered_words`, runs padded with sentinels
+    to WORD_ALIGN words, and int32 offsets. A subclass names its `layout`."""
+
+    layout: ClassVar[WordLayout]
     tensor_names = ("words", "offsets")
 
     words: torch.Tensor
     offsets: torch.Tensor
 
     @classmethod
-    def from_dense(cls, weight: torch.Tensor) -> "TiledCSLWeight":
+    def from_dense(cls, weight: torch.Tensor) -> "TiledWordsWeight":
         weight = check_dense_weight(weight)
-        tm, tk = _grid(weight.shape)
-        tiles = to_storage_order(pad_2d(weight, tm * TILE_M, tk * TILE_K))
-        words, offsets = bank_ordered_words(tiles.view(_HALF_TYPES[weight.dtype][0]), tiles != 0)
+        layout = cls.layout
+        tm, tk = layout.grid(weight.shape)
+        tiles = layout.to_storage_order(pad_2d(weight, tm * layout.tile_m, tk * layout.tile_k))
+        words, offsets = bank_ordered_words(tiles.view(_HALF_TYPES[weight.dtype][0]), tiles != 0, layout=layout)
         return cls(tuple(weight.shape), weight.dtype, words=words, offsets=offsets)
+
+    def to_dense(self) -> torch.Tensor:
+        layout = self.layout
+        values, slots = split_words(self.words, self.dtype)
+        tile_of_word = torch.arange(self.offsets.numel() - 1, device=self.words.device)
+        # output_size: the total is known, so no device-to-host sync (CUDA graphs can capture this)
+        tile_of_word = tile_of_word.repeat_interleave(self.offsets.diff().to(torch.int64),
+                                                      output_size=self.words.numel())
+        # One spare slot per tile takes the sentinel words, as the kernel's shared memory does.
+        stride = layout.tile_elems + 1
+        tiles = torch.zeros((self.offsets.numel() - 1) * stride, dtype=self.dtype, device=self.words.device)
+        tiles[tile_of_word * stride + layout.location_of(slots)] = values
+        dense = layout.from_storage_order(tiles.view(-1, stride)[:, : layout.tile_elems], layout.grid(self.shape))
+        return dense[: self.shape[0], : self.shape[1]]
+
+    @property
+    def nnz(self) -> int:
+        _, slots = split_words(self.words, self.dtype)
+        return int((slots != self.layout.sentinel_slot).sum())
+
+    def _cast_values(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        values, slots = split_words(self.words, self.dtype)
+        return {"words": make_words(cast_finite(values, dtype, self.name), slots), "offsets": self.offsets}
+
+    def _validate(self) -> None:
+        layout, name = self.layout, self.name
+        tm, tk = layout.grid(self.shape)
+        words = expect_tensor(self, "words", _HALF_TYPES[self.dtype][1])
+        offsets = expect_tensor(self, "offsets", torch.int32, tm * tk + 1)
+        if words.device != offsets.device:
+            raise FormatError(f"{name} tensors are on different devices")
+        steps = check_offsets(self, offsets, words.numel(), WORD_ALIGN)
+        values, slots = split_words(words, self.dtype)
+        if bool(((slots < 0) | (slots > layout.sentinel_slot) | (slots % 2 != 0)).any()):
+            raise FormatError(f"{name} slots fall outside the {layout.tile_m}x{layout.tile_k} tile (corrupted data)")
+        real = slots != layout.sentinel_slot
+        tile_of_word = torch.arange(tm * tk, device=words.device).repeat_interleave(steps, output_size=words.numel())
+        # Within a tile: the non-zeros in any order, each slot once, then only sentinels, fewer
+        # than one vector of them.
+        first_word = offsets.to(torch.int64)
+        real_before = F.pad(real.cumsum(0), (1, 0))
+        real_per_tile = real_before[first_word[1:]] - real_before[first_word[:-1]]
+        if (bool((real_per_tile > layout.tile_elems).any())
+                or _repeated_slots(first_word, tile_of_word, slots, real, tile_elems=layout.tile_elems)):
+            raise FormatError(f"{name} slots are repeated within a tile (corrupted data)")
+        sentinels_before = F.pad((~real).cumsum(0), (1, 0))
+        after_sentinel = sentinels_before[:-1] - sentinels_before[first_word[:-1]][tile_of_word] > 0
+        if (bool((real & after_sentinel).any()) or bool((steps - real_per_tile >= WORD_ALIGN).any())
+                or bool(((values != 0) & ~real).any())):
+            raise FormatError(f"{name} padding is malformed (corrupted data)")
+        if not bool(torch.isfinite(values).all()):
+            raise FormatError(f"{name} values hold inf or NaN (corrupted data)")
+        if tm * layout.tile_m != self.shape[0] or tk * layout.tile_k != self.shape[1]:  # else there is no padding
+            locations = layout.location_of(slots)
+            rows = tile_of_word // tk * layout.tile_m + locations // layout.tile_k
+            cols = tile_of_word % tk * layout.tile_k + locations % layout.tile_k
+            if bool((real & ((rows >= self.shape[0]) | (cols >= self.shape[1]))).any()):
+                raise FormatError(f"{name} stores non-zeros in the padding (corrupted data)")
+
+
+class TiledCSLWeight(TiledWordsWeight):
+    name = "tiled_csl"
+    format_code = 1
+    version = 2
+    upgradable_versions = (1,)
+    layout = LAYOUT
 
     @classmethod
     def upgrade_state(cls, version: int, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -228,73 +337,19 @@ class TiledCSLWeight(SparseWeight):
         new_words, new_offsets = bank_ordered_words(dense_bits[:, :TILE_ELEMS], keep[:, :TILE_ELEMS])
         return {**state, "words": new_words, "offsets": new_offsets}
 
-    def to_dense(self) -> torch.Tensor:
-        values, slots = split_words(self.words, self.dtype)
-        tile_of_word = torch.arange(self.offsets.numel() - 1, device=self.words.device)
-        # output_size: the total is known, so no device-to-host sync (CUDA graphs can capture this)
-        tile_of_word = tile_of_word.repeat_interleave(self.offsets.diff().to(torch.int64),
-                                                      output_size=self.words.numel())
-        # One spare slot per tile takes the sentinel words, as the kernel's shared memory does.
-        tiles = torch.zeros(
-            (self.offsets.numel() - 1) * (TILE_ELEMS + 1), dtype=self.dtype, device=self.words.device
-        )
-        tiles[tile_of_word * (TILE_ELEMS + 1) + location_of(slots)] = values
-        dense = from_storage_order(tiles.view(-1, TILE_ELEMS + 1)[:, :TILE_ELEMS], _grid(self.shape))
-        return dense[: self.shape[0], : self.shape[1]]
-
-    @property
-    def nnz(self) -> int:
-        _, slots = split_words(self.words, self.dtype)
-        return int((slots != SENTINEL_SLOT).sum())
-
-    def _cast_values(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        values, slots = split_words(self.words, self.dtype)
-        return {"words": make_words(cast_finite(values, dtype, self.name), slots), "offsets": self.offsets}
-
-    def _validate(self) -> None:
-        tm, tk = _grid(self.shape)
-        words = expect_tensor(self, "words", _HALF_TYPES[self.dtype][1])
-        offsets = expect_tensor(self, "offsets", torch.int32, tm * tk + 1)
-        if words.device != offsets.device:
-            raise FormatError("tiled_csl tensors are on different devices")
-        steps = check_offsets(self, offsets, words.numel(), WORD_ALIGN)
-        values, slots = split_words(words, self.dtype)
-        if bool(((slots < 0) | (slots > SENTINEL_SLOT) | (slots % 2 != 0)).any()):
-            raise FormatError(f"tiled_csl slots fall outside the {TILE_M}x{TILE_K} tile (corrupted data)")
-        real = slots != SENTINEL_SLOT
-        tile_of_word = torch.arange(tm * tk, device=words.device).repeat_interleave(steps, output_size=words.numel())
-        # Within a tile: the non-zeros in any order, each slot once, then only sentinels, fewer
-        # than one vector of them.
-        first_word = offsets.to(torch.int64)
-        real_before = F.pad(real.cumsum(0), (1, 0))
-        real_per_tile = real_before[first_word[1:]] - real_before[first_word[:-1]]
-        if bool((real_per_tile > TILE_ELEMS).any()) or _repeated_slots(first_word, tile_of_word, slots, real):
-            raise FormatError("tiled_csl slots are repeated within a tile (corrupted data)")
-        sentinels_before = F.pad((~real).cumsum(0), (1, 0))
-        after_sentinel = sentinels_before[:-1] - sentinels_before[first_word[:-1]][tile_of_word] > 0
-        if (bool((real & after_sentinel).any()) or bool((steps - real_per_tile >= WORD_ALIGN).any())
-                or bool(((values != 0) & ~real).any())):
-            raise FormatError("tiled_csl padding is malformed (corrupted data)")
-        if not bool(torch.isfinite(values).all()):
-            raise FormatError("tiled_csl values hold inf or NaN (corrupted data)")
-        if tm * TILE_M != self.shape[0] or tk * TILE_K != self.shape[1]:  # else there is no padding
-            locations = location_of(slots)
-            rows = tile_of_word // tk * TILE_M + locations // TILE_K
-            cols = tile_of_word % tk * TILE_K + locations % TILE_K
-            if bool((real & ((rows >= self.shape[0]) | (cols >= self.shape[1]))).any()):
-                raise FormatError("tiled_csl stores non-zeros in the padding (corrupted data)")
-
-
 
 def _repeated_slots(first_word: torch.Tensor, tile_of_word: torch.Tensor, slots: torch.Tensor,
-                    real: torch.Tensor, tiles_per_pass: int = 1024) -> bool:
-    """Whether a tile holds a slot twice; counted a bounded number of tiles at a time (a count per
-    slot of the whole weight would take 8 bytes per weight element)."""
+                    real: torch.Tensor, tiles_per_pass: int | None = None, tile_elems: int = TILE_ELEMS) -> bool:
+    """Whether a tile holds a slot twice; counted a bounded number of tiles at a time (by default
+    ELEMS_PER_COUNT slots: a count per slot of the whole weight would take 8 bytes per weight
+    element)."""
+    if tiles_per_pass is None:
+        tiles_per_pass = ELEMS_PER_COUNT // tile_elems
     tiles = first_word.numel() - 1
     for t0 in range(0, tiles, tiles_per_pass):
         lo, hi = int(first_word[t0]), int(first_word[min(t0 + tiles_per_pass, tiles)])
         keep = real[lo:hi]
-        key = (tile_of_word[lo:hi][keep] - t0) * TILE_ELEMS + (slots[lo:hi][keep] >> 1)
+        key = (tile_of_word[lo:hi][keep] - t0) * tile_elems + (slots[lo:hi][keep] >> 1)
         if key.numel() and int(torch.bincount(key).max()) > 1:
             return True
     return False

@@ -330,7 +330,7 @@ class CudaKernel:
             raise ValueError(f"the CUDA-core {self.label} path (cores) multiplies one activation row, got {n}")
         mt, kt = self.grid(out_features, in_features)
         kernel = self.compiled(cfg, dtype, device)
-        blocks_m = -(-mt // cfg.strips)
+        blocks_m = -(-mt // cfg.tile_rows_per_block(self.format))
         blocks_n = -(-n // cfg.nrows)
 
         def slots() -> int:  # resident-block slots of the whole GPU

@@ -31,6 +31,11 @@ can compare the result with `to_dense` bit for bit and with a float64 product:
   activations staged in that swizzle, `stage_x_sw128`), the bitmap decode's registers as the A
   operand (`bitmap_wgmma_a`), the documented accumulator layout (`wgmma_d_layout`) and the
   epilogue's shuffle into pairs along M (`store_half_targets`).
+* `tiled_csl16_b_fragments`, `tiled_csl16_kernel`, `tiled_csl16_expanded`: the tiled_csl16 kernel
+  (`cuda/tiled_csl16_spmm.cu`): each warp's scatter of a 16 x 64 tile into its fragment-ordered
+  shared tile (the staged words and the over-full rest read from global memory), the four 16-byte
+  loads per lane that are its B registers, the activation chunks of 128 / NROWS tiles; and its
+  expansion kernel's gather of 4 pairs per output chunk.
 * `mma_m16n8k16`: the tensor-core instruction at register level, with the fragment layouts the PTX
   ISA documents; `bitmap_kernel` / `tiled_csl_kernel` chain everything with the kernels' split-K
   partition, blocks along N and the epilogue's (n, m) mapping.
@@ -47,7 +52,9 @@ from typing import Optional
 import torch
 
 from ..formats.bitmap import GROUP_K, GROUP_M, BitmapWeight
+from ..formats import tiled_csl16 as csl16
 from ..formats.tiled_csl import TILE_ELEMS, TILE_K, TILE_M, TiledCSLWeight
+from ..formats.tiled_csl16 import TiledCSL16Weight
 from .configs import persistent_ranges
 
 LANES = 32
@@ -741,6 +748,103 @@ def tiled_csl_kernel(x: torch.Tensor, w: TiledCSLWeight, bias: Optional[torch.Te
 
     return _run_blocks(a_regs, b_regs, tk, [[s] for s in range(tm)], m8_of, WARPS * 4, x, out_features, bias, plan,
                        steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# tiled_csl16 (cuda/tiled_csl16_spmm.cu, cuda/tiled_csl16_expand.cu)
+# ---------------------------------------------------------------------------------------------
+CSL16_DENSE_SLOTS = csl16.TILE_ELEMS + 8  # halves of a warp's dense tile (DENSE_BYTES / 2)
+
+
+def tiled_csl16_shared_tiles(w: TiledCSL16Weight, words_per_stage: int) -> torch.Tensor:
+    """(tiles, CSL16_DENSE_SLOTS) warp tiles after `csl16::scatter_run`: the first
+    `words_per_stage` words of a run from the stage buffer, the rest straight from global memory,
+    each value at its word's byte offset clamped to the spare slot."""
+    tiles = w.offsets.numel() - 1
+    out = torch.zeros(tiles, CSL16_DENSE_SLOTS, dtype=torch.int64)
+    words = w.words.to(torch.int64) & 0xFFFFFFFF
+    off = w.offsets.to(torch.int64)
+    for t in range(tiles):
+        start, count = int(off[t]), min(max(int(off[t + 1] - off[t]), 0), csl16.TILE_ELEMS)
+        for piece in (words[start : start + min(count, words_per_stage)],
+                      words[start + min(count, words_per_stage) : start + count]):
+            out[t, (piece >> 16).clamp(max=csl16.SENTINEL_SLOT) >> 1] = piece & 0xFFFF
+    return out
+
+
+def tiled_csl16_b_fragments(w: TiledCSL16Weight, words_per_stage: int = 256) -> torch.Tensor:
+    """The B registers each lane loads per tile: (tiles, h, q, 32 lanes, 4), the 16 bytes at byte
+    1024 h + 512 q + 16 lane of the warp's tile as 4 32-bit registers (halves: low = lower address)."""
+    shared = tiled_csl16_shared_tiles(w, words_per_stage)
+    tiles = shared.shape[0]
+    halves = shared[:, : csl16.TILE_ELEMS].reshape(tiles, 2, 2, LANES, 4, 2)  # (tile, h, q, lane, reg, half)
+    return halves[..., 0] | (halves[..., 1] << 16)
+
+
+def tiled_csl16_decoded(w: TiledCSL16Weight, words_per_stage: int = 256) -> torch.Tensor:
+    """The dense weight as the tiled_csl16 kernel's B registers hold it (compare bitwise): register
+    (b0, b1) of k16 step kc are registers 2 (kc % 2), + 1 of b[h][kc // 2], holding rows 8 h + g and
+    columns 16 kc + 2 t (+ 1) and + 8 (+ 9), as mma.m16n8k16 reads B."""
+    frags = tiled_csl16_b_fragments(w, words_per_stage)
+    tm, tk = -(-w.shape[0] // csl16.TILE_M), -(-w.shape[1] // csl16.TILE_K)
+    tile = torch.zeros(tm * tk, csl16.TILE_M, csl16.TILE_K, dtype=torch.int64)
+    for h in range(2):
+        for kc in range(4):
+            for r, dk in enumerate((0, 8)):
+                reg = frags[:, h, kc // 2, :, 2 * (kc % 2) + r]  # (tiles, 32)
+                for e in range(2):
+                    tile[:, 8 * h + _G, 16 * kc + dk + 2 * _T + e] = (reg >> (16 * e)) & 0xFFFF
+    dense = tile.reshape(tm, tk, csl16.TILE_M, csl16.TILE_K).transpose(1, 2).reshape(tm * csl16.TILE_M, -1)
+    return dense[: w.shape[0], : w.shape[1]]
+
+
+def tiled_csl16_kernel(x: torch.Tensor, w: TiledCSL16Weight, bias: Optional[torch.Tensor],
+                       plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tiled_csl16 kernel's output (and per-element write counts) for x (N, K), emulated. The
+    activation chunks (128 / NROWS tiles staged at once) hold the same rows `stage_x` stages per
+    tile; the block's warps (row groups) only share them, so each row group runs as its own block."""
+    out_features, in_features = w.shape
+    tm, tk = -(-out_features // csl16.TILE_M), -(-in_features // csl16.TILE_K)
+    frags = tiled_csl16_b_fragments(w, plan.words_per_stage).reshape(tm, tk, 2, 2, LANES, 4)
+    xp, kx = padded_activations(x, in_features)
+    steps = 2 if plan.nrows == 8 else 1  # A_STEPS
+
+    def a_regs(n0, kt):
+        return a_fragments(stage_x(xp, plan.nrows, n0, kt * csl16.TILE_K, kx), plan.nrows, steps)
+
+    def b_regs(group, kt):
+        f = frags[group, kt].reshape(2, 2, LANES, 2, 2)  # (h, q, lane, kc % 2, reg)
+        return f.permute(0, 1, 3, 2, 4).reshape(2, 4, LANES, 2)  # (h, kc, lane, (b0, b1))
+
+    def m8_of(group, i):
+        return group * csl16.TILE_M + 8 * i
+
+    return _run_blocks(a_regs, b_regs, tk, [[g] for g in range(tm)], m8_of, 2, x, out_features, bias, plan, steps)
+
+
+def tiled_csl16_expanded(w: TiledCSL16Weight) -> torch.Tensor:
+    """The dense weight `flashllm_tiled_csl16_expand` writes (value bits in `w`'s dtype, M x K):
+    each warp's tile scattered (every word of the run), then output chunk c (row c / 8, columns
+    8 (c % 8)..) gathered as the 4 32-bit pairs at word `first` + 4 t."""
+    m, k = w.shape
+    k_tiles = -(-k // csl16.TILE_K)
+    shared = tiled_csl16_shared_tiles(w, csl16.TILE_ELEMS)
+    tiles = shared.shape[0]
+    pairs = shared[:, : csl16.TILE_ELEMS].reshape(tiles, -1, 2)
+    pairs = pairs[..., 0] | (pairs[..., 1] << 16)  # (tiles, 512) 32-bit words
+    c = torch.arange(csl16.TILE_ELEMS // 8)
+    r, mm = c >> 3, c & 7
+    s, hi = mm >> 1, mm & 1
+    first = (1024 * (r >> 3) + 512 * (s >> 1) + 64 * (r & 7) + 4 * (2 * (s & 1) + hi)) >> 2
+    tile = torch.arange(tiles)[:, None]
+    row = tile // k_tiles * csl16.TILE_M + r
+    col = tile % k_tiles * csl16.TILE_K + mm * 8
+    dense = torch.full((m, k), -1, dtype=torch.int64)  # anything not stored stays -1: a test catches it
+    for e in range(8):
+        value = (pairs[:, first + 4 * (e >> 1)] >> (16 * (e & 1))) & 0xFFFF
+        keep = (row < m) & (col + e < k)
+        dense[row[keep], (col + e)[keep]] = value[keep]
+    return dense
 
 
 # ---------------------------------------------------------------------------------------------

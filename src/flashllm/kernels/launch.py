@@ -802,7 +802,8 @@ def build_jobs(checked: bool = False) -> list[tuple[str, str, dict[str, int]]]:
 
     jobs = [finalize_job(False), finalize_job(True), finalize_job(True, pdl=True),
             ("bitmap_expand.cu", "flashllm_bitmap_expand", {}),
-            ("tiled_csl_expand.cu", "flashllm_tiled_csl_expand", {})]
+            ("tiled_csl_expand.cu", "flashllm_tiled_csl_expand", {}),
+            ("tiled_csl16_expand.cu", "flashllm_tiled_csl16_expand", {})]
     for fmt, cfg in configs.checked_variants() if checked else configs.shipped_variants():
         jobs.append((configs.kernel_source(fmt), f"flashllm_{fmt}_spmm", cfg.defines(fmt)))
     return jobs

@@ -109,15 +109,16 @@ def kernel_path(format_name: str, device_type: str) -> str:
     code = get_format(format_name).format_code
     if (code, device_type) in FAST_KERNELS:
         if device_type == "cuda":
-            from .configs import MAX_FAST_N, expand_enabled
+            from .configs import MAX_FAST_N, PENDING_FORMATS, expand_enabled
 
             from . import self_check
 
             above = "the expansion kernel + cuBLAS above that" if expand_enabled() else "reference otherwise"
             check = "each variant checked on first use" if self_check.enabled() else \
                 f"first-use checks off by {self_check.ENV}=0"
+            pending = "; experimental: not yet run on a GPU" if format_name in PENDING_FORMATS else ""
             return (f"fast CUDA kernel for fp16/bf16 and up to {MAX_FAST_N} rows on compute capability "
-                    f"8.0+ ({check}); {above}")
+                    f"8.0+ ({check}{pending}); {above}")
         return f"fast {device_type.upper()} kernel"
     if device_type == "cuda":
         return "reference (decode + dense GEMM): the CUDA kernels are off (FLASHLLM_CUDA_KERNELS=0)"
