@@ -48,6 +48,7 @@ echo "splitk_finalize.cu -DFLASHLLM_REZERO=1" >> "$LIST"
 echo "splitk_finalize.cu -DFLASHLLM_PDL=1 -DFLASHLLM_REZERO=1" >> "$LIST"
 echo "bitmap_expand.cu" >> "$LIST"
 echo "tiled_csl_expand.cu" >> "$LIST"
+echo "tiled_csl16_expand.cu" >> "$LIST"
 # The diagnostic probe builds (FLASHLLM_PROBE, python -m flashllm.bench.probes), one code shape each.
 for p in 1 2 3; do for d in 0 1; do
   echo "bitmap_spmm.cu -DFLASHLLM_NROWS=16 -DFLASHLLM_STAGES=3 -DFLASHLLM_STRIPS=1 -DFLASHLLM_DECODE=$d -DFLASHLLM_PROBE=$p"

@@ -94,14 +94,13 @@ __device__ __forceinline__ U4 ldg_u4(const U4* p) {
   return v;
 }
 
-// cp.async the first `chunks` (<= CAPW / 4) 16-byte chunks of a run, chunk c by lane c % 32.
-__device__ __forceinline__ void copy_run_warp(u32 dst, const u32* src, int chunks, int lane) {
-  const unsigned char* s = reinterpret_cast<const unsigned char*>(src) + lane * 16;
-  const u32 d = dst + lane * 16;
+// cp.async the first `chunks` (<= CAPW / 4) 16-byte chunks of a run, chunk c by lane c % 32; `src`
+// is the run's start plus this lane's first chunk, `dst` the stage plus the same.
+__device__ __forceinline__ void copy_run_warp(u32 dst, const unsigned char* src, int chunks, int lane) {
 #pragma unroll
   for (int i = 0; i < CAPW / 128; ++i) {
     if (lane + i * 32 >= chunks) break;
-    cp_async16_full(d + i * 512, s + i * 512);
+    cp_async16_full(dst + i * 512, src + i * 512);
   }
 }
 
@@ -173,11 +172,14 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_tiled_c
   const XStager xstage(x, ldx, n0, N, kx, tid);
   auto stage_chunk = [&](int c) {  // the activations of tiles c XT .. c XT + XT - 1 of the split
 #pragma unroll 1
-    for (int t = 0; t < XT; ++t) xstage.stage(xbase + t * X_STAGE_BYTES, (kt0 + c * XT + t) * TILE_K);
+    for (int t = 0; t < min(XT, nk - c * XT); ++t) xstage.stage(xbase + t * X_STAGE_BYTES, (kt0 + c * XT + t) * TILE_K);
   };
+  // This lane's first chunk of a run starting at word 0, and of its stage buffers.
+  const unsigned char* lane_words = reinterpret_cast<const unsigned char*>(words) + lane * 16;
+  const u32 lane_stage0 = stage0 + lane * 16;
   auto issue = [&](int st, int lo, int hi) {
     const int count = min(max(hi - lo, 0), TILE_ELEMS);
-    copy_run_warp(stage0 + st * WORDS_BYTES, words + lo, min(count, CAPW) >> 2, lane);
+    copy_run_warp(lane_stage0 + st * WORDS_BYTES, lane_words + static_cast<size_t>(lo) * 4, min(count, CAPW) >> 2, lane);
   };
 
   // Prologue: the first activation chunk (its own cp.async group, the oldest), then STAGES - 1
