@@ -11,8 +11,8 @@ from typing import Optional
 import torch
 
 from ..formats.tiled_csl16 import TILE_K, TILE_M, TiledCSL16Weight
-from . import configs
-from .cuda_op import DTYPES, CudaKernel, TensorSpec
+from . import configs, tiled_csl_cuda
+from .cuda_op import DTYPES, CudaKernel
 
 FORMAT = "tiled_csl16"
 KERNEL = CudaKernel(
@@ -21,10 +21,7 @@ KERNEL = CudaKernel(
     source="tiled_csl16_spmm.cu",
     kernel="flashllm_tiled_csl16_spmm",
     tile=(TILE_M, TILE_K),
-    tensors=(
-        TensorSpec("words", torch.int32, aligned=True),
-        TensorSpec("offsets", torch.int32, lambda mt, kt: mt * kt + 1),
-    ),
+    tensors=tiled_csl_cuda.KERNEL.tensors,  # Tiled-CSL's words and offsets, on this format's tile grid
     payload="words",
     expand_source="tiled_csl16_expand.cu",
     expand_tiles=8,

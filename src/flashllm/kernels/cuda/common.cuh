@@ -207,6 +207,32 @@ __device__ __forceinline__ void sts_zero16(u32 addr) {
   asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0u) : "memory");
 }
 
+// Sixteen bytes moved by one instruction (NVRTC's built-in vector types are not relied on).
+struct alignas(16) U4 {
+  u32 x, y, z, w;
+};
+
+// The Tiled-CSL scatter's store (tiled_csl_spmm.cu, tiled_csl16_spmm.cu): the value of word w (value
+// | slot << 16) lands at byte (w >> 16) of the dense tile at shared address `base`, if `ok`. Clamped
+// (to `limit`, the spare slot's address) so that corrupt data, which the formats' validation
+// refuses, lands there instead of outside the tile. The slot is added before the clamp, so a word
+// costs two instructions (LEA.HI, VIMNMX) and the store; no memory clobber (the kernels' barriers
+// order the stores with the reads), though ptxas still keeps a later shared load below them.
+// Predicated, not branched: a batch's last loads are past the words for some threads, and a branch
+// around each quad's stores cost three instructions more per quad.
+__device__ __forceinline__ void store_word_if(u32 base, u32 limit, u32 w, bool ok) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.u32 p, %2, 0;\n @p st.shared.u16 [%0], %1;\n}\n" ::"r"(min(base + (w >> 16), limit)),
+      "h"(static_cast<unsigned short>(w)), "r"(static_cast<u32>(ok)));
+}
+// The four words of one 16-byte load.
+__device__ __forceinline__ void store_quad_if(u32 base, u32 limit, const U4& v, bool ok) {
+  store_word_if(base, limit, v.x, ok);
+  store_word_if(base, limit, v.y, ok);
+  store_word_if(base, limit, v.z, ok);
+  store_word_if(base, limit, v.w, ok);
+}
+
 // PRMT in its default mode. CUDA's __byte_perm masks every selector nibble to 3 bits first (one
 // extra LOP3 per call); the selectors here never set a nibble's mode bit.
 __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {

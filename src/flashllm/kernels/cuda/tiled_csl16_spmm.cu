@@ -59,25 +59,6 @@ static_assert(SMEM_BYTES == FLASHLLM_SMEM_BYTES, "configs.LaunchConfig.smem_byte
 constexpr int SCATTER_LOADS = CAPW / 128;  // a full stage: CAPW / 4 quads over 32 lanes
 constexpr int SCATTER_BATCH = SCATTER_LOADS < 4 ? (SCATTER_LOADS > 0 ? SCATTER_LOADS : 1) : 4;
 
-struct alignas(16) U4 {
-  u32 x, y, z, w;
-};
-
-// The value of word w lands at byte (w >> 16) of the dense tile at shared address `base`, if `ok`;
-// clamped to `limit` (the spare slot) so that corrupt data, which the format's validation refuses,
-// stays inside the warp's tile.
-__device__ __forceinline__ void store_word_if(u32 base, u32 limit, u32 w, bool ok) {
-  asm volatile(
-      "{\n .reg .pred p;\n setp.ne.u32 p, %2, 0;\n @p st.shared.u16 [%0], %1;\n}\n" ::"r"(min(base + (w >> 16), limit)),
-      "h"(static_cast<unsigned short>(w)), "r"(static_cast<u32>(ok)));
-}
-__device__ __forceinline__ void store_quad_if(u32 base, u32 limit, const U4& v, bool ok) {
-  store_word_if(base, limit, v.x, ok);
-  store_word_if(base, limit, v.y, ok);
-  store_word_if(base, limit, v.z, ok);
-  store_word_if(base, limit, v.w, ok);
-}
-
 __device__ __forceinline__ U4 lds_u4(u32 addr) {
   U4 v;
   asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"

@@ -139,27 +139,10 @@ static_assert(DENSE_BYTES % 16 == 0 && STAGE_BYTES % 16 == 0, "16-byte aligned b
 static_assert(SMEM_BYTES == FLASHLLM_SMEM_BYTES, "configs.LaunchConfig.smem_bytes disagrees with the kernel");
 #endif
 
-struct alignas(16) U4 {
-  u32 x, y, z, w;
-};
 struct alignas(8) RunInfo {
   int start;  // first word of the tile
   int count;  // words of the tile, padding included
 };
-
-// The value of word w lands at byte (w >> 16) of the dense tile at shared address `base`, if `ok`.
-// Clamped (to `limit`, the spare slot's address) so that corrupt data, which the format's
-// validation refuses, lands there instead of outside the buffer. The slot is added before the
-// clamp, so a word costs two instructions (LEA.HI, VIMNMX) and the store; no memory clobber
-// (__syncthreads orders the stores with the ldmatrix reads), though ptxas still keeps a later
-// shared load below them (SCATTER_BATCH). Predicated, not branched: a batch's last loads (below)
-// are past the words for some threads, and a branch around each quad's stores cost three
-// instructions more per quad.
-__device__ __forceinline__ void store_word_if(u32 base, u32 limit, u32 w, bool ok) {
-  asm volatile(
-      "{\n .reg .pred p;\n setp.ne.u32 p, %2, 0;\n @p st.shared.u16 [%0], %1;\n}\n" ::"r"(min(base + (w >> 16), limit)),
-      "h"(static_cast<unsigned short>(w)), "r"(static_cast<u32>(ok)));
-}
 
 // A thread's 16-byte word loads per batch, all issued before the batch's stores: ptxas keeps a
 // shared load below any earlier shared store (they might alias), so a loop of load-then-stores
@@ -185,11 +168,7 @@ __device__ __forceinline__ void scatter_words(const unsigned char* words, int n,
     }
 #pragma unroll
     for (int b = 0; b < SCATTER_BATCH; ++b) {
-      const bool ok = q0 + b * THREADS < quads;
-      store_word_if(base, limit, v[b].x, ok);
-      store_word_if(base, limit, v[b].y, ok);
-      store_word_if(base, limit, v[b].z, ok);
-      store_word_if(base, limit, v[b].w, ok);
+      store_quad_if(base, limit, v[b], q0 + b * THREADS < quads);
     }
   }
 }
