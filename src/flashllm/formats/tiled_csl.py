@@ -114,6 +114,12 @@ class WordLayout:
     tile_k: int
     slot_of: Callable[[torch.Tensor], torch.Tensor]
     location_of: Callable[[torch.Tensor], torch.Tensor]
+    # The last, partial group of 128 words: kept in round-robin order (False: tiled_csl version 2),
+    # or its first 4 m words (m = its words // 4) placed column-wise, word k as component k // m of
+    # lane k % m, so that each of its 4 stores takes m consecutive words of the round-robin order
+    # (different banks, but where a round ends) instead of words 4 apart (up to 4 rounds, 2-4 way
+    # conflicts); the last words and the sentinels follow as before.
+    spread_tail: bool = False
 
     @property
     def tile_elems(self) -> int:
@@ -206,6 +212,12 @@ def _bank_ordered_pass(bits: torch.Tensor, keep: torch.Tensor,
     full = (counts // GROUP * GROUP).to(flat.dtype).index_select(0, tile)
     rnd, lane = seq // ROUND, seq % ROUND
     place = torch.where(seq < full, WORD_ALIGN * (ROUND * (rnd // WORD_ALIGN) + lane) + rnd % WORD_ALIGN, seq)
+    if layout.spread_tail:
+        tail = seq - full  # position in the partial group (negative in the full ones)
+        columns = ((counts % GROUP) // WORD_ALIGN).to(flat.dtype).index_select(0, tile)  # its lanes with 4 words
+        spread = (tail >= 0) & (tail < WORD_ALIGN * columns)
+        lanes = columns.clamp(min=1)
+        place = torch.where(spread, full + WORD_ALIGN * (tail % lanes) + tail // lanes, place)
     place += (torch.cumsum(counts, 0) - counts).to(flat.dtype).index_select(0, tile)
     value_bits = bits.reshape(-1).index_select(0, tile * tile_elems + locations.index_select(0, within))
     kept = _words(value_bits, slots.index_select(0, within))

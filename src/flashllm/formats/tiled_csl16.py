@@ -30,10 +30,14 @@ Layout version 1 (everything a kernel must know lives in this block):
   word 4 (32 i + l) + c: round-robin over the 32 shared-memory banks of their slots
   (``(slot >> 2) % 32``; each bank's first word in slot order, then each bank's second, ...), round
   k of 32 words placed as component k % 4 of lanes 32 (k // 4) .. 32 (k // 4) + 31 of each group
-  of 128 words, so every full round is one store without bank conflicts. A tile's last, partial
-  group of 128 keeps the round-robin order, and the sentinels come last. This is `tiled_csl`'s
-  order (`tiled_csl.bank_ordered_words`) with this tile and slot function. Any order decodes the
-  same; readers may not assume one.
+  of 128 words, so every full round is one store without bank conflicts. This is `tiled_csl`'s
+  order (`tiled_csl.bank_ordered_words`) with this tile and slot function, except for a tile's
+  last, partial group of 128, which here holds a third or more of a tile's words (77 of about 205 at
+  80%): of its ``n`` words the first ``4 m`` (``m = n // 4``) continue the round-robin order
+  column-wise, word ``k`` as component ``k // m`` of lane ``k % m``, so each of the group's 4 stores
+  takes ``m`` consecutive words of that order (different banks, except where a round ends) rather
+  than words 4 apart; the last ``n % 4`` words, then the sentinels, come after them. Any order
+  decodes the same; readers may not assume one.
 * ``offsets``: int32, one per tile plus one, the start of each tile's run in ``words``.
 
 ``nbytes = word * sum_t ceil4(nnz_t) + 4 * (tiles + 1) + 40`` with ``word`` 4 bytes (8 for fp32),
@@ -71,7 +75,7 @@ def location_of(slots: torch.Tensor) -> torch.Tensor:
     return r * TILE_K + c
 
 
-LAYOUT = WordLayout(TILE_M, TILE_K, slot_of, location_of)
+LAYOUT = WordLayout(TILE_M, TILE_K, slot_of, location_of, spread_tail=True)
 to_storage_order, from_storage_order = LAYOUT.to_storage_order, LAYOUT.from_storage_order
 
 
