@@ -77,11 +77,13 @@ __device__ __forceinline__ U4 ldg_u4(const U4* p) {
 
 // cp.async the first `chunks` (<= CAPW / 4) 16-byte chunks of a run, chunk c by lane c % 32; `src`
 // is the run's start plus this lane's first chunk, `dst` the stage plus the same.
+// Predicated rather than branched (a lane's last chunks are past the run): a branch per chunk cost
+// the loop its convergence bookkeeping (BSSY, BSYNC) and two branches.
 __device__ __forceinline__ void copy_run_warp(u32 dst, const unsigned char* src, int chunks, int lane) {
 #pragma unroll
   for (int i = 0; i < CAPW / 128; ++i) {
-    if (lane + i * 32 >= chunks) break;
-    cp_async16_full(dst + i * 512, src + i * 512);
+    asm volatile("{\n .reg .pred p;\n setp.lt.s32 p, %2, %3;\n @p cp.async.cg.shared.global [%0], [%1], 16;\n}\n"
+                 ::"r"(dst + i * 512), "l"(src + i * 512), "r"(lane + i * 32), "r"(chunks) : "memory");
   }
 }
 
@@ -160,7 +162,8 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_tiled_c
   const u32 lane_stage0 = stage0 + lane * 16;
   auto issue = [&](int st, int lo, int hi) {
     const int count = min(max(hi - lo, 0), TILE_ELEMS);
-    copy_run_warp(lane_stage0 + st * WORDS_BYTES, lane_words + static_cast<size_t>(lo) * 4, min(count, CAPW) >> 2, lane);
+    copy_run_warp(lane_stage0 + st * WORDS_BYTES, lane_words + static_cast<size_t>(static_cast<u32>(lo)) * 4,
+                  min(count, CAPW) >> 2, lane);
   };
 
   // Prologue: the first activation chunk (its own cp.async group, the oldest), then STAGES - 1
