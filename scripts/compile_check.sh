@@ -39,7 +39,7 @@ else
   # The pipeline depth and stage size change constants, not code: keep the first variant of each
   # (source, NROWS, STRIPS, DECODE, WARPS, VALCAP, DENSE_TILES, PREFETCH, FIXUP, PERSISTENT, OFFSET_RING, BULK, TPS,
   # CORES, WGMMA, PDL).
-  awk '{ key = $1; for (i = 2; i <= NF; i++) if ($i ~ /NROWS|STRIPS|DECODE|WARPS|VALCAP|DENSE_TILES|PREFETCH|FIXUP|PERSISTENT|OFFSET_RING|BULK|TPS|CORES|WGMMA|PDL/) key = key " " $i;
+  awk '{ key = $1; for (i = 2; i <= NF; i++) if ($i ~ /NROWS|STRIPS|DECODE|WARPS|VALCAP|DENSE_TILES|PREFETCH|FIXUP|PERSISTENT|OFFSET_RING|BULK|TPS|CORES|WGMMA|PDL|XROWS/) key = key " " $i;
          if (!(key in seen)) { seen[key] = 1; print } }' "$LIST.all" > "$LIST"
 fi
 # The split-K epilogue and the expansion kernels (prefill) have no tile parameters.

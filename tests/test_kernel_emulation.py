@@ -463,14 +463,14 @@ def test_tiled_csl16_kernel_emulated(dtype, m, k, n, sparsity, plan, gen):
 
 
 @pytest.mark.parametrize("stages", [2, 3, 4, 6])
-@pytest.mark.parametrize("nrows", [8, 16, 32, 64])
+@pytest.mark.parametrize("nrows,x_rows", [(8, 128), (16, 128), (32, 128), (64, 128), (8, 64), (64, 64)])
 @pytest.mark.parametrize("nk", [1, 2, 3, 5, 16, 17, 33, 61])
-def test_tiled_csl16_pipeline_waits_for_what_it_reads(stages, nrows, nk):
+def test_tiled_csl16_pipeline_waits_for_what_it_reads(stages, nrows, x_rows, nk):
     # tiled_csl16_spmm.cu's loop control replayed: the cp.async groups a thread commits (the first
     # activation chunk, then one per tile copy, empty past the split, and a chunk's own group at each
     # later chunk start), the waits, and the run-bound windows. At tile i the wait must leave tile i's
     # copy and its activation chunk complete, and every shuffle must read inside the current window.
-    xt = 128 // nrows
+    xt = x_rows // nrows  # FLASHLLM_XROWS
     groups = ["x0"] + [f"w{p}" if p < nk else "empty" for p in range(stages - 1)]
     done = 0  # groups completed, oldest first
     window = 0

@@ -186,7 +186,8 @@ _CSL_DENSE_BYTES = (8192 + 8) * 2
 _CSL_WGMMA_DENSE_BYTES = -(-_CSL_DENSE_BYTES // 1024) * 1024  # `wgmma`: padded to 1024 bytes
 _WGMMA_SLACK = 1024  # `wgmma`: the layout starts at the block's first 1024-byte boundary
 _CSL_CORE_SUMS_BYTES = 128 * 32 * 4  # `cores`: per-lane fp32 sums of the tile's 128 rows
-_CSL16_X_BYTES = 128 * _XS_STRIDE_BYTES  # tiled_csl16: a chunk of 128 / nrows activation tiles
+# tiled_csl16: activation rows staged per chunk (x_rows / nrows tiles of nrows 144-byte rows)
+CSL16_X_ROWS = (128, 64)
 _CSL16_DENSE_BYTES = 1024 * 2 + 16  # tiled_csl16: a warp's 16 x 64 tile and the sentinel's slot
 # tiled_csl16 (cuda/tiled_csl16_spmm.cu, written in the twentieth session, not yet run on a GPU):
 # words per warp stage, a multiple of 32; an over-full tile scatters the rest from global memory.
@@ -214,6 +215,7 @@ class LaunchConfig:
     cores: int = 0  # Tiled-CSL: N = 1 on the CUDA cores from the words, no dense tile (CORE_SUMS; 4 warps, nrows 8)
     wgmma: bool = False  # sm_90: Hopper's warpgroup MMA (Tiled-CSL 4 warps, 2 dense tiles; bitmap 1 strip, fragments)
     pdl: bool = False  # sm_90 and later: programmatic dependent launch (overlaps the previous kernel's tail)
+    x_rows: int = 128  # tiled_csl16: activation rows staged per chunk (CSL16_X_ROWS; 64: 9 KB less per block)
 
     def validate(self, fmt: str) -> "LaunchConfig":
         if self.nrows not in NROWS:
@@ -294,12 +296,16 @@ class LaunchConfig:
                 raise ValueError(f"tiled_csl16 warps must be one of {CSL_WARPS}, got {self.warps}")
             if not 2 <= self.stages <= 6:
                 raise ValueError(f"tiled_csl16 stages must be 2..6, got {self.stages}")
+            if self.x_rows not in CSL16_X_ROWS or self.x_rows < self.nrows:
+                raise ValueError(f"tiled_csl16 x_rows must be one of {CSL16_X_ROWS} and at least nrows, got {self}")
             w, (low, high) = self.words_per_stage, CSL16_WORDS
             if w % 32 or not low <= w <= high:
                 raise ValueError(f"tiled_csl16 words_per_stage (per warp) must be a multiple of 32 in {low}..{high}, "
                                  f"got {w}")
         else:
             raise ValueError(f"no CUDA kernel for format {fmt!r}")
+        if self.x_rows != 128 and fmt != "tiled_csl16":
+            raise ValueError(f"x_rows is a tiled_csl16 option, got {self} for {fmt}")
         return self
 
     def defines(self, fmt: str) -> dict[str, int]:
@@ -338,6 +344,8 @@ class LaunchConfig:
                 d["FLASHLLM_DENSE_TILES"] = self.dense_tiles
             if self.cores:  # likewise
                 d["FLASHLLM_CORES"] = int(self.cores)
+            if self.x_rows != 128:  # likewise
+                d["FLASHLLM_XROWS"] = self.x_rows
         return d
 
     @property
@@ -371,7 +379,8 @@ class LaunchConfig:
                 return _WGMMA_SLACK + self.stages * stage + decode
             return self.stages * self.tiles_per_stage * stage + decode + ring + barriers + flag
         if fmt == "tiled_csl16":  # the activation chunk, then per warp two dense tiles and its stages
-            return _CSL16_X_BYTES + self.warps * (2 * _CSL16_DENSE_BYTES + self.stages * self.words_per_stage * 4)
+            x_chunk = self.x_rows * _XS_STRIDE_BYTES
+            return x_chunk + self.warps * (2 * _CSL16_DENSE_BYTES + self.stages * self.words_per_stage * 4)
         stage = self.words_per_stage * 4 + x_stage
         if self.cores:  # no dense tile; the per-lane sums (per warp with 2) after the run bounds, 16-aligned
             arrays = self.warps if self.cores == 2 else 1
@@ -412,6 +421,7 @@ OPTION_SPELLINGS: dict[str, tuple[str, object]] = {
     "cores_warp": ("cores", 2),
     "wgmma": ("wgmma", True),
     "pdl": ("pdl", True),
+    "x64": ("x_rows", 64),  # tiled_csl16's half activation chunk
 }
 FORCED_OPTIONS_ENV = "FLASHLLM_KERNEL_OPTIONS"
 _forced: dict[str, dict[str, dict]] = {}
@@ -828,6 +838,10 @@ def candidates(fmt: str, n: int, sparsity: float, unvalidated: bool = False) -> 
             for stages in (3, 4, 6):
                 for words in dict.fromkeys((base.words_per_stage, 256, 512)):
                     add(replace(base, stages=stages, words_per_stage=words, warps=warps))
+        if base.nrows <= 32:  # the half chunk: 3 blocks of 8 warps per SM at 3 stages of 320 words, not 2
+            for warps in CSL_WARPS:
+                for stages in (3, 4):
+                    add(replace(base, stages=stages, warps=warps, x_rows=64))
     else:
         for words in (1024, 2048, 3072, 4096, 6144):
             for stages in (3, 4):
@@ -1022,6 +1036,8 @@ CHECKED_PDL_BITMAP = ((8, 1, "fragment", 1536, ""), (16, 1, "fragment", 0, ""), 
                       (16, 1, "fragment", 0, "wgmma"))
 CHECKED_PDL_CSL = ((8, 4, 1, ""), (16, 4, 2, ""), (16, 8, 2, ""), (64, 4, 2, ""), (16, 4, 1, "fixup"),
                    (8, 4, 2, "cores"), (16, 4, 2, "wgmma"))
+# tiled_csl16 with the half activation chunk (x_rows 64): (rows, stages, words per stage, warps).
+CHECKED_CSL16_X64 = ((8, 3, 320, 8), (16, 3, 320, 4), (32, 4, 192, 8))
 # Bitmap variants with two tiles per stage: (rows, strips, stages, decode, value cap, fixup).
 CHECKED_TPS = ((8, 1, 3, "fragment", 0, False), (16, 1, 2, "fragment", 0, False), (16, 1, 3, "fragment", 1536, False),
                (16, 2, 3, "fragment", 0, False), (16, 1, 3, "scatter", 0, False), (32, 1, 3, "fragment", 1024, False),
@@ -1082,6 +1098,8 @@ def checked_variants() -> list[tuple[str, LaunchConfig]]:
     out += [("bitmap", with_options(LaunchConfig(nrows=n, strips=s, decode=d, value_cap=c, pdl=True),
                                     parse_options("bitmap", [o] if o else []), "bitmap"))
             for n, s, d, c, o in CHECKED_PDL_BITMAP]
+    out += [("tiled_csl16", LaunchConfig(nrows=n, stages=sg, words_per_stage=w, warps=wp, x_rows=64))
+            for n, sg, w, wp in CHECKED_CSL16_X64]
     out += [("tiled_csl", with_options(LaunchConfig(nrows=n, words_per_stage=2048, warps=w, dense_tiles=t, pdl=True),
                                        parse_options("tiled_csl", [o] if o else []), "tiled_csl"))
             for n, w, t, o in CHECKED_PDL_CSL]

@@ -22,8 +22,9 @@
 // stage holds, CAPW) scatter the rest straight from global memory: every density is exact.
 //
 // Compile-time parameters (besides common.cuh's): FLASHLLM_CAPW, words per warp stage (a multiple
-// of 32, 64..1024); FLASHLLM_WARPS 4 (default) or 8, row groups per block. The activation chunk is
-// XT = 128 / NROWS tiles (18 KB of shared memory at any NROWS).
+// of 32, 64..1024); FLASHLLM_WARPS 4 (default) or 8, row groups per block; FLASHLLM_XROWS 128
+// (default) or 64, the activation rows staged per chunk: XT = XROWS / NROWS tiles, 18 or 9 KB of
+// shared memory (the smaller chunk, one more barrier per chunk for a resident block more).
 #include "common.cuh"
 
 #ifndef FLASHLLM_CAPW
@@ -39,8 +40,12 @@ constexpr int TILE_ELEMS = TILE_M * TILE_K;
 constexpr u32 SENTINEL_SLOT = 2 * TILE_ELEMS;  // the spare slot past the tile
 constexpr int CAPW = FLASHLLM_CAPW;
 static_assert(CAPW % 32 == 0 && CAPW >= 64 && CAPW <= TILE_ELEMS, "CAPW");
-constexpr int XT = 128 / NROWS;  // activation tiles per chunk
+#ifndef FLASHLLM_XROWS
+#define FLASHLLM_XROWS 128
+#endif
 static_assert(NROWS <= 64, "NROWS: at most 64");
+static_assert((FLASHLLM_XROWS == 128 || FLASHLLM_XROWS == 64) && FLASHLLM_XROWS >= NROWS, "XROWS: 128 or 64, >= NROWS");
+constexpr int XT = FLASHLLM_XROWS / NROWS;  // activation tiles per chunk
 // The paired k16 steps of common.cuh's load_a_frags at NROWS == 8 (the accumulators are few here).
 constexpr int A_STEPS = HALF_A ? 2 : 1;
 constexpr int DENSE_BYTES = 2 * TILE_ELEMS + 16;  // the tile, then the sentinel's slot (16-byte aligned)
