@@ -2,9 +2,9 @@
 
 The CUDA kernels (``bitmap_cuda``, ``tiled_csl_cuda``, ``tiled_csl16_cuda``) are registered at import:
 on an H200 the first two pass the GPU test grid (tiled_csl16's has not run on a GPU yet; the
-first-use check of each variant stands guard), and although they are still slower than cuBLAS on the dense weight (see
-BENCHMARKS.md), they are several times faster than the reference path, which decodes the whole
-weight on every call. ``FLASHLLM_CUDA_KERNELS=0`` in the environment leaves them out (or call
+first-use check of each variant stands guard), and although they are still slower than cuBLAS on
+the dense weight (see BENCHMARKS.md), they are several times faster than the reference path, which
+decodes the whole weight on every call. ``FLASHLLM_CUDA_KERNELS=0`` in the environment leaves them out (or call
 `unregister_cuda_kernels()`). Registering loads nothing: NVRTC and the driver are opened on the
 first CUDA call, so CPU-only installs are unaffected either way.
 """

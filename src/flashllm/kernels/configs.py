@@ -660,8 +660,8 @@ def default_config(fmt: str, n: int, sparsity: float) -> LaunchConfig:
         decode = "scatter" if sparsity >= 0.85 and nrows <= 16 else "fragment"
         fit = sparsity >= 0.75 and nrows <= 32
         return LaunchConfig(nrows=nrows, strips=1, stages=3, decode=decode, value_cap=FIT if fit else FULL_TILE)
-    if fmt == "tiled_csl16":  # a warp's stage holds its tile's run: mean + ~5 sd (12-26 words) in most layers
-        words = 512 if sparsity < 0.75 else 320 if sparsity < 0.85 else 192
+    if fmt == "tiled_csl16":  # a warp stage holds a tile's run up to about its mean + 5 sd at the band's low end
+        words = 608 if sparsity < 0.6 else 512 if sparsity < 0.75 else 320 if sparsity < 0.85 else 224
         return LaunchConfig(nrows=nrows, stages=4, words_per_stage=words, warps=4)
     words = 3072 if sparsity < 0.75 else 2048 if sparsity < 0.85 else 1536
     warps = 8 if nrows <= 16 and 0.75 <= sparsity < 0.85 else 4
