@@ -127,7 +127,7 @@ elif [ "${DEVICE_CHECK_PRESET:-}" = "e2e" ]; then
 elif [ "${DEVICE_CHECK_PRESET:-}" = "validate" ]; then
   : "${BENCH_SELECT:=--shapes llama-2-7b.up,opt-66b.qkv --n 1,16 --sparsity 0.5,0.8,0.9}" "${BENCH_BASELINES:=cublas}"
   : "${BENCH_LIMIT:=60}" "${DEVICE_CHECK_SWEEP:=1}" "${SWEEP_LIMIT:=200}"
-  : "${PYTEST_LIMIT:=200}" "${SANITIZER_LIMIT:=120}" "${FORMATS_LIMIT:=30}" "${DEVICE_CHECK_DEADLINE:=560}"
+  : "${PYTEST_LIMIT:=240}" "${SANITIZER_LIMIT:=120}" "${FORMATS_LIMIT:=30}" "${DEVICE_CHECK_DEADLINE:=560}"
 elif [ -n "${DEVICE_CHECK_PRESET:-}" ]; then
   echo "unknown DEVICE_CHECK_PRESET=${DEVICE_CHECK_PRESET} (known: diagnose, tune, e2e, validate)"; exit 2
 fi
