@@ -196,60 +196,65 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_tiled_c
         for (int e = 0; e < 4; ++e) acc[p][h][nt][e] = 0.f;
 
   const u32 frag = kept(static_cast<u32>(lane) * 16u);  // this lane's 16 bytes of each 512-byte quarter
+  // Tiles in windows of 16 (an outer loop, so the next window's load is not if-converted into
+  // every tile's path).
 #pragma unroll 1
-  for (int i = 0; i < nk; ++i) {
-    const int st = i % STAGES;
-    if (i > 0 && i % XT == 0) {  // the next activation chunk (block-wide; rare with split-K)
-      __syncthreads();            // every warp is done with the previous chunk
-      stage_chunk(i / XT);
-      cp_async_commit();
-      cp_async_wait<0>();
-      __syncthreads();
-    } else {
-      cp_async_wait<STAGES - 2>();  // this lane's copies of tile i (and of chunk 0) have landed
-      if (i == 0) __syncthreads();  // everyone's copies of chunk 0
-    }
-    __syncwarp();  // the warp's copies of tile i are visible to every lane; tile i - 1's stage is free
-    if (i > 0 && i % 16 == 0) {
-      window = i;
+  for (int first = 0; first < nk; first += 16) {
+    if (first > 0) {
+      window = first;
       bounds = bounds_next;
-      bounds_next = load_window(i + 16);
+      bounds_next = load_window(first + 16);
     }
-    const int j = i + STAGES - 1;
-    const int jlo = lo_of(j), jhi = hi_of(j);  // (all lanes shuffle, whether or not j < nk)
-    if (j < nk) issue(j % STAGES, jlo, jhi);
-    cp_async_commit();
-    const int lo = lo_of(i);
-    const int count = min(max(hi_of(i) - lo, 0), TILE_ELEMS);
-
-    const u32 dense = wbase + (i & 1) * DENSE_BYTES;
-    scatter_run(stage0 + st * WORDS_BYTES, words + lo, min(count, CAPW), count, dense, lane);
-    __syncwarp();  // every word of tile i is in the dense tile
-
-    // B fragments of the 16 rows x 4 k16 steps: b[h][q] holds steps 2q, 2q + 1 of half h, each as
-    // (b0, b1); zeroed right after (the next scatter into this tile is two tiles away, after a
-    // __syncwarp).
-    U4 b[2][2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        const u32 at = dense + static_cast<u32>(h * 1024 + q * 512) + frag;
-        b[h][q] = lds_u4(at);
-        sts_zero16(at);
+#pragma unroll 1
+    for (int i = first; i < min(first + 16, nk); ++i) {
+      const int st = i % STAGES;
+      if (i > 0 && i % XT == 0) {  // the next activation chunk (block-wide; rare with split-K)
+        __syncthreads();            // every warp is done with the previous chunk
+        stage_chunk(i / XT);
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+      } else {
+        cp_async_wait<STAGES - 2>();  // this lane's copies of tile i (and of chunk 0) have landed
+        if (i == 0) __syncthreads();  // everyone's copies of chunk 0
       }
-    const u32 xs = xbase + (i % XT) * X_STAGE_BYTES;
-    u32 a[NT][4];
+      __syncwarp();  // the warp's copies of tile i are visible to every lane; tile i - 1's stage is free
+      const int j = i + STAGES - 1;
+      const int jlo = lo_of(j), jhi = hi_of(j);  // (all lanes shuffle, whether or not j < nk)
+      if (j < nk) issue(j % STAGES, jlo, jhi);
+      cp_async_commit();
+      const int lo = lo_of(i);
+      const int count = min(max(hi_of(i) - lo, 0), TILE_ELEMS);
+
+      const u32 dense = wbase + (i & 1) * DENSE_BYTES;
+      scatter_run(stage0 + st * WORDS_BYTES, words + lo, min(count, CAPW), count, dense, lane);
+      __syncwarp();  // every word of tile i is in the dense tile
+
+      // B fragments of the 16 rows x 4 k16 steps: b[h][q] holds steps 2q, 2q + 1 of half h, each as
+      // (b0, b1); zeroed right after (the next scatter into this tile is two tiles away, after a
+      // __syncwarp).
+      U4 b[2][2];
 #pragma unroll
-    for (int kc = 0; kc < 4; ++kc) {
-      if (acc_step<A_STEPS>(kc) == 0) load_a_frags<A_STEPS>(xs, kc, lane, a);
+      for (int h = 0; h < 2; ++h)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const U4& bq = b[h][kc >> 1];
-        const u32 b0 = (kc & 1) ? bq.z : bq.x;
-        const u32 b1 = (kc & 1) ? bq.w : bq.y;
+        for (int q = 0; q < 2; ++q) {
+          const u32 at = dense + static_cast<u32>(h * 1024 + q * 512) + frag;
+          b[h][q] = lds_u4(at);
+          sts_zero16(at);
+        }
+      const u32 xs = xbase + (i % XT) * X_STAGE_BYTES;
+      u32 a[NT][4];
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) mma16816(acc[acc_step<A_STEPS>(kc)][h][nt], a[nt], b0, b1);
+      for (int kc = 0; kc < 4; ++kc) {
+        if (acc_step<A_STEPS>(kc) == 0) load_a_frags<A_STEPS>(xs, kc, lane, a);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const U4& bq = b[h][kc >> 1];
+          const u32 b0 = (kc & 1) ? bq.z : bq.x;
+          const u32 b1 = (kc & 1) ? bq.w : bq.y;
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) mma16816(acc[acc_step<A_STEPS>(kc)][h][nt], a[nt], b0, b1);
+        }
       }
     }
   }
