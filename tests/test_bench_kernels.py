@@ -386,3 +386,33 @@ def test_chain_times_back_to_back_products_and_reports_each(tmp_path, monkeypatc
     assert real([lambda i=i: order.append(i) or i for i in range(4)])() == 3 and order == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="--chain"):
         bench._finish_args(parse("--chain", "0"))
+
+
+def test_bench_formats_reports_a_wrong_expansion_and_keeps_going(monkeypatch, capsys):
+    # `flashllm bench formats` on a GPU checks each expansion kernel against to_dense: a wrong one
+    # (as a kernel not yet run on a GPU could be) is reported on its row, the other rows still run,
+    # and the exit status says so; --formats picks the formats.
+    import argparse
+
+    from flashllm.bench import formats as bench_formats
+
+    def expander(device, dtype):
+        def expand(name):
+            if name == "tiled_csl16":
+                return lambda packed: torch.zeros(packed.shape, dtype=packed.dtype)
+            return lambda packed: packed.to_dense()
+        return expand
+
+    monkeypatch.setattr(bench_formats, "_expander", expander)
+    parser = argparse.ArgumentParser()
+    bench_formats.add_arguments(parser)
+    args = parser.parse_args(["--shapes", "64x96", "--sparsities", "0.8", "--reps", "1", "--device", "cpu"])
+    assert bench_formats.main(args) == 1
+    out, err = capsys.readouterr()
+    rows = [line for line in out.splitlines() if line.startswith("| 64x96")]
+    assert [row.split(" | ")[2] for row in rows] == ["bitmap", "tiled_csl", "tiled_csl16"]
+    assert "WRONG" in rows[2] and "WRONG" not in rows[0] + rows[1]
+    assert "tiled_csl16 expansion kernel disagrees" in err
+    args = parser.parse_args(["--shapes", "64x96", "--sparsities", "0.8", "--reps", "1", "--device", "cpu",
+                              "--formats", "bitmap,tiled_csl"])
+    assert bench_formats.main(args) == 0
