@@ -268,7 +268,10 @@ fi
 
 if [ "${DEVICE_CHECK_TUNE:-0}" = "1" ]; then
   step "4. tuning (DEVICE_CHECK_TUNE=1)"
+  # TUNE_FORMATS: the formats tuned (a pending format that passed step 2b joins them; tiled_csl16:
+  # TUNE_FORMATS=tiled_csl16 tunes it alone)
   limited "${TUNE_LIMIT:-240}" "$PY" -m flashllm.bench.kernels --tune \
+    --formats "${TUNE_FORMATS:-bitmap,tiled_csl${PENDING:+,$PENDING}}" \
     --shapes "${TUNE_SHAPES:-opt-66b.qkv,opt-66b.out,llama-3-70b.down,llama-2-7b.up}" \
     --n "${TUNE_N:-1,16,64}" --sparsity "${TUNE_SPARSITY:-0.5,0.8}" --warmup 5 --rep 20 \
     --write-configs "$OUT/tuned.json" ${FAILED:+--skip-options "$FAILED"} 2>&1 | tee "$OUT/tune.log" | grep -v "^#\|^  " | tail -n 60
