@@ -301,9 +301,17 @@ def test_offset_ring_is_a_bitmap_compile_option():
     assert {c.stages for f, c in configs.checked_variants() if c.offset_ring} >= {3, 6}  # look-ahead 4 and 10
 
 
-def test_bulk_copy_is_a_bitmap_compile_option():
+def test_bulk_copy_is_a_bitmap_and_tiled_csl16_compile_option():
     on = check_bitmap_flag_option("bulk_copy", "bulk", "bulk", "FLASHLLM_BULK", 3 * 8,  # an mbarrier per stage
-                                  "bulk copies of the weight are a bitmap option")
+                                  "bulk copies of the weight are a bitmap and tiled_csl16 option")
+    # tiled_csl16: a warp's stage mbarriers (16-byte padded) after its stages, per warp
+    base = configs.default_config("tiled_csl16", 8, 0.8)
+    bulk = replace(base, bulk_copy=True).validate("tiled_csl16")
+    assert bulk.smem_bytes("tiled_csl16") == base.smem_bytes("tiled_csl16") + 4 * 32
+    assert bulk.defines("tiled_csl16")["FLASHLLM_BULK"] == 1
+    assert configs.parse_options("tiled_csl16", ["bulk"]) == {"bulk_copy": True}
+    assert any(c.bulk_copy for c in configs.candidates("tiled_csl16", 8, 0.8))
+    assert any(c.bulk_copy for f, c in configs.checked_variants() if f == "tiled_csl16")
     off = LaunchConfig(nrows=16)
     assert replace(on, stages=6).smem_bytes("bitmap") == replace(off, stages=6).smem_bytes("bitmap") + 48
     tuning = configs.candidates("bitmap", 16, 0.8, unvalidated=True)
@@ -460,6 +468,29 @@ def test_tiled_csl16_kernel_emulated(dtype, m, k, n, sparsity, plan, gen):
     bias = torch.randn(m, generator=gen).to(dtype) if n % 2 else None
     y, writes = E.tiled_csl16_kernel(x, TiledCSL16Weight.from_dense(w), bias, plan)
     _reference_check(y, writes, x, w, bias, len(E.split_ranges(-(-k // 64), plan.split_k)))
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4, 6])
+@pytest.mark.parametrize("nk", [1, 2, 3, 5, 16, 17, 61])
+def test_tiled_csl16_bulk_copies_wait_for_their_own_phase(stages, nk):
+    # FLASHLLM_BULK: stage st's mbarrier completes one phase per use (lane 0's arrival with the bytes,
+    # then the bulk copy's bytes; an empty tile completes it at once); tile i waits for phase
+    # parity (i / STAGES) & 1 of stage i % STAGES. Replayed with copies landing at any time: every
+    # wait must find the phase that carried tile i completed and no later one started (try_wait.parity
+    # cannot tell phase k from k + 2), so it neither hangs nor reads another tile's words.
+    completed = [0] * stages  # phases completed per stage's barrier
+    carried: list[list[int]] = [[] for _ in range(stages)]
+    for p in range(min(stages - 1, nk)):  # the prologue's copies land (at the latest) before tile 0's wait
+        completed[p] += 1
+        carried[p].append(p)
+    for i in range(nk):
+        st, parity = i % stages, (i // stages) & 1
+        assert completed[st] >= 1 and (completed[st] - 1) % 2 == parity and carried[st][-1] == i, (i, completed)
+        j = i + stages - 1  # issued after the wait: into the stage tile i - 1 freed
+        if j < nk:
+            assert j % stages == (i - 1) % stages
+            completed[j % stages] += 1
+            carried[j % stages].append(j)
 
 
 @pytest.mark.parametrize("stages", [2, 3, 4, 6])

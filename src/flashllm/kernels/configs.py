@@ -240,8 +240,8 @@ class LaunchConfig:
             raise ValueError(f"the warpgroup MMA (wgmma) runs no L2 prefetch; for Tiled-CSL 4 warps (one "
                              f"warpgroup), two dense tiles and not the CUDA-core path; for bitmap one strip, the "
                              f"fragment decode and the plain pipeline; got {self} for {fmt}")
-        if self.bulk_copy and fmt != "bitmap":
-            raise ValueError(f"bulk copies of the weight are a bitmap option, got {self} for {fmt}")
+        if self.bulk_copy and fmt not in ("bitmap", "tiled_csl16"):
+            raise ValueError(f"bulk copies of the weight are a bitmap and tiled_csl16 option, got {self} for {fmt}")
         if self.tiles_per_stage not in TILES_PER_STAGE or (self.tiles_per_stage > 1 and fmt != "bitmap"):
             raise ValueError(f"tiles_per_stage must be one of {TILES_PER_STAGE} (more than 1: bitmap only), got {self} "
                              f"for {fmt}")
@@ -380,7 +380,8 @@ class LaunchConfig:
             return self.stages * self.tiles_per_stage * stage + decode + ring + barriers + flag
         if fmt == "tiled_csl16":  # the activation chunk, then per warp two dense tiles and its stages
             x_chunk = self.x_rows * _XS_STRIDE_BYTES
-            return x_chunk + self.warps * (2 * _CSL16_DENSE_BYTES + self.stages * self.words_per_stage * 4)
+            bars = -(-self.stages * 8 // 16) * 16 if self.bulk_copy else 0  # a warp's mbarriers, 16-byte padded
+            return x_chunk + self.warps * (2 * _CSL16_DENSE_BYTES + self.stages * self.words_per_stage * 4 + bars)
         stage = self.words_per_stage * 4 + x_stage
         if self.cores:  # no dense tile; the per-lane sums (per warp with 2) after the run bounds, 16-aligned
             arrays = self.warps if self.cores == 2 else 1
@@ -842,6 +843,10 @@ def candidates(fmt: str, n: int, sparsity: float, unvalidated: bool = False) -> 
             for warps in CSL_WARPS:
                 for stages in (3, 4):
                     add(replace(base, stages=stages, warps=warps, x_rows=64))
+        # A tile's words by one bulk copy per warp (sm_90; elsewhere the same build copies by cp.async).
+        for warps in CSL_WARPS:
+            for stages in (3, 4, 6):
+                add(replace(base, stages=stages, warps=warps, bulk_copy=True))
     else:
         for words in (1024, 2048, 3072, 4096, 6144):
             for stages in (3, 4):
@@ -1036,8 +1041,11 @@ CHECKED_PDL_BITMAP = ((8, 1, "fragment", 1536, ""), (16, 1, "fragment", 0, ""), 
                       (16, 1, "fragment", 0, "wgmma"))
 CHECKED_PDL_CSL = ((8, 4, 1, ""), (16, 4, 2, ""), (16, 8, 2, ""), (64, 4, 2, ""), (16, 4, 1, "fixup"),
                    (8, 4, 2, "cores"), (16, 4, 2, "wgmma"))
-# tiled_csl16 with the half activation chunk (x_rows 64): (rows, stages, words per stage, warps).
-CHECKED_CSL16_X64 = ((8, 3, 320, 8), (16, 3, 320, 4), (32, 4, 192, 8))
+# tiled_csl16 with the half activation chunk (x_rows 64) or bulk copies of the words: (rows, stages,
+# words per stage, warps, x_rows, bulk).
+CHECKED_CSL16 = ((8, 3, 320, 8, 64, False), (16, 3, 320, 4, 64, False), (32, 4, 192, 8, 64, False),
+                 (8, 4, 320, 4, 128, True), (16, 3, 224, 8, 128, True), (8, 2, 512, 4, 64, True),
+                 (64, 6, 320, 4, 128, True))
 # Bitmap variants with two tiles per stage: (rows, strips, stages, decode, value cap, fixup).
 CHECKED_TPS = ((8, 1, 3, "fragment", 0, False), (16, 1, 2, "fragment", 0, False), (16, 1, 3, "fragment", 1536, False),
                (16, 2, 3, "fragment", 0, False), (16, 1, 3, "scatter", 0, False), (32, 1, 3, "fragment", 1024, False),
@@ -1098,8 +1106,8 @@ def checked_variants() -> list[tuple[str, LaunchConfig]]:
     out += [("bitmap", with_options(LaunchConfig(nrows=n, strips=s, decode=d, value_cap=c, pdl=True),
                                     parse_options("bitmap", [o] if o else []), "bitmap"))
             for n, s, d, c, o in CHECKED_PDL_BITMAP]
-    out += [("tiled_csl16", LaunchConfig(nrows=n, stages=sg, words_per_stage=w, warps=wp, x_rows=64))
-            for n, sg, w, wp in CHECKED_CSL16_X64]
+    out += [("tiled_csl16", LaunchConfig(nrows=n, stages=sg, words_per_stage=w, warps=wp, x_rows=x, bulk_copy=b))
+            for n, sg, w, wp, x, b in CHECKED_CSL16]
     out += [("tiled_csl", with_options(LaunchConfig(nrows=n, words_per_stage=2048, warps=w, dense_tiles=t, pdl=True),
                                        parse_options("tiled_csl", [o] if o else []), "tiled_csl"))
             for n, w, t, o in CHECKED_PDL_CSL]

@@ -187,35 +187,6 @@ __device__ __forceinline__ void cp_async4(u32 dst, const void* src) {
 }
 #endif
 
-#if FLASHLLM_USE_BULK
-// Hopper's bulk copies and the mbarriers they complete on (one per stage, one arrival per use: the
-// issuing thread's, which also announces the bytes to expect).
-__device__ __forceinline__ void mbar_init(u32 bar) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive_expect(u32 bar, u32 bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-// Wait for the barrier's phase `parity` (0, 1, 0, ... for a stage's successive tiles) to complete.
-__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
-  asm volatile(
-      "{\n"
-      ".reg .pred done;\n"
-      "WAIT:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT;\n"
-      "}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-}
-// `bytes` (a nonzero multiple of 16, both addresses 16-byte aligned) global -> shared, counted
-// against `bar`'s expected bytes.
-__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
-               "l"(src), "r"(bytes), "r"(bar)
-               : "memory");
-}
-#endif
 
 // Every accumulator to zero: at the start, and in stream-K blocks at each strip boundary. A macro,
 // not a function or lambda: a shared lambda changed 18 default variants' SASS.

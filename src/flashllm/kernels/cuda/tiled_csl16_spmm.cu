@@ -24,7 +24,11 @@
 // Compile-time parameters (besides common.cuh's): FLASHLLM_CAPW, words per warp stage (a multiple
 // of 32, 64..1024); FLASHLLM_WARPS 4 (default) or 8, row groups per block; FLASHLLM_XROWS 128
 // (default) or 64, the activation rows staged per chunk: XT = XROWS / NROWS tiles, 18 or 9 KB of
-// shared memory (the smaller chunk, one more barrier per chunk for a resident block more).
+// shared memory (the smaller chunk, one more barrier per chunk for a resident block more);
+// FLASHLLM_BULK 1: from sm_90, a tile's words come by one bulk copy (TMA) that lane 0 issues and the
+// warp waits for on the stage's mbarrier, instead of every lane's 16-byte cp.async chunks (their
+// 64-bit addressing and predicates were about a sixth of a tile's instructions); the layout keeps
+// the barriers on every architecture, below sm_90 the same build runs the cp.async path.
 #include "common.cuh"
 
 #ifndef FLASHLLM_CAPW
@@ -53,7 +57,16 @@ constexpr int WORDS_BYTES = CAPW * 4;
 // Per warp: two dense tiles (scatter tile i + 1 while tile i's fragments are still being read by
 // lanes that lag), then its stages. The block's activation chunk first.
 constexpr int X_BYTES = XT * X_STAGE_BYTES;
-constexpr int WARP_BYTES = 2 * DENSE_BYTES + STAGES * WORDS_BYTES;
+#ifndef FLASHLLM_BULK
+#define FLASHLLM_BULK 0
+#endif
+#if FLASHLLM_BULK && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+constexpr bool BULK = true;
+#else
+constexpr bool BULK = false;
+#endif
+constexpr int BARS_BYTES = FLASHLLM_BULK ? STAGES * 8 : 0;  // after the stages, one mbarrier per stage
+constexpr int WARP_BYTES = 2 * DENSE_BYTES + STAGES * WORDS_BYTES + (BARS_BYTES + 15) / 16 * 16;
 constexpr int SMEM_BYTES = X_BYTES + WARPS * WARP_BYTES;
 static_assert(X_BYTES % 16 == 0 && DENSE_BYTES % 16 == 0 && WORDS_BYTES % 16 == 0, "16-byte aligned buffers");
 #ifdef FLASHLLM_SMEM_BYTES  // the launcher's size (kernels/configs.py) must match this layout
@@ -163,14 +176,31 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_tiled_c
     for (int t = 0; t < min(XT, nk - c * XT); ++t) xstage.stage(xbase + t * X_STAGE_BYTES, (kt0 + c * XT + t) * TILE_K);
   };
   // This lane's first chunk of a run starting at word 0, and of its stage buffers.
-  const unsigned char* lane_words = reinterpret_cast<const unsigned char*>(words) + lane * 16;
-  const u32 lane_stage0 = stage0 + lane * 16;
+  [[maybe_unused]] const unsigned char* lane_words = reinterpret_cast<const unsigned char*>(words) + lane * 16;
+  [[maybe_unused]] const u32 lane_stage0 = stage0 + lane * 16;
+  [[maybe_unused]] const u32 bars = stage0 + STAGES * WORDS_BYTES;  // BULK: stage st's mbarrier at bars + 8 st
   auto issue = [&](int st, int lo, int hi) {
     const int count = min(max(hi - lo, 0), TILE_ELEMS);
+#if FLASHLLM_BULK && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (lane == 0) {  // one arrival per use, with the bytes to expect (none: the phase completes at once)
+      const u32 bytes = static_cast<u32>(min(count, CAPW)) * 4u;
+      mbar_arrive_expect(bars + st * 8, bytes);
+      if (bytes > 0) bulk_copy(stage0 + st * WORDS_BYTES, words + lo, bytes, bars + st * 8);
+    }
+#else
     copy_run_warp(lane_stage0 + st * WORDS_BYTES, lane_words + static_cast<size_t>(static_cast<u32>(lo)) * 4,
                   min(count, CAPW) >> 2, lane);
+#endif
   };
 
+#if FLASHLLM_BULK && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (lane == 0) {
+#pragma unroll
+    for (int st = 0; st < STAGES; ++st) mbar_init(bars + st * 8);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the bulk copies
+  }
+  __syncwarp();  // and to every lane before it waits on one
+#endif
   // Prologue: the first activation chunk (its own cp.async group, the oldest), then STAGES - 1
   // tiles' words.
   stage_chunk(0);
@@ -214,10 +244,18 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_tiled_c
         cp_async_commit();
         cp_async_wait<0>();
         __syncthreads();
+      } else if (BULK) {
+        if (i == 0) {  // the activation chunk, the only cp.async group
+          cp_async_wait<0>();
+          __syncthreads();
+        }
       } else {
         cp_async_wait<STAGES - 2>();  // this lane's copies of tile i (and of chunk 0) have landed
         if (i == 0) __syncthreads();  // everyone's copies of chunk 0
       }
+#if FLASHLLM_BULK && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      mbar_wait(bars + st * 8, static_cast<u32>(i / STAGES) & 1u);  // tile i's words (its stage's phase)
+#endif
       __syncwarp();  // the warp's copies of tile i are visible to every lane; tile i - 1's stage is free
       const int j = i + STAGES - 1;
       const int jlo = lo_of(j), jhi = hi_of(j);  // (all lanes shuffle, whether or not j < nk)
