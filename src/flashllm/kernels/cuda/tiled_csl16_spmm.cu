@@ -26,9 +26,10 @@
 // (default) or 64, the activation rows staged per chunk: XT = XROWS / NROWS tiles, 18 or 9 KB of
 // shared memory (the smaller chunk, one more barrier per chunk for a resident block more);
 // FLASHLLM_BULK 1: from sm_90, a tile's words come by one bulk copy (TMA) that lane 0 issues and the
-// warp waits for on the stage's mbarrier, instead of every lane's 16-byte cp.async chunks (their
-// 64-bit addressing and predicates were about a sixth of a tile's instructions); the layout keeps
-// the barriers on every architecture, below sm_90 the same build runs the cp.async path.
+// warp waits for on the stage's mbarrier, instead of every lane's 16-byte cp.async chunks: one
+// memory request per tile instead of one per 16 bytes, for about as many instructions (ptxas wraps
+// the bulk copy in an elect loop); the layout keeps the barriers on every architecture, below sm_90
+// the same build runs the cp.async path.
 #include "common.cuh"
 
 #ifndef FLASHLLM_CAPW
