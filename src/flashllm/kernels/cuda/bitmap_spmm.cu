@@ -295,11 +295,7 @@ extern "C" __global__ void FLASHLLM_BITMAP_BOUNDS flashllm_bitmap_spmm(
   const u32 sbase = smem_u32(smem);
 #if FLASHLLM_USE_BULK
   const u32 bars = sbase + BARS_OFF;  // stage st's mbarrier at bars + 8 st
-  if (tid == 0) {
-#pragma unroll
-    for (int st = 0; st < STAGES; ++st) mbar_init(bars + st * 8);
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the bulk copies
-  }
+  if (tid == 0) init_stage_barriers(bars);
   __syncthreads();  // and to every thread before it waits on one
 #endif
 

@@ -240,6 +240,13 @@ __device__ __forceinline__ void store_quad_if(u32 base, u32 limit, const U4& v, 
 __device__ __forceinline__ void mbar_init(u32 bar) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar) : "memory");
 }
+// STAGES mbarriers from `bars` (8 bytes apart), each expecting one arrival, made visible to the bulk
+// copies; by one thread, before a barrier that shows them to the others.
+__device__ __forceinline__ void init_stage_barriers(u32 bars) {
+#pragma unroll
+  for (int st = 0; st < STAGES; ++st) mbar_init(bars + st * 8);
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
 __device__ __forceinline__ void mbar_arrive_expect(u32 bar, u32 bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }

@@ -195,11 +195,7 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_tiled_c
   };
 
 #if FLASHLLM_BULK && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (lane == 0) {
-#pragma unroll
-    for (int st = 0; st < STAGES; ++st) mbar_init(bars + st * 8);
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the bulk copies
-  }
+  if (lane == 0) init_stage_barriers(bars);
   __syncwarp();  // and to every lane before it waits on one
 #endif
   // Prologue: the first activation chunk (its own cp.async group, the oldest), then STAGES - 1
