@@ -455,10 +455,10 @@ def tiled_csl_expanded(w: TiledCSLWeight) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Tiled-CSL
 # ---------------------------------------------------------------------------------------------
-def _slot_half(words: torch.Tensor) -> torch.Tensor:
-    """`csl::store_word_if`: the 16-bit shared slot a word's value is stored in, its byte offset
-    (the word's high half) clamped to the spare slot, halved."""
-    return (words >> 16).clamp(max=2 * TILE_ELEMS) >> 1
+def _slot_half(words: torch.Tensor, tile_elems: int = TILE_ELEMS) -> torch.Tensor:
+    """`store_word_if` (common.cuh): the 16-bit shared slot a word's value is stored in, its byte
+    offset (the word's high half) clamped to the spare slot past a tile of `tile_elems`, halved."""
+    return (words >> 16).clamp(max=2 * tile_elems) >> 1
 
 
 def tiled_csl_shared_tiles(w: TiledCSLWeight, words_per_stage: int) -> torch.Tensor:
@@ -768,7 +768,7 @@ def tiled_csl16_shared_tiles(w: TiledCSL16Weight, words_per_stage: int) -> torch
         start, count = int(off[t]), min(max(int(off[t + 1] - off[t]), 0), csl16.TILE_ELEMS)
         for piece in (words[start : start + min(count, words_per_stage)],
                       words[start + min(count, words_per_stage) : start + count]):
-            out[t, (piece >> 16).clamp(max=csl16.SENTINEL_SLOT) >> 1] = piece & 0xFFFF
+            out[t, _slot_half(piece, csl16.TILE_ELEMS)] = piece & 0xFFFF
     return out
 
 
@@ -786,15 +786,15 @@ def tiled_csl16_decoded(w: TiledCSL16Weight, words_per_stage: int = 256) -> torc
     (b0, b1) of k16 step kc are registers 2 (kc % 2), + 1 of b[h][kc // 2], holding rows 8 h + g and
     columns 16 kc + 2 t (+ 1) and + 8 (+ 9), as mma.m16n8k16 reads B."""
     frags = tiled_csl16_b_fragments(w, words_per_stage)
-    tm, tk = -(-w.shape[0] // csl16.TILE_M), -(-w.shape[1] // csl16.TILE_K)
-    tile = torch.zeros(tm * tk, csl16.TILE_M, csl16.TILE_K, dtype=torch.int64)
+    grid = csl16.LAYOUT.grid(w.shape)
+    tile = torch.zeros(grid[0] * grid[1], csl16.TILE_M, csl16.TILE_K, dtype=torch.int64)
     for h in range(2):
         for kc in range(4):
             for r, dk in enumerate((0, 8)):
                 reg = frags[:, h, kc // 2, :, 2 * (kc % 2) + r]  # (tiles, 32)
                 for e in range(2):
                     tile[:, 8 * h + _G, 16 * kc + dk + 2 * _T + e] = (reg >> (16 * e)) & 0xFFFF
-    dense = tile.reshape(tm, tk, csl16.TILE_M, csl16.TILE_K).transpose(1, 2).reshape(tm * csl16.TILE_M, -1)
+    dense = csl16.from_storage_order(tile.reshape(grid[0] * grid[1], csl16.TILE_ELEMS), grid)
     return dense[: w.shape[0], : w.shape[1]]
 
 
@@ -804,7 +804,7 @@ def tiled_csl16_kernel(x: torch.Tensor, w: TiledCSL16Weight, bias: Optional[torc
     activation chunks (128 / NROWS tiles staged at once) hold the same rows `stage_x` stages per
     tile; the block's warps (row groups) only share them, so each row group runs as its own block."""
     out_features, in_features = w.shape
-    tm, tk = -(-out_features // csl16.TILE_M), -(-in_features // csl16.TILE_K)
+    tm, tk = csl16.LAYOUT.grid(w.shape)
     frags = tiled_csl16_b_fragments(w, plan.words_per_stage).reshape(tm, tk, 2, 2, LANES, 4)
     xp, kx = padded_activations(x, in_features)
     steps = 2 if plan.nrows == 8 else 1  # A_STEPS
@@ -827,7 +827,7 @@ def tiled_csl16_expanded(w: TiledCSL16Weight) -> torch.Tensor:
     each warp's tile scattered (every word of the run), then output chunk c (row c / 8, columns
     8 (c % 8)..) gathered as the 4 32-bit pairs at word `first` + 4 t."""
     m, k = w.shape
-    k_tiles = -(-k // csl16.TILE_K)
+    k_tiles = csl16.LAYOUT.grid(w.shape)[1]
     shared = tiled_csl16_shared_tiles(w, csl16.TILE_ELEMS)
     tiles = shared.shape[0]
     pairs = shared[:, : csl16.TILE_ELEMS].reshape(tiles, -1, 2)

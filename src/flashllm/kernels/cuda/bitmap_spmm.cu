@@ -147,9 +147,6 @@ constexpr int RING = 16;
 constexpr int AHEAD = 2 * (STAGES - 1);
 static_assert(AHEAD + 2 <= RING && (RING & (RING - 1)) == 0, "RING");
 constexpr int RING_OFF = DECODE_OFF + (SCATTER ? STRIPS * TILE_BYTES : WARPS * STRIPS * 32 * 8);
-#ifndef FLASHLLM_BULK
-#define FLASHLLM_BULK 0
-#endif
 // The bulk copies' per-stage mbarriers (FLASHLLM_BULK) after the ring, 8 bytes each; the layout
 // keeps them on every architecture, the code uses them from sm_90.
 constexpr int BARS_OFF = RING_OFF + (FLASHLLM_OFFSET_RING ? STRIPS * RING * 4 : 0);
@@ -158,11 +155,6 @@ constexpr int BARS_OFF = RING_OFF + (FLASHLLM_OFFSET_RING ? STRIPS * RING * 4 : 
 constexpr int FLAG_OFF = BARS_OFF + (FLASHLLM_BULK ? STAGES * 8 : 0);
 constexpr int SMEM_BYTES = FLAG_OFF + (FLASHLLM_PERSISTENT && FLASHLLM_FIXUP ? 16 : 0) + (WGMMA ? 1024 : 0);
 static_assert(BARS_OFF % 8 == 0, "mbarriers are 8-byte aligned");
-#if FLASHLLM_BULK && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define FLASHLLM_USE_BULK 1
-#else
-#define FLASHLLM_USE_BULK 0
-#endif
 static_assert(TPS == 1 || !(FLASHLLM_OFFSET_RING || FLASHLLM_BULK || FLASHLLM_PERSISTENT || FLASHLLM_PREFETCH),
               "tiles per stage: the plain pipeline only");
 static_assert(!WGMMA || (STRIPS == 1 && !SCATTER && TPS == 1 && !FLASHLLM_PERSISTENT && !FLASHLLM_OFFSET_RING &&

@@ -233,10 +233,21 @@ __device__ __forceinline__ void store_quad_if(u32 base, u32 limit, const U4& v, 
   store_word_if(base, limit, v.w, ok);
 }
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-// Hopper's bulk copies and the mbarriers they complete on (FLASHLLM_BULK in the bitmap and tiled_csl16
-// kernels: one barrier per stage, one arrival per use, the issuing thread's, which also announces the
-// bytes to expect).
+// FLASHLLM_BULK (bitmap and tiled_csl16): a kernel's layout keeps the bulk copies' mbarriers on every
+// architecture; FLASHLLM_USE_BULK says whether its code uses them (sm_90 and later), else the same
+// build copies by cp.async.
+#ifndef FLASHLLM_BULK
+#define FLASHLLM_BULK 0
+#endif
+#if FLASHLLM_BULK && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define FLASHLLM_USE_BULK 1
+#else
+#define FLASHLLM_USE_BULK 0
+#endif
+
+#if FLASHLLM_USE_BULK
+// Hopper's bulk copies and the mbarriers they complete on (one barrier per stage, one arrival per
+// use: the issuing thread's, which also announces the bytes to expect).
 __device__ __forceinline__ void mbar_init(u32 bar) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar) : "memory");
 }

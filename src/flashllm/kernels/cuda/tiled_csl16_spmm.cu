@@ -58,14 +58,7 @@ constexpr int WORDS_BYTES = CAPW * 4;
 // Per warp: two dense tiles (scatter tile i + 1 while tile i's fragments are still being read by
 // lanes that lag), then its stages. The block's activation chunk first.
 constexpr int X_BYTES = XT * X_STAGE_BYTES;
-#ifndef FLASHLLM_BULK
-#define FLASHLLM_BULK 0
-#endif
-#if FLASHLLM_BULK && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-constexpr bool BULK = true;
-#else
-constexpr bool BULK = false;
-#endif
+constexpr bool BULK = FLASHLLM_USE_BULK;  // (common.cuh: FLASHLLM_BULK from sm_90)
 constexpr int BARS_BYTES = FLASHLLM_BULK ? STAGES * 8 : 0;  // after the stages, one mbarrier per stage
 constexpr int WARP_BYTES = 2 * DENSE_BYTES + STAGES * WORDS_BYTES + (BARS_BYTES + 15) / 16 * 16;
 constexpr int SMEM_BYTES = X_BYTES + WARPS * WARP_BYTES;
@@ -182,7 +175,7 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_tiled_c
   [[maybe_unused]] const u32 bars = stage0 + STAGES * WORDS_BYTES;  // BULK: stage st's mbarrier at bars + 8 st
   auto issue = [&](int st, int lo, int hi) {
     const int count = min(max(hi - lo, 0), TILE_ELEMS);
-#if FLASHLLM_BULK && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if FLASHLLM_USE_BULK
     if (lane == 0) {  // one arrival per use, with the bytes to expect (none: the phase completes at once)
       const u32 bytes = static_cast<u32>(min(count, CAPW)) * 4u;
       mbar_arrive_expect(bars + st * 8, bytes);
@@ -194,7 +187,7 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_tiled_c
 #endif
   };
 
-#if FLASHLLM_BULK && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if FLASHLLM_USE_BULK
   if (lane == 0) init_stage_barriers(bars);
   __syncwarp();  // and to every lane before it waits on one
 #endif
@@ -250,7 +243,7 @@ extern "C" __global__ void __launch_bounds__(flashllm::THREADS) flashllm_tiled_c
         cp_async_wait<STAGES - 2>();  // this lane's copies of tile i (and of chunk 0) have landed
         if (i == 0) __syncthreads();  // everyone's copies of chunk 0
       }
-#if FLASHLLM_BULK && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if FLASHLLM_USE_BULK
       mbar_wait(bars + st * 8, static_cast<u32>(i / STAGES) & 1u);  // tile i's words (its stage's phase)
 #endif
       __syncwarp();  // the warp's copies of tile i are visible to every lane; tile i - 1's stage is free
